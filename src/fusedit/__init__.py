@@ -1,0 +1,3 @@
+"""fusedit: LoRA fine-tuning of Qwen-Image-Edit with merged QKV projections."""
+
+__version__ = "0.1.0"
