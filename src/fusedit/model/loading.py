@@ -1,0 +1,163 @@
+"""Load a Qwen-Image transformer in the layout the caller wants, whatever layout the checkpoint is in.
+
+Accepted checkpoints: a diffusers pipeline directory (model_index.json + transformer/), a transformer directory
+(config.json + one or several safetensors shards with their index), or a single safetensors file (the config is
+then read from the tensor shapes). Standard checkpoints go through diffusers' `from_pretrained`, the path real
+20B weights take; merged checkpoints are built on the meta device and filled straight from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import QwenImageTransformer2DModel
+from safetensors import safe_open
+
+from fusedit.io import read_safetensors_header
+from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
+
+LAYOUTS = ("standard", "merged_qkv")
+SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_BLOCK_INDEX = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+def resolve_transformer_dir(path: str | Path) -> Path:
+    """The transformer directory of a pipeline dir, or the path itself when it is a transformer dir or a file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_dir() and (path / "model_index.json").is_file():
+        transformer = path / "transformer"
+        if not transformer.is_dir():
+            raise FileNotFoundError(f"{path} is a pipeline directory without a transformer/ subfolder")
+        return transformer
+    return path
+
+
+def weight_files(transformer_path: Path) -> list[Path]:
+    """The safetensors files holding a transformer's weights (shards in index order, or the single file)."""
+    if transformer_path.is_file():
+        return [transformer_path]
+    index_files = sorted(transformer_path.glob("*.safetensors.index.json"))
+    if index_files:
+        weight_map = json.loads(index_files[0].read_text())["weight_map"]
+        return [transformer_path / name for name in dict.fromkeys(weight_map.values())]
+    files = sorted(transformer_path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{transformer_path}: no safetensors weights found (pickled .bin files are refused)")
+    return files
+
+
+def checkpoint_keys(transformer_path: Path) -> list[str]:
+    """Every tensor name of the checkpoint, read from headers only."""
+    keys: list[str] = []
+    for file in weight_files(transformer_path):
+        header, _ = read_safetensors_header(file)
+        keys.extend(header)
+    return keys
+
+
+def checkpoint_layout(keys: list[str]) -> str:
+    merged = any(".attn.to_qkv." in key or ".attn.add_qkv_proj." in key for key in keys)
+    standard = any(".attn.to_q." in key or ".attn.add_q_proj." in key for key in keys)
+    if merged and standard:
+        example = [key for key in keys if ".attn.to_qkv." in key][:1] + [key for key in keys if ".attn.to_q." in key][
+            :1
+        ]
+        raise ValueError(f"checkpoint mixes merged and standard QKV keys (e.g. {example})")
+    if not (merged or standard):
+        raise ValueError("checkpoint has no Qwen-Image attention projections (no attn.to_q / attn.to_qkv keys)")
+    return "merged_qkv" if merged else "standard"
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in SINGLE_FILE_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def config_from_header(header: dict[str, dict]) -> dict:
+    """Reconstruct a QwenImageTransformer2DModel config from tensor shapes (single-file checkpoints carry none).
+
+    Head size is not visible in the shapes; Qwen-Image uses 128 throughout, tiny test models record theirs in
+    the file's metadata (`attention_head_dim`). `zero_cond_t` (Edit-2511) is not visible either: pass it explicitly.
+    """
+    shapes = {_strip_prefix(key): value["shape"] for key, value in header.items()}
+    try:
+        inner_dim, in_channels = shapes["img_in.weight"]
+        _, joint_attention_dim = shapes["txt_in.weight"]
+        proj_out_features = shapes["proj_out.weight"][0]
+    except KeyError as error:
+        raise ValueError(f"not a Qwen-Image transformer checkpoint: missing tensor {error}") from None
+    num_layers = 1 + max(int(match.group(1)) for key in shapes if (match := _BLOCK_INDEX.match(key)))
+    return {
+        "in_channels": in_channels,
+        "out_channels": proj_out_features // 4,
+        "num_layers": num_layers,
+        "joint_attention_dim": joint_attention_dim,
+        "inner_dim": inner_dim,
+    }
+
+
+def _single_file_config(file: Path, zero_cond_t: bool) -> dict:
+    header, metadata = read_safetensors_header(file)
+    shapes = config_from_header(header)
+    head_dim = int(metadata.get("attention_head_dim", 128))
+    if shapes["inner_dim"] % head_dim:
+        raise ValueError(f"{file}: hidden size {shapes['inner_dim']} is not a multiple of the head size {head_dim}")
+    config = json.loads(metadata["config"]) if "config" in metadata else {}
+    config.update({key: value for key, value in shapes.items() if key != "inner_dim"})
+    config.setdefault("attention_head_dim", head_dim)
+    config.setdefault("num_attention_heads", shapes["inner_dim"] // head_dim)
+    config.setdefault("zero_cond_t", zero_cond_t)
+    return config
+
+
+def _load_by_assignment(config: dict, files: list[Path], merged: bool, dtype: torch.dtype | None) -> torch.nn.Module:
+    with init_empty_weights():
+        model = QwenImageTransformer2DModel.from_config(config)
+    if merged:
+        fuse_qkv(model)
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle:
+                tensor = handle.get_tensor(key)
+                state_dict[_strip_prefix(key)] = tensor.to(dtype) if dtype is not None else tensor
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {files[0].parent} does not match the model: missing {sorted(missing)[:8]}, "
+            f"unexpected {sorted(unexpected)[:8]}"
+        )
+    return model.eval()
+
+
+def load_transformer(
+    path: str | Path,
+    layout: str = "merged_qkv",
+    dtype: torch.dtype | None = None,
+    zero_cond_t: bool = False,
+) -> QwenImageTransformer2DModel:
+    """Load the transformer at `path` (pipeline dir, transformer dir or safetensors file) in `layout`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    transformer_path = resolve_transformer_dir(path)
+    files = weight_files(transformer_path)
+    stored = checkpoint_layout(checkpoint_keys(transformer_path))
+
+    if transformer_path.is_file():
+        config = _single_file_config(transformer_path, zero_cond_t)
+        model = _load_by_assignment(config, files, merged=stored == "merged_qkv", dtype=dtype)
+    elif stored == "standard":
+        model = QwenImageTransformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
+    else:
+        config = QwenImageTransformer2DModel.load_config(transformer_path)
+        model = _load_by_assignment(config, files, merged=True, dtype=dtype)
+
+    return fuse_qkv(model) if layout == "merged_qkv" else unfuse_qkv(model)

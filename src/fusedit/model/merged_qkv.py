@@ -1,0 +1,208 @@
+"""The merged-QKV Qwen-Image transformer: diffusers' model with one QKV GEMM per stream.
+
+`fuse_qkv` rewrites diffusers' `QwenImageTransformer2DModel` in place: in every block the image-stream
+projections `attn.to_q/to_k/to_v` become one `attn.to_qkv` (weight = cat[Wq; Wk; Wv]) and the text-stream
+projections `attn.add_q_proj/add_k_proj/add_v_proj` become one `attn.add_qkv_proj`. The block's attention
+processor is swapped for `MergedQKVAttnProcessor`, which issues one matmul per stream and splits q/k/v as views.
+`unfuse_qkv` slices the merged weights back into the original three Linears, bit for bit.
+
+We do not fork the model: everything except the QKV projections (modulation, norms, RoPE, attention dispatch,
+output projections, MLPs, the model's forward) is diffusers' own code.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
+from torch import nn
+
+IMAGE_QKV = ("to_q", "to_k", "to_v")
+TEXT_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+IMAGE_MERGED = "to_qkv"
+TEXT_MERGED = "add_qkv_proj"
+# Merged module name -> the standard module names it replaces, in concatenation order.
+MERGED_TO_STANDARD = {IMAGE_MERGED: IMAGE_QKV, TEXT_MERGED: TEXT_QKV}
+
+
+class MergedQKVAttnProcessor:
+    """Joint text/image attention of Qwen-Image with fused QKV projections.
+
+    Same math as diffusers' `QwenDoubleStreamAttnProcessor2_0`; the only difference is that q, k and v of each
+    stream come out of one GEMM (`attn.to_qkv`, `attn.add_qkv_proj`). `set_attention_backend` keeps working
+    because the attention call goes through diffusers' `dispatch_attention_fn`.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError("MergedQKVAttnProcessor requires encoder_hidden_states (the text stream)")
+        if attention_mask is not None:
+            raise ValueError("Pass encoder_hidden_states_mask; the processor builds the joint mask itself.")
+
+        if encoder_hidden_states_mask is not None:
+            image_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+
+        head_dim = attn.inner_dim // attn.heads
+        img_query, img_key, img_value = attn.to_qkv(hidden_states).unflatten(-1, (3, -1, head_dim)).unbind(2)
+        txt_query, txt_key, txt_value = (
+            attn.add_qkv_proj(encoder_hidden_states).unflatten(-1, (3, -1, head_dim)).unbind(2)
+        )
+
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+
+        # Joint attention over [text, image], as diffusers orders it.
+        joint_query = torch.cat([txt_query, img_query], dim=1)
+        joint_key = torch.cat([txt_key, img_key], dim=1)
+        joint_value = torch.cat([txt_value, img_value], dim=1)
+        joint_hidden_states = dispatch_attention_fn(
+            joint_query,
+            joint_key,
+            joint_value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        joint_hidden_states = joint_hidden_states.flatten(2, 3).to(joint_query.dtype)
+
+        seq_txt = encoder_hidden_states.shape[1]
+        txt_attn_output = joint_hidden_states[:, :seq_txt, :]
+        img_attn_output = joint_hidden_states[:, seq_txt:, :]
+
+        img_attn_output = attn.to_out[0](img_attn_output.contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)  # dropout
+        txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
+        return img_attn_output, txt_attn_output
+
+
+def _merge_linears(linears: list[nn.Linear]) -> nn.Linear:
+    first = linears[0]
+    for other in linears[1:]:
+        if other.in_features != first.in_features or (other.bias is None) != (first.bias is None):
+            raise ValueError("q/k/v projections disagree in input size or bias; cannot merge them")
+    merged = nn.Linear(
+        first.in_features,
+        sum(linear.out_features for linear in linears),
+        bias=first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    with torch.no_grad():
+        # On the meta device there is nothing to copy; the shapes are all that matter.
+        if first.weight.device.type != "meta":
+            merged.weight.copy_(torch.cat([linear.weight for linear in linears], dim=0))
+            if first.bias is not None:
+                merged.bias.copy_(torch.cat([linear.bias for linear in linears], dim=0))
+    merged.weight.requires_grad_(first.weight.requires_grad)
+    if merged.bias is not None:
+        merged.bias.requires_grad_(first.bias.requires_grad)
+    return merged
+
+
+def _split_linear(merged: nn.Linear, parts: int = 3) -> list[nn.Linear]:
+    if merged.out_features % parts:
+        raise ValueError(f"merged projection has {merged.out_features} outputs, not divisible by {parts}")
+    out_features = merged.out_features // parts
+    linears = []
+    for index in range(parts):
+        rows = slice(index * out_features, (index + 1) * out_features)
+        linear = nn.Linear(
+            merged.in_features,
+            out_features,
+            bias=merged.bias is not None,
+            device=merged.weight.device,
+            dtype=merged.weight.dtype,
+        )
+        with torch.no_grad():
+            if merged.weight.device.type != "meta":
+                linear.weight.copy_(merged.weight[rows])
+                if merged.bias is not None:
+                    linear.bias.copy_(merged.bias[rows])
+        linear.weight.requires_grad_(merged.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(merged.bias.requires_grad)
+        linears.append(linear)
+    return linears
+
+
+def _attention_modules(transformer: nn.Module) -> list[nn.Module]:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(transformer).__name__} has no transformer_blocks; expected a Qwen-Image transformer")
+    return [block.attn for block in blocks]
+
+
+def is_merged(transformer: nn.Module) -> bool:
+    """True when every block of `transformer` carries the merged projections."""
+    return all(hasattr(attn, IMAGE_MERGED) for attn in _attention_modules(transformer))
+
+
+def _check_plain_linear(attn: nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        module = getattr(attn, name)
+        if type(module) is not nn.Linear:
+            raise TypeError(
+                f"attn.{name} is a {type(module).__name__}, not a plain nn.Linear: fuse/unfuse the projections "
+                "before adding LoRA adapters or quantizing (see fusedit.lora.targets for translated target names)"
+            )
+
+
+def fuse_qkv(transformer: nn.Module) -> nn.Module:
+    """Merge q/k/v projections of every block in place (a no-op for an already merged model). Returns the model."""
+    for attn in _attention_modules(transformer):
+        if hasattr(attn, IMAGE_MERGED):
+            continue
+        for merged_name, names in MERGED_TO_STANDARD.items():
+            _check_plain_linear(attn, names)
+            merged = _merge_linears([getattr(attn, name) for name in names])
+            for name in names:
+                # Attention keeps `to_k`/`to_v` etc. as attributes; deleting frees the memory right away.
+                delattr(attn, name)
+            setattr(attn, merged_name, merged)
+        attn.set_processor(MergedQKVAttnProcessor())
+    return transformer
+
+
+def unfuse_qkv(transformer: nn.Module) -> nn.Module:
+    """Split merged projections of every block back into exact q/k/v Linears in place. Returns the model."""
+    for attn in _attention_modules(transformer):
+        if not hasattr(attn, IMAGE_MERGED):
+            continue
+        for merged_name, names in MERGED_TO_STANDARD.items():
+            _check_plain_linear(attn, (merged_name,))
+            for name, linear in zip(names, _split_linear(getattr(attn, merged_name)), strict=True):
+                setattr(attn, name, linear)
+            delattr(attn, merged_name)
+        attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
+    return transformer
