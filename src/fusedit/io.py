@@ -74,7 +74,7 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device=device) as handle:
         metadata = dict(handle.metadata() or {})
-        for key in handle:
+        for key in handle.keys():
             tensors[key] = handle.get_tensor(key)
     return tensors, metadata
 

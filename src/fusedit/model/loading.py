@@ -126,7 +126,7 @@ def _load_by_assignment(config: dict, files: list[Path], merged: bool, dtype: to
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle:
+            for key in handle.keys():
                 tensor = handle.get_tensor(key)
                 state_dict[_strip_prefix(key)] = tensor.to(dtype) if dtype is not None else tensor
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
