@@ -38,6 +38,18 @@ def has_lora(transformer: nn.Module) -> bool:
     return any("lora_" in name for name, _ in transformer.named_parameters())
 
 
+# The model returns only the image stream, so in the last block nothing after the text-stream attention output
+# reaches the loss: LoRA there would never get a gradient (and DDP would need find_unused_parameters).
+_LAST_BLOCK_DEAD = ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+
+
+def unused_modules(transformer: nn.Module, targets: list[str]) -> list[str]:
+    """Targeted modules whose output cannot influence the transformer's output (left without LoRA)."""
+    last = len(transformer.transformer_blocks) - 1
+    leaves = {leaf for leaf in _LAST_BLOCK_DEAD if leaf.removeprefix("attn.") in targets}
+    return [f"transformer_blocks.{last}.{leaf}" for leaf in _LAST_BLOCK_DEAD if leaf in leaves]
+
+
 def add_lora(
     transformer: nn.Module,
     rank: int,
@@ -60,15 +72,19 @@ def add_lora(
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
+    target_modules = resolve_targets(targets, model_layout(transformer))
     config = LoraConfig(
         r=int(rank),
         lora_alpha=float(alpha if alpha is not None else rank),
         lora_dropout=float(dropout),
-        target_modules=resolve_targets(targets, model_layout(transformer)),
+        target_modules=target_modules,
+        exclude_modules=unused_modules(transformer, target_modules) or None,
         init_lora_weights=True if init == "default" else init,
         use_rslora=bool(use_rslora),
     )
     transformer.add_adapter(config)
+    if not has_lora(transformer):
+        raise ValueError(f"lora.targets {targets!r} matched no Linear of the transformer")
     for name, parameter in transformer.named_parameters():
         if "lora_" in name:
             if dtype is not None:
