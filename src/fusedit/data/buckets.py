@@ -27,8 +27,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     across ranks); otherwise a short batch is kept and ranks are padded by reusing batches from the start, as
     `DistributedSampler` does, so every rank runs the same number of steps.
 
-    The epoch advances on every `iter()` (Lightning does not call `set_epoch` on a batch sampler); `set_epoch`
-    overrides it.
+    The epoch advances each time a new pass starts (Lightning does not call `set_epoch` on a batch sampler);
+    `set_epoch` overrides it.
     """
 
     def __init__(
@@ -113,16 +113,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        # Bookkeeping happens here, not lazily in the generator, so state_dict() is right as soon as iter() ran.
+        # The bookkeeping runs at the first next(), not at iter(): DataLoader calls iter() on its batch sampler
+        # more than once when it builds a multi-worker iterator, and an iterator never drawn from is no epoch.
         epoch = self._next_epoch
         skip, self._skip = self._skip, 0
         self._next_epoch = epoch + 1
         self._current_epoch = epoch
         self._yielded = skip
-        return self._generate(self.epoch_batches(epoch)[skip:])
-
-    def _generate(self, batches: list[list[int]]) -> Iterator[list[int]]:
-        for batch in batches:
+        for batch in self.epoch_batches(epoch)[skip:]:
             self._yielded += 1
             yield batch
 

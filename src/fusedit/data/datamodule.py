@@ -38,6 +38,20 @@ def split_train_val(
     return train, val
 
 
+class _ResumableLoader(DataLoader):
+    """A DataLoader Lightning recognises as resumable; its position is the data module's (one source of truth)."""
+
+    def __init__(self, *args, position: EditDataModule, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict:
+        return self._position.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._position.load_state_dict(state_dict)
+
+
 class EditDataModule(LightningDataModule):
     def __init__(
         self,
@@ -82,7 +96,14 @@ class EditDataModule(LightningDataModule):
             raise ValueError(f"data.edit_max_pixels must be >= {EDIT_MULTIPLE**2} or null, got {edit_max_pixels}")
         if max_image_pixels < max_pixels:
             raise ValueError(f"data.max_image_pixels ({max_image_pixels}) must be >= data.max_pixels ({max_pixels})")
-        self.save_hyperparameters()
+        # Paths saved as str: checkpoints must load with torch.load(weights_only=True), which refuses PosixPath.
+        self.save_hyperparameters(
+            {
+                key: str(value) if isinstance(value, Path) else value
+                for key, value in locals().items()
+                if key not in ("self", "__class__")
+            }
+        )
         self.metadata = Path(metadata)
         self.base_path = Path(base_path) if base_path is not None else self.metadata.parent
         self.columns = Columns(image_column, edit_image_column, prompt_column)
@@ -129,15 +150,17 @@ class EditDataModule(LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("EditDataModule.setup() must run before asking for a dataloader")
 
-    def _loader(self, dataset: EditDataset, sampler: BucketBatchSampler) -> DataLoader:
+    def _loader(self, dataset: EditDataset, sampler: BucketBatchSampler, resumable: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        cls, extra = (_ResumableLoader, {"position": self}) if resumable else (DataLoader, {})
+        return cls(
             dataset,
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=workers > 0,
+            **extra,
         )
 
     def train_sampler(self) -> BucketBatchSampler:
@@ -162,7 +185,7 @@ class EditDataModule(LightningDataModule):
         return self._train_sampler
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.train_sampler())
+        return self._loader(self.train_dataset, self.train_sampler(), resumable=True)
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()
