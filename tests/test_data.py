@@ -224,7 +224,6 @@ def test_edit_max_pixels_gives_qwen_edit_geometry(tmp_path):
     module.setup()
     target, edits = module.train_dataset.sizes[0]
     assert target == (64, 48) and edits == (calculate_dimensions(1024 * 1024, 1.5),)
-    assert EditDataModule(metadata, max_pixels=64 * 64).train_dataset is None  # setup is explicit
 
 
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
@@ -240,7 +239,9 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     other.setup()
     assert [s.row for s in other.val_dataset.samples] != val_rows[0]
     assert len(next(iter(other.val_dataloader()))["row"]) == 1
-    assert EditDataModule(metadata).val_dataloader is not None
+    no_val = EditDataModule(metadata)
+    no_val.setup()
+    assert no_val.val_dataloader() == []
     with pytest.raises(ValueError, match="no training data"):
         split_train_val(modules[0].train_dataset.samples, val_count=7)
 

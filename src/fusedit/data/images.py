@@ -30,13 +30,14 @@ class ImageTooLarge(ValueError):
 
 
 def configure_pil_limit(max_image_pixels: int) -> None:
-    """Make PIL's own decompression-bomb guard agree with `data.max_image_pixels`.
+    """Let PIL open images up to `data.max_image_pixels` when a user allows more than PIL's default (~89 MP).
 
-    PIL only warns between MAX_IMAGE_PIXELS and twice that, and raises beyond. `open_image` refuses anything over
-    the limit itself, straight after reading the header; this keeps PIL from raising or warning with its own
-    default (89 MP) when a user deliberately allows larger images.
+    `open_image` enforces the limit itself, right after reading the header, so PIL's guard (a warning above its
+    limit, an error above twice that) is only a backstop. Its limit is only ever raised here, never lowered: it is
+    process-wide, and other code in the process may rely on it.
     """
-    Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
+    if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
 
 
 def open_image(path: str | os.PathLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:

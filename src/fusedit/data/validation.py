@@ -106,7 +106,7 @@ def check_image(path: Path, max_image_pixels: int) -> tuple[int, int]:
 def _format(metadata: Path | str, problems: list[Problem], total: int) -> str:
     rows = sorted({problem.row for problem in problems})
     lines = [f"{metadata}: {len(rows)} of {total} rows are bad:"]
-    lines += [f"  {problem}" for problem in sorted(problems, key=lambda p: (p.row, p.column))]
+    lines += [f"  {problem}" for problem in problems]
     lines.append("Fix these rows, or set data.on_error=skip to train without them.")
     return "\n".join(lines)
 
@@ -200,6 +200,7 @@ def validate_records(
             )
 
     if problems:
+        problems.sort(key=lambda problem: problem.row)
         message = _format(metadata, problems, len(records))
         if on_error == "raise" or not samples:
             if on_error == "skip":
