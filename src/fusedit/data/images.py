@@ -156,8 +156,8 @@ def resize_edit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1], the range the Qwen-Image VAE expects."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    channels_first = np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(channels_first.copy()).to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
