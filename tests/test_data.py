@@ -15,7 +15,7 @@ from fusedit.data import BucketBatchSampler, EditDataModule, make_sample_dataset
 from fusedit.data.dataset import collate
 from fusedit.data.images import calculate_dimensions, edit_size, resize_target, target_size, to_pil, to_tensor
 from fusedit.data.records import Columns, read_records
-from test_data_helpers import save_image, simple_dataset, write_csv
+from tests.data_helpers import save_image, simple_dataset, write_csv
 
 # -- resize rules -------------------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fusedit.data import DataValidationError, EditDataModule, MetadataError
 from fusedit.data.images import load_image
-from test_data_helpers import noise_png, save_image, simple_dataset, write_csv
+from tests.data_helpers import noise_png, save_image, simple_dataset, write_csv
 
 
 def module_for(tmp_path, bad_image=None, *, column="image", prompt="edit it", raw_path=None, **kwargs):
