@@ -8,9 +8,13 @@ from pathlib import Path
 
 import torch
 
-TINY = dict(
-    num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)
-)
+TINY = {
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
 HIDDEN = 32
 
 
@@ -37,10 +41,10 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert list(a) == list(b) or sorted(a) == sorted(b), sorted(set(a) ^ set(b))
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert a[key].shape == b[key].shape, key
-        assert torch.equal(bits(a[key]), bits(b[key])), key
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype, key
+        assert value.shape == b[key].shape, key
+        assert torch.equal(bits(value), bits(b[key])), key
 
 
 def bf16_valued(shape, seed: int) -> torch.Tensor:

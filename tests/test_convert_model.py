@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from convert_utils import assert_bit_equal, bits, tiny_state_dict
 
+from convert_utils import assert_bit_equal, bits, tiny_state_dict
 from fusedit.convert import convert_state_dict
 
 
