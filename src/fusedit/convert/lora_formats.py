@@ -396,7 +396,13 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
             else LoraModule(mod.A, (mod.B.float() * mod.scale).to(mod.B.dtype), float(mod.rank))
             for m, mod in modules.items()
         }
-        lora = LoraWeights(modules, fmt, lora.metadata, "", lora.qkv_split)
+        # a merge record's factors are relative to the merged scale, which is now 1
+        qkv_split = {
+            m: {**record, "factors": [f * lora.modules[m].scale for f in record["factors"]]}
+            for m, record in lora.qkv_split.items()
+            if m in lora.modules
+        }
+        lora = LoraWeights(modules, fmt, lora.metadata, "", qkv_split)
     tensors: dict[str, torch.Tensor] = {}
     for module, mod in modules.items():
         if fmt == "kohya":
