@@ -10,6 +10,7 @@ whatever the checkpoint size. Every file is written to a temporary name and rena
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -89,6 +90,22 @@ def write_safetensors_streaming(path: Path, plan: Sequence[TensorPlan], get, met
     return offset
 
 
+def _release_freed_memory() -> None:
+    # glibc keeps freed multi-MB tensor buffers in its heap (its mmap threshold adapts upwards), so without a trim
+    # the resident size ratchets up shard after shard although nothing is alive. No-op off glibc.
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 class _TensorSource:
     """Tensors by key from a set of safetensors files, each memory-mapped only while in use."""
 
@@ -116,6 +133,7 @@ class _TensorSource:
         self._open.clear()
         self._handles.clear()
         self._bytes_read = 0
+        _release_freed_memory()
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
