@@ -179,3 +179,38 @@ def test_transformer_load_lora_adapter_reads_peft_export(tmp_path):
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+def test_import_a_lora_saved_by_diffusers_itself(tmp_path):
+    """The real client: PEFT adapter on diffusers' model, saved with the pipeline's save_lora_weights."""
+    from diffusers import QwenImageEditPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = tiny_transformer(seed=4)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=2,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        rank_pattern={"to_out.0": 8},
+        alpha_pattern={"to_k": 6},
+    )
+    model.add_adapter(config, adapter_name="default")
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    QwenImageEditPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(model),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    lora = read_lora(tmp_path / "pytorch_lora_weights.safetensors")
+    assert lora.format == "diffusers"
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert sorted(lora.modules) == sorted(layers)
+    for name, layer in layers.items():
+        expected = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double()
+        expected = expected * layer.scaling["default"]
+        got = lora.modules[name]
+        assert got.scale == layer.scaling["default"], name
+        torch.testing.assert_close(exact_delta(got.A, got.B, got.scale), expected, rtol=1e-6, atol=1e-6)

@@ -141,13 +141,12 @@ def _detect_pipeline(directory: Path) -> dict:
     transformer = _detect_transformer(directory / "transformer")
     family = _pipeline_family(cls, _load_json(directory / "transformer" / "config.json"))
     components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
-    transformer.pop("path")
     transformer.pop("family_source")
     return {
+        **transformer,
         "kind": "pipeline",
         "path": str(directory),
         "pipeline_class": cls,
-        **transformer,
         "family": family,
         "components": components,
     }
