@@ -435,6 +435,8 @@ def write_lora(
     lora: LoraWeights, path: str | os.PathLike, format: str = "diffusers", layout: str | None = None
 ) -> Path:
     """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`."""
+    if layout not in (None, "standard", "merged_qkv"):
+        raise ValueError(f"layout must be 'standard' or 'merged_qkv', got {layout!r}")
     if layout is not None and layout != lora.layout and lora.layout is not None:
         from .lora_qkv import convert_lora_layout
 

@@ -39,7 +39,7 @@ def _merged_scale(scales: list[float], total_rank: int) -> float:
     blocks folded by a power of two (exact), among the blocks' own scales and 1.0; ties go to the q block."""
     best, best_score = 1.0, None
     for candidate in [*scales, 1.0]:
-        if (candidate * total_rank) / total_rank != candidate:
+        if candidate <= 0 or (candidate * total_rank) / total_rank != candidate:
             continue  # not expressible as alpha / rank without rounding
         ratios = [s / candidate for s in scales]
         score = (sum(r == 1.0 for r in ratios), sum(_is_power_of_two(r) for r in ratios))
