@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from convert_utils import assert_bit_equal, tiny_state_dict, tiny_transformer
 from fusedit.convert import LoraModule, LoraWeights, add_cli, convert_checkpoint, read_lora, write_lora
+from tests.convert_utils import assert_bit_equal, tiny_state_dict, tiny_transformer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert_utils import bf16_valued, exact_delta, tiny_transformer
 from fusedit.convert import LoraModule, LoraWeights, convert_lora_layout, read_lora, write_lora
 from fusedit.convert.lora_formats import module_from_kohya
+from tests.convert_utils import bf16_valued, exact_delta, tiny_transformer
 
 D = 32
 Q = "transformer_blocks.0.attn.to_q"

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from convert_utils import bf16_valued, exact_delta
 from fusedit.convert import LoraModule, LoraWeights, convert_lora_layout, convert_state_dict
 from fusedit.convert.lora_formats import lora_from_state_dict, lora_to_state_dict
+from tests.convert_utils import bf16_valued, exact_delta
 
 D = 32
 ATTN = "transformer_blocks.0.attn."

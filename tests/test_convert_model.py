@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from convert_utils import assert_bit_equal, bits, tiny_state_dict
 from fusedit.convert import convert_state_dict
+from tests.convert_utils import assert_bit_equal, bits, tiny_state_dict
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
@@ -87,7 +87,7 @@ def test_mixed_layout_and_unknown_tensors_are_named():
 
 def test_merged_dict_loads_into_a_fused_module_equivalently():
     """The merged tensors are what a Linear(dim, 3*dim) needs: its output is q, k, v side by side."""
-    from convert_utils import tiny_transformer
+    from tests.convert_utils import tiny_transformer
 
     model = tiny_transformer(seed=3)
     standard = model.state_dict()

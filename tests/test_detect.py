@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert_utils import tiny_state_dict, tiny_transformer, write_header_only
 from fusedit import detect as detect_module
 from fusedit.convert import LoraModule, LoraWeights, convert_checkpoint, write_lora
 from fusedit.detect import detect
+from tests.convert_utils import tiny_state_dict, tiny_transformer, write_header_only
 
 
 def make_pipeline(root, pipeline_class, zero_cond_t=False, shard=None):

@@ -183,7 +183,7 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
                 styles[("kohya", "lora_unet_")].append(key)
                 modules[module][role] = key
             continue
-        for suffix, (role, default) in _PEFT_SUFFIXES.items():
+        for suffix, (role, default) in _PEFT_SUFFIXES.items():  # noqa: B007 - used after the loop
             if key.endswith(suffix):
                 path = key[: -len(suffix)]
                 break
