@@ -16,7 +16,7 @@ from fusedit.training.conditioning import EditConditioner
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.objective import FlowMatchObjective
 from fusedit.training.train import train
-from training_utils import train_cfg
+from tests.training_utils import train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,8 @@ def test_fast_dev_run(tmp_path, tiny_edit_path, sample_metadata, model, lora):
 def test_merged_and_standard_give_the_same_loss(tiny_edit_path, conditioner, batch):
     from peft.utils import set_peft_model_state_dict
 
-    from fusedit.lora.adapter import export_state_dict
+    from fusedit.convert import convert_lora_layout
+    from fusedit.lora import lora_weights
 
     inputs = conditioner(batch)
     merged = make_module(tiny_edit_path, conditioner, "merged_qkv")
@@ -79,10 +80,9 @@ def test_merged_and_standard_give_the_same_loss(tiny_edit_path, conditioner, bat
     with torch.no_grad():
         for parameter in merged.trainable_parameters().values():
             parameter.normal_(0, 0.3)
-    tensors, _ = export_state_dict(merged.transformer, "standard")
-    result = set_peft_model_state_dict(
-        standard.transformer, {key.removeprefix("transformer."): value for key, value in tensors.items()}
-    )
+    split = convert_lora_layout(lora_weights(merged.transformer), "to_standard")
+    tensors = {f"{name}.lora_{role}.weight": getattr(m, role) for name, m in split.modules.items() for role in "AB"}
+    result = set_peft_model_state_dict(standard.transformer, tensors)
     assert not result.unexpected_keys
     trained = [module.compute_loss(inputs, seed=123)[0].item() for module in (merged, standard)]
     assert trained[0] == pytest.approx(trained[1], rel=1e-5)
