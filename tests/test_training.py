@@ -226,3 +226,63 @@ def test_resume_continues_at_the_right_step_with_the_same_data_and_weights(tmp_p
     with safe_open(str(full["lora_path"]), "pt") as a, safe_open(str(resumed["lora_path"]), "pt") as b:
         for key in a.keys():
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant_fixture", ["tiny_edit_plus_path", "tiny_edit_2511_path"])
+def test_several_edit_images_train_on_edit_plus_models(request, tmp_path, variant_fixture):
+    from tests.data_helpers import save_image, write_csv
+
+    model_path = request.getfixturevalue(variant_fixture)
+    rows = []
+    for index in range(2):
+        save_image(tmp_path / f"target_{index}.png", (64, 64), (200, 20 * index, 20))
+        save_image(tmp_path / f"a_{index}.png", (64, 64), (20, 200, 20 * index))
+        save_image(tmp_path / f"b_{index}.png", (128, 64), (20, 20 * index, 200))
+        rows.append([f"target_{index}.png", f"a_{index}.png|b_{index}.png", "put picture 2's colour on picture 1"])
+    metadata = write_csv(tmp_path / "metadata.csv", rows)
+    datamodule = EditDataModule(metadata, batch_size=2, shuffle=False)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    conditioner = EditConditioner.from_pretrained(model_path)
+    inputs = conditioner(batch)
+    # Target first, then each edit image in order (RoPE frames 1..n), as QwenImageEditPlusPipeline builds them.
+    target_shape, *edit_shapes = inputs.img_shapes[0]
+    assert len(edit_shapes) == 2 and edit_shapes[0] != edit_shapes[1]
+    assert inputs.condition.shape[1] == sum(h * w for _, h, w in edit_shapes)
+    module = make_module(model_path, conditioner)
+    loss, _ = module.compute_loss(inputs, seed=0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in module.trainable_parameters().values())
+
+
+def test_one_edit_image_model_refuses_several(tiny_edit_path, conditioner, batch):
+    doubled = dict(batch, edit_images=[*batch["edit_images"], *batch["edit_images"]])
+    with pytest.raises(ValueError, match="QwenImageEditPlusPipeline"):
+        conditioner(doubled)
+
+
+def test_validation_loss_and_images(tmp_path, tiny_edit_path, sample_metadata):
+    result = train(
+        train_cfg(
+            tmp_path,
+            tiny_edit_path,
+            sample_metadata,
+            [
+                "trainer.max_steps=2",
+                "data.val_count=1",
+                "callbacks.validation_images.num_samples=1",
+                "callbacks.validation_images.every_n_steps=2",
+                "trainer.val_check_interval=1",
+                "callbacks.validation_images.num_inference_steps=2",
+                "callbacks.lora_export.every_n_steps=1",
+            ],
+        )
+    )
+    assert "val/loss" in result["metrics"]
+    run = result["run_dir"]
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000002.png"]
+    assert sorted(p.name for p in (run / "lora").glob("*.safetensors")) == [
+        "final.safetensors",
+        "step-000001.safetensors",
+        "step-000002.safetensors",
+    ]

@@ -90,8 +90,9 @@ class ValidationImages(Callback):
         seed: int = 0,
         at_end: bool = True,
     ):
-        if every_n_steps < 0 or num_samples < 0 or num_inference_steps < 1:
-            raise ValueError("validation_images: every_n_steps, num_samples >= 0 and num_inference_steps >= 1")
+        # One step would divide by zero in the scheduler's stretch to shift_terminal (a NaN image).
+        if every_n_steps < 0 or num_samples < 0 or num_inference_steps < 2:
+            raise ValueError("validation_images: every_n_steps, num_samples >= 0 and num_inference_steps >= 2")
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
         self.num_samples = int(num_samples)
