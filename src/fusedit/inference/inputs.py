@@ -41,7 +41,7 @@ def _unique(stem: str, taken: set[str]) -> str:
 
 def _need_prompt(prompt: str | None, where: str) -> str:
     if prompt is None or not str(prompt).strip():
-        raise ValueError(f"{where}: no prompt; pass prompt=\"...\"")
+        raise ValueError(f'{where}: no prompt; pass prompt="..."')
     return str(prompt)
 
 
@@ -92,7 +92,9 @@ def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: 
     columns = dict(columns or {})
     if source is None or source == "":
         return [Job(name, _need_prompt(prompt, "text-to-image (no input=)"), source="prompt")]
-    if isinstance(source, (list, tuple)) or (not isinstance(source, (str, os.PathLike)) and hasattr(source, "__iter__")):
+    if isinstance(source, (list, tuple)) or (
+        not isinstance(source, (str, os.PathLike)) and hasattr(source, "__iter__")
+    ):
         images = tuple(Path(str(item)).expanduser() for item in source)
         if not images:
             raise ValueError("input= is an empty list")

@@ -142,4 +142,3 @@ def _has_module(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
-

@@ -65,4 +65,3 @@ def comparison_sheet(panels: list[tuple[str, Image.Image]]) -> Image.Image:
         draw.text((x + 2, 1), label, fill="black")
         x += image.width
     return sheet
-

@@ -78,7 +78,11 @@ def infer(cfg: DictConfig) -> dict:
 
     record = {
         "fusedit_version": fusedit.__version__,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
         "config": OmegaConf.to_container(cfg, resolve=True),
         "family": family,
         "pipeline": type(pipe).__name__,
@@ -98,7 +102,9 @@ def infer(cfg: DictConfig) -> dict:
             "inputs": [str(path) for path in job.images],
             "target": str(job.target) if job.target else None,
             "prompt": job.prompt,
-            "mode": "edit" if images else ("text-to-image" if family == TEXT_TO_IMAGE else "text-to-image (edit model)"),
+            "mode": "edit"
+            if images
+            else ("text-to-image" if family == TEXT_TO_IMAGE else "text-to-image (edit model)"),
         }
         if cfg.enhance_prompt:
             enhanced = enhance_prompt(
