@@ -152,7 +152,7 @@ def test_fusing_a_model_with_lora_layers_is_refused():
 
     model = tiny_transformer()
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"]), model)
-    with pytest.raises(TypeError, match="not a plain nn.Linear"):
+    with pytest.raises(TypeError, match=r"not a plain nn\.Linear"):
         fuse_qkv(model)
 
 

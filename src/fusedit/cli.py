@@ -1,0 +1,37 @@
+"""The `fusedit` console script. Each subcommand lives beside the code it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define `add_cli(subparsers)`; each adds one or more subcommands with `set_defaults(func=...)`.
+COMMAND_MODULES = (
+    "fusedit.tiny",
+    "fusedit.convert.cli",
+    "fusedit.detect",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusedit", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as error:
+        # Bad input is the user's to fix: one clear line, no stack trace wall.
+        print(f"fusedit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""EditDataModule: metadata file -> validated samples -> bucketed, resumable train/val DataLoaders.
+
+Batches are dicts: {"image": [B,3,H,W], "edit_images": [per edit slot: [B,3,h,w]], "prompt": [str], "row": [int]},
+pixels in [-1, 1]. Encoding (VAE, text encoder) is the training module's job; `fusedit.data.images.to_pil`
+turns an edit-image tensor back into the PIL image Qwen2.5-VL takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from fusedit.data.buckets import BucketBatchSampler
+from fusedit.data.dataset import EditDataset, collate
+from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
+from fusedit.data.records import Columns, read_records
+from fusedit.data.validation import ON_ERROR_CHOICES, Sample, validate_records
+
+log = logging.getLogger(__name__)
+
+
+def split_train_val(
+    samples: list[Sample], *, val_fraction: float = 0.0, val_count: int | None = None, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `val_count` samples (or round(val_fraction * n)), chosen by `seed`; order within each is kept."""
+    count = val_count if val_count is not None else round(val_fraction * len(samples))
+    if count == 0:
+        return list(samples), []
+    if count >= len(samples):
+        raise ValueError(f"validation split of {count} leaves no training data (only {len(samples)} valid samples)")
+    held_out = set(random.Random(seed).sample(range(len(samples)), count))
+    train = [sample for index, sample in enumerate(samples) if index not in held_out]
+    val = [sample for index, sample in enumerate(samples) if index in held_out]
+    return train, val
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader Lightning recognises as resumable; its position is the data module's (one source of truth)."""
+
+    def __init__(self, *args, position: EditDataModule, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict:
+        return self._position.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._position.load_state_dict(state_dict)
+
+
+class EditDataModule(LightningDataModule):
+    def __init__(
+        self,
+        metadata: str | Path,
+        base_path: str | Path | None = None,
+        image_column: str = "image",
+        edit_image_column: str = "edit_image",
+        prompt_column: str = "prompt",
+        max_pixels: int = 1024 * 1024,
+        edit_max_pixels: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        dataset_repeat: int = 1,
+        val_fraction: float = 0.0,
+        val_count: int | None = None,
+        on_error: str = "raise",
+        allow_absolute_paths: bool = False,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        validation_threads: int | None = None,
+    ):
+        super().__init__()
+        # Config errors surface at construction (Hydra instantiate), before any file is read.
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if dataset_repeat < 1:
+            raise ValueError(f"data.dataset_repeat must be >= 1, got {dataset_repeat}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if val_count is not None and val_count < 0:
+            raise ValueError(f"data.val_count must be >= 0, got {val_count}")
+        if max_pixels < TARGET_MULTIPLE**2:
+            raise ValueError(f"data.max_pixels must be >= {TARGET_MULTIPLE**2}, got {max_pixels}")
+        if edit_max_pixels is not None and edit_max_pixels < EDIT_MULTIPLE**2:
+            raise ValueError(f"data.edit_max_pixels must be >= {EDIT_MULTIPLE**2} or null, got {edit_max_pixels}")
+        if max_image_pixels < max_pixels:
+            raise ValueError(f"data.max_image_pixels ({max_image_pixels}) must be >= data.max_pixels ({max_pixels})")
+        # Paths saved as str: checkpoints must load with torch.load(weights_only=True), which refuses PosixPath.
+        self.save_hyperparameters(
+            {
+                key: str(value) if isinstance(value, Path) else value
+                for key, value in locals().items()
+                if key not in ("self", "__class__")
+            }
+        )
+        self.metadata = Path(metadata)
+        self.base_path = Path(base_path) if base_path is not None else self.metadata.parent
+        self.columns = Columns(image_column, edit_image_column, prompt_column)
+        self.train_dataset: EditDataset | None = None
+        self.val_dataset: EditDataset | None = None
+        self._train_sampler: BucketBatchSampler | None = None
+        self._pending_state: dict | None = None
+        self._consumed = {"epoch": None, "batches": 0}
+
+    # -- setup --------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return  # validated once, however many stages call setup
+        hp = self.hparams
+        records = read_records(self.metadata, self.columns)
+        samples = validate_records(
+            records,
+            metadata=self.metadata,
+            base_path=self.base_path,
+            columns=self.columns,
+            max_image_pixels=hp.max_image_pixels,
+            allow_absolute_paths=hp.allow_absolute_paths,
+            on_error=hp.on_error,
+            num_threads=hp.validation_threads,
+        )
+        train, val = split_train_val(samples, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
+        sizes = (hp.max_pixels, hp.edit_max_pixels, hp.max_image_pixels)
+        self.train_dataset = EditDataset(train, *sizes)
+        self.val_dataset = EditDataset(val, *sizes) if val else None
+        log.info("data: %d training and %d validation samples from %s", len(train), len(val), self.metadata)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "EditDataModule shards its own aspect-ratio buckets across ranks; set trainer.use_distributed_sampler"
+                "=false so Lightning does not try to wrap its batch sampler"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _require_setup(self) -> None:
+        if self.train_dataset is None:
+            raise RuntimeError("EditDataModule.setup() must run before asking for a dataloader")
+
+    def _loader(self, dataset: EditDataset, sampler: BucketBatchSampler, resumable: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        cls, extra = (_ResumableLoader, {"position": self}) if resumable else (DataLoader, {})
+        return cls(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=workers > 0,
+            **extra,
+        )
+
+    def train_sampler(self) -> BucketBatchSampler:
+        """The training batch sampler, created once so its epoch and resume position survive dataloader reloads."""
+        self._require_setup()
+        if self._train_sampler is None:
+            rank, world = self._rank_and_world()
+            hp = self.hparams
+            self._train_sampler = BucketBatchSampler(
+                self.train_dataset.sizes,
+                hp.batch_size,
+                shuffle=hp.shuffle,
+                seed=hp.seed,
+                drop_last=hp.drop_last,
+                rank=rank,
+                world_size=world,
+                repeat=hp.dataset_repeat,
+            )
+        if self._pending_state is not None:
+            self._train_sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return self._train_sampler
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.train_sampler(), resumable=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self._require_setup()
+        if self.val_dataset is None:
+            return []  # Lightning skips validation for an empty list
+        rank, world = self._rank_and_world()
+        sampler = BucketBatchSampler(
+            self.val_dataset.sizes, self.hparams.batch_size, shuffle=False, rank=rank, world_size=world
+        )
+        return self._loader(self.val_dataset, sampler)
+
+    # -- resumable position ---------------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Counted here, where a batch reaches the training step: the sampler itself runs ahead by the prefetch depth.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            epoch = self._train_sampler.current_epoch
+            if epoch != self._consumed["epoch"]:
+                self._consumed = {"epoch": epoch, "batches": 0}
+            self._consumed["batches"] += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """{"epoch", "batches_consumed", "seed"}: where training is in the data; saved in Lightning checkpoints."""
+        if self._consumed["epoch"] is None:
+            if self._pending_state is not None:
+                return dict(self._pending_state)
+            if self._train_sampler is not None:
+                return self._train_sampler.state_dict()
+            return {"epoch": 0, "batches_consumed": 0, "seed": self.hparams.seed}
+        return {
+            "epoch": self._consumed["epoch"],
+            "batches_consumed": self._consumed["batches"],
+            "seed": self.hparams.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending_state = dict(state_dict)
+        self._consumed = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches_consumed"])}
+        if self._train_sampler is not None:
+            self.train_sampler()  # applies the pending state now

@@ -1,0 +1,170 @@
+"""Read the metadata file (CSV or JSONL) into plain records.
+
+A record keeps the row number a user sees in an editor (CSV header = row 1, so the first data row is row 2;
+JSONL line N = row N) so that every later error can point at it. Paths stay as written; `validation` resolves
+them against `base_path`, because refusing a path is a validation decision, not a parsing one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusedit.data.errors import MetadataError
+
+EDIT_IMAGE_SEPARATOR = "|"
+
+
+@dataclass(frozen=True)
+class Record:
+    row: int
+    image: str
+    edit_images: tuple[str, ...]
+    prompt: str
+    # Problems found while parsing this row (a short CSV line, a JSON value of the wrong type): validation reports
+    # them with everything else instead of stopping at the first.
+    problems: tuple[tuple[str, str], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Columns:
+    image: str = "image"
+    edit_image: str = "edit_image"
+    prompt: str = "prompt"
+
+    def names(self) -> tuple[str, str, str]:
+        return (self.image, self.edit_image, self.prompt)
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        # utf-8-sig: spreadsheet programs prepend a BOM that would otherwise become part of the first column name.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        bad = raw[error.start : error.start + 4]
+        raise MetadataError(
+            f"{path}: not valid UTF-8 at byte offset {error.start} (line {line}, bytes {bad!r}). "
+            "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
+        ) from None
+
+
+def split_edit_images(value: str) -> tuple[str, ...]:
+    """`a.png|b.png` -> ("a.png", "b.png"): Qwen-Image-Edit-2509 takes several input images."""
+    return tuple(part.strip() for part in value.split(EDIT_IMAGE_SEPARATOR))
+
+
+def _missing_columns(path: Path, found: list[str], columns: Columns) -> None:
+    missing = [name for name in columns.names() if name not in found]
+    if missing:
+        raise MetadataError(
+            f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; columns found: "
+            f"{', '.join(repr(f) for f in found) or '(none)'}. Rename them in the file or set "
+            "data.image_column / data.edit_image_column / data.prompt_column."
+        )
+
+
+def _read_csv(path: Path, text: str, columns: Columns) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise MetadataError(f"{path}: the file is empty; expected a header row with {list(columns.names())}") from None
+    except csv.Error as error:
+        raise MetadataError(f"{path}: line 1: not valid CSV ({error})") from None
+    header = [name.strip() for name in header]
+    _missing_columns(path, header, columns)
+    position = {name: header.index(name) for name in columns.names()}
+    records = []
+    line_end = reader.line_num
+    while True:
+        row = line_end + 1  # where this record starts, as an editor numbers lines
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            raise MetadataError(f"{path}: line {reader.line_num}: not valid CSV ({error})") from None
+        line_end = reader.line_num
+        if not values or all(not value.strip() for value in values):
+            continue  # blank lines, common at the end of hand-written files
+        problems = []
+        if len(values) != len(header):
+            problems.append(("", f"has {len(values)} fields, the header has {len(header)}"))
+        cell = {name: values[index] if index < len(values) else "" for name, index in position.items()}
+        records.append(
+            Record(
+                row=row,
+                image=cell[columns.image].strip(),
+                edit_images=split_edit_images(cell[columns.edit_image]),
+                prompt=cell[columns.prompt],
+                problems=tuple(problems),
+            )
+        )
+    if not records:
+        raise MetadataError(f"{path}: has a header but no data rows")
+    return records
+
+
+def _read_jsonl(path: Path, text: str, columns: Columns) -> list[Record]:
+    objects: list[tuple[int, dict]] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MetadataError(f"{path}: line {line_number}: not valid JSON ({error.msg})") from None
+        if not isinstance(obj, dict):
+            raise MetadataError(f"{path}: line {line_number}: expected a JSON object, got {type(obj).__name__}")
+        objects.append((line_number, obj))
+    if not objects:
+        raise MetadataError(f"{path}: the file is empty; expected one JSON object per line")
+    found = sorted({key for _, obj in objects for key in obj})
+    _missing_columns(path, found, columns)
+
+    records = []
+    for line_number, obj in objects:
+        problems = []
+        for name in columns.names():
+            if name not in obj:
+                problems.append((name, "field missing on this line"))
+        edit = obj.get(columns.edit_image, "")
+        if isinstance(edit, list) and all(isinstance(item, str) for item in edit):
+            edit_images = tuple(item.strip() for item in edit)
+        elif isinstance(edit, str):
+            edit_images = split_edit_images(edit)
+        else:
+            problems.append((columns.edit_image, "must be a string or a list of strings"))
+            edit_images = ()
+        image, prompt = obj.get(columns.image, ""), obj.get(columns.prompt, "")
+        if not isinstance(image, str):
+            problems.append((columns.image, "must be a string"))
+            image = ""
+        if not isinstance(prompt, str):
+            problems.append((columns.prompt, "must be a string"))
+            prompt = ""
+        records.append(Record(line_number, image.strip(), edit_images, prompt, tuple(problems)))
+    return records
+
+
+def read_records(path: str | Path, columns: Columns | None = None) -> list[Record]:
+    """Parse a `.csv` or `.jsonl` metadata file. Raises `MetadataError` for file-level problems."""
+    path = Path(path)
+    columns = columns or Columns()
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise MetadataError(f"{path}: unsupported metadata format {suffix!r}; use .csv or .jsonl")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: metadata file not found") from None
+    except OSError as error:
+        raise MetadataError(f"{path}: cannot read metadata file ({error.strerror})") from None
+    text = _decode(path, raw)
+    if suffix == ".csv":
+        return _read_csv(path, text, columns)
+    return _read_jsonl(path, text, columns)

@@ -1,0 +1,80 @@
+"""A small generated dataset with a visible, learnable edit, so `python train.py` runs with no data of its own.
+
+Each input (edit_image) has a square and a circle in random colours and places on a plain background; its target
+(image) is the same picture with the shape named by the prompt turned red. Same arguments -> same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from fusedit.io import atomic_write_path, write_text_atomic
+
+RED = (220, 30, 30)
+PROMPTS = {"square": "make the square red", "circle": "make the circle red"}
+
+
+def _colour(rng: random.Random, low: int, high: int) -> tuple[int, int, int]:
+    # Green/blue dominant, so no shape starts out red.
+    return (rng.randint(low, high) // 3, rng.randint(low, high), rng.randint(low, high))
+
+
+def _draw(size: int, background, square: tuple, circle: tuple) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    (sx, sy, sside, scolour), (cx, cy, cdiameter, ccolour) = square, circle
+    draw.rectangle((sx, sy, sx + sside - 1, sy + sside - 1), fill=scolour)
+    draw.ellipse((cx, cy, cx + cdiameter - 1, cy + cdiameter - 1), fill=ccolour)
+    return image
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    with atomic_write_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def make_sample_dataset(out_dir: str | Path, n: int = 12, size: int = 64, seed: int = 0) -> Path:
+    """Write `n` (edit_image, image, prompt) triples of `size`x`size` PNGs and a metadata.csv; return its path."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if size < 16:
+        raise ValueError(f"size must be >= 16, got {size}")
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    rows = []
+    shape_size = max(4, size // 3)
+    half = size // 2
+    span = max(1, half - shape_size)
+
+    def place(left: bool) -> tuple[int, int]:
+        x0 = 0 if left else half
+        return x0 + rng.randrange(span), rng.randrange(max(1, size - shape_size))
+
+    for index in range(n):
+        background = tuple(rng.randint(200, 250) for _ in range(3))
+        # Square in one half, circle in the other, so they never overlap.
+        square_left = rng.random() < 0.5
+        square_xy, circle_xy = place(square_left), place(not square_left)
+        square = (*square_xy, shape_size, _colour(rng, 60, 200))
+        circle = (*circle_xy, shape_size, _colour(rng, 60, 200))
+        target_shape = "square" if index % 2 == 0 else "circle"
+        edited_square = (*square[:3], RED) if target_shape == "square" else square
+        edited_circle = (*circle[:3], RED) if target_shape == "circle" else circle
+
+        edit_name, image_name = f"images/input_{index:03d}.png", f"images/target_{index:03d}.png"
+        _save_png(_draw(size, background, square, circle), out / edit_name)
+        _save_png(_draw(size, background, edited_square, edited_circle), out / image_name)
+        rows.append((image_name, edit_name, PROMPTS[target_shape]))
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "edit_image", "prompt"])
+    writer.writerows(rows)
+    metadata = out / "metadata.csv"
+    write_text_atomic(metadata, buffer.getvalue())
+    return metadata

@@ -1,0 +1,126 @@
+"""FP8 storage for the frozen base weights: float8_e4m3fn in memory, upcast per layer for the matmul.
+
+This halves the memory of the frozen 20B base against bf16 on any device (CPU included) without changing the
+compute dtype. The weight is upcast inside a custom autograd function that saves the *fp8* weight for backward and
+upcasts it again there: a plain `F.linear(x, weight.to(bf16))` would keep a bf16 copy of every weight alive until
+backward and give the memory back. Frozen weights get no weight-gradient GEMM at all.
+
+Scales: `tensor` (one fp32 scale per matrix) or `row` (one per output row, which tracks outlier rows better).
+The module subclasses `nn.Linear` so PEFT wraps it like any Linear; it advertises `compute_dtype` so PEFT keeps
+LoRA weights in the compute dtype instead of casting them to fp8. Apply it before LoRA (see fusedit.model.build).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+GRANULARITIES = ("tensor", "row")
+
+
+def quantize_fp8(weight: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale `weight` into float8_e4m3fn's range; returns (fp8 weight, fp32 scale with weight ≈ fp8 * scale)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"fp8 granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    weight = weight.detach().float()
+    amax = weight.abs().amax(dim=1, keepdim=True) if granularity == "row" else weight.abs().amax().reshape(1, 1)
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (weight / scale).to(FP8_DTYPE), scale
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _Fp8StorageMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_fp8, scale, bias, compute_dtype):
+        weight = weight_fp8.to(compute_dtype) * scale.to(compute_dtype)
+        ctx.save_for_backward(weight_fp8, scale)
+        ctx.compute_dtype = compute_dtype
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        return F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight_fp8, scale = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            weight = weight_fp8.to(ctx.compute_dtype) * scale.to(ctx.compute_dtype)
+            grad_input = grad_output.to(ctx.compute_dtype) @ weight
+        grad_bias = grad_output.flatten(0, -2).sum(0) if ctx.bias_needs_grad else None
+        return grad_input, None, None, grad_bias, None
+
+
+class Fp8StorageLinear(nn.Linear):
+    """A frozen Linear whose weight is stored in float8_e4m3fn with fp32 scales."""
+
+    def __init__(self, linear: nn.Linear, granularity: str = "row", compute_dtype: torch.dtype = torch.bfloat16):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight_fp8, scale = quantize_fp8(linear.weight, granularity)
+        self.weight = nn.Parameter(weight_fp8, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(compute_dtype), False)
+        self.granularity = granularity
+        # Read by PEFT: LoRA weights are created in this dtype, not in the storage dtype.
+        self.compute_dtype = compute_dtype
+
+    def _apply(self, fn, recurse=True):
+        # Device moves are welcome; dtype casts (e.g. Lightning's bf16-true `model.to(bfloat16)`) are not: the
+        # storage stays fp8 (fp8 -> bf16 -> fp8 is exact, so undoing the cast is lossless) and the scales fp32.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8_DTYPE:
+            self.weight.data = self.weight.data.to(FP8_DTYPE)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        if dtype == FP8_DTYPE or not dtype.is_floating_point:
+            dtype = self.compute_dtype
+        return _Fp8StorageMatmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, storage=float8_e4m3fn, scale={self.granularity}"
+
+
+def apply_fp8_storage(
+    module: nn.Module,
+    granularity: str = "row",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip: tuple[str, ...] = ("img_in", "txt_in", "proj_out", "norm_out", "time_text_embed"),
+) -> nn.Module:
+    """Replace the plain Linears inside the transformer blocks with fp8-storage ones, in place.
+
+    The small entry/exit layers (`skip`) stay in full precision: they hold a negligible share of the weights
+    and the largest share of the quantization error. Applying this after LoRA is refused: quantizing would
+    silently swap the base layer under PEFT's wrappers.
+    """
+    replacements = []
+    for name, child in module.named_modules():
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in skip):
+            continue
+        if hasattr(child, "base_layer") or "lora" in type(child).__module__:
+            raise RuntimeError(
+                f"{name} already carries a LoRA adapter: apply fp8 storage before LoRA, not after "
+                "(build order: load -> fp8 -> LoRA -> checkpointing -> compile)"
+            )
+        if type(child) is nn.Linear:
+            replacements.append(name)
+    for name in replacements:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attribute, Fp8StorageLinear(getattr(parent, attribute), granularity, compute_dtype))
+    return module
