@@ -329,3 +329,23 @@ def test_enhanced_prompt_is_what_gets_encoded(tiny_edit_path, images, tmp_path, 
 def test_apply_profile_rejects_unknown_offload(tiny_t2i_path):
     with pytest.raises(ValueError, match="offload"):
         apply_profile(object(), {"device": "cpu", "offload": "disk"})
+
+
+def test_family_picks_the_pipeline_and_model_transformer_overrides(tiny_edit_2511_path, tiny_t2i_path, tmp_path):
+    from fusedit.inference.pipeline import build_pipeline
+
+    pipe, family = build_pipeline(tiny_edit_2511_path, "merged_qkv", "float32")
+    assert family == "qwen-image-edit-2511" and type(pipe).__name__ == "QwenImageEditPlusPipeline"
+    assert pipe.transformer.config.zero_cond_t and hasattr(pipe.transformer.transformer_blocks[0].attn, "to_qkv")
+
+    # A merged transformer checkpoint saved elsewhere replaces the pipeline's own (standard) weights.
+    merged = load_transformer(tiny_t2i_path, "merged_qkv", torch.float32)
+    with torch.no_grad():
+        merged.proj_out.weight.mul_(-1.0)
+    merged.save_pretrained(tmp_path / "merged_transformer")
+    common = [f"model.path={tiny_t2i_path}", "prompt=a cat", "infer_model=standard"]
+    infer(cfg_for(*common, f"output={tmp_path / 'base.png'}"))
+    infer(cfg_for(*common, f"model.transformer={tmp_path / 'merged_transformer'}", f"output={tmp_path / 'o.png'}"))
+    assert np.abs(pixels(tmp_path / "base.png") - pixels(tmp_path / "o.png")).max() > 20
+    with pytest.raises(ValueError, match="not a diffusers pipeline directory"):
+        build_pipeline(tmp_path / "merged_transformer")
