@@ -78,7 +78,7 @@ def random_lora(transformer, path: Path, targets, rank=4, alpha=8.0, seed=0, pip
 @pytest.mark.parametrize("profile", ["high_vram", "24gb", "12gb", "8gb", "cpu"])
 def test_presets_and_profiles_compose(preset, steps, cfg_range, profile):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("infer", overrides=[f"preset={preset}", f"profile={profile}", "infer_model=standard"])
+        cfg = compose("infer", overrides=[f"preset={preset}", f"profile={profile}", "model=standard"])
         overridden = compose("infer", overrides=[f"preset={preset}", "sampling.steps=7"])
     assert cfg.sampling.name == preset and steps[0] <= cfg.sampling.steps <= steps[1]
     assert cfg_range[0] <= cfg.sampling.true_cfg_scale <= cfg_range[1]
@@ -242,7 +242,7 @@ def test_each_lora_layout_on_each_model_layout(tiny_t2i_path, merged_lora, lora_
     if lora_layout == "standard":
         lora = write_lora(read_lora(merged_lora), tmp_path / "std.safetensors", format="diffusers", layout="standard")
     assert read_lora(lora).layout == lora_layout
-    infer(cfg_for(f"model.path={tiny_t2i_path}", "prompt=a cat", f"infer_model={model_layout}", f"lora.path={lora}",
+    infer(cfg_for(f"model.path={tiny_t2i_path}", "prompt=a cat", f"model={model_layout}", f"lora.path={lora}",
                   f"output={tmp_path / 'o.png'}"))  # fmt: skip
     reference = tmp_path.parent / "layout_reference.png"
     if not reference.exists():  # the first parametrization fixes the reference image for the others
@@ -343,7 +343,7 @@ def test_family_picks_the_pipeline_and_model_transformer_overrides(tiny_edit_251
     with torch.no_grad():
         merged.proj_out.weight.mul_(-1.0)
     merged.save_pretrained(tmp_path / "merged_transformer")
-    common = [f"model.path={tiny_t2i_path}", "prompt=a cat", "infer_model=standard"]
+    common = [f"model.path={tiny_t2i_path}", "prompt=a cat", "model=standard"]
     infer(cfg_for(*common, f"output={tmp_path / 'base.png'}"))
     infer(cfg_for(*common, f"model.transformer={tmp_path / 'merged_transformer'}", f"output={tmp_path / 'o.png'}"))
     assert np.abs(pixels(tmp_path / "base.png") - pixels(tmp_path / "o.png")).max() > 20
