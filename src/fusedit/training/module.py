@@ -65,6 +65,7 @@ class EditLoRAModule(LightningModule):
         scheduler: dict | None = None,
         seed: int = 0,
         val_seed: int = 1234,
+        fixed_noise: bool = False,
     ):
         super().__init__()
         self.transformer = transformer
@@ -74,6 +75,7 @@ class EditLoRAModule(LightningModule):
         self.scheduler_config = dict(scheduler or {})
         self.seed = int(seed)
         self.val_seed = int(val_seed)
+        self.fixed_noise = bool(fixed_noise)
         self._trainable = {f"transformer.{name}" for name in lora_parameters(transformer)}
         if not self._trainable:
             raise ValueError("the transformer has no LoRA parameters: build it with fusedit.training.build")
@@ -121,6 +123,8 @@ class EditLoRAModule(LightningModule):
         return cpu, device
 
     def _step_seed(self) -> int:
+        if self.fixed_noise:  # debug=overfit: the same draw every step, so a fixed batch can be memorised
+            return self.seed
         # Distinct per step and per rank, identical across restarts.
         return (self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63)
 

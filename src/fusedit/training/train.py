@@ -182,6 +182,7 @@ def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         seed=cfg.seed,
+        fixed_noise=cfg.get("fixed_noise", False),
     )
 
 
