@@ -145,7 +145,8 @@ class EditLoRAModule(LightningModule):
     def compute_loss(self, inputs: EditInputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, sigmas) for one batch with all randomness drawn from `seed`."""
         cpu_generator, device_generator = self._generators(seed)
-        x0 = inputs.target
+        # Noising and the target in float32; the transformer gets its own dtype in predict_velocity.
+        x0 = inputs.target.float()
         sigmas = self.objective.sample_sigmas(x0.shape[0], x0.shape[1], cpu_generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=device_generator, device=x0.device, dtype=x0.dtype)
         prediction = self.predict_velocity(self.objective.noisy(x0, noise, sigmas), inputs, sigmas)

@@ -14,6 +14,7 @@ training and inference share one definition. See docs/training.md for the choice
 
 from __future__ import annotations
 
+import json
 import math
 from functools import lru_cache
 
@@ -99,7 +100,8 @@ class FlowMatchObjective:
     # -- schedules -------------------------------------------------------------------------------------------------
     def schedule(self, mu: float) -> torch.Tensor:
         """The `num_train_timesteps` training noise levels (descending, terminal 0 dropped) for `mu`."""
-        return _schedule(self.num_train_timesteps, round(float(mu), 6), tuple(sorted(self.scheduler_config.items())))
+        config = json.dumps(self.scheduler_config, sort_keys=True, default=str)
+        return _schedule(self.num_train_timesteps, round(float(mu), 6), config)
 
     def mu_for(self, image_seq_len: int) -> float:
         if self.sampling == "dynamic_shift":
@@ -149,8 +151,8 @@ class FlowMatchObjective:
 
 
 @lru_cache(maxsize=64)
-def _schedule(num_train_timesteps: int, mu: float, config_items: tuple) -> torch.Tensor:
-    scheduler = FlowMatchEulerDiscreteScheduler(**dict(config_items))
+def _schedule(num_train_timesteps: int, mu: float, config_json: str) -> torch.Tensor:
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads(config_json))
     scheduler.set_timesteps(num_train_timesteps, mu=mu)
     sigmas = scheduler.sigmas[:-1].float()
     if not math.isfinite(sigmas.sum().item()) or sigmas.min() <= 0:

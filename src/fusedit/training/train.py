@@ -7,6 +7,7 @@ config. Resuming (`ckpt_path=<run dir>`) continues the run in its own directory,
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import netrc
@@ -188,7 +189,7 @@ def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
 
 def train(cfg: DictConfig) -> dict:
     """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics"}."""
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)
     # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
