@@ -1,0 +1,94 @@
+"""LoRA target layouts for the Qwen-Image transformer, valid in either QKV layout.
+
+Targets are module names inside a `transformer_blocks.N` block, as PEFT matches them (by suffix). A target list
+may be written for either layout: `resolve_targets` translates it to the layout of the model it is applied to
+(`to_qkv` <-> `to_q,to_k,to_v`, `add_qkv_proj` <-> `add_q_proj,add_k_proj,add_v_proj`), so one config trains
+the standard and the merged model alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fusedit.model.merged_qkv import MERGED_TO_STANDARD
+
+MODEL_LAYOUTS = ("standard", "merged_qkv")
+
+# Every Linear inside a block, in both layouts (attention projections, output projections, MLPs, modulation).
+BLOCK_LINEARS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_qkv",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "add_qkv_proj",
+    "to_out.0",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+    "img_mod.1",
+    "txt_mod.1",
+)
+
+# Named layouts, written in the merged naming (translated on use).
+ATTN = ("to_qkv", "add_qkv_proj")
+ATTN_MLP = (
+    "to_qkv",
+    "add_qkv_proj",
+    "to_out.0",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+)
+FULL = (*ATTN_MLP, "img_mod.1", "txt_mod.1")
+NAMED_TARGETS = {"attn": ATTN, "attn_mlp": ATTN_MLP, "full": FULL}
+
+_STANDARD_TO_MERGED = {name: merged for merged, names in MERGED_TO_STANDARD.items() for name in names}
+
+
+def _normalise(target: str) -> str:
+    # Accept the dotted forms people copy from state dicts (`attn.to_qkv`, `transformer_blocks.0.attn.to_q`).
+    name = target.strip()
+    if name.startswith("transformer_blocks."):
+        name = name.split(".", 2)[2] if name.count(".") >= 2 else name
+    return name.removeprefix("attn.")
+
+
+def resolve_targets(targets: str | Iterable[str], layout: str) -> list[str]:
+    """The PEFT target module names for `targets` on a model in `layout`.
+
+    `targets` is a named layout (`attn`, `attn_mlp`, `full`) or a list (or comma-separated string) of block
+    Linear names in either QKV layout. Unknown names raise a ValueError listing the valid ones.
+    """
+    if layout not in MODEL_LAYOUTS:
+        raise ValueError(f"model layout must be one of {MODEL_LAYOUTS}, got {layout!r}")
+    if isinstance(targets, str):
+        targets = NAMED_TARGETS.get(targets, targets.split(","))
+    names = [_normalise(target) for target in targets if target.strip()]
+    if not names:
+        raise ValueError(f"lora.targets is empty; use one of {sorted(NAMED_TARGETS)} or a list of {BLOCK_LINEARS}")
+    unknown = [name for name in names if name not in BLOCK_LINEARS]
+    if unknown:
+        raise ValueError(
+            f"unknown LoRA target(s) {unknown}. Valid: a named layout {sorted(NAMED_TARGETS)} or block Linear names "
+            f"{list(BLOCK_LINEARS)} (standard and merged names are translated automatically)"
+        )
+    resolved: list[str] = []
+    for name in names:
+        if layout == "merged_qkv":
+            translated = [_STANDARD_TO_MERGED.get(name, name)]
+        else:
+            translated = list(MERGED_TO_STANDARD.get(name, (name,)))
+        resolved.extend(translated)
+    return list(dict.fromkeys(resolved))
+
+
+def translate_targets(targets: Iterable[str], to_layout: str) -> list[str]:
+    """Translate already-resolved target names to `to_layout` (e.g. for an exported LoRA's metadata)."""
+    return resolve_targets(list(targets), to_layout)

@@ -1,0 +1,128 @@
+"""Build the trainable transformer as an ordered list of transforms (torchtitan style).
+
+    load -> fp8 storage -> LoRA -> activation checkpointing -> compile
+
+Each stage is a separate function that records itself on the model (`model._fusedit_stages`) and refuses to run
+after a later stage (LoRA after compile, fp8 after LoRA, ...) or twice: quantising after LoRA would quantise the
+adapters, checkpointing must wrap the LoRA-carrying blocks, and compile must see the final modules. New stages
+(fp8 storage, other compile modes) slot in by name in `STAGES`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fusedit.lora.adapter import add_lora
+from fusedit.model.loading import load_transformer
+
+STAGES = ("load", "fp8", "lora", "activation_checkpointing", "compile")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def to_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def stages_applied(model: nn.Module) -> list[str]:
+    return list(getattr(model, "_fusedit_stages", []))
+
+
+def _enter_stage(model: nn.Module, stage: str) -> None:
+    done = stages_applied(model)
+    if stage in done:
+        raise RuntimeError(f"model transform {stage!r} was already applied (stages so far: {done})")
+    later = [other for other in done if STAGES.index(other) > STAGES.index(stage)]
+    if later:
+        raise RuntimeError(
+            f"model transform {stage!r} must run before {later}; the build order is {' -> '.join(STAGES)}"
+        )
+    model._fusedit_stages = [*done, stage]
+
+
+def load(path: str | Path, layout: str, dtype: str | torch.dtype | None = None) -> nn.Module:
+    model = load_transformer(path, layout=layout, dtype=to_dtype(dtype))
+    model.requires_grad_(False)
+    _enter_stage(model, "load")
+    return model
+
+
+def fp8_storage(model: nn.Module) -> nn.Module:
+    _enter_stage(model, "fp8")
+    raise NotImplementedError(
+        "precision=fp8 (frozen base stored as float8_e4m3fn) is not available yet; use precision=bf16"
+    )
+
+
+def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
+    _enter_stage(model, "lora")
+    lora_kwargs["dtype"] = to_dtype(lora_kwargs.get("dtype", torch.float32))
+    return add_lora(model, **lora_kwargs)
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
+    """Recompute every `every`-th transformer block in the backward pass (1 = all blocks, 0 = off).
+
+    All blocks use diffusers' own switch. Every k-th block patches that block's `forward` on the instance rather
+    than wrapping the module, so parameter names (and thus LoRA keys and checkpoints) do not change.
+    """
+    _enter_stage(model, "activation_checkpointing")
+    if every < 0:
+        raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
+    if every == 1:
+        model.enable_gradient_checkpointing()
+    elif every > 1:
+        for index, block in enumerate(model.transformer_blocks):
+            if index % every == 0:
+                block.forward = functools.partial(_checkpointed_forward, block.forward)
+    return model
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: the repeated transformer block is compiled once and reused by every block."""
+    _enter_stage(model, "compile")
+    model.compile_repeated_blocks(**compile_kwargs)
+    return model
+
+
+def build_transformer(
+    path: str | Path,
+    layout: str,
+    dtype: str | torch.dtype | None,
+    lora_kwargs: dict,
+    fp8: bool = False,
+    checkpoint_every: int = 0,
+    compile: bool | dict = False,
+) -> nn.Module:
+    """All stages in order, as the config asks for them."""
+    model = load(path, layout, dtype)
+    if fp8:
+        model = fp8_storage(model)
+    model = lora(model, **lora_kwargs)
+    if checkpoint_every:
+        model = activation_checkpointing(model, checkpoint_every)
+    if compile:
+        model = compile_blocks(model, **(compile if isinstance(compile, dict) else {}))
+    return model
+
+
+def fsdp_wrap_policy() -> set[type[nn.Module]]:
+    """FSDP auto-wrap: one unit per transformer block (trainer=fsdp)."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    return {QwenImageTransformerBlock}

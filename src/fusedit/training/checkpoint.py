@@ -1,0 +1,56 @@
+"""Lightning checkpoints: written atomically, read with `weights_only=True`, found from a run directory.
+
+A checkpoint holds the LoRA weights (EditLoRAModule.state_dict), optimizer and LR-scheduler state, loop
+progress (global step), the data module's position and callback state: tensors and primitive types only, so
+`torch.load(weights_only=True)` reads it and no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _load as pl_load
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from fusedit.io import atomic_write_path
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temp file, fsync, rename; torch.load only with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        with atomic_write_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is False:
+            raise ValueError("fusedit loads checkpoints with weights_only=True only")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return pl_load(path, map_location=map_location or (lambda storage, loc: storage), weights_only=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(checkpoint file, run dir or None) for a `.ckpt` file or a run directory (its checkpoints/last.ckpt)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidates = [path / CHECKPOINT_DIR / LAST, path / LAST]
+        found = [candidate for candidate in candidates if candidate.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"ckpt_path={path} is a directory without {CHECKPOINT_DIR}/{LAST}: is it a fusedit run directory "
+                "that saved a checkpoint (callbacks.model_checkpoint.every_n_train_steps)?"
+            )
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist")
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
+    return path, run_dir

@@ -1,0 +1,164 @@
+"""Turn a data batch into Qwen-Image-Edit transformer inputs, the way the diffusers pipelines do at inference.
+
+Everything model-specific is the pipeline's own code, called rather than retyped: `encode_prompt` (Qwen2.5-VL with
+the edit prompt template, the edit image(s) shown to the VLM, template prefix dropped), `_encode_vae_image` (VAE
+mode + latents_mean/std normalisation), `_pack_latents` (2x2 patches), `calculate_dimensions` and the
+`image_processor` (the image sizes the VLM sees). The pipeline object is built from `model.path` without its
+transformer; its VAE and text encoder stay frozen in eval mode and never hold gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+from torch import nn
+
+EDIT_PIPELINES = (QwenImageEditPipeline, QwenImageEditPlusPipeline)
+# Area of the image the VLM is shown in QwenImageEditPipeline.__call__ (its `calculate_dimensions(1024 * 1024, ...)`).
+EDIT_VLM_AREA = 1024 * 1024
+
+
+@dataclass
+class EditInputs:
+    """What the transformer needs for one batch, plus the clean target latents the objective noises."""
+
+    target: torch.Tensor  # [B, target tokens, C*4] packed, normalised clean latents x0
+    condition: torch.Tensor  # [B, edit tokens, C*4] packed edit-image latents (all edit images, in order)
+    prompt_embeds: torch.Tensor  # [B, text tokens, D]
+    prompt_mask: torch.Tensor | None  # [B, text tokens], None when no prompt is padded
+    img_shapes: list[list[tuple[int, int, int]]]  # per sample: target then each edit image, in latent patches
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.target.shape[1] + self.condition.shape[1] + self.prompt_embeds.shape[1]
+
+
+def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """The Qwen-Image-Edit pipeline at `path` without its transformer (VAE, text encoder, processor, scheduler)."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model.path {path} is not a diffusers pipeline directory (no model_index.json); training needs the "
+            "VAE and text encoder next to the transformer"
+        )
+    pipeline = DiffusionPipeline.from_pretrained(path, transformer=None, torch_dtype=dtype)
+    if not isinstance(pipeline, EDIT_PIPELINES):
+        raise ValueError(
+            f"model.path {path} holds a {type(pipeline).__name__}; fusedit trains Qwen-Image-Edit pipelines "
+            f"({', '.join(cls.__name__ for cls in EDIT_PIPELINES)})"
+        )
+    return pipeline
+
+
+class EditConditioner(nn.Module):
+    """Frozen VAE + text encoder of a Qwen-Image-Edit pipeline; `forward(batch)` gives `EditInputs`."""
+
+    def __init__(self, pipeline: DiffusionPipeline):
+        super().__init__()
+        if not isinstance(pipeline, EDIT_PIPELINES):
+            raise TypeError(f"expected a Qwen-Image-Edit pipeline, got {type(pipeline).__name__}")
+        self.vae = pipeline.vae
+        self.text_encoder = pipeline.text_encoder
+        for module in (self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        # Kept outside the module tree (a plain attribute): the pipeline is not an nn.Module, and its VAE and text
+        # encoder are already registered above, so Lightning moves them and they appear once in module listings.
+        object.__setattr__(self, "pipeline", pipeline)
+        self.multi_image = isinstance(pipeline, QwenImageEditPlusPipeline)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> EditConditioner:
+        return cls(load_edit_pipeline(path, dtype))
+
+    def train(self, mode: bool = True) -> EditConditioner:
+        # Lightning calls .train() on the whole LightningModule each epoch; the frozen encoders stay in eval mode.
+        return super().train(False)
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipeline.scheduler.config)
+
+    # -- text --------------------------------------------------------------------------------------------------------
+    def _vlm_images(self, edit_images: list[torch.Tensor], index: int) -> list:
+        """The edit image(s) of sample `index` as the pipeline shows them to Qwen2.5-VL (PIL, resized as it does)."""
+        processor = self.pipeline.image_processor
+        images = []
+        for slot in edit_images:
+            image = processor.postprocess(slot[index : index + 1].float(), output_type="pil")[0]
+            width, height = image.size
+            if self.multi_image:
+                dims = pipeline_qwenimage_edit_plus.calculate_dimensions(
+                    pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE, width / height
+                )
+            else:
+                dims = pipeline_qwenimage_edit.calculate_dimensions(EDIT_VLM_AREA, width / height)[:2]
+            images.append(processor.resize(image, dims[1], dims[0]))
+        return images
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: list[str], edit_images: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings [B, L, D] and mask [B, L] (None when nothing is padded), one sample at a time.
+
+        Per sample because Edit-2509's template numbers the pictures of one prompt; padding then matches the
+        pipeline's own (zeros after each prompt's last token).
+        """
+        device = next(self.text_encoder.parameters()).device
+        embeds, lengths = [], []
+        for index, prompt in enumerate(prompts):
+            images = self._vlm_images(edit_images, index)
+            image = images if self.multi_image else images[0]
+            embed, _ = self.pipeline.encode_prompt(prompt=[prompt], image=image, device=device)
+            embeds.append(embed[0])
+            lengths.append(embed.shape[1])
+        longest = max(lengths)
+        prompt_embeds = torch.stack([torch.cat([e, e.new_zeros(longest - len(e), e.shape[1])]) for e in embeds])
+        if min(lengths) == longest:
+            return prompt_embeds, None
+        mask = torch.stack([torch.arange(longest, device=device) < length for length in lengths]).long()
+        return prompt_embeds, mask
+
+    # -- images ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, 3, H, W] in [-1, 1] -> packed normalised latents [B, H/16 * W/16, 64] and its img_shapes entry."""
+        height, width = images.shape[-2:]
+        multiple = self.pipeline.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(f"image size {width}x{height} is not a multiple of {multiple} (VAE 8x + 2x2 packing)")
+        vae_dtype = next(self.vae.parameters()).dtype
+        latents = self.pipeline._encode_vae_image(images.to(vae_dtype).unsqueeze(2), generator=None)
+        batch, channels, _, latent_h, latent_w = latents.shape
+        packed = self.pipeline._pack_latents(latents, batch, channels, latent_h, latent_w)
+        return packed, (1, latent_h // 2, latent_w // 2)
+
+    @torch.no_grad()
+    def forward(self, batch: dict) -> EditInputs:
+        edit_images = batch["edit_images"]
+        if not edit_images:
+            raise ValueError(f"batch (rows {batch.get('row')}) has no edit image; Qwen-Image-Edit needs at least one")
+        if len(edit_images) > 1 and not self.multi_image:
+            raise ValueError(
+                f"rows {batch.get('row')} have {len(edit_images)} edit images, but QwenImageEditPipeline takes one; "
+                "use a Qwen-Image-Edit-2509/2511 (QwenImageEditPlusPipeline) model for several"
+            )
+        target, target_shape = self.encode_image(batch["image"])
+        conditions, shapes = [], [target_shape]
+        for slot in edit_images:
+            packed, shape = self.encode_image(slot)
+            conditions.append(packed)
+            shapes.append(shape)
+        prompt_embeds, prompt_mask = self.encode_prompts(list(batch["prompt"]), edit_images)
+        return EditInputs(
+            target=target,
+            condition=torch.cat(conditions, dim=1),
+            prompt_embeds=prompt_embeds,
+            prompt_mask=prompt_mask,
+            img_shapes=[list(shapes)] * target.shape[0],
+        )

@@ -1,0 +1,199 @@
+"""The LightningModule: LoRA on the Qwen-Image-Edit transformer, trained with the rectified-flow objective.
+
+The module owns three things: the transformer carrying the LoRA (the only trainable parameters), the frozen
+conditioner (VAE + text encoder, see conditioning.py) and the objective (objective.py). Checkpoints hold the LoRA
+weights only (`state_dict` is restricted to the trainable set) plus Lightning's optimizer/scheduler/loop state,
+never the frozen 20B base.
+
+Randomness per step (noise levels and noise) comes from a generator seeded by (seed, global step, rank), not
+from the global RNG, so a resumed run draws exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from fusedit.lora.adapter import lora_parameters
+from fusedit.training.conditioning import EditConditioner, EditInputs
+from fusedit.training.objective import FlowMatchObjective
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer,
+    name: str = "cosine",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then constant / linear decay / cosine decay to `min_lr_ratio` * lr."""
+    if name not in SCHEDULES:
+        raise ValueError(f"optim.scheduler.name must be one of {SCHEDULES}, got {name!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"optim.scheduler.warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if name != "constant" and not total_steps:
+        raise ValueError(f"optim.scheduler.name={name} needs a finite number of steps (set trainer.max_steps)")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EditLoRAModule(LightningModule):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        conditioner: EditConditioner,
+        objective: FlowMatchObjective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: dict | None = None,
+        seed: int = 0,
+        val_seed: int = 1234,
+    ):
+        super().__init__()
+        self.transformer = transformer
+        self.conditioner = conditioner
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_config = dict(scheduler or {})
+        self.seed = int(seed)
+        self.val_seed = int(val_seed)
+        self._trainable = {f"transformer.{name}" for name in lora_parameters(transformer)}
+        if not self._trainable:
+            raise ValueError("the transformer has no LoRA parameters: build it with fusedit.training.build")
+        extra = {name for name, p in self.named_parameters() if p.requires_grad} - self._trainable
+        if extra:
+            raise ValueError(f"parameters outside the LoRA are trainable: {sorted(extra)[:5]}")
+        self._step_started: float | None = None
+
+    # -- what is trained and what is saved ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if name in self._trainable}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The LoRA weights only: Lightning checkpoints must not carry the frozen base model."""
+        out = destination if destination is not None else {}
+        for name, parameter in self.trainable_parameters().items():
+            out[prefix + name] = parameter if keep_vars else parameter.detach()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        keys = set(state_dict)
+        if strict and keys != self._trainable:
+            missing, unexpected = sorted(self._trainable - keys), sorted(keys - self._trainable)
+            raise KeyError(
+                f"checkpoint does not match this model's LoRA: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)}); was it trained with other lora.* or model.* "
+                "settings?"
+            )
+        parameters = self.trainable_parameters()
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name not in parameters:
+                    continue
+                if parameters[name].shape != value.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {name} has shape {tuple(value.shape)}, the model {tuple(parameters[name].shape)}"
+                    )
+                parameters[name].copy_(value)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    # -- the objective -----------------------------------------------------------------------------------------------
+    def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
+        cpu = torch.Generator().manual_seed(seed)
+        device = torch.Generator(device=self.device).manual_seed(seed) if self.device.type != "cpu" else cpu
+        return cpu, device
+
+    def _step_seed(self) -> int:
+        # Distinct per step and per rank, identical across restarts.
+        return (self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63)
+
+    def predict_velocity(self, noisy: torch.Tensor, inputs: EditInputs, sigmas: torch.Tensor) -> torch.Tensor:
+        """Transformer velocity for the target tokens; the edit-image tokens ride along as conditioning."""
+        dtype = inputs.prompt_embeds.dtype
+        hidden = torch.cat([noisy.to(dtype), inputs.condition.to(dtype)], dim=1)
+        output = self.transformer(
+            hidden_states=hidden,
+            timestep=sigmas.to(device=hidden.device, dtype=dtype),
+            encoder_hidden_states=inputs.prompt_embeds,
+            encoder_hidden_states_mask=inputs.prompt_mask,
+            img_shapes=inputs.img_shapes,
+            return_dict=False,
+        )[0]
+        return output[:, : noisy.shape[1]]
+
+    def compute_loss(self, inputs: EditInputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, sigmas) for one batch with all randomness drawn from `seed`."""
+        cpu_generator, device_generator = self._generators(seed)
+        x0 = inputs.target
+        sigmas = self.objective.sample_sigmas(x0.shape[0], x0.shape[1], cpu_generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=device_generator, device=x0.device, dtype=x0.dtype)
+        prediction = self.predict_velocity(self.objective.noisy(x0, noise, sigmas), inputs, sigmas)
+        return self.objective.loss(prediction, self.objective.target(x0, noise), sigmas), sigmas
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        inputs = self.conditioner(batch)
+        loss, _ = self.compute_loss(inputs, self._step_seed())
+        batch_size = inputs.target.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self._batch_stats = (batch_size, batch_size * inputs.tokens_per_sample)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Fixed seed per batch: the validation loss of two checkpoints is measured on the same noise.
+        loss, _ = self.compute_loss(self.conditioner(batch), self.val_seed + batch_idx)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    # -- speed, memory, gradients ------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._step_started is None:
+            return
+        elapsed = max(time.perf_counter() - self._step_started, 1e-9)
+        samples, tokens = self._batch_stats
+        self.log("train/samples_per_s", samples / elapsed, prog_bar=True)
+        self.log("train/tokens_per_s", tokens / elapsed)
+        if self.device.type == "cuda":
+            self.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)
+            self.log("train/gpu_reserved_gb", torch.cuda.max_memory_reserved(self.device) / 2**30)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping: the norm the clip threshold is compared with.
+        grads = [p.grad for p in self.trainable_parameters().values() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm)
+
+    # -- optimisation ------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=list(self.trainable_parameters().values()))
+        config = dict(self.scheduler_config)
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
+        total = int(total) if total is not None and math.isfinite(total) else None
+        scheduler = warmup_schedule(
+            optimizer,
+            name=config.get("name", "constant"),
+            warmup_steps=int(config.get("warmup_steps", 0)),
+            total_steps=total,
+            min_lr_ratio=float(config.get("min_lr_ratio", 0.0)),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

@@ -1,0 +1,266 @@
+"""`train(cfg)`: build everything from the Hydra config, fit, export the LoRA, report where things are.
+
+`python train.py` (the repository's thin Hydra entry point) calls this; tests call it directly with a composed
+config. Resuming (`ckpt_path=<run dir>`) continues the run in its own directory, with its own saved config
+(`resume_config`), at the saved step, optimizer state, LR schedule and data position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import netrc
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fusedit.training.build import build_transformer, to_dtype
+from fusedit.training.callbacks import LoRAExport
+from fusedit.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from fusedit.training.conditioning import EditConditioner
+from fusedit.training.module import EditLoRAModule
+
+log = logging.getLogger(__name__)
+
+TINY_DIR = "tiny-edit"
+SAMPLE_DIR = "sample-data"
+WANDB_ID_FILE = "wandb_run_id"
+
+
+# ---------------------------------------------------------------------------------------------------- defaults
+def default_model_path(cache_dir: str | Path) -> Path:
+    """The tiny Qwen-Image-Edit pipeline used when `model.path` is null (created on first use)."""
+    from fusedit.tiny import ensure_tiny
+
+    return ensure_tiny(Path(cache_dir) / TINY_DIR, "edit")
+
+
+def default_metadata(cache_dir: str | Path) -> Path:
+    """The generated sample dataset used when `data.metadata` is null (created on first use)."""
+    from fusedit.data import make_sample_dataset
+
+    metadata = Path(cache_dir) / SAMPLE_DIR / "metadata.csv"
+    if metadata.is_file():
+        return metadata
+    return make_sample_dataset(metadata.parent)
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The config to resume `cfg.ckpt_path` with: the run's own command line, then this one's on top.
+
+    `python train.py ckpt_path=<run dir>` must not fall back to the defaults (another model, another dataset):
+    a run dir keeps its overrides in `.hydra/overrides.yaml`. They are composed again with this command line's
+    overrides replacing any of the same key (e.g. `trainer.max_steps=5000` to train longer). Needs an initialised
+    Hydra (inside `@hydra.main` or `initialize_config_dir`).
+    """
+    if not cfg.get("ckpt_path"):
+        return cfg
+    _, run_dir = resolve_checkpoint(cfg.ckpt_path)
+    saved_file = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
+    if saved_file is None or not saved_file.is_file():
+        return cfg
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    saved = [str(item) for item in OmegaConf.load(saved_file)]
+    current = {override.key_or_group for override in parser.parse_overrides(overrides)}
+    kept = [
+        text
+        for text, override in zip(saved, parser.parse_overrides(saved), strict=True)
+        if override.key_or_group not in current
+    ]
+    merged = [*kept, *overrides]
+    log.info("resuming %s with overrides %s", run_dir, merged)
+    return compose(config_name=config_name, overrides=merged)
+
+
+# ---------------------------------------------------------------------------------------------------- loggers
+def _has_wandb_login() -> bool:
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def configure_wandb_mode() -> str:
+    """Offline unless an API key or login exists; an explicit WANDB_MODE is never overridden. Returns the mode."""
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY") and not _has_wandb_login():
+        os.environ["WANDB_MODE"] = "offline"
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def _sweep_group() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return Path(HydraConfig.get().sweep.dir).name
+    except (ImportError, ValueError):
+        pass
+    return None
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
+            continue
+        kwargs = {}
+        if logger_cfg._target_.endswith("WandbLogger"):
+            configure_wandb_mode()
+            group = _sweep_group()
+            kwargs["group"] = logger_cfg.get("group") or group
+            kwargs["name"] = logger_cfg.get("name") or (f"{group}-{run_dir.name}" if group else run_dir.name)
+            id_file = run_dir / WANDB_ID_FILE
+            if id_file.is_file():  # a resumed run logs into its own wandb run
+                kwargs["id"] = id_file.read_text().strip()
+                kwargs["resume"] = "allow"
+        log.debug("logger %s: %s", name, logger_cfg._target_)
+        loggers.append(instantiate(logger_cfg, **kwargs))
+    return loggers
+
+
+def close_wandb(failed: bool) -> None:
+    # Multirun jobs run in one process: without finish() every job would log into the first job's run.
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    callbacks = []
+    for callback_cfg in (cfg.get("callbacks") or {}).values():
+        if isinstance(callback_cfg, DictConfig) and "_target_" in callback_cfg:
+            callbacks.append(instantiate(callback_cfg))
+    return callbacks
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _plain(value):
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
+def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
+    """Transformer (ordered transforms), frozen conditioner, objective and optimizer factory -> the module."""
+    precision = cfg.precision
+    lora = cfg.lora
+    transformer = build_transformer(
+        model_path,
+        layout=cfg.model.layout,
+        dtype=precision.base_dtype,
+        lora_kwargs={
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "targets": _plain(lora.targets),
+            "dropout": lora.dropout,
+            "init": lora.init,
+            "use_rslora": lora.use_rslora,
+            "dtype": precision.lora_dtype,
+        },
+        fp8=precision.fp8_storage,
+        checkpoint_every=cfg.model.activation_checkpointing,
+        compile=_plain(cfg.model.compile),
+    )
+    conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
+    objective = instantiate(cfg.objective, scheduler_config=conditioner.scheduler_config)
+    return EditLoRAModule(
+        transformer,
+        conditioner,
+        objective,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
+        seed=cfg.seed,
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics"}."""
+    cfg = cfg.copy()
+    # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
+    ckpt_file = None
+    if cfg.get("ckpt_path"):
+        ckpt_file, resumed_run = resolve_checkpoint(cfg.ckpt_path)
+        if resumed_run is not None:
+            # Continue the run in place: its lora/, checkpoints/ and logs keep growing.
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(resumed_run)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    with open_dict(cfg):
+        if cfg.model.path is None:
+            cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
+        if cfg.data.metadata is None:
+            cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
+    seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, Path(cfg.model.path))
+    callbacks = build_callbacks(cfg)
+    failed = True
+    try:
+        loggers = build_loggers(cfg, run_dir)
+        trainer: Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        )
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                (run_dir / WANDB_ID_FILE).write_text(logger.version or "")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None, weights_only=True)
+        failed = False
+    finally:
+        close_wandb(failed)
+
+    metrics = {
+        key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
+    }
+    lora_path = next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    result = {
+        "run_dir": run_dir,
+        "lora_path": lora_path,
+        "checkpoint": checkpoint if checkpoint.is_file() else None,
+        "metrics": metrics,
+    }
+    if trainer.is_global_zero:
+        _report(result, trainer)
+    return result
+
+
+def _report(result: dict, trainer: Trainer) -> None:
+    lines = [f"fusedit: trained {trainer.global_step} steps"]
+    if "train/loss" in result["metrics"]:
+        lines[0] += f", last train/loss {result['metrics']['train/loss']:.4g}"
+    lines.append(f"  LoRA:       {result['lora_path'] or '(none written)'}")
+    if result["checkpoint"]:
+        lines.append(f"  checkpoint: {result['checkpoint']}  (resume: python train.py ckpt_path={result['run_dir']})")
+    for logger in trainer.loggers:
+        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        lines.append(f"  logs:       {where} ({type(logger).__name__})")
+        if isinstance(logger, WandbLogger) and os.environ.get("WANDB_MODE") == "offline":
+            lines.append(f"              offline: upload with `wandb sync {Path(logger.save_dir) / 'wandb'}`")
+    lines.append(f"  run dir:    {result['run_dir']}")
+    print("\n".join(lines), flush=True)
+
+
+def sweep_metric(result: dict, name: str | None) -> float | None:
+    """The value a sweeper optimises (cfg.optimized_metric), NaN-safe."""
+    if not name:
+        return None
+    if name not in result["metrics"]:
+        raise KeyError(f"optimized_metric {name!r} was not logged; logged: {sorted(result['metrics'])}")
+    value = result["metrics"][name]
+    return value if math.isfinite(value) else float("inf")
