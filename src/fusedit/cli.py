@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "fusedit.tiny",
     "fusedit.convert.cli",
     "fusedit.detect",
+    "fusedit.bench",
 )
 
 
