@@ -13,7 +13,6 @@ runner and the report). See docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 
@@ -141,4 +140,3 @@ def main(args) -> int:
         print(f"fusedit bench: variant(s) failed: {', '.join(failed)} (see the JSON report)", file=sys.stderr)
         return 1
     return 0
-

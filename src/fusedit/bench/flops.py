@@ -102,9 +102,7 @@ def step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True)
     dead = {"to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"}
     block_forward = sum(2 * i * o * rows[stream] for name, (i, o, stream) in linears.items() if name not in skip)
     block_backward = sum(
-        2 * i * o * rows[stream]
-        for name, (i, o, stream) in linears.items()
-        if name not in skip and stream != "sample"
+        2 * i * o * rows[stream] for name, (i, o, stream) in linears.items() if name not in skip and stream != "sample"
     )
     last_block_dead = sum(2 * linears[name][0] * linears[name][1] * rows["text"] for name in dead)
     first_qkv = 2 * d * 3 * d * (rows["image"] + rows["text"]) if first_qkv_frozen_input else 0

@@ -59,9 +59,7 @@ VARIANTS = {
             offload=True,
             description="merged, every block checkpointed, checkpoints offloaded to CPU",
         ),
-        Variant(
-            "merged+compile+ckpt", compile=True, checkpoint_every=1, description="merged, compiled, checkpointed"
-        ),
+        Variant("merged+compile+ckpt", compile=True, checkpoint_every=1, description="merged, compiled, checkpointed"),
     )
 }
 DEFAULT_VARIANTS = (
