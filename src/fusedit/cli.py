@@ -9,8 +9,9 @@ import sys
 # Modules that define `add_cli(subparsers)`; each adds one or more subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
     "fusedit.tiny",
-    "fusedit.convert.cli",
+    "fusedit.convert",
     "fusedit.detect",
+    "fusedit.download",
     "fusedit.bench",
 )
 

@@ -8,7 +8,8 @@ The formula (multiply-add = 2 FLOPs; d = inner width; S = image + text tokens pe
                          (q, k, v, out = 4 d^2 and the MLP = 8 d^2 per stream; img_mod and txt_mod 6 d^2 each),
                          plus img_in, txt_in, proj_out, the timestep MLP and norm_out outside the blocks.
   forward, attention     4 * S^2 * d per block per sample (Q K^T and P V, 2 * S^2 * d each).
-  forward, LoRA          2 * r * (in + out) per row for every adapted Linear (A then B).
+  forward, LoRA          2 * r * (in + out) per row for every adapted Linear (A then B); fusedit.lora puts no
+                         adapter on the last block's text stream after attention (its output is discarded).
   backward               frozen base: input gradient only, 1x its forward (no weight-gradient GEMMs), and none
                          where nothing upstream trains: img_in, txt_in, the timestep MLP, norm_out, every block's
                          modulation (fed by the timestep embedding), block 0's q/k/v (fed by img_in/txt_in, unless
@@ -130,6 +131,8 @@ def step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True)
         elif name in _QKV and first_qkv_frozen_input:
             lora_backward -= a_input_grad
         if name in dead:
+            # fusedit.lora.adapter leaves the last block's dead text-stream Linears without an adapter.
+            lora_forward -= forward_one
             lora_backward -= 2 * forward_one
     forward = base_forward + attention + lora_forward
     backward = base_backward + 2 * attention + lora_backward

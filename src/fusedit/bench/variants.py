@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from fusedit.bench.shapes import BenchShape, build_random_transformer
-from fusedit.model.fp8 import apply_fp8_storage
 from fusedit.model.merged_qkv import fuse_qkv
 from fusedit.model.perf import apply_float8_compute, float8_compute_support, use_offloaded_checkpoints
 from fusedit.training import build
@@ -92,7 +91,7 @@ def build_variant(
     if variant.layout == "merged_qkv":
         fuse_qkv(model)
     if variant.fp8 == "storage":
-        apply_fp8_storage(model, compute_dtype=dtype)
+        build.fp8_storage(model, compute_dtype=dtype)
     elif variant.fp8 == "float8":
         apply_float8_compute(model, compute_dtype=dtype)
     # LoRA weights in the compute dtype: PEFT casts a layer's input to the adapter's dtype, so fp32 adapters on a

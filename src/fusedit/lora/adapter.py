@@ -4,29 +4,28 @@
 `PeftAdapterMixin.add_adapter`, so module names stay diffusers' names and the trained model is still a
 `QwenImageTransformer2DModel`. The trainable set is then exactly the `lora_A`/`lora_B` weights.
 
-`export_lora` writes `transformer.<module>.lora_A.weight` / `.lora_B.weight` (no `.default.`) with the LoraConfig
-under the `lora_adapter_metadata` key, as diffusers' `save_lora_weights` does, so `load_lora_weights` rebuilds
-the adapter with the trained rank *and* alpha (without that metadata diffusers assumes alpha = rank).
+`export_lora` writes, through fusedit.convert, `transformer.<module>.lora_A.weight` / `.lora_B.weight` (no
+`.default.`) with the LoraConfig under the `lora_adapter_metadata` key, as diffusers' `save_lora_weights` does, so
+`load_lora_weights` rebuilds the adapter with the trained rank *and* alpha (without that metadata diffusers
+assumes alpha = rank).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from fusedit.io import save_safetensors_atomic
-from fusedit.lora.targets import resolve_targets, translate_targets
-from fusedit.model.merged_qkv import MERGED_TO_STANDARD, is_merged
+from fusedit.convert import LoraModule, LoraWeights, write_lora
+from fusedit.lora.targets import resolve_targets
+from fusedit.model.merged_qkv import is_merged
 
 INIT_CHOICES = ("default", "gaussian")
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-FUSEDIT_METADATA_KEY = "fusedit_lora"
 EXPORT_LAYOUTS = ("standard", "merged_qkv")
 
 
@@ -36,6 +35,18 @@ def model_layout(transformer: nn.Module) -> str:
 
 def has_lora(transformer: nn.Module) -> bool:
     return any("lora_" in name for name, _ in transformer.named_parameters())
+
+
+# The model returns only the image stream, so in the last block nothing after the text-stream attention output
+# reaches the loss: LoRA there would never get a gradient (and DDP would need find_unused_parameters).
+_LAST_BLOCK_DEAD = ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+
+
+def unused_modules(transformer: nn.Module, targets: list[str]) -> list[str]:
+    """Targeted modules whose output cannot influence the transformer's output (left without LoRA)."""
+    last = len(transformer.transformer_blocks) - 1
+    leaves = {leaf for leaf in _LAST_BLOCK_DEAD if leaf.removeprefix("attn.") in targets}
+    return [f"transformer_blocks.{last}.{leaf}" for leaf in _LAST_BLOCK_DEAD if leaf in leaves]
 
 
 def add_lora(
@@ -60,15 +71,19 @@ def add_lora(
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
+    target_modules = resolve_targets(targets, model_layout(transformer))
     config = LoraConfig(
         r=int(rank),
         lora_alpha=float(alpha if alpha is not None else rank),
         lora_dropout=float(dropout),
-        target_modules=resolve_targets(targets, model_layout(transformer)),
+        target_modules=target_modules,
+        exclude_modules=unused_modules(transformer, target_modules) or None,
         init_lora_weights=True if init == "default" else init,
         use_rslora=bool(use_rslora),
     )
     transformer.add_adapter(config)
+    if not has_lora(transformer):
+        raise ValueError(f"lora.targets {targets!r} matched no Linear of the transformer")
     for name, parameter in transformer.named_parameters():
         if "lora_" in name:
             if dtype is not None:
@@ -94,52 +109,30 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach() for key, value in get_peft_model_state_dict(transformer).items()}
 
 
-def _split_merged(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # A LoRA on a merged projection W = [Wq; Wk; Wv] adds B·A; its q/k/v rows are B_q·A, B_k·A, B_v·A: three LoRAs
-    # of the same rank sharing A. Exact, no refactorisation.
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        module, _, role = key.rpartition(".lora_")
-        parent, _, leaf = module.rpartition(".")
-        if leaf not in MERGED_TO_STANDARD:
-            out[key] = value
-            continue
-        parts = MERGED_TO_STANDARD[leaf]
-        pieces = [value] * len(parts) if role.startswith("A") else value.chunk(len(parts), dim=0)
-        for name, piece in zip(parts, pieces, strict=True):
-            out[f"{parent}.{name}.lora_{role}"] = piece.clone()
-    return out
+def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
+    """The trained adapter as fusedit.convert's LoraWeights (module -> A, B, alpha), in the model's own layout.
+
+    Each module's alpha is read back from PEFT's own `scaling` (alpha / r, or alpha / sqrt(r) with rsLoRA) as
+    `scaling * rank`, so a file read with the usual scale = alpha / rank reproduces the trained update exactly.
+    """
+    modules: dict[str, LoraModule] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            rank = module.r["default"]
+            A = module.lora_A["default"].weight.detach()
+            B = module.lora_B["default"].weight.detach()
+            modules[name] = LoraModule(A, B, float(module.scaling["default"]) * rank)
+    if not modules:
+        raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
+    return LoraWeights(modules, format="diffusers", metadata={key: str(value) for key, value in metadata.items()})
 
 
-def export_state_dict(transformer: nn.Module, layout: str = "standard") -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors in diffusers' key layout, LoraConfig dict for the exported layout)."""
+def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "standard", **metadata: str) -> Path:
+    """Write the adapter to `path` (atomically) as a diffusers LoRA in `layout`; `metadata` is stored with it.
+
+    Conversion between the layouts is fusedit.convert's (exact: a merged to_qkv LoRA becomes q/k/v LoRAs sharing
+    A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata).
+    """
     if layout not in EXPORT_LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
-    source = model_layout(transformer)
-    state_dict = lora_state_dict(transformer)
-    if source == "merged_qkv" and layout == "standard":
-        state_dict = _split_merged(state_dict)
-    elif source == "standard" and layout == "merged_qkv":
-        raise ValueError(
-            "a LoRA trained on the standard layout is exported in the standard layout; convert it with "
-            "`fusedit convert` for a merged copy"
-        )
-    config = lora_config(transformer).to_dict()
-    config["target_modules"] = translate_targets(sorted(config["target_modules"]), layout)
-    config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
-    tensors = {f"transformer.{key}": value.contiguous() for key, value in state_dict.items()}
-    return tensors, config
-
-
-def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "standard", **extra: str) -> Path:
-    """Write the adapter to `path` (atomically) as a diffusers LoRA in `layout`; `extra` goes to the metadata."""
-    tensors, config = export_state_dict(transformer, layout)
-    diffusers_config = {f"transformer.{key}": value for key, value in config.items()}
-    fusedit = {"layout": layout, "rank": config["r"], "alpha": config["lora_alpha"], **extra}
-    metadata = {
-        "format": "pt",
-        DIFFUSERS_METADATA_KEY: json.dumps(diffusers_config, indent=2, sort_keys=True, default=str),
-        FUSEDIT_METADATA_KEY: json.dumps(fusedit, sort_keys=True, default=str),
-    }
-    save_safetensors_atomic(tensors, path, metadata)
-    return Path(path)
+    return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)

@@ -34,6 +34,10 @@ BLOCK_LINEARS = (
     "txt_mod.1",
 )
 
+# Linears outside the blocks, for targets lists that want them (no named layout uses them).
+TOP_LEVEL_LINEARS = ("img_in", "txt_in", "proj_out", "norm_out.linear")
+VALID_TARGETS = (*BLOCK_LINEARS, *TOP_LEVEL_LINEARS)
+
 # Named layouts, written in the merged naming (translated on use).
 ATTN = ("to_qkv", "add_qkv_proj")
 ATTN_MLP = (
@@ -63,21 +67,23 @@ def _normalise(target: str) -> str:
 def resolve_targets(targets: str | Iterable[str], layout: str) -> list[str]:
     """The PEFT target module names for `targets` on a model in `layout`.
 
-    `targets` is a named layout (`attn`, `attn_mlp`, `full`) or a list (or comma-separated string) of block
-    Linear names in either QKV layout. Unknown names raise a ValueError listing the valid ones.
+    `targets` is a named layout (`attn`, `attn_mlp`, `full`), a Linear name in either QKV layout, or a list (or
+    comma-separated string) of those. Unknown names raise a ValueError listing the valid ones.
     """
     if layout not in MODEL_LAYOUTS:
         raise ValueError(f"model layout must be one of {MODEL_LAYOUTS}, got {layout!r}")
     if isinstance(targets, str):
-        targets = NAMED_TARGETS.get(targets, targets.split(","))
-    names = [_normalise(target) for target in targets if target.strip()]
+        targets = targets.split(",")
+    # Named layouts may appear inside a list too: ["attn_mlp", "proj_out"].
+    expanded = [name for target in targets for name in NAMED_TARGETS.get(target.strip(), (target,))]
+    names = [_normalise(target) for target in expanded if target.strip()]
     if not names:
-        raise ValueError(f"lora.targets is empty; use one of {sorted(NAMED_TARGETS)} or a list of {BLOCK_LINEARS}")
-    unknown = [name for name in names if name not in BLOCK_LINEARS]
+        raise ValueError(f"lora.targets is empty; use one of {sorted(NAMED_TARGETS)} or a list of {VALID_TARGETS}")
+    unknown = [name for name in names if name not in VALID_TARGETS]
     if unknown:
         raise ValueError(
-            f"unknown LoRA target(s) {unknown}. Valid: a named layout {sorted(NAMED_TARGETS)} or block Linear names "
-            f"{list(BLOCK_LINEARS)} (standard and merged names are translated automatically)"
+            f"unknown LoRA target(s) {unknown}. Valid: a named layout {sorted(NAMED_TARGETS)} or Linear names "
+            f"{list(VALID_TARGETS)} (standard and merged QKV names are translated automatically)"
         )
     resolved: list[str] = []
     for name in names:

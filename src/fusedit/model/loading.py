@@ -17,6 +17,7 @@ from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
+from fusedit.convert.layout import model_layout
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
 
@@ -61,17 +62,11 @@ def checkpoint_keys(transformer_path: Path) -> list[str]:
     return keys
 
 
-def checkpoint_layout(keys: list[str]) -> str:
-    merged = any(".attn.to_qkv." in key or ".attn.add_qkv_proj." in key for key in keys)
-    standard = any(".attn.to_q." in key or ".attn.add_q_proj." in key for key in keys)
-    if merged and standard:
-        example = [key for key in keys if ".attn.to_qkv." in key][:1] + [key for key in keys if ".attn.to_q." in key][
-            :1
-        ]
-        raise ValueError(f"checkpoint mixes merged and standard QKV keys (e.g. {example})")
-    if not (merged or standard):
-        raise ValueError("checkpoint has no Qwen-Image attention projections (no attn.to_q / attn.to_qkv keys)")
-    return "merged_qkv" if merged else "standard"
+def checkpoint_layout(keys: list[str], what: str = "checkpoint") -> str:
+    layout = model_layout(keys, what)  # raises on a mix of layouts, naming the keys
+    if layout is None:
+        raise ValueError(f"{what} has no Qwen-Image attention projections (no attn.to_q / attn.to_qkv keys)")
+    return layout
 
 
 def _strip_prefix(key: str) -> str:
@@ -149,7 +144,7 @@ def load_transformer(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     transformer_path = resolve_transformer_dir(path)
     files = weight_files(transformer_path)
-    stored = checkpoint_layout(checkpoint_keys(transformer_path))
+    stored = checkpoint_layout(checkpoint_keys(transformer_path), str(transformer_path))
 
     if transformer_path.is_file():
         config = _single_file_config(transformer_path, zero_cond_t)

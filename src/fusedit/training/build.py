@@ -56,11 +56,12 @@ def load(path: str | Path, layout: str, dtype: str | torch.dtype | None = None) 
     return model
 
 
-def fp8_storage(model: nn.Module) -> nn.Module:
+def fp8_storage(model: nn.Module, granularity: str = "row", compute_dtype: str | torch.dtype = "bfloat16") -> nn.Module:
+    """Frozen block Linears stored as float8_e4m3fn, upcast per layer (fusedit.model.fp8)."""
+    from fusedit.model.fp8 import apply_fp8_storage
+
     _enter_stage(model, "fp8")
-    raise NotImplementedError(
-        "precision=fp8 (frozen base stored as float8_e4m3fn) is not available yet; use precision=bf16"
-    )
+    return apply_fp8_storage(model, granularity=granularity, compute_dtype=to_dtype(compute_dtype))
 
 
 def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
@@ -105,14 +106,14 @@ def build_transformer(
     layout: str,
     dtype: str | torch.dtype | None,
     lora_kwargs: dict,
-    fp8: bool = False,
+    fp8: bool | dict = False,
     checkpoint_every: int = 0,
     compile: bool | dict = False,
 ) -> nn.Module:
     """All stages in order, as the config asks for them."""
     model = load(path, layout, dtype)
     if fp8:
-        model = fp8_storage(model)
+        model = fp8_storage(model, **(fp8 if isinstance(fp8, dict) else {}))
     model = lora(model, **lora_kwargs)
     if checkpoint_every:
         model = activation_checkpointing(model, checkpoint_every)

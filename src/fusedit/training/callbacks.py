@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from fusedit.io import atomic_write_path
-from fusedit.lora.adapter import EXPORT_LAYOUTS, export_lora, model_layout
+from fusedit.lora.adapter import EXPORT_LAYOUTS, export_lora
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,6 @@ class LoRAExport(Callback):
         self.merged_copy = bool(merged_copy)
         self.last_path: Path | None = None
         self._last_step: int | None = None
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.merged_copy and model_layout(pl_module.transformer) != "merged_qkv" and self.layout != "merged_qkv":
-            raise ValueError(
-                "lora_export.merged_copy needs model=merged_qkv (a standard-layout LoRA is converted with "
-                "`fusedit convert`)"
-            )
 
     @rank_zero_only
     def export(self, pl_module: LightningModule, name: str, step: int) -> Path:
@@ -97,8 +90,9 @@ class ValidationImages(Callback):
         seed: int = 0,
         at_end: bool = True,
     ):
-        if every_n_steps < 0 or num_samples < 0 or num_inference_steps < 1:
-            raise ValueError("validation_images: every_n_steps, num_samples >= 0 and num_inference_steps >= 1")
+        # One step would divide by zero in the scheduler's stretch to shift_terminal (a NaN image).
+        if every_n_steps < 0 or num_samples < 0 or num_inference_steps < 2:
+            raise ValueError("validation_images: every_n_steps, num_samples >= 0 and num_inference_steps >= 2")
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
         self.num_samples = int(num_samples)

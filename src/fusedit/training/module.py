@@ -172,6 +172,8 @@ class EditLoRAModule(LightningModule):
         samples, tokens = self._batch_stats
         self.log("train/samples_per_s", samples / elapsed, prog_bar=True)
         self.log("train/tokens_per_s", tokens / elapsed)
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         if self.device.type == "cuda":
             self.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30)
             self.log("train/gpu_reserved_gb", torch.cuda.max_memory_reserved(self.device) / 2**30)

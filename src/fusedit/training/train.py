@@ -167,7 +167,9 @@ def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
             "use_rslora": lora.use_rslora,
             "dtype": precision.lora_dtype,
         },
-        fp8=precision.fp8_storage,
+        fp8={"granularity": precision.fp8_granularity, "compute_dtype": precision.compute_dtype}
+        if precision.fp8_storage
+        else False,
         checkpoint_every=cfg.model.activation_checkpointing,
         compile=_plain(cfg.model.compile),
     )

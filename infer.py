@@ -1,0 +1,20 @@
+"""Edit images (or generate them from text) with a Qwen-Image pipeline, merged-QKV transformer and LoRAs.
+
+    python infer.py model.path=DIR input=cat.png prompt="make it a ghost" output=out.png lora.path=run/lora/final.safetensors
+
+See conf/infer.yaml and docs/inference.md.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from fusedit.inference.run import infer
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="infer")
+def main(cfg: DictConfig) -> None:
+    infer(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Converting checkpoint files: single safetensors files, sharded transformer folders, pipelines, and LoRAs.
+
+Model weights stream: the output is written tensor by tensor in safetensors format (header first, computed from the
+input headers and the conversion plan), reading each input tensor only when an output tensor needs it. q, k and v
+of one block may sit in different shards; they are read from wherever they are. Input files are opened
+(memory-mapped) per output shard and closed after it, so the resident memory stays around one or two shards
+whatever the checkpoint size. Every file is written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fusedit.io import atomic_write_path, read_safetensors_header, write_json_atomic
+
+from .layout import DIRECTIONS, TARGET_LAYOUT, TensorPlan, model_layout, plan_model_conversion
+from .lora_formats import FORMATS, read_lora, write_lora
+from .lora_qkv import convert_lora_layout
+from .state_dict import classify_keys
+
+log = logging.getLogger(__name__)
+
+DTYPE_TO_ST = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2}
+ST_SIZES |= {"I8": 1, "U8": 1, "BOOL": 1}
+INDEX_SUFFIX = ".safetensors.index.json"
+# Bytes read through one memory map before it is dropped, so mapped pages do not pile up in a big single file.
+REMAP_BYTES = 1 << 30
+
+
+def _nbytes(dtype: str, shape: Sequence[int]) -> int:
+    if dtype not in ST_SIZES:
+        raise ValueError(f"unsupported safetensors dtype {dtype}")
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * ST_SIZES[dtype]
+
+
+def write_safetensors_streaming(path: Path, plan: Sequence[TensorPlan], get, metadata: Mapping[str, str]) -> int:
+    """Write the tensors `plan` describes (dtype as safetensors strings) to `path`, building each on demand.
+
+    Returns the number of data bytes. Only the tensor being written (and its sources) is in memory.
+    """
+    header: dict = {}
+    offset = 0
+    for entry in plan:
+        size = _nbytes(entry.dtype, entry.shape)
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors itself writes it
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for entry in plan:
+            tensor = entry.build(get)
+            if DTYPE_TO_ST.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise ValueError(
+                    f"{path}: {entry.name} came out {tensor.dtype} {list(tensor.shape)}, expected "
+                    f"{entry.dtype} {list(entry.shape)}"
+                )
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return offset
+
+
+def _release_freed_memory() -> None:
+    # glibc keeps freed multi-MB tensor buffers in its heap (its mmap threshold adapts upwards), so without a trim
+    # the resident size ratchets up shard after shard although nothing is alive. No-op off glibc.
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+class _TensorSource:
+    """Tensors by key from a set of safetensors files, each memory-mapped only while in use."""
+
+    def __init__(self, files_by_key: Mapping[str, Path]):
+        self.files_by_key = files_by_key
+        self._open: dict[Path, contextlib.ExitStack] = {}
+        self._handles: dict = {}
+        self._bytes_read = 0
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self.files_by_key[key]
+        if path not in self._handles:
+            stack = contextlib.ExitStack()
+            self._handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            self._open[path] = stack
+        tensor = self._handles[path].get_tensor(key)
+        self._bytes_read += tensor.numel() * tensor.element_size()
+        if self._bytes_read > REMAP_BYTES:
+            self.close()
+        return tensor
+
+    def close(self) -> None:
+        for stack in self._open.values():
+            stack.close()
+        self._open.clear()
+        self._handles.clear()
+        self._bytes_read = 0
+        _release_freed_memory()
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_write_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _ordered_specs(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    header, metadata = read_safetensors_header(path)
+    keys = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    return {k: (header[k]["dtype"], tuple(header[k]["shape"])) for k in keys}, metadata
+
+
+def _convert_model_shards(targets: Mapping[Path, Path], direction: str, what: str) -> dict:
+    """Convert model shards {input file: output file}; q/k/v may span shards (the q's shard gets the merged one)."""
+    shards = list(targets)
+    specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+    shard_of: dict[str, Path] = {}
+    shard_meta: dict[Path, dict[str, str]] = {}
+    for shard in shards:
+        shard_specs, shard_meta[shard] = _ordered_specs(shard)
+        duplicate = sorted(set(shard_specs) & set(specs))
+        if duplicate:
+            raise ValueError(f"{what}: tensors present in more than one shard: {', '.join(duplicate[:5])}")
+        specs.update(shard_specs)
+        shard_of.update(dict.fromkeys(shard_specs, shard))
+    kind = classify_keys(specs, what)
+    if kind != "model":
+        raise ValueError(f"{what}: holds LoRA weights, not a model")
+    layout = model_layout(specs, what)
+    if layout is None:
+        raise ValueError(f"{what}: no Qwen-Image attention projections (…attn.to_q / …attn.to_qkv) among its keys")
+    noop = layout == TARGET_LAYOUT[direction]
+    plan = plan_model_conversion(specs, direction, what)
+    source = _TensorSource(shard_of)
+    written: dict[str, list[str]] = {}
+    try:
+        for shard in shards:
+            entries = [entry for entry in plan if shard_of[entry.sources[0]] == shard]
+            if noop:
+                _copy_atomic(shard, targets[shard])
+            else:
+                write_safetensors_streaming(targets[shard], entries, source.get, shard_meta[shard])
+                source.close()
+            written[targets[shard].name] = [entry.name for entry in entries]
+    finally:
+        source.close()
+    return {
+        "input_layout": layout,
+        "output_layout": TARGET_LAYOUT[direction],
+        "noop": noop,
+        "written": written,
+        "total_size": sum(_nbytes(e.dtype, e.shape) for e in plan),
+    }
+
+
+def _transformer_weights(directory: Path) -> tuple[list[Path], Path | None]:
+    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise ValueError(f"{directory}: more than one shard index: {', '.join(p.name for p in indexes)}")
+    if indexes:
+        index = json.loads(indexes[0].read_text(encoding="utf-8"))
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{indexes[0]}: no weight_map")
+        shards = sorted({directory / name for name in weight_map.values()})
+        missing = [str(p) for p in shards if not p.is_file()]
+        if missing:
+            raise ValueError(f"{indexes[0]}: shards listed in weight_map are missing: {', '.join(missing)}")
+        return shards, indexes[0]
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{directory}: expected one .safetensors file or a *{INDEX_SUFFIX}, found {len(files)} files")
+    return files, None
+
+
+def _convert_transformer_dir(src: Path, dst: Path, direction: str) -> dict:
+    shards, index_path = _transformer_weights(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    report = _convert_model_shards({shard: dst / shard.name for shard in shards}, direction, str(src))
+    if index_path is not None:
+        old = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = {key: name for name, keys in report["written"].items() for key in keys}
+        meta = dict(old.get("metadata") or {})
+        meta["total_size"] = report["total_size"]
+        write_json_atomic(dst / index_path.name, {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))})
+    weight_files = {p.name for p in shards} | ({index_path.name} if index_path else set())
+    for item in sorted(src.iterdir()):  # config.json and anything else that is not a weight file
+        if item.is_file() and item.name not in weight_files:
+            _copy_atomic(item, dst / item.name)
+    return report
+
+
+def _copy_tree_atomic(src: Path, dst: Path) -> None:
+    for item in sorted(src.rglob("*")):
+        if item.is_file():
+            _copy_atomic(item, dst / item.relative_to(src))
+
+
+def _check_output(output: Path, input: Path, overwrite: bool) -> None:
+    if output.resolve() == input.resolve():
+        raise ValueError(f"output {output} is the input; write the conversion somewhere else")
+    if output.exists() and not overwrite and not (output.is_dir() and not any(output.iterdir())):
+        raise ValueError(f"output {output} exists; choose a new path or pass overwrite=True (--overwrite)")
+
+
+def convert_checkpoint(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    direction: str | None = None,
+    format: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Convert a checkpoint on disk; returns a small report dict.
+
+    input: a single .safetensors file (model weights or a LoRA), a transformer folder (config.json plus one
+    safetensors file or shards with a `*.safetensors.index.json`), a pipeline folder (model_index.json; its
+    transformer/ is converted, every other component is copied), or a PEFT LoRA folder (adapter_config.json).
+    direction: "to_merged" | "to_standard"; may be omitted for a LoRA whose format alone changes.
+    format: LoRA output format (diffusers, peft, diffsynth, comfyui, kohya); default: the input's format.
+    """
+    src, dst = Path(input), Path(output)
+    if not src.exists():
+        raise FileNotFoundError(f"input {src} does not exist")
+    if direction is not None and direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    _check_output(dst, src, overwrite)
+
+    is_lora = (src.is_dir() and (src / "adapter_config.json").is_file()) or (
+        src.is_file() and classify_keys(read_safetensors_header(src)[0], str(src)) == "lora"
+    )
+    if is_lora:
+        if dst.suffix != ".safetensors":
+            raise ValueError(f"output {dst}: a LoRA is written to one .safetensors file")
+        lora = read_lora(src)
+        layout_in, format_in = lora.layout, lora.format
+        if direction is not None:
+            lora = convert_lora_layout(lora, direction)
+        out_format = format or lora.format
+        write_lora(lora, dst, out_format)
+        return {
+            "kind": "lora",
+            "input_format": format_in,
+            "output_format": out_format,
+            "input_layout": layout_in,
+            "output_layout": lora.layout,
+            "noop": direction is None or layout_in in (None, TARGET_LAYOUT[direction]),
+            "output": str(dst),
+        }
+
+    if format is not None:
+        raise ValueError("--format applies to LoRAs only; this input holds model weights")
+    if direction is None:
+        raise ValueError("converting model weights needs a direction (to_merged or to_standard)")
+    if src.is_file():
+        if dst.suffix != ".safetensors":
+            raise ValueError(f"output {dst}: a single-file checkpoint is written to a .safetensors file")
+        report = _convert_model_shards({src: dst}, direction, str(src))
+        return {"kind": "model_file", **_public(report), "output": str(dst)}
+    if (src / "model_index.json").is_file():
+        if not (src / "transformer").is_dir():
+            raise ValueError(f"{src}: pipeline folder without a transformer/ subfolder")
+        report = _convert_transformer_dir(src / "transformer", dst / "transformer", direction)
+        for item in sorted(src.iterdir()):
+            if item.name == "transformer":
+                continue
+            if item.is_dir():
+                _copy_tree_atomic(item, dst / item.name)
+            else:
+                _copy_atomic(item, dst / item.name)
+        return {"kind": "pipeline", **_public(report), "output": str(dst)}
+    if (src / "config.json").is_file():
+        return {"kind": "transformer", **_public(_convert_transformer_dir(src, dst, direction)), "output": str(dst)}
+    raise ValueError(
+        f"{src}: not a checkpoint fusedit can convert (expected a .safetensors file, a transformer folder with "
+        "config.json, a pipeline folder with model_index.json, or a PEFT LoRA folder with adapter_config.json)"
+    )
+
+
+def _public(report: dict) -> dict:
+    return {k: report[k] for k in ("input_layout", "output_layout", "noop")} | {"files": sorted(report["written"])}

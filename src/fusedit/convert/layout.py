@@ -1,0 +1,177 @@
+"""Key layouts of Qwen-Image transformer checkpoints and the model-weight conversion plan.
+
+Two layouts exist. "standard" is diffusers' `QwenImageTransformer2DModel`: every block's attention has
+`to_q/to_k/to_v` and `add_q_proj/add_k_proj/add_v_proj`. "merged_qkv" replaces each triple by one projection,
+`to_qkv` / `add_qkv_proj`, whose weight (and bias) is `cat([q, k, v], dim=0)`. Nothing else differs.
+
+The conversion is planned from names, shapes and dtypes only, so the same plan drives the in-memory
+`convert_state_dict` and the streaming file converter that never holds a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+STANDARD = "standard"
+MERGED = "merged_qkv"
+TO_MERGED = "to_merged"
+TO_STANDARD = "to_standard"
+DIRECTIONS = (TO_MERGED, TO_STANDARD)
+TARGET_LAYOUT = {TO_MERGED: MERGED, TO_STANDARD: STANDARD}
+
+# merged projection -> its q, k, v parts, in concatenation order
+QKV_GROUPS: dict[str, tuple[str, str, str]] = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
+PART_TO_MERGED: dict[str, tuple[str, int]] = {
+    part: (merged, index) for merged, parts in QKV_GROUPS.items() for index, part in enumerate(parts)
+}
+
+_PROJ_NAMES = "|".join(sorted([*QKV_GROUPS, *PART_TO_MERGED], key=len, reverse=True))
+# A module path ending in one of the projections; the attention prefix (checkpoint prefix included) is kept verbatim.
+_PROJ_MODULE_RE = re.compile(rf"^(?P<attn>(?:.*\.)?attn\.)(?P<proj>{_PROJ_NAMES})$")
+
+
+@dataclass(frozen=True)
+class ProjRole:
+    attn_prefix: str  # e.g. "model.diffusion_model.transformer_blocks.3.attn."
+    proj: str  # e.g. "to_k" or "to_qkv"
+
+    @property
+    def merged(self) -> bool:
+        return self.proj in QKV_GROUPS
+
+    @property
+    def group(self) -> str:
+        """Name of the merged projection this belongs to."""
+        return self.proj if self.merged else PART_TO_MERGED[self.proj][0]
+
+    @property
+    def index(self) -> int:
+        return PART_TO_MERGED[self.proj][1]
+
+
+def proj_role(module: str) -> ProjRole | None:
+    """Which q/k/v (or merged) projection a module path names, or None for any other module."""
+    match = _PROJ_MODULE_RE.match(module)
+    return ProjRole(match["attn"], match["proj"]) if match else None
+
+
+def _examples(keys: Iterable[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def layout_of_modules(names: Iterable[str], what: str = "state dict", module_of=lambda name: name) -> str | None:
+    """The layout: "standard", "merged_qkv", or None when no q/k/v projection appears. Both at once is an error
+    naming the keys (`names` are module paths, or keys mapped to their module by `module_of`)."""
+    standard, merged = [], []
+    for name in names:
+        role = proj_role(module_of(name))
+        if role is not None:
+            (merged if role.merged else standard).append(name)
+    if standard and merged:
+        raise ValueError(
+            f"{what} mixes layouts: separate q/k/v projections ({_examples(standard)}) and merged ones "
+            f"({_examples(merged)}); a checkpoint must use one layout"
+        )
+    if merged:
+        return MERGED
+    if standard:
+        return STANDARD
+    return None
+
+
+def split_param_key(key: str) -> tuple[str, str]:
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def model_layout(keys: Iterable[str], what: str = "state dict") -> str | None:
+    return layout_of_modules(keys, what, lambda key: split_param_key(key)[0])
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: copied from one source, concatenated from three, or one third of a merged source."""
+
+    name: str
+    dtype: Any  # whatever the caller's dtype objects are (torch dtypes or safetensors dtype strings)
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+    part: int | None = None  # which third of sources[0] (split only)
+
+    def build(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        if len(self.sources) == 3:
+            return torch.cat([get(name) for name in self.sources], dim=0)
+        tensor = get(self.sources[0])
+        if self.part is not None:
+            rows = tensor.shape[0] // 3
+            # clone: a view would keep the whole merged tensor alive and safetensors refuses shared storage
+            return tensor[self.part * rows : (self.part + 1) * rows].clone()
+        return tensor
+
+
+def plan_model_conversion(
+    tensors: Mapping[str, tuple[Any, tuple[int, ...]]], direction: str, what: str = "state dict"
+) -> list[TensorPlan]:
+    """Plan converting model weights given as {key: (dtype, shape)}; output order follows the input order.
+
+    A merged tensor takes the position of its q part; split parts take the position of the merged tensor.
+    Raises ValueError naming the keys for a missing sibling, a shape or dtype mismatch, or a tensor under a q/k/v
+    projection that is not a weight or bias.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    plan: list[TensorPlan] = []
+    problems: list[str] = []
+    for key, (dtype, shape) in tensors.items():
+        module, param = split_param_key(key)
+        role = proj_role(module)
+        if role is None or (direction == TO_MERGED) == role.merged:
+            plan.append(TensorPlan(key, dtype, tuple(shape), (key,)))
+            continue
+        if param not in ("weight", "bias"):
+            problems.append(f"{key}: only weight and bias can be converted under a q/k/v projection")
+            continue
+        if direction == TO_STANDARD:
+            if not shape or shape[0] % 3:
+                problems.append(f"{key}: shape {list(shape)} has a first dimension not divisible by 3")
+                continue
+            for index, part in enumerate(QKV_GROUPS[role.proj]):
+                plan.append(
+                    TensorPlan(f"{role.attn_prefix}{part}.{param}", dtype, (shape[0] // 3, *shape[1:]), (key,), index)
+                )
+            continue
+        if role.index != 0:
+            continue  # emitted together with its q sibling
+        names = tuple(f"{role.attn_prefix}{part}.{param}" for part in QKV_GROUPS[role.group])
+        missing = [name for name in names if name not in tensors]
+        if missing:
+            problems.append(f"{key}: missing q/k/v sibling(s) {', '.join(missing)}")
+            continue
+        specs = [tensors[name] for name in names]
+        if len({tuple(s) for _, s in specs}) != 1 or len({d for d, _ in specs}) != 1:
+            found = ", ".join(f"{name} {d} {list(s)}" for name, (d, s) in zip(names, specs, strict=True))
+            problems.append(f"q/k/v tensors differ in shape or dtype, cannot merge losslessly: {found}")
+            continue
+        plan.append(TensorPlan(f"{role.attn_prefix}{role.group}.{param}", dtype, (3 * shape[0], *shape[1:]), names))
+    # k/v whose q is absent are caught above through the q; catch orphans whose q is missing entirely
+    if direction == TO_MERGED:
+        for key in tensors:
+            module, param = split_param_key(key)
+            role = proj_role(module)
+            if role is not None and not role.merged and role.index != 0:
+                q_key = f"{role.attn_prefix}{QKV_GROUPS[role.group][0]}.{param}"
+                if q_key not in tensors:
+                    problems.append(f"{key}: missing q/k/v sibling {q_key}")
+    if problems:
+        raise ValueError(f"cannot convert {what} {direction}:\n  " + "\n  ".join(problems))
+    return plan

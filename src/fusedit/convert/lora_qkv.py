@@ -1,0 +1,168 @@
+"""Exact conversion of LoRAs between the standard and the merged-QKV layout.
+
+merged -> standard: a `to_qkv` LoRA (A [r, in], B [3*out, r], alpha) becomes three LoRAs that share A (copied)
+and take B's thirds; rank and alpha are unchanged, so each product B_i·A·alpha/r is exactly the matching slice.
+
+standard -> merged: q/k/v LoRAs become one LoRA of rank r_q + r_k + r_v with A = [A_q; A_k; A_v] and a
+block-diagonal B, so the merged product's q/k/v row blocks are exactly B_i·A_i. A projection the LoRA does not
+target gets rank 0 (an all-zero block of B). One alpha must serve all three blocks: the merged scale is the most
+common of the three scales (preferring one whose ratios to the others are powers of two); a block with a different
+scale gets the ratio folded into its B (one rounding per element, none when the ratio is a power of two). When q/k/v share one A, rank and alpha (a LoRA that was split
+from a merged one) the result is rank r with B = [B_q; B_k; B_v], the original merged LoRA bit for bit.
+
+Every merge is recorded (`LoraWeights.qkv_split`, stored in the `fusedit_lora` metadata), so splitting it again
+restores the original ranks, factors and alphas instead of three rank-3r LoRAs (bit for bit, except a block folded
+by a ratio that is not a power of two: it keeps its folded B with the merged scale, the same product).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+
+from .layout import DIRECTIONS, QKV_GROUPS, TO_MERGED, proj_role
+from .lora_formats import LoraModule, LoraWeights
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+def _merged_scale(scales: list[float], total_rank: int) -> float:
+    """The one scale of the merged LoRA: the candidate that leaves most blocks untouched (ratio 1), then most
+    blocks folded by a power of two (exact), among the blocks' own scales and 1.0; ties go to the q block."""
+    best, best_score = 1.0, None
+    for candidate in [*scales, 1.0]:
+        if candidate <= 0 or (candidate * total_rank) / total_rank != candidate:
+            continue  # not expressible as alpha / rank without rounding
+        ratios = [s / candidate for s in scales]
+        score = (sum(r == 1.0 for r in ratios), sum(_is_power_of_two(r) for r in ratios))
+        if best_score is None or score > best_score:
+            best, best_score = candidate, score
+    return best
+
+
+def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, LoraModule]:
+    role = proj_role(name)
+    rows = mod.B.shape[0]
+    if rows % 3:
+        raise ValueError(f"LoRA {name}: lora_B has {rows} output rows, not divisible by 3 for q/k/v")
+    out = rows // 3
+    parts = [f"{role.attn_prefix}{part}" for part in QKV_GROUPS[role.proj]]
+    if record is not None and sum(record["ranks"]) == mod.rank:
+        offsets = [sum(record["ranks"][:i]) for i in range(3)]
+        mask = torch.ones_like(mod.B, dtype=torch.bool)
+        for i, r_i in enumerate(record["ranks"]):
+            mask[i * out : (i + 1) * out, offsets[i] : offsets[i] + r_i] = False
+        if not mod.B[mask].any():  # still block diagonal: undo the merge exactly
+            result = {}
+            for i, r_i in enumerate(record["ranks"]):
+                if r_i == 0:
+                    continue
+                A_i = mod.A[offsets[i] : offsets[i] + r_i].clone()
+                B_i = mod.B[i * out : (i + 1) * out, offsets[i] : offsets[i] + r_i].clone()
+                factor = record["factors"][i]
+                if factor == 1.0:
+                    alpha = record["alphas"][i]
+                elif _is_power_of_two(factor):  # dividing by a power of two undoes the fold exactly
+                    B_i, alpha = (B_i.float() / factor).to(B_i.dtype), record["alphas"][i]
+                else:
+                    alpha = mod.scale * r_i  # keep the folded B: its scale is the merged one
+                result[parts[i]] = LoraModule(A_i, B_i, float(alpha))
+            return result
+    # clones: the parts must not share storage (safetensors refuses to save shared tensors)
+    return {
+        part: LoraModule(mod.A.clone(), mod.B[i * out : (i + 1) * out].clone(), mod.alpha)
+        for i, part in enumerate(parts)
+    }
+
+
+def _merge_group(merged_name: str, parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, dict | None]:
+    mods = {i: mod for i, (_, mod) in parts.items()}
+    described = ", ".join(
+        f"{name} A{list(mod.A.shape)} {mod.A.dtype} B{list(mod.B.shape)} {mod.B.dtype}" for name, mod in parts.values()
+    )
+    if (
+        len({m.A.shape[1] for m in mods.values()}) != 1
+        or len({m.B.shape[0] for m in mods.values()}) != 1
+        or len({m.A.dtype for m in mods.values()}) != 1
+        or len({m.B.dtype for m in mods.values()}) != 1
+    ):
+        raise ValueError(f"LoRA q/k/v modules differ in in/out features or dtype, cannot merge: {described}")
+    first = next(iter(mods.values()))
+    out, in_features = first.B.shape[0], first.A.shape[1]
+    if (
+        len(mods) == 3
+        and len({(m.rank, m.alpha) for m in mods.values()}) == 1
+        and all(torch.equal(mods[0].A, mods[i].A) for i in (1, 2))
+    ):
+        return LoraModule(mods[0].A, torch.cat([mods[i].B for i in range(3)], dim=0), mods[0].alpha), None
+
+    ranks = [mods[i].rank if i in mods else 0 for i in range(3)]
+    total = sum(ranks)
+    scale = _merged_scale([m.scale for m in mods.values()], total)
+    alpha = scale * total
+    A = torch.cat([mods[i].A for i in range(3) if i in mods], dim=0)
+    B = torch.zeros(3 * out, total, dtype=first.B.dtype)
+    factors = [1.0, 1.0, 1.0]
+    offset = 0
+    for i in range(3):
+        if i not in mods:
+            continue
+        B_i = mods[i].B
+        factors[i] = mods[i].scale / scale
+        if factors[i] != 1.0:
+            B_i = (B_i.float() * factors[i]).to(B_i.dtype)
+        B[i * out : (i + 1) * out, offset : offset + ranks[i]] = B_i
+        offset += ranks[i]
+    assert A.shape == (total, in_features)
+    record = {
+        "ranks": ranks,
+        "alphas": [mods[i].alpha if i in mods else None for i in range(3)],
+        "factors": factors,
+    }
+    return LoraModule(A, B, float(alpha)), record
+
+
+def convert_lora_layout(lora: LoraWeights, direction: str) -> LoraWeights:
+    """Return `lora` converted to the layout `direction` names; a LoRA already there is returned unchanged."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    to_merged = direction == TO_MERGED
+    lora.layout  # noqa: B018 -- raises on a LoRA that mixes layouts
+    modules: dict[str, LoraModule] = {}
+    qkv_split = dict(lora.qkv_split)
+    if not to_merged:
+        for name, mod in lora.modules.items():
+            role = proj_role(name)
+            if role is None or not role.merged:
+                modules[name] = mod
+                continue
+            modules.update(_split_module(name, mod, qkv_split.pop(name, None)))
+        return LoraWeights(modules, lora.format, dict(lora.metadata), lora.prefix, qkv_split)
+
+    groups: dict[str, dict[int, tuple[str, LoraModule]]] = collections.defaultdict(dict)
+    order: list[str] = []
+    for name, mod in lora.modules.items():
+        role = proj_role(name)
+        if role is None or role.merged:
+            order.append(name)
+            continue
+        merged_name = f"{role.attn_prefix}{role.group}"
+        if merged_name not in groups:
+            order.append(merged_name)
+        groups[merged_name][role.index] = (name, mod)
+    for name in order:
+        if name not in groups:
+            modules[name] = lora.modules[name]
+            continue
+        modules[name], record = _merge_group(name, groups[name])
+        if record is not None:
+            qkv_split[name] = record
+    return LoraWeights(modules, lora.format, dict(lora.metadata), lora.prefix, qkv_split)

@@ -1,0 +1,60 @@
+"""`convert_state_dict`: one entry point for model weights and LoRAs, in any layout and LoRA format."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from .layout import DIRECTIONS, TARGET_LAYOUT, model_layout, plan_model_conversion
+from .lora_formats import is_lora_key, lora_from_state_dict, lora_to_state_dict
+from .lora_qkv import convert_lora_layout
+
+log = logging.getLogger(__name__)
+
+
+def classify_keys(keys, what: str = "state dict") -> str:
+    """Return "lora" when every key is a LoRA key, "model" when none is; a mix is an error naming the odd keys."""
+    keys = list(keys)
+    lora = [k for k in keys if is_lora_key(k)]
+    if lora and len(lora) != len(keys):
+        others = sorted(set(keys) - set(lora))
+        raise ValueError(
+            f"{what} mixes LoRA keys ({', '.join(sorted(lora)[:3])}) with other keys: {', '.join(others[:5])}"
+            + (f" (and {len(others) - 5} more)" if len(others) > 5 else "")
+        )
+    return "lora" if lora else "model"
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], direction: str, metadata: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Convert a Qwen-Image transformer state dict or LoRA between the standard and the merged-QKV layout.
+
+    Recognises by itself whether it holds model weights or a LoRA, the layout, and the LoRA key format, and
+    answers in the same format (key prefixes kept). Model tensors are copied, concatenated or sliced exactly.
+    A LoRA comes back with its alpha stored where its format keeps it and in `metadata` (save that metadata
+    with the tensors). Already in the target layout: returned unchanged (logged).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    metadata = dict(metadata or {})
+    target = TARGET_LAYOUT[direction]
+    if classify_keys(state_dict) == "lora":
+        lora = lora_from_state_dict(state_dict, metadata)
+        if lora.layout in (None, target):
+            log.info("LoRA is already in the %s layout (or has no q/k/v modules); nothing to convert", target)
+            return dict(state_dict), metadata
+        return lora_to_state_dict(convert_lora_layout(lora, direction))
+    layout = model_layout(state_dict)
+    if layout is None:
+        raise ValueError(
+            "state dict has no Qwen-Image attention projections (…attn.to_q / …attn.to_qkv); keys look like: "
+            + ", ".join(list(state_dict)[:5])
+        )
+    if layout == target:
+        log.info("model state dict is already in the %s layout; nothing to convert", target)
+        return dict(state_dict), metadata
+    plan = plan_model_conversion({k: (v.dtype, tuple(v.shape)) for k, v in state_dict.items()}, direction)
+    return {entry.name: entry.build(state_dict.__getitem__) for entry in plan}, metadata

@@ -1,0 +1,230 @@
+"""What is at a path: a Qwen-Image pipeline, transformer, single model file, or LoRA — from headers and configs.
+
+Only safetensors headers (names, shapes, dtypes) and JSON configs are read; no weight tensor is loaded (a LoRA's
+scalar `.alpha` tensors are the one exception). Every other command uses this instead of guessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+from pathlib import Path
+
+from safetensors import safe_open
+
+from fusedit.convert.layout import model_layout
+from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
+from fusedit.convert.state_dict import classify_keys
+from fusedit.io import read_safetensors_header
+
+TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
+INDEX_SUFFIX = ".safetensors.index.json"
+_BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _dtype_summary(specs: dict) -> dict:
+    by_dtype = collections.Counter()
+    for dtype, shape in specs.values():
+        by_dtype[dtype] += _numel(shape)
+    return {
+        "dtype": by_dtype.most_common(1)[0][0] if by_dtype else None,
+        "dtypes": dict(by_dtype),
+        "parameter_count": sum(by_dtype.values()),
+    }
+
+
+def _header_specs(path: Path) -> tuple[dict, dict]:
+    header, metadata = read_safetensors_header(path)
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, metadata
+
+
+def _transformer_specs(directory: Path) -> dict:
+    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
+    if indexes:
+        weight_map = _load_json(indexes[0]).get("weight_map") or {}
+        specs = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise ValueError(f"{indexes[0]}: shard {shard} is missing")
+            specs.update(_header_specs(directory / shard)[0])
+        missing = sorted(set(weight_map) - set(specs))
+        if missing:
+            raise ValueError(f"{indexes[0]}: keys in weight_map but in no shard: {', '.join(missing[:5])}")
+        return specs
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{directory}: expected one .safetensors file or a *{INDEX_SUFFIX}, found {len(files)} files")
+    return _header_specs(files[0])[0]
+
+
+def _model_report(specs: dict, config: dict | None, what: str) -> dict:
+    img_in = [k for k in specs if k.endswith("img_in.weight")]
+    blocks = {int(m[1]) for k in specs if (m := _BLOCK_RE.search(k))}
+    if len(img_in) != 1 or not blocks:
+        raise ValueError(
+            f"{what}: not a Qwen-Image transformer (no img_in.weight / transformer_blocks.N keys); "
+            f"found {len(specs)} tensors like {', '.join(sorted(specs)[:5])}"
+        )
+    prefix = img_in[0][: -len("img_in.weight")]
+    hidden, in_channels = specs[img_in[0]][1]
+    norm_q = specs.get(f"{prefix}transformer_blocks.{min(blocks)}.attn.norm_q.weight")
+    head_dim = norm_q[1][0] if norm_q else None
+    config = config or {}
+    heads = config.get("num_attention_heads") or (hidden // head_dim if head_dim else None)
+    report = {
+        "layout": model_layout(specs, what),
+        "layers": config.get("num_layers", len(blocks)),
+        "hidden_size": hidden,
+        "heads": heads,
+        "head_dim": config.get("attention_head_dim", head_dim),
+        "in_channels": in_channels,
+        "key_prefix": prefix,
+        **_dtype_summary(specs),
+    }
+    if report["layout"] is None:
+        raise ValueError(f"{what}: no attention q/k/v projections found among {len(specs)} tensors")
+    if config:
+        report["zero_cond_t"] = bool(config.get("zero_cond_t", False))
+        if config.get("num_layers") is not None and config["num_layers"] != len(blocks):
+            raise ValueError(f"{what}: config says {config['num_layers']} layers, weights have {len(blocks)} blocks")
+    return report
+
+
+def _transformer_family(config: dict) -> tuple[str, str]:
+    if config.get("zero_cond_t"):
+        return "qwen-image-edit-2511", "transformer config zero_cond_t=true"
+    return "qwen-image", "transformer config only (Qwen-Image, -Edit and -Edit-2509 share one transformer config)"
+
+
+def _pipeline_family(pipeline_class: str, transformer_config: dict) -> str:
+    if not pipeline_class.startswith("QwenImage"):
+        raise ValueError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
+    if "EditPlus" in pipeline_class:
+        return "qwen-image-edit-2511" if transformer_config.get("zero_cond_t") else "qwen-image-edit-2509"
+    if "Edit" in pipeline_class:
+        return "qwen-image-edit"
+    return "qwen-image"
+
+
+def _detect_transformer(directory: Path) -> dict:
+    config = _load_json(directory / "config.json")
+    cls = config.get("_class_name")
+    if cls is not None and cls != TRANSFORMER_CLASS:
+        raise ValueError(f"{directory}/config.json: _class_name is {cls!r}, not {TRANSFORMER_CLASS}")
+    report = _model_report(_transformer_specs(directory), config, str(directory))
+    family, source = _transformer_family(config)
+    return {"kind": "transformer", "path": str(directory), "family": family, "family_source": source, **report}
+
+
+def _detect_pipeline(directory: Path) -> dict:
+    index = _load_json(directory / "model_index.json")
+    cls = index.get("_class_name", "")
+    if not (directory / "transformer" / "config.json").is_file():
+        raise ValueError(f"{directory}: pipeline ({cls}) without transformer/config.json")
+    transformer = _detect_transformer(directory / "transformer")
+    family = _pipeline_family(cls, _load_json(directory / "transformer" / "config.json"))
+    components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+    transformer.pop("family_source")
+    return {
+        **transformer,
+        "kind": "pipeline",
+        "path": str(directory),
+        "pipeline_class": cls,
+        "family": family,
+        "components": components,
+    }
+
+
+def _detect_lora(path: Path, specs: dict, metadata: dict, adapter_config: dict | None) -> dict:
+    parsed = parse_lora_keys(specs, str(path))
+    ranks = {m: specs[roles["A"]][1][0] for m, roles in parsed.modules.items()}
+    alpha_values = {}
+    alpha_keys = {m: roles["alpha"] for m, roles in parsed.modules.items() if "alpha" in roles}
+    if alpha_keys:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            alpha_values = {m: handle.get_tensor(k).item() for m, k in alpha_keys.items()}
+    alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, str(path))
+    layout = model_layout((f"{m}.weight" for m in parsed.modules), str(path))
+    blocks = sorted({int(m[1]) for name in parsed.modules if (m := _BLOCK_RE.search(name + "."))})
+    report = {
+        "kind": "lora",
+        "path": str(path),
+        "format": parsed.format,
+        "layout": layout or "any (no q/k/v modules)",
+        "ranks": sorted(set(ranks.values())),
+        "alphas": sorted(set(alphas.values())),
+        "scales": sorted({alphas[m] / ranks[m] for m in ranks}),
+        "target_modules": sorted({module_leaf(m) for m in parsed.modules}),
+        "num_modules": len(parsed.modules),
+        "blocks": blocks,
+        "alpha_source": "alpha tensors" if alpha_values else ("metadata" if metadata or adapter_config else "rank"),
+        **_dtype_summary(specs),
+    }
+    report["rank"] = report["ranks"][0] if len(report["ranks"]) == 1 else None
+    report["alpha"] = report["alphas"][0] if len(report["alphas"]) == 1 else None
+    if len(report["ranks"]) > 1 or len(report["alphas"]) > 1:
+        report["per_module"] = {m: {"rank": ranks[m], "alpha": alphas[m]} for m in sorted(ranks)}
+    return report
+
+
+def detect(path: str | os.PathLike) -> dict:
+    """Describe the checkpoint at `path` (see module docstring). Raises ValueError for anything not Qwen-Image."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return _detect_pipeline(path)
+        if (path / "adapter_config.json").is_file():
+            files = sorted(path.glob("*.safetensors"))
+            if len(files) != 1:
+                raise ValueError(f"{path}: PEFT LoRA folder must hold one .safetensors file, found {len(files)}")
+            specs, metadata = _header_specs(files[0])
+            return _detect_lora(files[0], specs, metadata, _load_json(path / "adapter_config.json"))
+        if (path / "config.json").is_file():
+            return _detect_transformer(path)
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise ValueError(
+            f"{path}: not a Qwen-Image pipeline (model_index.json), transformer (config.json) or LoRA folder "
+            f"(adapter_config.json); found {found}"
+        )
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: not a .safetensors file, a pipeline folder or a transformer folder")
+    specs, metadata = _header_specs(path)
+    if classify_keys(specs, str(path)) == "lora":
+        return _detect_lora(path, specs, metadata, None)
+    return {"kind": "model_file", "path": str(path), **_model_report(specs, None, str(path))}
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "detect",
+        help="describe a Qwen-Image pipeline, transformer, model file or LoRA (JSON)",
+        description="Print a JSON report: kind, family, layout, layers, hidden size, heads, dtype, parameter count; "
+        "for a LoRA its format, layout, ranks, alphas and target modules. Reads headers and configs only.",
+    )
+    parser.add_argument("path", metavar="PATH")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    print(json.dumps(detect(args.path), indent=2))
+    return 0

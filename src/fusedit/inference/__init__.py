@@ -1,0 +1,2 @@
+"""Inference: diffusers' Qwen-Image pipelines with fusedit's transformer (either QKV layout), LoRAs in any format,
+memory profiles, prompt enhancement. Entry point: `python infer.py` -> `fusedit.inference.run.infer(cfg)`."""

@@ -1,0 +1,133 @@
+"""What to generate: one image, several images (one edit of them all), a folder, or a CSV/JSONL file.
+
+A CSV is the training metadata format (`fusedit.data`): `edit_image` is the input (several joined by `|` for
+Qwen-Image-Edit-2509/2511), `prompt` the instruction, and `image` the target, which is optional here and, when
+present, is put on the comparison sheet. Relative paths are relative to the CSV's folder. A row without an input
+image is a text-to-image job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+TABLE_SUFFIXES = (".csv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # output file stem, unique within a run
+    prompt: str
+    images: tuple[Path, ...] = ()  # edit inputs; empty means text-to-image
+    target: Path | None = None
+    source: str = ""  # where the job came from, for error messages and the record
+    extra: dict = field(default_factory=dict)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _unique(stem: str, taken: set[str]) -> str:
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name)
+    return name
+
+
+def _need_prompt(prompt: str | None, where: str) -> str:
+    if prompt is None or not str(prompt).strip():
+        raise ValueError(f'{where}: no prompt; pass prompt="..."')
+    return str(prompt)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
+    from fusedit.data.errors import MetadataError
+    from fusedit.data.records import Columns, read_records
+
+    input_column, prompt_column = columns.get("input_column", "edit_image"), columns.get("prompt_column", "prompt")
+    target_column = columns.get("target_column", "image")
+    # The reader insists on all three columns; asking for the input column twice makes the target optional.
+    records = read_records(path, Columns(image=input_column, edit_image=input_column, prompt=prompt_column))
+    targets: dict[int, str] = {}
+    if target_column:
+        try:
+            targets = {r.row: r.image for r in read_records(path, Columns(target_column, input_column, prompt_column))}
+        except MetadataError:
+            targets = {}  # no target column: the sheet shows input | output only
+    base = path.parent
+    jobs, taken, problems = [], set(), []
+    for record in records:
+        where = f"{path} row {record.row}"
+        for column, message in record.problems:
+            problems.append(f"{where}{f' column {column!r}' if column else ''}: {message}")
+        images = tuple(_resolve(base, value) for value in record.edit_images if value)
+        for image in images:
+            if not image.is_file():
+                problems.append(f"{where} column {input_column!r}: image {image} not found")
+        row_prompt = record.prompt if record.prompt.strip() else prompt
+        if row_prompt is None or not str(row_prompt).strip():
+            problems.append(f"{where} column {prompt_column!r}: empty prompt and no prompt= given")
+        target = _resolve(base, targets[record.row]) if targets.get(record.row) else None
+        if target is not None and not target.is_file():
+            problems.append(f"{where} column {target_column!r}: target {target} not found")
+        stem = f"row{record.row:04d}" + (f"_{images[0].stem}" if images else "")
+        jobs.append(Job(_unique(stem, taken), str(row_prompt or ""), images, target, where, {"row": record.row}))
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    return jobs
+
+
+def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: str = "t2i") -> list[Job]:
+    """Jobs for `input=` (None, an image, a list of images, a folder, or a .csv/.jsonl file)."""
+    columns = dict(columns or {})
+    if source is None or source == "":
+        return [Job(name, _need_prompt(prompt, "text-to-image (no input=)"), source="prompt")]
+    if isinstance(source, (list, tuple)) or (
+        not isinstance(source, (str, os.PathLike)) and hasattr(source, "__iter__")
+    ):
+        images = tuple(Path(str(item)).expanduser() for item in source)
+        if not images:
+            raise ValueError("input= is an empty list")
+        for image in images:
+            if not image.is_file():
+                raise FileNotFoundError(f"input image {image} does not exist")
+        return [Job(images[0].stem, _need_prompt(prompt, "input"), images, source="input list")]
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"input={path} does not exist")
+    if path.is_dir():
+        files = _image_files(path)
+        if not files:
+            raise ValueError(f"input={path} is a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+        text = _need_prompt(prompt, f"input folder {path}")
+        taken: set[str] = set()
+        return [Job(_unique(file.stem, taken), text, (file,), source=str(file)) for file in files]
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        return _table_jobs(path, prompt, columns)
+    if suffix in IMAGE_SUFFIXES:
+        return [Job(path.stem, _need_prompt(prompt, f"input {path}"), (path,), source=str(path))]
+    raise ValueError(
+        f"input={path}: unsupported file type {suffix!r}; give an image ({', '.join(IMAGE_SUFFIXES)}), a folder, "
+        "or a .csv / .jsonl file"
+    )
+
+
+def load_rgb(path: Path):
+    """An input or target image as RGB with its EXIF orientation applied (fusedit.data's decoder and size guard)."""
+    from fusedit.data.images import load_image
+
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None

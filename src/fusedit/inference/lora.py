@@ -1,0 +1,144 @@
+"""Load one or several LoRAs, in any format and either QKV layout, onto the transformer being used.
+
+Every file goes through `fusedit.convert.read_lora` (diffusers/PEFT, DiffSynth, ComfyUI, kohya/musubi; the alpha
+convention of each resolved to one alpha per module) and `convert_lora_layout` (exact standard <-> merged
+conversion), then into diffusers' own `load_lora_adapter` with a LoraConfig that carries each module's rank and
+alpha. The adapters are activated with diffusers' `set_adapters`, so the effective update of a module is
+
+    user scale x (alpha / rank) x B·A
+
+and the default user scale 1.0 reproduces exactly what training optimised (PEFT scales by alpha / rank during
+training). Nobody has to know or guess the alpha a file was trained with.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fusedit.convert import TO_MERGED, TO_STANDARD, LoraWeights, convert_lora_layout, read_lora
+from fusedit.model import is_merged
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: str
+    scale: float = 1.0
+    name: str | None = None
+
+
+def lora_specs(lora_cfg, loras_cfg) -> list[LoraSpec]:
+    """The LoRAs a config asks for: `lora.path` (+ `lora.scale`) and/or the list `loras: [{path, scale, name}]`."""
+    specs: list[LoraSpec] = []
+    if lora_cfg is not None and lora_cfg.get("path"):
+        specs.append(LoraSpec(str(lora_cfg["path"]), float(lora_cfg.get("scale", 1.0)), lora_cfg.get("name")))
+    for index, item in enumerate(loras_cfg or []):
+        if isinstance(item, str):
+            specs.append(LoraSpec(item))
+            continue
+        if not item.get("path"):
+            raise ValueError(f"loras[{index}] has no `path` (got {dict(item)})")
+        specs.append(LoraSpec(str(item["path"]), float(item.get("scale", 1.0)), item.get("name")))
+    return specs
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def peft_adapter(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict]:
+    """The PEFT state dict and LoraConfig kwargs diffusers' `load_lora_adapter` takes for `weights`.
+
+    Ranks and alphas that differ from the most common one go into `rank_pattern` / `alpha_pattern` keyed by the
+    escaped module path, so every module keeps its own alpha / rank (a standard LoRA merged to the fused layout has
+    rank r_q + r_k + r_v on its QKV modules, for example).
+    """
+    state_dict: dict[str, torch.Tensor] = {}
+    for module, mod in weights.modules.items():
+        state_dict[f"{module}.lora_A.weight"] = mod.A
+        state_dict[f"{module}.lora_B.weight"] = mod.B
+    ranks = {module: mod.rank for module, mod in weights.modules.items()}
+    alphas = {module: mod.alpha for module, mod in weights.modules.items()}
+    rank, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    config = {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+        "target_modules": sorted(weights.modules),
+        "lora_dropout": 0.0,
+        "init_lora_weights": False,
+    }
+    return state_dict, config
+
+
+def _adapter_name(spec: LoraSpec, index: int, taken: set[str]) -> str:
+    base = spec.name or re.sub(r"[^A-Za-z0-9_]", "_", Path(spec.path).stem) or "lora"
+    name, suffix = base, 1
+    while name in taken:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    return name
+
+
+def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False) -> list[dict]:
+    """Attach every LoRA of `specs` to `transformer` (merged or standard layout) and activate them with their scales.
+
+    Returns one record per LoRA (what was read and how it was applied) for the run's JSON record. With `fuse` the
+    scaled updates are merged into the base weights (no per-step LoRA GEMMs; the adapters cannot be re-weighted).
+    """
+    if not specs:
+        return []
+    target_layout = "merged_qkv" if is_merged(transformer) else "standard"
+    direction = TO_MERGED if target_layout == "merged_qkv" else TO_STANDARD
+    records, names = [], []
+    for index, spec in enumerate(specs):
+        path = Path(spec.path)
+        if not path.exists():
+            raise FileNotFoundError(f"LoRA file {path} does not exist (lora.path / loras[{index}].path)")
+        weights = read_lora(path)
+        source_layout = weights.layout
+        converted = convert_lora_layout(weights, direction)
+        state_dict, config = peft_adapter(converted)
+        missing = [m for m in converted.modules if not _has_module(transformer, m)]
+        if missing:
+            raise ValueError(
+                f"LoRA {path} targets modules the {target_layout} transformer does not have: {missing[:5]}"
+                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+                + " — is it a LoRA for a different model?"
+            )
+        name = _adapter_name(spec, index, set(names))
+        transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=config)
+        names.append(name)
+        scales = sorted({m.scale for m in converted.modules.values()})
+        records.append(
+            {
+                "path": str(path),
+                "name": name,
+                "format": weights.format,
+                "layout": source_layout,
+                "applied_layout": target_layout,
+                "modules": len(converted.modules),
+                "rank": config["r"],
+                "alpha": config["lora_alpha"],
+                "alpha_over_rank": scales if len(scales) > 1 else scales[0],
+                "scale": spec.scale,
+            }
+        )
+    transformer.set_adapters(names, weights=[spec.scale for spec in specs])
+    if fuse:
+        transformer.fuse_lora(adapter_names=names)
+    return records
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

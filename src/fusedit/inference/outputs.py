@@ -1,0 +1,67 @@
+"""Where results go, the side-by-side comparison sheet, and the run's JSON record. Every file is written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from fusedit.inference.inputs import IMAGE_SUFFIXES, Job
+from fusedit.io import atomic_write_path
+
+LABEL_HEIGHT = 14
+
+
+class OutputPaths:
+    """`output=` is a file (`out.png`: one job only) or a folder (`<name>.png` per job, one `run.json`)."""
+
+    def __init__(self, output: str | os.PathLike, jobs: list[Job]):
+        output = Path(output).expanduser()
+        self.single = output.suffix.lower() in IMAGE_SUFFIXES
+        if self.single and len(jobs) != 1:
+            raise ValueError(
+                f"output={output} names one image file but there are {len(jobs)} jobs; give a folder instead"
+            )
+        if self.single:
+            self.folder = output.parent
+            self.record = output.with_suffix(".json")
+            self._image = output
+        else:
+            self.folder = output
+            self.record = output / "run.json"
+            self._image = None
+
+    def image(self, job: Job) -> Path:
+        return self._image or self.folder / f"{job.name}.png"
+
+    def sheet(self, job: Job) -> Path:
+        image = self.image(job)
+        return image.with_name(f"{image.stem}_compare.png")
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    with atomic_write_path(path) as tmp:
+        # The temp name has no image suffix, so the format is named explicitly.
+        image.save(tmp, format=(path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"))
+
+
+def _fit_height(image: Image.Image, height: int) -> Image.Image:
+    if image.height == height:
+        return image
+    width = max(1, round(image.width * height / image.height))
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def comparison_sheet(panels: list[tuple[str, Image.Image]]) -> Image.Image:
+    """Panels side by side at the output's height, each with its label above it (input | output [| target])."""
+    height = next(image for label, image in panels if label == "output").height
+    fitted = [(label, _fit_height(image.convert("RGB"), height)) for label, image in panels]
+    sheet = Image.new("RGB", (sum(image.width for _, image in fitted), height + LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = 0
+    for label, image in fitted:
+        sheet.paste(image, (x, LABEL_HEIGHT))
+        draw.text((x + 2, 1), label, fill="black")
+        x += image.width
+    return sheet

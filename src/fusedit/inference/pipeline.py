@@ -1,0 +1,98 @@
+"""Build the diffusers pipeline for a Qwen-Image checkpoint, with fusedit's transformer plugged in.
+
+The pipeline class follows the model family that `fusedit.detect` reports for the checkpoint, never a guess
+from the file name: Qwen-Image (text-to-image), Qwen-Image-Edit, Qwen-Image-Edit-2509 / -2511 (several edit
+images). Everything except the transformer (VAE, Qwen2.5-VL text encoder, tokenizer, processor, scheduler) is
+loaded by diffusers' own `from_pretrained`; the transformer comes from `fusedit.model.load_transformer` in the
+layout asked for, so the merged-QKV model runs inside diffusers' own sampler.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import diffusers
+import torch
+
+from fusedit.model import load_transformer
+
+# fusedit.detect family -> diffusers pipeline class.
+PIPELINE_CLASSES = {
+    "qwen-image": "QwenImagePipeline",
+    "qwen-image-edit": "QwenImageEditPipeline",
+    "qwen-image-edit-2509": "QwenImageEditPlusPipeline",
+    "qwen-image-edit-2511": "QwenImageEditPlusPipeline",
+}
+TEXT_TO_IMAGE = "qwen-image"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def model_family(path: str | os.PathLike) -> str:
+    """The Qwen-Image family of the pipeline directory `path`, as `fusedit detect` reports it."""
+    from fusedit.detect import detect
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"model.path={path} is not a diffusers pipeline directory (no model_index.json). Inference needs the "
+            "full pipeline (VAE, text encoder, tokenizer, scheduler): point model.path at it, and model.transformer "
+            "at a separate transformer checkpoint if you have one (`fusedit download Qwen/Qwen-Image-Edit --to DIR`)."
+        )
+    report = detect(path)
+    family = report.get("family")
+    if family not in PIPELINE_CLASSES:
+        raise ValueError(
+            f"model.path={path}: `fusedit detect` reports family {family!r}; inference supports "
+            f"{', '.join(PIPELINE_CLASSES)}"
+        )
+    return family
+
+
+def is_edit_family(family: str) -> bool:
+    return family != TEXT_TO_IMAGE
+
+
+def build_pipeline(
+    path: str | os.PathLike,
+    layout: str = "merged_qkv",
+    dtype: str | torch.dtype = "bfloat16",
+    transformer_path: str | os.PathLike | None = None,
+    family: str | None = None,
+) -> tuple[diffusers.DiffusionPipeline, str]:
+    """Load the pipeline at `path` with its transformer in `layout`. Returns (pipeline, family).
+
+    `transformer_path` replaces the pipeline's own transformer weights (a fine-tuned or merged checkpoint: a
+    transformer directory or a single safetensors file, in either layout); the other components still come from
+    `path`.
+    """
+    family = family or model_family(path)
+    dtype = torch_dtype(dtype)
+    transformer = load_transformer(
+        transformer_path or path,
+        layout=layout,
+        dtype=dtype,
+        zero_cond_t=family == "qwen-image-edit-2511",
+    )
+    pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
+    pipe = pipeline_class.from_pretrained(str(path), transformer=transformer, dtype=dtype)
+    return pipe, family
+
+
+def text_to_image_pipeline(pipe: diffusers.DiffusionPipeline) -> diffusers.DiffusionPipeline:
+    """A `QwenImagePipeline` sharing `pipe`'s components (no copy, no reload), for prompts without an input image.
+
+    Qwen-Image-Edit shares Qwen-Image's architecture and text encoder, so an edit checkpoint can also generate from
+    text alone; only the prompt template differs, and `QwenImagePipeline` brings its own.
+    """
+    if isinstance(pipe, diffusers.QwenImagePipeline):
+        return pipe
+    return diffusers.QwenImagePipeline.from_pipe(pipe)

@@ -1,0 +1,79 @@
+"""Memory / speed profiles, each made of diffusers' own switches (conf/profile/*.yaml picks them).
+
+- `offload`: `none` (the whole pipeline on `device`), `model` (`enable_model_cpu_offload`: one component on the
+  GPU at a time), `sequential` (`enable_sequential_cpu_offload`: one leaf module at a time), `group`
+  (`enable_group_offload`: groups of transformer blocks, or leaves, streamed in ahead of use on a CUDA stream).
+- `fp8_storage`: the transformer's weights are stored as float8_e4m3fn and cast to the compute dtype layer by layer
+  (`enable_layerwise_casting`); norms, embeddings and LoRA layers keep full precision (diffusers' default skips).
+- `vae_tiling` / `vae_slicing`: decode (and encode) in tiles / one image at a time.
+- `tf32`, `cudnn_benchmark`: the fast matmul/convolution paths on Ampere and later.
+
+Order matters: LoRAs are loaded before this runs (PEFT needs the plain Linears, and the casting hooks must see the
+adapter layers to skip them), casting before offloading (the offload hooks move whatever dtype they find).
+"""
+
+from __future__ import annotations
+
+import torch
+
+OFFLOADS = ("none", "model", "sequential", "group")
+
+
+def resolve_device(requested: str) -> torch.device:
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"profile.device={requested} but no CUDA GPU is available; use profile=cpu (or profile.device=cpu)"
+        )
+    return device
+
+
+def apply_profile(pipe, profile) -> dict:
+    """Apply `profile` (a config node) to `pipe` in place. Returns what was applied, for the run's record."""
+    offload = profile.get("offload", "none")
+    if offload not in OFFLOADS:
+        raise ValueError(f"profile.offload must be one of {OFFLOADS}, got {offload!r}")
+    device = resolve_device(profile.get("device", "cuda"))
+    if offload in ("model", "sequential") and device.type == "cpu":
+        raise ValueError(f"profile.offload={offload} moves weights between the CPU and a GPU; it needs a GPU device")
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(profile.get("tf32", False))
+        torch.backends.cudnn.allow_tf32 = bool(profile.get("tf32", False))
+        torch.backends.cudnn.benchmark = bool(profile.get("cudnn_benchmark", False))
+
+    if profile.get("fp8_storage", False):
+        compute_dtype = pipe.transformer.dtype
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    if profile.get("vae_tiling", False):
+        pipe.vae.enable_tiling()
+    if profile.get("vae_slicing", False):
+        pipe.vae.enable_slicing()
+
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        group = profile.get("group", {}) or {}
+        offload_type = group.get("offload_type", "block_level")
+        pipe.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type=offload_type,
+            num_blocks_per_group=group.get("num_blocks_per_group", 1) if offload_type == "block_level" else None,
+            # Streams overlap the next group's transfer with this group's compute; they exist on CUDA only.
+            use_stream=bool(group.get("use_stream", True)) and device.type == "cuda",
+            non_blocking=device.type == "cuda",
+        )
+    return {
+        "device": str(device),
+        "offload": offload,
+        "fp8_storage": bool(profile.get("fp8_storage", False)),
+        "vae_tiling": bool(profile.get("vae_tiling", False)),
+        "vae_slicing": bool(profile.get("vae_slicing", False)),
+        "tf32": bool(profile.get("tf32", False)) and device.type == "cuda",
+        "cudnn_benchmark": bool(profile.get("cudnn_benchmark", False)) and device.type == "cuda",
+    }

@@ -1,0 +1,139 @@
+"""`infer(cfg)`: the body of `python infer.py` (tests call it directly with a composed config)."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import diffusers
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import fusedit
+from fusedit.inference.enhance import enhance_prompt
+from fusedit.inference.inputs import Job, collect_jobs, load_rgb
+from fusedit.inference.lora import load_loras, lora_specs
+from fusedit.inference.outputs import OutputPaths, comparison_sheet, save_image
+from fusedit.inference.pipeline import (
+    TEXT_TO_IMAGE,
+    build_pipeline,
+    is_edit_family,
+    text_to_image_pipeline,
+)
+from fusedit.inference.profiles import apply_profile
+from fusedit.io import write_json_atomic
+
+
+def _check_jobs(jobs: list[Job], family: str) -> None:
+    for job in jobs:
+        if job.images and not is_edit_family(family):
+            raise ValueError(
+                f"{job.source}: the model is Qwen-Image (text-to-image) and takes no input image; drop input= or "
+                "use a Qwen-Image-Edit model"
+            )
+        if len(job.images) > 1 and family == "qwen-image-edit":
+            raise ValueError(
+                f"{job.source}: {len(job.images)} input images, but Qwen-Image-Edit takes one; several images need "
+                "Qwen-Image-Edit-2509 or -2511"
+            )
+
+
+def _call_kwargs(cfg: DictConfig, prompt: str, images: list, multi_image: bool, seed: int) -> dict:
+    sampling = cfg.sampling
+    kwargs = {
+        "prompt": prompt,
+        "negative_prompt": sampling.negative_prompt,
+        "true_cfg_scale": float(sampling.true_cfg_scale),
+        "num_inference_steps": int(sampling.steps),
+        "height": sampling.height,
+        "width": sampling.width,
+        "max_sequence_length": int(sampling.max_sequence_length),
+        # A CPU generator gives the same noise whatever device the pipeline runs on.
+        "generator": torch.Generator("cpu").manual_seed(seed),
+    }
+    if images:
+        kwargs["image"] = images if multi_image else images[0]
+    return kwargs
+
+
+def infer(cfg: DictConfig) -> dict:
+    """Run every job the config describes; returns the JSON record it also writes next to the outputs."""
+    jobs = collect_jobs(
+        OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input,
+        cfg.prompt,
+        OmegaConf.to_container(cfg.csv),
+    )
+    paths = OutputPaths(cfg.output, jobs)
+    specs = lora_specs(cfg.lora, cfg.loras)
+
+    pipe, family = build_pipeline(cfg.model.path, cfg.model.layout, cfg.profile.dtype, cfg.model.transformer)
+    _check_jobs(jobs, family)
+    lora_records = load_loras(pipe.transformer, specs, fuse=bool(cfg.lora.get("fuse", False)))
+    if all(not job.images for job in jobs):
+        pipe = text_to_image_pipeline(pipe)
+    # Built before the profile so both pipelines share the same (hooked) modules.
+    t2i_pipe = text_to_image_pipeline(pipe) if any(not job.images for job in jobs) else None
+    profile_record = apply_profile(pipe, cfg.profile)
+    multi_image = isinstance(pipe, diffusers.QwenImageEditPlusPipeline)
+
+    record = {
+        "fusedit_version": fusedit.__version__,
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "family": family,
+        "pipeline": type(pipe).__name__,
+        "layout": cfg.model.layout,
+        "loras": lora_records,
+        "profile": profile_record,
+        "images": [],
+    }
+    for index, job in enumerate(jobs):
+        started = time.perf_counter()
+        job_pipe = pipe if job.images else t2i_pipe
+        images = [load_rgb(path) for path in job.images]
+        prompt = job.prompt
+        entry = {
+            "name": job.name,
+            "source": job.source,
+            "inputs": [str(path) for path in job.images],
+            "target": str(job.target) if job.target else None,
+            "prompt": job.prompt,
+            "mode": "edit"
+            if images
+            else ("text-to-image" if family == TEXT_TO_IMAGE else "text-to-image (edit model)"),
+        }
+        if cfg.enhance_prompt:
+            enhanced = enhance_prompt(
+                job_pipe, prompt, images, cfg.enhance.system_prompt, int(cfg.enhance.max_new_tokens)
+            )
+            print(f"[{job.name}] enhanced prompt: {enhanced!r}")
+            if enhanced:
+                prompt = enhanced
+            else:
+                print(f"[{job.name}] the text encoder returned an empty rewrite; keeping the original prompt")
+            entry["enhanced_prompt"] = enhanced
+        seed = int(cfg.sampling.seed) + index
+        job_pipe.set_progress_bar_config(desc=f"[{index + 1}/{len(jobs)}] {job.name}")
+        output = job_pipe(**_call_kwargs(cfg, prompt, images, multi_image, seed)).images[0]
+
+        image_path = paths.image(job)
+        save_image(output, image_path)
+        entry.update({"prompt_used": prompt, "seed": seed, "output": str(image_path), "size": list(output.size)})
+        if cfg.comparison_sheet:
+            panels = [(f"input {i + 1}" if len(images) > 1 else "input", image) for i, image in enumerate(images)]
+            panels.append(("output", output))
+            if job.target is not None:
+                panels.append(("target", load_rgb(job.target)))
+            sheet_path = paths.sheet(job)
+            save_image(comparison_sheet(panels), sheet_path)
+            entry["comparison_sheet"] = str(sheet_path)
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        record["images"].append(entry)
+        # Rewritten after every image: an interrupted run still documents what it produced.
+        write_json_atomic(paths.record, record)
+    print(f"wrote {len(jobs)} image(s) to {paths.folder} (record: {paths.record})")
+    return record

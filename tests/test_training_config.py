@@ -1,0 +1,155 @@
+"""The Hydra config: every group option composes, profiles set what they promise, typos are clear errors, and the
+CLI works end to end (a two-job sweep writes two LoRAs of the right ranks, one wandb run each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from fusedit.data import make_sample_dataset
+from fusedit.training.train import configure_wandb_mode
+from tests.training_utils import CONF, REPO, compose_train
+
+# The groups train.yaml's defaults list names (conf/ also holds inference-only groups).
+GROUPS = sorted(next(iter(entry)) for entry in OmegaConf.load(CONF / "train.yaml").defaults if OmegaConf.is_dict(entry))
+GROUPS = [group for group in GROUPS if group != "hydra"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml") if path.stem != "default" or group != "trainer")
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    if group == "hparams_search":
+        # The Optuna sweeper is the optional `sweep` extra (pip install -e ".[sweep]").
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_train([f"{group}={option}"], hydra_config=True)
+    # Everything outside Hydra's own node resolves (no dangling interpolation, no missing value).
+    body = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    body.paths.root_dir = "/tmp/r"
+    body.paths.output_dir = "/tmp/r/run"
+    OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
+
+
+def test_gpu_profile_composes_for_the_real_model():
+    cfg = compose_train(["model=merged_qkv", "trainer=a100", "model.path=/models/Qwen-Image-Edit"])
+    assert cfg.model.layout == "merged_qkv" and cfg.model.path == "/models/Qwen-Image-Edit"
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 1
+    assert cfg.precision.name == "bf16" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    small = compose_train(["trainer=rtx4090"])
+    assert small.precision.fp8_storage and small.model.activation_checkpointing == 1
+    assert small.trainer.accumulate_grad_batches == 4
+    assert compose_train(["trainer=h100"]).model.compile is True
+    # The user overrides any part of a profile.
+    assert compose_train(["trainer=a100", "precision=fp32"]).trainer.precision == "32-true"
+    assert compose_train(["trainer=rtx4090", "model.activation_checkpointing=2"]).model.activation_checkpointing == 2
+
+
+def test_cpu_default_is_the_tiny_run():
+    cfg = compose_train()
+    assert cfg.model.path is None and cfg.data.metadata is None  # tiny pipeline + generated sample data
+    assert cfg.trainer.accelerator == "cpu" and cfg.precision.name == "fp32"
+    assert cfg.optim.optimizer._partial_ and cfg.optim.optimizer.lr == cfg.optim.lr
+
+
+def test_typos_are_clear_hydra_errors():
+    with pytest.raises(ConfigCompositionException, match="mergd_qkv") as error:
+        compose_train(["model=mergd_qkv"])
+    assert "merged_qkv" in str(error.value.__cause__ or error.value) or "Available options" in str(error.value)
+    with pytest.raises(ConfigCompositionException, match="rnak"):
+        compose_train(["lora.rnak=8"])
+    with pytest.raises(ConfigCompositionException):
+        compose_train(["trainer=a1000"])
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    env["HYDRA_FULL_ERROR"] = "0"
+    return env
+
+
+def test_cli_typo_shows_the_error_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "lora.rnak=8", f"paths.log_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "rnak" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "lora=attention"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "attn_mlp" in result.stderr  # Hydra lists the available options
+
+
+def test_wandb_is_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert configure_wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert configure_wandb_mode() == "disabled"  # an explicit mode is respected
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert configure_wandb_mode() == "online"
+
+
+@pytest.mark.slow
+def test_two_job_multirun_writes_two_loras_with_their_ranks(tmp_path, tiny_edit_path):
+    metadata = make_sample_dataset(tmp_path / "data", n=2, size=32)
+    env = _env()
+    env.pop("WANDB_API_KEY", None)
+    env["WANDB_MODE"] = "offline"
+    env["WANDB_SILENT"] = "true"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            "lora.rank=2,4",
+            f"model.path={tiny_edit_path}",
+            f"data.metadata={metadata}",
+            f"paths.log_dir={tmp_path / 'outputs'}",
+            "trainer.max_steps=2",
+            "callbacks.validation_images.num_samples=0",
+            "callbacks.progress_bar=null",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    ranks, wandb_runs = {}, set()
+    for job in sorted(sweep.iterdir()):
+        if not job.is_dir() or not job.name.isdigit():
+            continue
+        with safe_open(str(job / "lora" / "final.safetensors"), "pt") as handle:
+            config = json.loads(handle.metadata()["lora_adapter_metadata"])
+            shapes = {handle.get_slice(key).get_shape()[0] for key in handle.keys() if ".lora_A." in key}
+        ranks[job.name] = (config["transformer.r"], shapes)
+        wandb_runs.add((job / "wandb_run_id").read_text())
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # each job its own run
+    assert ranks == {"0": (2, {2}), "1": (4, {4})}
+    assert len(wandb_runs) == 2
