@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "fusedit.convert",
     "fusedit.detect",
     "fusedit.download",
+    "fusedit.bench",
 )
 
 

@@ -1,0 +1,147 @@
+"""`fusedit bench`: the LoRA training step of every optimisation variant, timed side by side in one run.
+
+    fusedit bench --size tiny                          # CPU, seconds
+    fusedit bench --size full --json bench.json        # GPU: 60 blocks, 8192 image + 256 text tokens
+    fusedit bench --size full --layers 12 --variants standard,merged,merged+compile
+    fusedit bench --data-only                          # data-pipeline images/s
+
+Modules: shapes (sizes, random model, inputs), variants (build stages per variant), flops (the FLOPs formula and
+device peaks), measure (timing, memory, GEMM counts, SDPA backend), data (data-pipeline throughput), run (the
+runner and the report). See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+import torch
+
+from fusedit.bench.data import measure_data
+from fusedit.bench.run import SCHEMA, markdown_table, run_bench
+from fusedit.bench.shapes import SHAPES, BenchShape
+from fusedit.bench.variants import DEFAULT_VARIANTS, VARIANTS, Variant, parse_variants
+from fusedit.io import write_json_atomic, write_text_atomic
+from fusedit.model.perf import ATTENTION_BACKENDS
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+__all__ = [
+    "SCHEMA",
+    "SHAPES",
+    "VARIANTS",
+    "BenchShape",
+    "Variant",
+    "add_cli",
+    "main",
+    "markdown_table",
+    "measure_data",
+    "parse_variants",
+    "run_bench",
+]
+
+
+def _workers(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--data-workers takes comma-separated integers, got {text!r}") from None
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"--data-workers must be >= 0, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only the bench subcommand (for `python -m fusedit.bench` and tests)."""
+    parser = argparse.ArgumentParser(prog="fusedit")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time the LoRA training step of each optimisation variant side by side",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--size", choices=sorted(SHAPES), default="tiny", help="model and input shape")
+    parser.add_argument("--layers", type=int, default=None, help="number of transformer blocks (partial model)")
+    parser.add_argument("--text-tokens", type=int, default=None, help="prompt length (default: the size's)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, or 'all' (choices: {', '.join(VARIANTS)})",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile happens here)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="SDPA backend preference")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON (atomically)")
+    parser.add_argument("--markdown", dest="markdown_path", default=None, help="write the markdown table too")
+    parser.add_argument("--data", action="store_true", help="also measure the data pipeline (images/s)")
+    parser.add_argument("--data-only", action="store_true", help="measure only the data pipeline")
+    parser.add_argument("--data-metadata", default=None, help="dataset CSV/JSONL (default: synthetic JPEGs)")
+    parser.add_argument("--data-samples", type=int, default=32, help="synthetic dataset size")
+    parser.add_argument("--data-image-size", type=int, default=1328, help="synthetic image side in pixels")
+    parser.add_argument("--data-workers", type=_workers, default=(0, 2), help="loader worker counts, e.g. 0,2,4")
+    parser.set_defaults(func=main)
+
+
+def shape_from_args(args) -> BenchShape:
+    shape = SHAPES[args.size]
+    changes = {}
+    if args.layers is not None:
+        changes["num_layers"] = args.layers
+    if args.text_tokens is not None:
+        changes["text_tokens"] = args.text_tokens
+    if args.batch is not None:
+        changes["batch"] = args.batch
+    return shape.replace(**changes) if changes else shape
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
+    if args.data_only:
+        report = {"schema": SCHEMA, "command": command, "variants": []}
+    else:
+        report = run_bench(
+            shape_from_args(args),
+            parse_variants(args.variants),
+            device,
+            dtype,
+            warmup=args.warmup,
+            steps=args.steps,
+            seed=args.seed,
+            attention=args.attention,
+            command=command,
+        )
+    if args.data or args.data_only:
+        side = args.data_image_size
+        report["data"] = measure_data(
+            args.data_metadata, args.data_samples, (side, side), workers=args.data_workers, seed=args.seed
+        )
+    table = markdown_table(report)
+    print(table, end="")
+    if args.json_path:
+        write_json_atomic(args.json_path, report)
+    if args.markdown_path:
+        write_text_atomic(args.markdown_path, table)
+    failed = [v["name"] for v in report["variants"] if v["status"] == "failed"]
+    if failed:
+        print(f"fusedit bench: variant(s) failed: {', '.join(failed)} (see the JSON report)", file=sys.stderr)
+        return 1
+    return 0

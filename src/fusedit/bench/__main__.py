@@ -1,0 +1,7 @@
+"""`python -m fusedit.bench ARGS` == `fusedit bench ARGS`."""
+
+import sys
+
+from fusedit.bench import build_parser, main
+
+raise SystemExit(main(build_parser().parse_args(["bench", *sys.argv[1:]])))

@@ -1,0 +1,147 @@
+"""Model FLOPs of one LoRA training step, and the peak device throughput MFU is measured against.
+
+The formula (multiply-add = 2 FLOPs; d = inner width; S = image + text tokens per sample; B = batch):
+
+  forward, frozen base   every Linear costs 2 * in * out per row it processes: image-stream Linears see the image
+                         tokens, text-stream Linears the text tokens, the modulation and timestep Linears one
+                         row per sample. Per block that is 2 * 12 d^2 * (image + text tokens) + 2 * 12 d^2 * B
+                         (q, k, v, out = 4 d^2 and the MLP = 8 d^2 per stream; img_mod and txt_mod 6 d^2 each),
+                         plus img_in, txt_in, proj_out, the timestep MLP and norm_out outside the blocks.
+  forward, attention     4 * S^2 * d per block per sample (Q K^T and P V, 2 * S^2 * d each).
+  forward, LoRA          2 * r * (in + out) per row for every adapted Linear (A then B); fusedit.lora puts no
+                         adapter on the last block's text stream after attention (its output is discarded).
+  backward               frozen base: input gradient only, 1x its forward (no weight-gradient GEMMs), and none
+                         where nothing upstream trains: img_in, txt_in, the timestep MLP, norm_out, every block's
+                         modulation (fed by the timestep embedding), block 0's q/k/v (fed by img_in/txt_in, unless
+                         the modulation carries LoRA), and the last block's text stream after attention (its
+                         output is discarded, so autograd never reaches it);
+                         attention: 2x its forward (dQ, dK, dV, dP); LoRA: 2x its forward (weight grads of A and B,
+                         input grads of B and A), less A's input grad where the input needs none (same places).
+                         For 60 blocks this is ~1x base + 2x attention + 2x LoRA; the exact count is unit-tested
+                         against torch's FlopCounterMode on a real model.
+  step                   forward + backward. Recomputation by activation checkpointing is not model FLOPs and is
+                         not counted (the MFU convention), so checkpointing shows up as a lower MFU.
+
+The LoRA term depends on the layout: three rank-r adapters on q, k, v cost 2 r (d + d) each, one on the merged
+projection 2 r (d + 3d).
+"""
+
+from __future__ import annotations
+
+from fusedit.bench.shapes import LATENT_CHANNELS, PATCH, BenchShape
+from fusedit.lora.targets import resolve_targets
+
+TIMESTEP_CHANNELS = 256  # QwenTimestepProjEmbeddings: Timesteps(256) -> Linear(256, d) -> Linear(d, d)
+
+# Dense bf16 tensor-core peak in TFLOP/s, matched against torch.cuda.get_device_name() (first match wins, so the
+# more specific names come first). fp8 variants are also measured against the bf16 peak.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("H20", 148.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("RTX 6000 Ada", 364.0),
+    ("RTX 4090", 165.0),
+    ("A10G", 70.0),
+)
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """Dense bf16 peak for a CUDA device name; None for CPUs and devices not in the table (MFU is then null)."""
+    if not device_name:
+        return None
+    for fragment, tflops in PEAK_BF16_TFLOPS:
+        if fragment.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def _block_linears(d: int) -> dict[str, tuple[int, int, str]]:
+    """name -> (in, out, stream) for every Linear in a block, both QKV layouts; stream is image/text/sample."""
+    linears = {
+        "to_out.0": (d, d, "image"),
+        "to_add_out": (d, d, "text"),
+        "img_mlp.net.0.proj": (d, 4 * d, "image"),
+        "img_mlp.net.2": (4 * d, d, "image"),
+        "txt_mlp.net.0.proj": (d, 4 * d, "text"),
+        "txt_mlp.net.2": (4 * d, d, "text"),
+        "img_mod.1": (d, 6 * d, "sample"),
+        "txt_mod.1": (d, 6 * d, "sample"),
+        "to_qkv": (d, 3 * d, "image"),
+        "add_qkv_proj": (d, 3 * d, "text"),
+    }
+    for name in ("to_q", "to_k", "to_v"):
+        linears[name] = (d, d, "image")
+    for name in ("add_q_proj", "add_k_proj", "add_v_proj"):
+        linears[name] = (d, d, "text")
+    return linears
+
+
+_MERGED_ONLY = {"to_qkv", "add_qkv_proj"}
+_STANDARD_ONLY = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
+_QKV = _MERGED_ONLY | _STANDARD_ONLY
+
+
+def step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True) -> dict[str, float]:
+    """FLOPs of one training step at `shape` (whole batch), by part; see the module docstring for the formula."""
+    d, batch = shape.inner_dim, shape.batch
+    rows = {"image": batch * shape.image_tokens, "text": batch * shape.text_tokens, "sample": batch}
+    linears = _block_linears(d)
+    skip = _MERGED_ONLY if layout == "standard" else _STANDARD_ONLY
+    targets = resolve_targets(shape.lora_targets, layout) if lora else []
+    # Input gradients are only computed where something upstream trains: never for the modulation Linears (fed by
+    # the timestep embedding), and not for block 0's q/k/v unless the modulation itself carries LoRA.
+    first_qkv_frozen_input = not any(linears[name][2] == "sample" for name in targets)
+    # The last block's text stream after attention feeds nothing the loss reads: autograd skips it entirely.
+    dead = {"to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"}
+    block_forward = sum(2 * i * o * rows[stream] for name, (i, o, stream) in linears.items() if name not in skip)
+    block_backward = sum(
+        2 * i * o * rows[stream] for name, (i, o, stream) in linears.items() if name not in skip and stream != "sample"
+    )
+    last_block_dead = sum(2 * linears[name][0] * linears[name][1] * rows["text"] for name in dead)
+    first_qkv = 2 * d * 3 * d * (rows["image"] + rows["text"]) if first_qkv_frozen_input else 0
+    out_channels = LATENT_CHANNELS * PATCH * PATCH
+    proj_out = 2 * d * out_channels * rows["image"]
+    inputs_side = 2 * (
+        out_channels * d * rows["image"]  # img_in
+        + shape.joint_attention_dim * d * rows["text"]  # txt_in
+        + (TIMESTEP_CHANNELS * d + d * d + d * 2 * d) * batch  # timestep MLP, norm_out's modulation
+    )
+    base_forward = shape.num_layers * block_forward + proj_out + inputs_side
+    base_backward = shape.num_layers * block_backward - first_qkv - last_block_dead + proj_out
+    attention = shape.num_layers * batch * 4 * shape.tokens**2 * d
+    lora_forward = lora_backward = 0
+    r = shape.lora_rank
+    for name in targets:
+        i, o, stream = linears[name]
+        forward_one = 2 * r * (i + o) * rows[stream]
+        a_input_grad = 2 * r * i * rows[stream]
+        lora_forward += shape.num_layers * forward_one
+        # Backward: weight grads of A and B, input grad of B, input grad of A where the input needs one.
+        lora_backward += shape.num_layers * 2 * forward_one
+        if stream == "sample":
+            lora_backward -= shape.num_layers * a_input_grad
+        elif name in _QKV and first_qkv_frozen_input:
+            lora_backward -= a_input_grad
+        if name in dead:
+            # fusedit.lora.adapter leaves the last block's dead text-stream Linears without an adapter.
+            lora_forward -= forward_one
+            lora_backward -= 2 * forward_one
+    forward = base_forward + attention + lora_forward
+    backward = base_backward + 2 * attention + lora_backward
+    return {
+        "base_forward": float(base_forward),
+        "base_backward": float(base_backward),
+        "attention_forward": float(attention),
+        "lora_forward": float(lora_forward),
+        "forward": float(forward),
+        "backward": float(backward),
+        "step": float(forward + backward),
+    }

@@ -1,0 +1,233 @@
+"""`fusedit bench`: FLOPs formula, GEMM counts, every variant running end to end on CPU, the report's schema.
+
+Speed comparisons (merged vs standard) are benchmark results recorded in BENCHMARKS.md, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fusedit.bench import build_parser, main, markdown_table, measure_data, parse_variants, run_bench
+from fusedit.bench.flops import peak_tflops, step_flops
+from fusedit.bench.measure import count_qkv_matmuls
+from fusedit.bench.run import VARIANT_FIELDS
+from fusedit.bench.shapes import SHAPES, BenchShape, build_random_transformer, make_inputs
+from fusedit.bench.variants import VARIANTS, build_variant
+from fusedit.lora.adapter import add_lora
+from fusedit.model.merged_qkv import fuse_qkv
+from fusedit.model.perf import attention_backend
+
+# Small enough that a compiled variant builds in seconds on two cores.
+MICRO = SHAPES["tiny"].replace(
+    num_layers=1, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+    joint_attention_dim=64, target_size=(64, 64), edit_sizes=((64, 64),), text_tokens=8, lora_rank=4,
+)  # fmt: skip
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------------------------
+
+
+def test_flops_formula_matches_a_hand_calculation():
+    shape = BenchShape(
+        name="hand", num_layers=1, num_attention_heads=1, attention_head_dim=16, joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6), target_size=(16, 16), edit_sizes=((16, 16),), text_tokens=2, batch=1,
+        lora_rank=1, lora_targets="attn",
+    )  # fmt: skip
+    # d = 16; 2 image tokens (1 target + 1 edit), 2 text tokens, S = 4, batch 1, merged layout.
+    # Block forward: 12 d^2 = 3072 weights per stream, 2 rows each: 2*3072*2*2 = 24576; modulation: 2*3072*1 = 6144.
+    # Outside: img_in 64*16*2 + txt_in 32*16*2 + proj_out 16*64*2 + (256*16 + 16*16 + 16*32)*1 = 9984 -> x2 = 19968.
+    base_forward = 24576 + 6144 + 19968
+    attention_forward = 4 * 4**2 * 16  # 4 S^2 d = 1024
+    lora_forward = 2 * 1 * (16 + 48) * 2 * 2  # to_qkv and add_qkv_proj: 2 r (in + out) rows = 512
+    # Backward: token Linears 24576, minus block 0's qkv (2*16*48*4 = 6144: its input comes from frozen img_in/txt_in),
+    # minus the last block's text stream after attention (to_add_out + txt MLP: 2*2304*2 = 9216), plus proj_out 4096.
+    base_backward = 24576 - 6144 - 9216 + 4096
+    # LoRA: 2x forward, minus A's input gradient on block 0's qkv (2*1*16*2 per stream).
+    lora_backward = 2 * 512 - 2 * (2 * 1 * 16 * 2)
+    flops = step_flops(shape, "merged_qkv")
+    assert flops["base_forward"] == base_forward == 50688
+    assert flops["attention_forward"] == attention_forward
+    assert flops["lora_forward"] == lora_forward
+    assert flops["forward"] == 52224
+    assert flops["backward"] == base_backward + 2 * attention_forward + lora_backward == 16256
+    assert flops["step"] == 68480
+    # Standard layout: same base, three rank-1 adapters per stream of 2*(16+16)*2 each.
+    assert step_flops(shape, "standard")["lora_forward"] == 2 * 3 * 2 * 1 * 32 * 2
+
+
+@pytest.mark.parametrize("layout", ["standard", "merged_qkv"])
+@pytest.mark.parametrize("targets", ["attn_mlp", "full"])
+def test_flops_formula_equals_torch_flop_counter_on_the_real_model(layout, targets):
+    # The math SDPA backend issues plain bmm's, which FlopCounterMode counts (it skips the CPU flash kernel).
+    shape = MICRO.replace(num_layers=2, batch=2, lora_targets=targets)
+    model = build_random_transformer(shape, "cpu", torch.float32)
+    if layout == "merged_qkv":
+        fuse_qkv(model)
+    add_lora(model, rank=shape.lora_rank, targets=targets)
+    inputs = make_inputs(shape, "cpu", torch.float32)
+    with attention_backend("math"):
+        with FlopCounterMode(display=False) as forward:
+            out = model(
+                hidden_states=torch.cat([inputs["noise"], inputs["condition"]], 1),
+                timestep=inputs["sigmas"],
+                encoder_hidden_states=inputs["prompt_embeds"],
+                img_shapes=inputs["img_shapes"],
+                return_dict=False,
+            )[0]
+        with FlopCounterMode(display=False) as backward:
+            out.square().mean().backward()
+    expected = step_flops(shape, layout)
+    assert forward.get_total_flops() == expected["forward"]
+    assert backward.get_total_flops() == expected["backward"]
+
+
+def test_full_shape_flops_and_peaks():
+    full = SHAPES["full"]
+    assert (full.inner_dim, full.image_tokens, full.tokens) == (3072, 8192, 8448)
+    flops = step_flops(full)
+    d, tokens = 3072, 8448
+    # Dominant terms: 2 * 12 d^2 * tokens per block forward, 4 S^2 d attention per block.
+    assert flops["base_forward"] == pytest.approx(60 * 2 * 12 * d**2 * tokens, rel=0.01)
+    assert flops["attention_forward"] == 60 * 4 * tokens**2 * d
+    assert flops["step"] / 1e12 == pytest.approx(391.75, abs=0.01)
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090") == 165.0
+    assert peak_tflops(None) is None and peak_tflops("Some Future GPU") is None
+
+
+# -- GEMM counts ------------------------------------------------------------------------------------------------------
+
+
+def test_qkv_projections_take_six_gemms_per_block_standard_and_two_merged():
+    standard = count_qkv_matmuls(
+        build_variant(VARIANTS["standard"], MICRO, torch.device("cpu"), torch.float32), torch.float32
+    )
+    merged = count_qkv_matmuls(
+        build_variant(VARIANTS["merged"], MICRO, torch.device("cpu"), torch.float32), torch.float32
+    )
+    assert standard["base"] == 6 and merged["base"] == 2
+    assert standard["lora"] == 12 and merged["lora"] == 4  # A and B per adapted projection
+    assert merged["backward"] < standard["backward"]
+
+
+def test_variant_names_and_parsing():
+    assert [v.name for v in parse_variants("standard, merged")] == ["standard", "merged"]
+    assert len(parse_variants("all")) == len(VARIANTS)
+    with pytest.raises(ValueError, match="unknown benchmark variant"):
+        parse_variants("standard,turbo")
+
+
+# -- end to end -------------------------------------------------------------------------------------------------------
+
+
+def _check_report(report, names):
+    assert report["schema"] == "fusedit.bench/1"
+    assert {"date", "command", "machine", "shape", "settings", "flops", "variants"} <= report.keys()
+    assert [v["name"] for v in report["variants"]] == names
+    for result in report["variants"]:
+        assert set(VARIANT_FIELDS) <= result.keys()
+        if result["name"] == "merged+compile+float8":
+            assert result["status"] == "skipped" and "compute capability" in result["reason"]
+            continue
+        assert result["status"] == "ok", result.get("traceback") or result["reason"]
+        assert result["step_s_min"] <= result["step_s"] <= result["step_s_max"]
+        assert len(result["times_s"]) == report["settings"]["timed_steps"]
+        assert result["samples_per_s"] == pytest.approx(1 / result["step_s"])
+        assert result["tflops"] > 0 and result["mfu"] is None  # no CPU peak: MFU is null, not made up
+        assert result["peak_mem_kind"] == "cpu_rss_growth"
+        assert result["matmul_calls"] > 0 and result["sdpa_backend"] in ("flash_cpu", "math")
+        assert torch.isfinite(torch.tensor(result["loss"]))
+    return {v["name"]: v for v in report["variants"]}
+
+
+def test_eager_variants_run_end_to_end_on_cpu():
+    names = ["standard", "merged", "merged+mask", "merged+ckpt", "merged+ckpt2", "merged+ckpt+offload",
+             "merged+compile+float8"]  # fmt: skip
+    report = run_bench(MICRO.replace(num_layers=2), parse_variants(names), "cpu", torch.float32, warmup=1, steps=2)
+    results = _check_report(report, names)
+    # Same random model, inputs and seed: every variant trains the same thing.
+    for name in names[1:-1]:
+        assert results[name]["loss"] == pytest.approx(results["standard"]["loss"], rel=1e-4)
+    assert results["standard"]["qkv_matmuls_per_block"]["base"] == 6
+    assert results["merged"]["qkv_matmuls_per_block"]["base"] == 2
+    assert results["merged"]["matmul_calls"] < results["standard"]["matmul_calls"]
+    # Recomputation shows up as extra GEMMs, not as model FLOPs.
+    assert results["merged+ckpt"]["matmul_calls"] > results["merged"]["matmul_calls"]
+    assert results["merged+ckpt"]["step_tflop"] == results["merged"]["step_tflop"]
+    assert results["merged"]["speedup_vs_standard"] == pytest.approx(
+        results["standard"]["step_s"] / results["merged"]["step_s"]
+    )
+
+
+def test_compiled_fp8_variant_runs_end_to_end_on_cpu():
+    # Regional compile + fp8 storage in one variant keeps this to one compilation (~30 s on two busy cores).
+    names = ["merged", "merged+compile+fp8"]
+    report = run_bench(MICRO, parse_variants(names), "cpu", torch.float32, warmup=1, steps=2)
+    results = _check_report(report, names)
+    assert results["merged+compile+fp8"]["loss"] == pytest.approx(results["merged"]["loss"], rel=0.05)
+    assert results["merged"]["speedup_vs_standard"] is None  # standard not in this run
+
+
+@pytest.mark.slow
+def test_other_compiled_variants_run_end_to_end_on_cpu():
+    names = ["merged+compile", "merged+compile+ckpt"]
+    report = run_bench(MICRO, parse_variants(names), "cpu", torch.float32, warmup=1, steps=2)
+    results = _check_report(report, names)
+    assert results["merged+compile+ckpt"]["loss"] == pytest.approx(results["merged+compile"]["loss"], rel=1e-4)
+
+
+def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    json_path, markdown_path = tmp_path / "out" / "bench.json", tmp_path / "bench.md"
+    args = build_parser().parse_args(
+        ["bench", "--size", "tiny", "--layers", "1", "--text-tokens", "8", "--variants", "standard,merged",
+         "--warmup", "0", "--steps", "1", "--json", str(json_path), "--markdown", str(markdown_path)]
+    )  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(json_path.read_text())
+    assert report["shape"]["num_layers"] == 1 and report["shape"]["text_tokens"] == 8
+    assert [v["status"] for v in report["variants"]] == ["ok", "ok"]
+    table = markdown_path.read_text()
+    assert table == capsys.readouterr().out
+    assert "| standard |" in table and "| merged |" in table and "6+12" in table and "2+4" in table
+    assert not list(tmp_path.glob("**/.*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_cli_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown benchmark variant"):
+        main(build_parser().parse_args(["bench", "--variants", "nope"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--data-workers", "two"])
+    with pytest.raises(ValueError, match="steps >= 1"):
+        run_bench(MICRO, parse_variants("merged"), "cpu", torch.float32, steps=0)
+
+
+def test_failed_and_skipped_variants_are_reported_not_raised():
+    report = {
+        "schema": "fusedit.bench/1",
+        "shape": MICRO.to_dict(),
+        "settings": {"dtype": "float32", "warmup_steps": 1, "timed_steps": 1},
+        "flops": {"step": 1e9},
+        "variants": [
+            {"name": "merged+compile+float8", "status": "skipped", "reason": "needs sm89"},
+            {"name": "standard", "status": "failed", "reason": "out of memory"},
+        ],
+    }
+    table = markdown_table(report)
+    assert "| merged+compile+float8 | skipped: needs sm89 |" in table
+    assert "| standard | failed: out of memory |" in table
+
+
+def test_data_pipeline_throughput_on_synthetic_jpegs():
+    data = measure_data(samples=3, image_size=(96, 80), max_pixels=64 * 64, edit_max_pixels=64 * 64, workers=(0,))
+    assert data["samples"] == 3 and data["images_per_sample"] == 2
+    (row,) = data["loader"]
+    assert row["num_workers"] == 0 and row["images"] == 6 and row["images_per_s"] > 0
+    assert set(data["stages_ms_per_image"]) == {"decode", "resize", "to_tensor"}
+    assert "images/s" in markdown_table({"variants": [], "data": data})
