@@ -42,7 +42,11 @@ def make_recorder(every: int):
             if step == 1 or step % every == 0:
                 gc.collect()
                 self.samples.append(
-                    {"step": step, "rss_mb": round(rss_mb(), 2), "elapsed_s": round(time.perf_counter() - self.started, 1)}
+                    {
+                        "step": step,
+                        "rss_mb": round(rss_mb(), 2),
+                        "elapsed_s": round(time.perf_counter() - self.started, 1),
+                    }
                 )
                 print(f"soak: step {step:6d}  rss {self.samples[-1]['rss_mb']:8.1f} MB", flush=True)
 

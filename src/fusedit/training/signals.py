@@ -44,7 +44,9 @@ class GracefulStop(Callback):
             self._restore()
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning("%s received: stopping after this step with a checkpoint (press Ctrl-C again to abort)", self.requested)
+        log.warning(
+            "%s received: stopping after this step with a checkpoint (press Ctrl-C again to abort)", self.requested
+        )
 
     def _restore(self) -> None:
         if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():

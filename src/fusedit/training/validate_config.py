@@ -103,7 +103,8 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
             location = Path(str(metadata)).expanduser()
             if not location.is_file():
                 problems.append(
-                    f"data.metadata={metadata} " + ("is a directory, not a file" if location.is_dir() else "does not exist")
+                    f"data.metadata={metadata} "
+                    + ("is a directory, not a file" if location.is_dir() else "does not exist")
                 )
 
     if problems:
