@@ -343,9 +343,9 @@ def test_an_inference_csv_cannot_read_outside_its_folder(tmp_path):
 
 
 def test_output_names_from_a_csv_stay_in_the_output_folder(tmp_path):
-    from fusedit.inference.inputs import Job, collect_jobs
     from PIL import Image
 
+    from fusedit.inference.inputs import Job, collect_jobs
     from fusedit.inference.outputs import OutputPaths
 
     folder = tmp_path / "jobs"
