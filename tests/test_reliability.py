@@ -373,3 +373,54 @@ def test_run_outputs_stay_inside_the_run_dir(tmp_path, tiny_edit_path, sample_me
     outside = [p for p in written if run_dir not in p.resolve().parents]
     assert outside == [] and written
     assert math.isfinite(result["metrics"]["train/loss"])
+
+
+# ---------------------------------------------------------------------------------------------------- scale-out config
+def test_slurm_launcher_and_distributed_trainer_configs_compose():
+    cfg = compose_train(["hydra/launcher=fusedit_slurm", "hydra.launcher.nodes=2", "trainer=ddp"], hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, 8)
+    for trainer in ("ddp", "fsdp"):
+        # The data module shards its own aspect-ratio buckets; Lightning's sampler would break them.
+        assert compose_train([f"trainer={trainer}"]).trainer.use_distributed_sampler is False
+
+
+def test_fusedit_run_name_pins_the_run_dir_for_every_rank_and_restart(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setenv("FUSEDIT_RUN_NAME", "slurm-4242")
+    dirs = []
+    for _ in range(2):  # two processes (ranks, or the job before and after a requeue) compose at different times
+        cfg = compose_train([], hydra_config=True)
+        HydraConfig().set_config(cfg)
+        dirs.append(cfg.hydra.run.dir)
+    assert dirs[0] == dirs[1] and dirs[0].endswith("/train/runs/slurm-4242")
+
+
+def test_a_run_dir_with_checkpoints_continues_from_the_newest(tmp_path, saved_run):
+    from fusedit.training.signals import auto_resume_checkpoint
+
+    assert auto_resume_checkpoint(tmp_path) is None  # a fresh run dir starts fresh
+    (tmp_path / "checkpoints").mkdir()
+    checkpoint = torch.load(saved_run["checkpoint"], weights_only=True)
+    torch.save(checkpoint, tmp_path / "checkpoints" / "last.ckpt")
+    assert auto_resume_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint["global_step"] += 5  # Lightning's SLURM requeue handler saved a later one
+    torch.save(checkpoint, tmp_path / "hpc_ckpt_1.ckpt")
+    assert auto_resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+
+
+def test_a_restarted_job_continues_in_its_run_dir(tmp_path, tiny_edit_path, sample_metadata):
+    common = ["callbacks.model_checkpoint.every_n_train_steps=2"]
+    first = train(train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=2"]))
+    # The same command in the same run dir (a requeued job): it continues at step 2 instead of starting over.
+    rows = []
+
+    from lightning.pytorch import Callback
+
+    class Steps(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rows.append(trainer.global_step)
+
+    again = run(train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4"]), [Steps()])
+    assert again["run_dir"] == first["run_dir"] and rows == [2, 3]
