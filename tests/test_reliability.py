@@ -130,6 +130,10 @@ def _problems(overrides, tmp_path=None):
         ("faults.max_consecutive_nonfinite=0", "faults.max_consecutive_nonfinite must be an integer >= 1"),
         ("data.metadata=/nonexistent/meta.csv", "data.metadata=/nonexistent/meta.csv does not exist"),
         ("model.path=/nonexistent/model", "model.path=/nonexistent/model does not exist"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("optim.grad_clip=0", "optim.grad_clip must be > 0 or null"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1"),
+        ("lora.dropout=1.0", "lora.dropout must be in [0, 1)"),
     ],
 )
 def test_bad_config_values_are_named(override, expected):
@@ -163,6 +167,22 @@ def test_a_model_path_that_is_not_a_qwen_image_pipeline(tmp_path, tiny_edit_path
         str(lora),
     )
     assert "is a lora" in _problems([f"model.path={lora}"])
+
+
+def test_a_text_to_image_pipeline_is_not_an_edit_model(tiny_t2i_path):
+    assert "fusedit trains Qwen-Image-Edit LoRAs" in _problems([f"model.path={tiny_t2i_path}"])
+
+
+def test_user_errors_are_told_apart_from_bugs(tmp_path):
+    from fusedit.training.checkpoint import resolve_checkpoint
+    from fusedit.training.errors import user_error_message
+
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_checkpoint(tmp_path / "nope")
+    assert user_error_message(error.value).startswith("ckpt_path=")
+    assert user_error_message(ConfigError("x")) == "x"
+    assert user_error_message(CheckpointError("y")) == "y"
+    assert user_error_message(KeyError("bug")) is None  # a bug keeps its traceback
 
 
 def test_validation_runs_before_anything_is_loaded(tmp_path, monkeypatch):
