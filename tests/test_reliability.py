@@ -444,3 +444,30 @@ def test_a_restarted_job_continues_in_its_run_dir(tmp_path, tiny_edit_path, samp
 
     again = run(train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4"]), [Steps()])
     assert again["run_dir"] == first["run_dir"] and rows == [2, 3]
+
+
+def test_a_multirun_refuses_a_strategy_that_relaunches_the_script():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch import Trainer
+    from omegaconf import open_dict
+
+    from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun
+
+    def hydra_mode(mode):
+        cfg = compose_train([], hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = mode
+        HydraConfig().set_config(cfg)
+
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    hydra_mode(RunMode.RUN)
+    refuse_subprocess_launch_in_multirun(trainer)  # a single run: Lightning's re-launch is how DDP starts
+    hydra_mode(RunMode.MULTIRUN)
+    try:
+        with pytest.raises(ConfigError, match="would re-run the whole sweep in every rank"):
+            refuse_subprocess_launch_in_multirun(trainer)
+        one_device = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+        refuse_subprocess_launch_in_multirun(one_device)  # nothing is re-launched: fine in a sweep
+    finally:
+        hydra_mode(RunMode.RUN)

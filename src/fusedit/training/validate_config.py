@@ -120,7 +120,7 @@ def refuse_subprocess_launch_in_multirun(trainer) -> None:
     sweep again. Sweeps of multi-GPU jobs go through a launcher that creates the ranks itself
     (`hydra/launcher=fusedit_slurm`: one SLURM job per sweep point, one task per GPU).
     """
-    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     try:
         from hydra.core.hydra_config import HydraConfig
