@@ -8,12 +8,14 @@ See conf/infer.yaml and docs/inference.md.
 import hydra
 from omegaconf import DictConfig
 
+from fusedit.errors import refusals_as_one_line
 from fusedit.inference.run import infer
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
-    infer(cfg)
+    with refusals_as_one_line():
+        infer(cfg)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,12 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fusedit.training.errors import user_error_message
+    from fusedit.errors import refusals_as_one_line
     from fusedit.training.train import resume_config, sweep_metric, train
 
-    try:
+    with refusals_as_one_line():
         cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
         result = train(cfg)
-    except Exception as error:
-        message = user_error_message(error)
-        if message is None:
-            raise
-        # fusedit's own refusals already say what is wrong and how to fix it: no stack trace on top.
-        print(f"fusedit: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
     if result.get("exit_code"):
         sys.exit(result["exit_code"])  # stopped by a signal: checkpoint saved, run not finished
     return sweep_metric(result, cfg.get("optimized_metric"))

@@ -174,8 +174,8 @@ def test_a_text_to_image_pipeline_is_not_an_edit_model(tiny_t2i_path):
 
 
 def test_user_errors_are_told_apart_from_bugs(tmp_path):
+    from fusedit.errors import user_error_message
     from fusedit.training.checkpoint import resolve_checkpoint
-    from fusedit.training.errors import user_error_message
 
     with pytest.raises(FileNotFoundError) as error:
         resolve_checkpoint(tmp_path / "nope")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from fusedit.errors import UserInputError
+
 EDIT_SYSTEM_PROMPT = (
     "You rewrite image-editing instructions for an image-editing model. Look at the input image(s) and the user's "
     "instruction, then write one improved instruction that: names the objects to change by their visible "
@@ -67,7 +69,7 @@ def enhance_prompt(
     if images:
         processor = getattr(pipe, "processor", None)
         if processor is None:
-            raise ValueError(f"{type(pipe).__name__} has no processor; it cannot show images to its text encoder")
+            raise UserInputError(f"{type(pipe).__name__} has no processor; it cannot show images to its text encoder")
         inputs = processor(text=[text], images=[_fit_area(i, VLM_IMAGE_AREA) for i in images], return_tensors="pt")
     else:
         inputs = pipe.tokenizer([text], return_tensors="pt")

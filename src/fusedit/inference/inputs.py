@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusedit.errors import UserFileNotFoundError, UserInputError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 TABLE_SUFFIXES = (".csv", ".jsonl")
 
@@ -41,7 +43,7 @@ def _unique(stem: str, taken: set[str]) -> str:
 
 def _need_prompt(prompt: str | None, where: str) -> str:
     if prompt is None or not str(prompt).strip():
-        raise ValueError(f'{where}: no prompt; pass prompt="..."')
+        raise UserInputError(f'{where}: no prompt; pass prompt="..."')
     return str(prompt)
 
 
@@ -91,7 +93,7 @@ def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
         stem = f"row{record.row:04d}" + (f"_{images[0].stem}" if images else "")
         jobs.append(Job(_unique(stem, taken), str(row_prompt or ""), images, target, where, {"row": record.row}))
     if problems:
-        raise ValueError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+        raise UserInputError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
     return jobs
 
 
@@ -105,18 +107,18 @@ def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: 
     ):
         images = tuple(Path(str(item)).expanduser() for item in source)
         if not images:
-            raise ValueError("input= is an empty list")
+            raise UserInputError("input= is an empty list")
         for image in images:
             if not image.is_file():
-                raise FileNotFoundError(f"input image {image} does not exist")
+                raise UserFileNotFoundError(f"input image {image} does not exist")
         return [Job(images[0].stem, _need_prompt(prompt, "input"), images, source="input list")]
     path = Path(str(source)).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"input={path} does not exist")
+        raise UserFileNotFoundError(f"input={path} does not exist")
     if path.is_dir():
         files = _image_files(path)
         if not files:
-            raise ValueError(f"input={path} is a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+            raise UserInputError(f"input={path} is a folder without images ({', '.join(IMAGE_SUFFIXES)})")
         text = _need_prompt(prompt, f"input folder {path}")
         taken: set[str] = set()
         return [Job(_unique(file.stem, taken), text, (file,), source=str(file)) for file in files]
@@ -125,7 +127,7 @@ def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: 
         return _table_jobs(path, prompt, columns)
     if suffix in IMAGE_SUFFIXES:
         return [Job(path.stem, _need_prompt(prompt, f"input {path}"), (path,), source=str(path))]
-    raise ValueError(
+    raise UserInputError(
         f"input={path}: unsupported file type {suffix!r}; give an image ({', '.join(IMAGE_SUFFIXES)}), a folder, "
         "or a .csv / .jsonl file"
     )
@@ -138,4 +140,4 @@ def load_rgb(path: Path):
     try:
         return load_image(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+        raise UserInputError(f"cannot read image {path}: {error}") from None

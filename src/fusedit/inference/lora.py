@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fusedit.convert import TO_MERGED, TO_STANDARD, LoraWeights, convert_lora_layout, read_lora
+from fusedit.errors import UserFileNotFoundError, UserInputError
 from fusedit.model import is_merged
 
 
@@ -42,7 +43,7 @@ def lora_specs(lora_cfg, loras_cfg) -> list[LoraSpec]:
             specs.append(LoraSpec(item))
             continue
         if not item.get("path"):
-            raise ValueError(f"loras[{index}] has no `path` (got {dict(item)})")
+            raise UserInputError(f"loras[{index}] has no `path` (got {dict(item)})")
         specs.append(LoraSpec(str(item["path"]), float(item.get("scale", 1.0)), item.get("name")))
     return specs
 
@@ -100,21 +101,21 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
     for index, spec in enumerate(specs):
         path = Path(spec.path)
         if not path.exists():
-            raise FileNotFoundError(f"LoRA file {path} does not exist (lora.path / loras[{index}].path)")
+            raise UserFileNotFoundError(f"LoRA file {path} does not exist (lora.path / loras[{index}].path)")
         weights = read_lora(path)
         source_layout = weights.layout
         converted = convert_lora_layout(weights, direction)
         state_dict, config = peft_adapter(converted)
         missing = [m for m in converted.modules if not _has_module(transformer, m)]
         if missing:
-            raise ValueError(
+            raise UserInputError(
                 f"LoRA {path} targets modules the {target_layout} transformer does not have: {missing[:5]}"
                 + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
                 + " — is it a LoRA for a different model?"
             )
         mismatched = _shape_mismatches(transformer, converted)
         if mismatched:
-            raise ValueError(
+            raise UserInputError(
                 f"LoRA {path} does not fit the {target_layout} transformer (another hidden size?): "
                 + "; ".join(mismatched[:5])
                 + (f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else "")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from fusedit.errors import UserInputError
 from fusedit.inference.inputs import IMAGE_SUFFIXES, Job
 from fusedit.io import atomic_write_path
 
@@ -20,7 +21,7 @@ class OutputPaths:
         output = Path(output).expanduser()
         self.single = output.suffix.lower() in IMAGE_SUFFIXES
         if self.single and len(jobs) != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"output={output} names one image file but there are {len(jobs)} jobs; give a folder instead"
             )
         if self.single:
@@ -37,7 +38,7 @@ class OutputPaths:
             return self._image
         # Names come from file stems (never a separator); refuse anything else so no job writes outside `folder`.
         if not job.name or job.name in (".", "..") or any(sep in job.name for sep in ("/", "\\", "\x00")):
-            raise ValueError(f"job name {job.name!r} ({job.source}) cannot be an output file name in {self.folder}")
+            raise UserInputError(f"job name {job.name!r} ({job.source}) cannot be an output file name in {self.folder}")
         return self.folder / f"{job.name}.png"
 
     def sheet(self, job: Job) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import diffusers
 import torch
 
+from fusedit.errors import UserInputError
 from fusedit.model import load_transformer
 
 # fusedit.detect family -> diffusers pipeline class.
@@ -32,7 +33,7 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise UserInputError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -42,7 +43,7 @@ def model_family(path: str | os.PathLike) -> str:
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
-        raise ValueError(
+        raise UserInputError(
             f"model.path={path} is not a diffusers pipeline directory (no model_index.json). Inference needs the "
             "full pipeline (VAE, text encoder, tokenizer, scheduler): point model.path at it, and model.transformer "
             "at a separate transformer checkpoint if you have one (`fusedit download Qwen/Qwen-Image-Edit --to DIR`)."
@@ -50,7 +51,7 @@ def model_family(path: str | os.PathLike) -> str:
     report = detect(path)
     family = report.get("family")
     if family not in PIPELINE_CLASSES:
-        raise ValueError(
+        raise UserInputError(
             f"model.path={path}: `fusedit detect` reports family {family!r}; inference supports "
             f"{', '.join(PIPELINE_CLASSES)}"
         )

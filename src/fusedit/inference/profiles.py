@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import torch
 
+from fusedit.errors import UserInputError
+
 OFFLOADS = ("none", "model", "sequential", "group")
 
 
 def resolve_device(requested: str) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise UserInputError(
             f"profile.device={requested} but no CUDA GPU is available; use profile=cpu (or profile.device=cpu)"
         )
     return device
@@ -32,10 +34,12 @@ def apply_profile(pipe, profile) -> dict:
     """Apply `profile` (a config node) to `pipe` in place. Returns what was applied, for the run's record."""
     offload = profile.get("offload", "none")
     if offload not in OFFLOADS:
-        raise ValueError(f"profile.offload must be one of {OFFLOADS}, got {offload!r}")
+        raise UserInputError(f"profile.offload must be one of {OFFLOADS}, got {offload!r}")
     device = resolve_device(profile.get("device", "cuda"))
     if offload in ("model", "sequential") and device.type == "cpu":
-        raise ValueError(f"profile.offload={offload} moves weights between the CPU and a GPU; it needs a GPU device")
+        raise UserInputError(
+            f"profile.offload={offload} moves weights between the CPU and a GPU; it needs a GPU device"
+        )
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(profile.get("tf32", False))

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fusedit
+from fusedit.errors import UserInputError
 from fusedit.inference.enhance import enhance_prompt
 from fusedit.inference.inputs import Job, collect_jobs, load_rgb
 from fusedit.inference.lora import load_loras, lora_specs
@@ -27,12 +28,12 @@ from fusedit.io import write_json_atomic
 def _check_jobs(jobs: list[Job], family: str) -> None:
     for job in jobs:
         if job.images and not is_edit_family(family):
-            raise ValueError(
+            raise UserInputError(
                 f"{job.source}: the model is Qwen-Image (text-to-image) and takes no input image; drop input= or "
                 "use a Qwen-Image-Edit model"
             )
         if len(job.images) > 1 and family == "qwen-image-edit":
-            raise ValueError(
+            raise UserInputError(
                 f"{job.source}: {len(job.images)} input images, but Qwen-Image-Edit takes one; several images need "
                 "Qwen-Image-Edit-2509 or -2511"
             )
