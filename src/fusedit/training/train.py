@@ -21,7 +21,9 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
+from fusedit.cache.training import cache_enabled, prepare_cached_training
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
@@ -151,8 +153,8 @@ def _plain(value):
     return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
-def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
-    """Transformer (ordered transforms), frozen conditioner, objective and optimizer factory -> the module."""
+def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | None = None) -> EditLoRAModule:
+    """Transformer (ordered transforms), frozen conditioner (unless given), objective and optimizer -> the module."""
     precision = cfg.precision
     lora = cfg.lora
     transformer = build_transformer(
@@ -174,7 +176,8 @@ def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
         checkpoint_every=cfg.model.activation_checkpointing,
         compile=_plain(cfg.model.compile),
     )
-    conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
+    if conditioner is None:
+        conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
     objective = instantiate(cfg.objective, scheduler_config=conditioner.scheduler_config)
     return EditLoRAModule(
         transformer,
@@ -210,8 +213,12 @@ def train(cfg: DictConfig) -> dict:
             cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
     seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    module = build_module(cfg, Path(cfg.model.path))
+    conditioner = None
+    if cache_enabled(cfg):  # never loads the VAE or text encoder (fusedit.cache)
+        datamodule, conditioner = prepare_cached_training(cfg)
+    else:
+        datamodule = instantiate(cfg.data)
+    module = build_module(cfg, Path(cfg.model.path), conditioner)
     callbacks = build_callbacks(cfg)
     failed = True
     try:
