@@ -175,6 +175,8 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
         else False,
         checkpoint_every=cfg.model.activation_checkpointing,
         compile=_plain(cfg.model.compile),
+        fp8_compute={"compute_dtype": precision.compute_dtype} if precision.get("fp8_compute") else False,
+        checkpoint_offload=cfg.model.get("checkpoint_offload", False),
     )
     if conditioner is None:
         conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
@@ -187,6 +189,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         seed=cfg.seed,
         fixed_noise=cfg.get("fixed_noise", False),
+        attention=cfg.model.get("attention", "auto"),
     )
 
 
