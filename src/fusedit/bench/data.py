@@ -7,8 +7,6 @@ for each requested worker count; plus a one-process breakdown per image of decod
 
 from __future__ import annotations
 
-import csv
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +17,8 @@ from PIL import Image
 from fusedit.data.datamodule import EditDataModule
 from fusedit.data.dataset import plan_sizes
 from fusedit.data.images import load_image, resize_edit, resize_target, to_tensor
-from fusedit.io import atomic_write_path, write_text_atomic
+from fusedit.data.records import write_metadata_csv
+from fusedit.io import atomic_write_path
 
 
 def make_jpeg_dataset(out_dir: str | Path, samples: int, size: tuple[int, int], seed: int = 0) -> Path:
@@ -38,13 +37,7 @@ def make_jpeg_dataset(out_dir: str | Path, samples: int, size: tuple[int, int], 
             with atomic_write_path(out / f"images/{role}_{index:04d}.jpg") as tmp:
                 image.save(tmp, format="JPEG", quality=90)
         rows.append((f"images/target_{index:04d}.jpg", f"images/edit_{index:04d}.jpg", f"edit number {index}"))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "edit_image", "prompt"])
-    writer.writerows(rows)
-    metadata = out / "metadata.csv"
-    write_text_atomic(metadata, buffer.getvalue())
-    return metadata
+    return write_metadata_csv(out / "metadata.csv", rows)
 
 
 def _stage_breakdown(dataset, limit: int = 8) -> dict[str, float]:

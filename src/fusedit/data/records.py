@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusedit.data.errors import MetadataError
+from fusedit.io import write_text_atomic
 
 EDIT_IMAGE_SEPARATOR = "|"
 
@@ -168,3 +169,14 @@ def read_records(path: str | Path, columns: Columns | None = None) -> list[Recor
     if suffix == ".csv":
         return _read_csv(path, text, columns)
     return _read_jsonl(path, text, columns)
+
+
+def write_metadata_csv(path: str | Path, rows: list[tuple[str, str, str]], columns: Columns | None = None) -> Path:
+    """Write (image, edit_image, prompt) rows as the metadata CSV `read_records` reads, atomically."""
+    columns = columns or Columns()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([columns.image, columns.edit_image, columns.prompt])
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+    return Path(path)

@@ -6,14 +6,13 @@ Each input (edit_image) has a square and a circle in random colours and places o
 
 from __future__ import annotations
 
-import csv
-import io
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from fusedit.io import atomic_write_path, write_text_atomic
+from fusedit.data.records import write_metadata_csv
+from fusedit.io import atomic_write_path
 
 RED = (220, 30, 30)
 PROMPTS = {"square": "make the square red", "circle": "make the circle red"}
@@ -71,10 +70,4 @@ def make_sample_dataset(out_dir: str | Path, n: int = 12, size: int = 64, seed: 
         _save_png(_draw(size, background, edited_square, edited_circle), out / image_name)
         rows.append((image_name, edit_name, PROMPTS[target_shape]))
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "edit_image", "prompt"])
-    writer.writerows(rows)
-    metadata = out / "metadata.csv"
-    write_text_atomic(metadata, buffer.getvalue())
-    return metadata
+    return write_metadata_csv(out / "metadata.csv", rows)
