@@ -240,3 +240,18 @@ def test_cli_fills_the_cache_once(tmp_path, tiny_edit_path, data, capsys):
     assert main([*args, "--verify"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["encoded"] == 0 and stats["verified"] == 4
+
+
+def test_bad_rows_are_skipped_or_reported_like_the_live_data_module(tmp_path, tiny_edit_path, data, monkeypatch):
+    rows = csv_rows(data)
+    (data.parent / rows[2]["edit_image"]).unlink()
+    with pytest.raises(Exception, match=rf"row 4.*{rows[2]['edit_image']}.*file not found"):
+        datamodule(data, tmp_path / "cache", tiny_edit_path).setup()
+    first = datamodule(data, tmp_path / "cache", tiny_edit_path, on_error="skip")
+    first.setup()
+    assert first.stats["usable"] == 3 and first.stats["encoded"] == 3
+    forbid_encoders(monkeypatch)
+    second = datamodule(data, tmp_path / "cache", tiny_edit_path, on_error="skip")
+    second.setup()
+    assert second.stats["usable"] == 3 and second.stats["encoded"] == 0
+    assert [row.row for row in second.train_dataset.rows] == [2, 3, 5]
