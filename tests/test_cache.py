@@ -121,28 +121,30 @@ def test_a_changed_image_or_prompt_recomputes_exactly_that_row(tmp_path, tiny_ed
     assert back.stats["encoded"] == 0
 
 
-@pytest.mark.parametrize("change", ["dtype", "max_pixels", "encoder_file"])
-def test_an_encoder_setting_change_invalidates_everything(tmp_path, tiny_edit_path, data, monkeypatch, change):
+def test_an_encoder_setting_change_invalidates_everything(tmp_path, tiny_edit_path, data, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_edit_path, model)
     first = datamodule(data, tmp_path / "cache", model)
     first.setup()
-    kwargs = {}
-    if change == "dtype":
-        kwargs["dtype"] = "bfloat16"
-    elif change == "max_pixels":
-        kwargs["max_pixels"] = 16 * 16
-    else:
-        config = model / "text_encoder" / "generation_config.json"
+    config = model / "text_encoder" / "generation_config.json"
+
+    def edit_config():
         config.write_text(json.dumps({**json.loads(config.read_text()), "fusedit_test": 1}))
-    with monkeypatch.context() as patch:
-        calls = EncoderCalls(patch)
-        second = datamodule(data, tmp_path / "cache", model, **kwargs)
-        second.setup()
-    assert second.stats["encoded"] == 4 and len(calls.prompts) == 4
-    assert second.cache.dir != first.cache.dir
-    if change == "dtype":
-        assert second.cache.read(second.train_dataset.rows[0].key)["prompt"].dtype == torch.bfloat16
+        return {}
+
+    changes = {"dtype": lambda: {"dtype": "bfloat16"}, "max_pixels": lambda: {"max_pixels": 16 * 16}}
+    changes["encoder_file"] = edit_config  # last: it changes the model for good
+    directories = {first.cache.dir}
+    for name, change in changes.items():
+        with monkeypatch.context() as patch:
+            calls = EncoderCalls(patch)
+            second = datamodule(data, tmp_path / "cache", model, **change())
+            second.setup()
+        assert second.stats["encoded"] == 4 and len(calls.prompts) == 4, name
+        directories.add(second.cache.dir)
+        if name == "dtype":
+            assert second.cache.read(second.train_dataset.rows[0].key)["prompt"].dtype == torch.bfloat16
+    assert len(directories) == 4
 
 
 def test_buckets_come_from_the_cached_latent_shapes(tmp_path, tiny_edit_path, monkeypatch):

@@ -10,7 +10,8 @@ import torch
 
 from fusedit.model import perf
 from fusedit.model.perf import Float8ComputeLinear, lora_inputs_follow_autocast, sdpa_backends
-from fusedit.training import build, module as module_lib
+from fusedit.training import build
+from fusedit.training import module as module_lib
 from fusedit.training.build import build_transformer, stages_applied
 from fusedit.training.conditioning import EditInputs
 from fusedit.training.module import EditLoRAModule
