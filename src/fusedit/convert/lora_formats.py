@@ -319,6 +319,16 @@ def lora_from_state_dict(
             alpha_values[module] = alpha.item()
     if problems:
         raise ValueError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
+    # The one place every LoRA read passes (inference, conversion, detect-and-load): NaN/inf weights would turn
+    # every generated image black or into noise, far from the file that caused it.
+    nonfinite = [
+        key
+        for roles in parsed.modules.values()
+        for key in roles.values()
+        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all())
+    ]
+    if nonfinite:
+        raise ValueError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {_examples(nonfinite)}")
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, what)
     for module, roles in parsed.modules.items():
         modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module])

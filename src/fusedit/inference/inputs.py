@@ -45,14 +45,10 @@ def _need_prompt(prompt: str | None, where: str) -> str:
     return str(prompt)
 
 
-def _resolve(base: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
-
-
 def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
     from fusedit.data.errors import MetadataError
     from fusedit.data.records import Columns, read_records
+    from fusedit.data.validation import PathRefused, resolve_path
 
     input_column, prompt_column = columns.get("input_column", "edit_image"), columns.get("prompt_column", "prompt")
     target_column = columns.get("target_column", "image")
@@ -65,19 +61,31 @@ def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
         except MetadataError:
             targets = {}  # no target column: the sheet shows input | output only
     base = path.parent
+    allow_absolute = bool(columns.get("allow_absolute_paths", False))
     jobs, taken, problems = [], set(), []
+
+    def inside(value: str, column: str, where: str) -> Path | None:
+        # The same rule as training data (fusedit.data): a table cannot reach files outside its own folder.
+        try:
+            return resolve_path(value, base, allow_absolute)
+        except PathRefused as error:
+            reason = str(error).replace("data.base_path", "the CSV's folder").replace("data.", "csv.")
+            problems.append(f"{where} column {column!r}: path {value!r} refused: {reason}")
+            return None
+
     for record in records:
         where = f"{path} row {record.row}"
         for column, message in record.problems:
             problems.append(f"{where}{f' column {column!r}' if column else ''}: {message}")
-        images = tuple(_resolve(base, value) for value in record.edit_images if value)
+        resolved = (inside(value, input_column, where) for value in record.edit_images if value)
+        images = tuple(image for image in resolved if image is not None)
         for image in images:
             if not image.is_file():
                 problems.append(f"{where} column {input_column!r}: image {image} not found")
         row_prompt = record.prompt if record.prompt.strip() else prompt
         if row_prompt is None or not str(row_prompt).strip():
             problems.append(f"{where} column {prompt_column!r}: empty prompt and no prompt= given")
-        target = _resolve(base, targets[record.row]) if targets.get(record.row) else None
+        target = inside(targets[record.row], target_column, where) if targets.get(record.row) else None
         if target is not None and not target.is_file():
             problems.append(f"{where} column {target_column!r}: target {target} not found")
         stem = f"row{record.row:04d}" + (f"_{images[0].stem}" if images else "")

@@ -112,6 +112,13 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
                 + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
                 + " — is it a LoRA for a different model?"
             )
+        mismatched = _shape_mismatches(transformer, converted)
+        if mismatched:
+            raise ValueError(
+                f"LoRA {path} does not fit the {target_layout} transformer (another hidden size?): "
+                + "; ".join(mismatched[:5])
+                + (f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else "")
+            )
         name = _adapter_name(spec, index, set(names))
         transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=config)
         names.append(name)
@@ -134,6 +141,21 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
     if fuse:
         transformer.fuse_lora(adapter_names=names)
     return records
+
+
+def _shape_mismatches(model: nn.Module, weights: LoraWeights) -> list[str]:
+    """`module: A [r, in] / B [out, r] vs Linear in -> out` for every LoRA module whose sizes the model's lack."""
+    found = []
+    for module, mod in weights.modules.items():
+        layer = model.get_submodule(module)
+        layer = getattr(layer, "base_layer", layer)  # already wrapped by an earlier adapter
+        in_features, out_features = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+        if (in_features, out_features) != (mod.A.shape[1], mod.B.shape[0]):
+            found.append(
+                f"{module}: lora_A {list(mod.A.shape)} / lora_B {list(mod.B.shape)} vs Linear "
+                f"{in_features} -> {out_features}"
+            )
+    return found
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

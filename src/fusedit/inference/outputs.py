@@ -33,7 +33,12 @@ class OutputPaths:
             self._image = None
 
     def image(self, job: Job) -> Path:
-        return self._image or self.folder / f"{job.name}.png"
+        if self._image is not None:
+            return self._image
+        # Names come from file stems (never a separator); refuse anything else so no job writes outside `folder`.
+        if not job.name or job.name in (".", "..") or any(sep in job.name for sep in ("/", "\\", "\x00")):
+            raise ValueError(f"job name {job.name!r} ({job.source}) cannot be an output file name in {self.folder}")
+        return self.folder / f"{job.name}.png"
 
     def sheet(self, job: Job) -> Path:
         image = self.image(job)

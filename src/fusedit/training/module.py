@@ -5,8 +5,9 @@ conditioner (VAE + text encoder, see conditioning.py) and the objective (objecti
 weights only (`state_dict` is restricted to the trainable set) plus Lightning's optimizer/scheduler/loop state,
 never the frozen 20B base.
 
-Randomness per step (noise levels and noise) comes from a generator seeded by (seed, global step, rank), not
-from the global RNG, so a resumed run draws exactly what an uninterrupted one would have.
+Randomness per step (noise levels and noise) comes from generators seeded per sample by (seed, global step,
+dataset row), not from the global RNG: a resumed run draws exactly what an uninterrupted one would have, and a
+sample gets the same draw whichever rank or batch position it lands on (2 ranks x batch 1 = 1 rank x batch 2).
 """
 
 from __future__ import annotations
@@ -130,8 +131,18 @@ class EditLoRAModule(LightningModule):
     def _step_seed(self) -> int:
         if self.fixed_noise:  # debug=overfit: the same draw every step, so a fixed batch can be memorised
             return self.seed
-        # Distinct per step and per rank, identical across restarts.
-        return (self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63)
+        # Distinct per step, identical across restarts (and across ranks: samples_seeds adds the row).
+        return (self.seed * 1_000_003 + self.global_step * 7919) % (2**63)
+
+    @staticmethod
+    def sample_seeds(seed: int, rows) -> list[int]:
+        """One seed per sample from its dataset row (and its repeat within the batch), independent of the rank."""
+        seen: dict[int, int] = {}
+        seeds = []
+        for row in (int(r) for r in rows):
+            seen[row] = seen.get(row, -1) + 1
+            seeds.append((seed * 1_000_033 + row * 104_729 + seen[row] * 15_485_863 + 1) % (2**63))
+        return seeds
 
     def predict_velocity(self, noisy: torch.Tensor, inputs: EditInputs, sigmas: torch.Tensor) -> torch.Tensor:
         """Transformer velocity for the target tokens; the edit-image tokens ride along as conditioning."""
@@ -151,19 +162,31 @@ class EditLoRAModule(LightningModule):
             )[0]
         return output[:, : noisy.shape[1]]
 
-    def compute_loss(self, inputs: EditInputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, sigmas) for one batch with all randomness drawn from `seed`."""
-        cpu_generator, device_generator = self._generators(seed)
+    def compute_loss(self, inputs: EditInputs, seed: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, sigmas) for one batch with all randomness drawn from `seed` (per sample with `rows`)."""
         # Noising and the target in float32; the transformer gets its own dtype in predict_velocity.
         x0 = inputs.target.float()
-        sigmas = self.objective.sample_sigmas(x0.shape[0], x0.shape[1], cpu_generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=device_generator, device=x0.device, dtype=x0.dtype)
+        if rows is None:
+            cpu_generator, device_generator = self._generators(seed)
+            sigmas = self.objective.sample_sigmas(x0.shape[0], x0.shape[1], cpu_generator).to(x0.device)
+            noise = torch.randn(x0.shape, generator=device_generator, device=x0.device, dtype=x0.dtype)
+        else:
+            draws = []
+            for sample_seed in self.sample_seeds(seed, rows):
+                cpu_generator, device_generator = self._generators(sample_seed)
+                sigma = self.objective.sample_sigmas(1, x0.shape[1], cpu_generator)
+                draws.append((sigma, torch.randn(x0.shape[1:], generator=device_generator, device=x0.device)))
+            sigmas = torch.cat([sigma for sigma, _ in draws]).to(x0.device)
+            noise = torch.stack([sample for _, sample in draws]).to(x0.dtype)
         prediction = self.predict_velocity(self.objective.noisy(x0, noise, sigmas), inputs, sigmas)
         return self.objective.loss(prediction, self.objective.target(x0, noise), sigmas), sigmas
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs = self.conditioner(batch)
-        loss, _ = self.compute_loss(inputs, self._step_seed())
+        rows = batch.get("row")
+        # Without row numbers, the rank keeps the ranks' draws apart.
+        seed = self._step_seed() if rows is not None else self._step_seed() + self.global_rank
+        loss, _ = self.compute_loss(inputs, seed, rows=rows)
         batch_size = inputs.target.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self._batch_stats = (batch_size, batch_size * inputs.tokens_per_sample)

@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -27,8 +28,11 @@ from fusedit.cache.training import cache_enabled, prepare_cached_training
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.conditioning import EditConditioner
 from fusedit.training.module import EditLoRAModule
+from fusedit.training.signals import GracefulStop, auto_resume_checkpoint
+from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +203,7 @@ def train(cfg: DictConfig) -> dict:
     # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
+    validate_train_config(cfg)
     ckpt_file = None
     if cfg.get("ckpt_path"):
         ckpt_file, resumed_run = resolve_checkpoint(cfg.ckpt_path)
@@ -208,6 +213,10 @@ def train(cfg: DictConfig) -> dict:
                 cfg.paths.output_dir = str(resumed_run)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_file is None and cfg.get("auto_resume", True):
+        ckpt_file = auto_resume_checkpoint(run_dir)  # a requeued job in its own run dir continues
+        if ckpt_file is not None:
+            log.info("run dir %s holds %s: continuing from it", run_dir, ckpt_file)
 
     with open_dict(cfg):
         if cfg.model.path is None:
@@ -222,8 +231,10 @@ def train(cfg: DictConfig) -> dict:
     else:
         datamodule = instantiate(cfg.data)
     module = build_module(cfg, Path(cfg.model.path), conditioner)
+    if ckpt_file is not None:
+        check_checkpoint_file(ckpt_file, module)
     callbacks = build_callbacks(cfg)
-    failed = True
+    failed, stop = True, next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
     try:
         loggers = build_loggers(cfg, run_dir)
         trainer: Trainer = instantiate(
@@ -233,7 +244,14 @@ def train(cfg: DictConfig) -> dict:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 (run_dir / WANDB_ID_FILE).write_text(logger.version or "")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None, weights_only=True)
+        refuse_subprocess_launch_in_multirun(trainer)
+        try:
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=str(ckpt_file) if ckpt_file else None, weights_only=True
+            )
+        except SIGTERMException:
+            if stop is None or stop.stopped_by is None:
+                raise
         failed = False
     finally:
         close_wandb(failed)
@@ -248,6 +266,8 @@ def train(cfg: DictConfig) -> dict:
         "lora_path": lora_path,
         "checkpoint": checkpoint if checkpoint.is_file() else None,
         "metrics": metrics,
+        "stopped_by": stop.stopped_by if stop else None,
+        "exit_code": stop.exit_code if stop else None,
     }
     if trainer.is_global_zero:
         _report(result, trainer)
@@ -256,6 +276,8 @@ def train(cfg: DictConfig) -> dict:
 
 def _report(result: dict, trainer: Trainer) -> None:
     lines = [f"fusedit: trained {trainer.global_step} steps"]
+    if result.get("stopped_by"):
+        lines[0] = f"fusedit: stopped by {result['stopped_by']} after step {trainer.global_step} (checkpoint saved)"
     if "train/loss" in result["metrics"]:
         lines[0] += f", last train/loss {result['metrics']['train/loss']:.4g}"
     lines.append(f"  LoRA:       {result['lora_path'] or '(none written)'}")

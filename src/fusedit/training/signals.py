@@ -1,0 +1,104 @@
+"""Stop cleanly on SIGTERM / SIGINT / SLURM preemption: finish the step, save a checkpoint, exit.
+
+SIGTERM is Lightning's: its signal connector sets `trainer.received_sigterm` (and under DDP forwards the signal to
+the processes it launched; on SLURM with `SLURMEnvironment(auto_requeue=True)` the requeue signal saves an HPC
+checkpoint and requeues the job). SIGINT (Ctrl-C) would otherwise raise KeyboardInterrupt wherever the process
+happens to be, e.g. half-way through the optimizer update, so this callback turns the first one into the same
+request; a second Ctrl-C interrupts at once.
+
+The request is acted on at the end of a training step (`on_train_batch_end`, the point where ModelCheckpoint's
+periodic checkpoints are taken and from which a resume is exact), reduced over all ranks so every rank saves the
+same step: `checkpoints/last.ckpt` is written and Lightning's `SIGTERMException` ends `fit`. `train()` reports the
+stop and the resume command; `python train.py` then exits with 128 + the signal number (143 for SIGTERM, 130 for
+SIGINT), so schedulers and shell scripts see an interrupted run, not a finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from fusedit.training.checkpoint import CHECKPOINT_DIR, LAST
+
+log = logging.getLogger(__name__)
+
+
+class GracefulStop(Callback):
+    def __init__(self, handle_sigint: bool = True):
+        self.handle_sigint = bool(handle_sigint)
+        self.requested: str | None = None  # the signal that asked us to stop (our own handler)
+        self.stopped_by: str | None = None
+        self.step: int | None = None
+        self.checkpoint: Path | None = None
+        self._previous_sigint = None
+
+    # -- signal handling ---------------------------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested is not None:  # second Ctrl-C: the user does not want to wait
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning(
+            "%s received: stopping after this step with a checkpoint (press Ctrl-C again to abort)", self.requested
+        )
+
+    def _restore(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.handle_sigint and threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
+
+    # -- acting on a request ---------------------------------------------------------------------------------------
+    def _checkpoint_path(self, trainer: Trainer) -> Path:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                return Path(callback.dirpath) / LAST
+        return Path(trainer.default_root_dir) / CHECKPOINT_DIR / LAST
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        local = self.requested is not None or trainer.received_sigterm
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+            return
+        self.stopped_by = self.requested or "SIGTERM"
+        self.step = trainer.global_step
+        self.checkpoint = self._checkpoint_path(trainer)
+        trainer.save_checkpoint(self.checkpoint)
+        log.warning("%s: checkpoint of step %d saved to %s; stopping", self.stopped_by, self.step, self.checkpoint)
+        raise SIGTERMException
+
+    @property
+    def exit_code(self) -> int | None:
+        return 128 + signal.Signals[self.stopped_by].value if self.stopped_by else None
+
+
+def auto_resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a restarted job in an existing run dir continues from, or None for a fresh run dir.
+
+    A requeued SLURM job (or a resubmitted submitit job) runs the same command again in the same run dir: it must
+    continue, not start over and overwrite. Candidates are `checkpoints/last.ckpt` (periodic and on-signal saves) and
+    Lightning's `hpc_ckpt_N.ckpt` (saved by its SLURM requeue handler); the one with the highest global step wins.
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    candidates = [run_dir / CHECKPOINT_DIR / LAST, *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
+    best, best_step = None, -1
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        step = int(torch.load(candidate, map_location="cpu", weights_only=True).get("global_step", 0))
+        if step > best_step:
+            best, best_step = candidate, step
+    return best

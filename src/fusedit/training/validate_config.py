@@ -1,0 +1,138 @@
+"""Check a composed training config before anything heavy is loaded: one clear message per mistake.
+
+Hydra already refuses unknown groups, options and keys (with the valid choices). What it cannot know is that a
+rank of 0, a negative learning rate, a misspelt LoRA target, a model folder that is not a Qwen-Image-Edit pipeline
+or a missing metadata file would each fail minutes later, deep inside model loading or the first step, as a wall of
+stack trace. `validate_train_config` finds all of them in milliseconds and raises one `ConfigError` listing every
+problem; `python train.py` prints it as a single error without a traceback (see train.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """The training config cannot work; the message names every offending key."""
+
+
+def _number(cfg: DictConfig, key: str):
+    value = OmegaConf.select(cfg, key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _check_model(path: str, problems: list[str]) -> None:
+    from fusedit.detect import detect
+
+    location = Path(path).expanduser()
+    if not location.exists():
+        problems.append(f"model.path={path} does not exist")
+        return
+    try:
+        report = detect(location)
+    except (ValueError, OSError) as error:
+        problems.append(f"model.path={path} is not a Qwen-Image model: fusedit detect says: {error}")
+        return
+    kind, family = report.get("kind"), report.get("family")
+    if kind != "pipeline":
+        what = f"a {kind}" + (f" ({family})" if family else "")
+        problems.append(
+            f"model.path={path} is {what}, but training needs a Qwen-Image-Edit pipeline folder "
+            "(model_index.json with transformer/, vae/, text_encoder/, tokenizer/, processor/)"
+        )
+    elif not str(family).startswith("qwen-image-edit"):
+        problems.append(
+            f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains "
+            "Qwen-Image-Edit LoRAs (Qwen-Image-Edit, -2509, -2511)"
+        )
+
+
+def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
+    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at model.path / data.metadata."""
+    problems: list[str] = []
+
+    rank = OmegaConf.select(cfg, "lora.rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        problems.append(f"lora.rank must be an integer >= 1, got {rank!r}")
+    alpha = _number(cfg, "lora.alpha")
+    if alpha is None or not alpha > 0:
+        problems.append(f"lora.alpha must be > 0, got {OmegaConf.select(cfg, 'lora.alpha')!r}")
+    dropout = _number(cfg, "lora.dropout")
+    if dropout is None or not 0.0 <= dropout < 1.0:
+        problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
+    try:
+        from fusedit.lora.targets import resolve_targets
+
+        targets = OmegaConf.select(cfg, "lora.targets")
+        resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
+    except ValueError as error:
+        problems.append(f"lora.targets: {error}")
+
+    lr = _number(cfg, "optim.lr")
+    if lr is None or not (math.isfinite(lr) and lr > 0):
+        problems.append(f"optim.lr must be a finite number > 0, got {OmegaConf.select(cfg, 'optim.lr')!r}")
+    weight_decay = _number(cfg, "optim.weight_decay")
+    if weight_decay is None or weight_decay < 0:
+        problems.append(f"optim.weight_decay must be >= 0, got {OmegaConf.select(cfg, 'optim.weight_decay')!r}")
+    clip = OmegaConf.select(cfg, "optim.grad_clip")
+    if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
+        problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
+
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
+        problems.append(f"trainer.max_steps must be >= 1 (or -1 with trainer.max_epochs), got {max_steps!r}")
+    batch_size = OmegaConf.select(cfg, "data.batch_size")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
+    if accumulate is not None and (not isinstance(accumulate, int) or accumulate < 1):
+        problems.append(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    streak = OmegaConf.select(cfg, "faults.max_consecutive_nonfinite")
+    if streak is not None and (not isinstance(streak, int) or streak < 1):
+        problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
+
+    if check_paths:
+        model_path = OmegaConf.select(cfg, "model.path")
+        if model_path is not None:
+            _check_model(str(model_path), problems)
+        metadata = OmegaConf.select(cfg, "data.metadata")
+        if metadata is not None:
+            location = Path(str(metadata)).expanduser()
+            if not location.is_file():
+                problems.append(
+                    f"data.metadata={metadata} "
+                    + ("is a directory, not a file" if location.is_dir() else "does not exist")
+                )
+
+    if problems:
+        head = "invalid training config" if len(problems) > 1 else "invalid training config:"
+        raise ConfigError(head + ("\n  " if len(problems) > 1 else " ") + "\n  ".join(problems))
+
+
+def refuse_subprocess_launch_in_multirun(trainer) -> None:
+    """`python train.py -m ...` with a strategy that re-launches the script (DDP/FSDP on one node) cannot work.
+
+    Lightning starts ranks > 0 by running the script's command line again (with `hydra.run.dir` pinned to rank
+    0's run dir); in a multirun that command line holds `-m` and the sweep, so every rank would start the whole
+    sweep again. Sweeps of multi-GPU jobs go through a launcher that creates the ranks itself
+    (`hydra/launcher=fusedit_slurm`: one SLURM job per sweep point, one task per GPU).
+    """
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        multirun = False
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if multirun and isinstance(launcher, _SubprocessScriptLauncher):
+        raise ConfigError(
+            f"a multirun (-m) cannot use {type(trainer.strategy).__name__} with {trainer.num_devices} local devices: "
+            "Lightning would re-run the whole sweep in every rank. Run the jobs one at a time, or sweep through "
+            "hydra/launcher=fusedit_slurm (one SLURM job per sweep point; SLURM starts the ranks)."
+        )

@@ -1,0 +1,473 @@
+"""Faults, bad configs, bad checkpoints and LoRAs, output paths: each case has a clear, tested outcome.
+
+Signals (subprocess SIGTERM + resume) and DDP are in test_reliability_processes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusedit.data import make_sample_dataset
+from fusedit.training.checkpoint_checks import CheckpointError
+from fusedit.training.faults import NonFiniteTrainingError
+from fusedit.training.module import EditLoRAModule
+from fusedit.training.train import train
+from fusedit.training.validate_config import ConfigError, validate_train_config
+from tests.reliability_helpers import PoisonGradients, SendSignal, lora_tensors
+from tests.training_utils import compose_train, train_cfg
+
+
+@pytest.fixture(scope="module")
+def sample_metadata(tmp_path_factory) -> Path:
+    return make_sample_dataset(tmp_path_factory.mktemp("data"), n=4, size=32)
+
+
+def run(cfg, extra_callbacks=()):
+    import fusedit.training.train as train_module
+
+    original = train_module.build_callbacks
+    train_module.build_callbacks = lambda c: [*original(c), *extra_callbacks]
+    try:
+        return train(cfg)
+    finally:
+        train_module.build_callbacks = original
+
+
+def optimizer_steps_taken(checkpoint_path) -> set[int]:
+    state = torch.load(checkpoint_path, weights_only=True)["optimizer_states"][0]["state"]
+    return {int(entry["step"]) for entry in state.values()}
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+def test_nan_gradients_skip_the_step_and_are_counted(tmp_path, tiny_edit_path, sample_metadata):
+    cfg = train_cfg(
+        tmp_path,
+        tiny_edit_path,
+        sample_metadata,
+        ["trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=5", "optim.lr=1e-3"],
+    )
+    result = run(cfg, [PoisonGradients({2, 4})])
+    assert result["metrics"]["train/skipped_steps"] == 2
+    # The two poisoned steps never reached AdamW: its per-parameter step counters saw 3 updates, not 5.
+    assert optimizer_steps_taken(result["checkpoint"]) == {3}
+    assert torch.load(result["checkpoint"], weights_only=True)["global_step"] == 5
+    assert all(torch.isfinite(t).all() for t in lora_tensors(result["lora_path"]).values())
+
+
+def test_a_streak_of_nan_losses_stops_the_run_keeping_the_last_good_lora(
+    tmp_path, tiny_edit_path, sample_metadata, monkeypatch
+):
+    common = ["optim.lr=1e-3", "faults.max_consecutive_nonfinite=3"]
+    reference = train(train_cfg(tmp_path / "ref", tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=2"]))
+
+    original = EditLoRAModule.compute_loss
+
+    def poisoned(self, inputs, seed, rows=None):
+        loss, sigmas = original(self, inputs, seed, rows)
+        if self.training and self.global_step >= 2:  # steps 3, 4, 5, ... (1-based)
+            loss = loss * float("nan")
+        return loss, sigmas
+
+    monkeypatch.setattr(EditLoRAModule, "compute_loss", poisoned)
+    cfg = train_cfg(tmp_path / "bad", tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=10"])
+    with pytest.raises(NonFiniteTrainingError, match=r"3 optimizer steps in a row .* last good LoRA is .*last-good"):
+        train(cfg)
+    last_good = tmp_path / "bad" / "run" / "lora" / "last-good.safetensors"
+    kept, expected = lora_tensors(last_good), lora_tensors(reference["lora_path"])
+    assert kept.keys() == expected.keys()
+    for key in kept:  # the weights after the last finite step (2), untouched by the NaN steps
+        assert torch.equal(kept[key], expected[key]), key
+
+
+def test_guard_state_survives_resume():
+    from fusedit.training.faults import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_consecutive=2)
+    guard.skipped, guard.consecutive = 7, 1
+    restored = NonFiniteGuard(max_consecutive=2)
+    restored.load_state_dict(guard.state_dict())
+    assert (restored.skipped, restored.consecutive) == (7, 1)
+    with pytest.raises(ValueError, match="max_consecutive_nonfinite"):
+        NonFiniteGuard(max_consecutive=0)
+
+
+# ---------------------------------------------------------------------------------------------------- signals
+def test_sigint_stops_after_the_step_with_a_checkpoint(tmp_path, tiny_edit_path, sample_metadata):
+    cfg = train_cfg(tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=8"])
+    before = signal.getsignal(signal.SIGINT)
+    result = run(cfg, [SendSignal(3, signal.SIGINT)])
+    assert result["stopped_by"] == "SIGINT" and result["exit_code"] == 130
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
+    assert checkpoint["global_step"] == 3  # the step that was running when Ctrl-C came, not one more
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored after fit
+
+
+# ---------------------------------------------------------------------------------------------------- bad configs
+def _problems(overrides, tmp_path=None):
+    cfg = compose_train(overrides)
+    with pytest.raises(ConfigError) as error:
+        validate_train_config(cfg)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.rank=0", "lora.rank must be an integer >= 1, got 0"),
+        ("lora.alpha=-1", "lora.alpha must be > 0"),
+        ("optim.lr=-1e-4", "optim.lr must be a finite number > 0, got -0.0001"),
+        ("optim.lr=nan", "optim.lr must be a finite number > 0"),
+        ("lora.targets=[to_qkv,to_kqv]", "unknown LoRA target(s) ['to_kqv']. Valid: a named layout"),
+        ("trainer.max_steps=0", "trainer.max_steps must be >= 1"),
+        ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
+        ("faults.max_consecutive_nonfinite=0", "faults.max_consecutive_nonfinite must be an integer >= 1"),
+        ("data.metadata=/nonexistent/meta.csv", "data.metadata=/nonexistent/meta.csv does not exist"),
+        ("model.path=/nonexistent/model", "model.path=/nonexistent/model does not exist"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("optim.grad_clip=0", "optim.grad_clip must be > 0 or null"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1"),
+        ("lora.dropout=1.0", "lora.dropout must be in [0, 1)"),
+    ],
+)
+def test_bad_config_values_are_named(override, expected):
+    assert expected in _problems([override])
+
+
+def test_every_problem_is_listed_at_once():
+    message = _problems(["lora.rank=0", "optim.lr=-1"])
+    assert message.startswith("invalid training config\n")
+    assert "lora.rank" in message and "optim.lr" in message
+
+
+def test_a_model_path_that_is_not_a_qwen_image_pipeline(tmp_path, tiny_edit_path):
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (other / "transformer").mkdir()
+    (other / "transformer" / "config.json").write_text("{}")
+    message = _problems([f"model.path={other}"])
+    assert "is not a Qwen-Image model: fusedit detect says:" in message
+    # A transformer folder alone (detect: kind transformer) cannot train: the conditioner needs the pipeline.
+    message = _problems([f"model.path={tiny_edit_path / 'transformer'}"])
+    assert "is a transformer (qwen-image)" in message and "needs a Qwen-Image-Edit pipeline folder" in message
+    # A LoRA file is named as what it is.
+    lora = tmp_path / "x.safetensors"
+    save_file(
+        {
+            "transformer.proj_out.lora_A.weight": torch.zeros(2, 4),
+            "transformer.proj_out.lora_B.weight": torch.zeros(4, 2),
+        },
+        str(lora),
+    )
+    assert "is a lora" in _problems([f"model.path={lora}"])
+
+
+def test_a_text_to_image_pipeline_is_not_an_edit_model(tiny_t2i_path):
+    assert "fusedit trains Qwen-Image-Edit LoRAs" in _problems([f"model.path={tiny_t2i_path}"])
+
+
+def test_user_errors_are_told_apart_from_bugs(tmp_path):
+    from fusedit.training.checkpoint import resolve_checkpoint
+    from fusedit.training.errors import user_error_message
+
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_checkpoint(tmp_path / "nope")
+    assert user_error_message(error.value).startswith("ckpt_path=")
+    assert user_error_message(ConfigError("x")) == "x"
+    assert user_error_message(CheckpointError("y")) == "y"
+    assert user_error_message(KeyError("bug")) is None  # a bug keeps its traceback
+
+
+def test_validation_runs_before_anything_is_loaded(tmp_path, monkeypatch):
+    import fusedit.training.train as train_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model was built before the config was validated")
+
+    monkeypatch.setattr(train_module, "build_module", must_not_run)
+    monkeypatch.setattr(train_module, "default_model_path", must_not_run)
+    cfg = train_cfg(tmp_path, tmp_path / "missing-model", tmp_path / "missing.csv", ["lora.rank=0"])
+    with pytest.raises(ConfigError, match="lora.rank") as error:
+        train(cfg)
+    assert "missing-model does not exist" in str(error.value) and "missing.csv does not exist" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, tiny_edit_path, sample_metadata):
+    tmp = tmp_path_factory.mktemp("saved")
+    return train(
+        train_cfg(
+            tmp,
+            tiny_edit_path,
+            sample_metadata,
+            ["trainer.max_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1"],
+        )
+    )
+
+
+def _resume(tmp_path, tiny_edit_path, sample_metadata, checkpoint, extra=()):
+    cfg = train_cfg(
+        tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=2", f"ckpt_path={checkpoint}", *extra]
+    )
+    return train(cfg)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_key(tmp_path, saved_run, tiny_edit_path, sample_metadata):
+    checkpoint = torch.load(saved_run["checkpoint"], weights_only=True)
+    key = sorted(checkpoint["state_dict"])[3]
+    checkpoint["state_dict"][key][0, 0] = float("nan")
+    path = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=rf"holds non-finite weights: {key.replace('.', '[.]')} \(1 NaN"):
+        _resume(tmp_path, tiny_edit_path, sample_metadata, path)
+
+
+def test_a_checkpoint_with_nan_optimizer_state_is_refused(tmp_path, saved_run, tiny_edit_path, sample_metadata):
+    checkpoint = torch.load(saved_run["checkpoint"], weights_only=True)
+    checkpoint["optimizer_states"][0]["state"][0]["exp_avg_sq"].fill_(float("inf"))
+    path = tmp_path / "inf.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(
+        CheckpointError, match=r"non-finite optimizer state: optimizer_states\[0\]\.state\.0\.exp_avg_sq"
+    ):
+        _resume(tmp_path, tiny_edit_path, sample_metadata, path)
+
+
+def test_a_checkpoint_of_other_lora_settings_is_refused_with_shapes(
+    tmp_path, saved_run, tiny_edit_path, sample_metadata
+):
+    with pytest.raises(CheckpointError) as error:
+        _resume(tmp_path, tiny_edit_path, sample_metadata, saved_run["checkpoint"], ["lora.rank=8"])
+    message = str(error.value)
+    assert (
+        "tensors have the wrong shape" in message
+        and "lora_A.default.weight: file [4, " in message
+        and "model [8, " in message
+    )
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_keys(tmp_path, saved_run, tiny_edit_path, sample_metadata):
+    # Another model: one more transformer block than this one (keys the model lacks) and one block fewer.
+    checkpoint = torch.load(saved_run["checkpoint"], weights_only=True)
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if ".transformer_blocks.1." in k]:
+        state[key.replace(".transformer_blocks.1.", ".transformer_blocks.7.")] = state.pop(key)
+    path = tmp_path / "other.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError) as error:
+        _resume(tmp_path, tiny_edit_path, sample_metadata, path)
+    message = str(error.value)
+    assert "LoRA tensors of the model are missing: transformer.transformer_blocks.1." in message
+    assert "tensors the model does not have: transformer.transformer_blocks.7." in message
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, tiny_edit_path, sample_metadata):
+    path = tmp_path / "junk.ckpt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot be read with weights_only=True"):
+        _resume(tmp_path, tiny_edit_path, sample_metadata, path)
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA files
+def _tiny_transformer(tiny_edit_path):
+    from fusedit.model import load_transformer
+
+    return load_transformer(tiny_edit_path, "standard")
+
+
+def _lora_file(path, modules: dict[str, tuple[int, int]], rank=2, fill=0.01):
+    tensors = {}
+    for module, (inp, out) in modules.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.full((rank, inp), fill)
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.full((out, rank), fill)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_lora_with_nan_weights_is_refused_where_every_lora_is_read(tmp_path, tiny_edit_path):
+    from fusedit.convert import read_lora
+    from fusedit.inference.lora import LoraSpec, load_loras
+
+    transformer = _tiny_transformer(tiny_edit_path)
+    layer = transformer.transformer_blocks[0].attn.to_q
+    path = _lora_file(
+        tmp_path / "nan.safetensors", {"transformer_blocks.0.attn.to_q": (layer.in_features, layer.out_features)}
+    )
+    tensors = lora_tensors(path)
+    tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"][1, 0] = float("inf")
+    save_file(tensors, str(path))
+    match = (
+        r"non-finite \(NaN/inf\) values in 1 tensors: transformer\.transformer_blocks\.0\.attn\.to_q\.lora_B\.weight"
+    )
+    with pytest.raises(ValueError, match=match):
+        read_lora(path)
+    with pytest.raises(ValueError, match=match):
+        load_loras(transformer, [LoraSpec(str(path))])
+
+
+def test_a_lora_for_another_hidden_size_is_refused_naming_the_module(tmp_path, tiny_edit_path):
+    from fusedit.inference.lora import LoraSpec, load_loras
+
+    transformer = _tiny_transformer(tiny_edit_path)
+    layer = transformer.transformer_blocks[0].attn.to_q
+    wider = (layer.in_features * 2, layer.out_features * 2)
+    path = _lora_file(tmp_path / "wide.safetensors", {"transformer_blocks.0.attn.to_q": wider})
+    with pytest.raises(ValueError, match=r"does not fit .*transformer_blocks\.0\.attn\.to_q: lora_A \[2, "):
+        load_loras(transformer, [LoraSpec(str(path))])
+
+
+def test_a_lora_for_more_blocks_is_refused_naming_the_modules(tmp_path, tiny_edit_path):
+    from fusedit.inference.lora import LoraSpec, load_loras
+
+    transformer = _tiny_transformer(tiny_edit_path)
+    layer = transformer.transformer_blocks[0].attn.to_q
+    shape = (layer.in_features, layer.out_features)
+    path = _lora_file(
+        tmp_path / "deep.safetensors",
+        {"transformer_blocks.0.attn.to_q": shape, "transformer_blocks.59.attn.to_q": shape},
+    )
+    with pytest.raises(ValueError, match=r"does not have: \['transformer_blocks\.59\.attn\.to_q'\]"):
+        load_loras(transformer, [LoraSpec(str(path))])
+
+
+# ---------------------------------------------------------------------------------------------------- paths
+def test_an_inference_csv_cannot_read_outside_its_folder(tmp_path):
+    from fusedit.inference.inputs import collect_jobs
+    from tests.data_helpers import save_image
+
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    save_image(folder / "a.png", (32, 32), (1, 2, 3))
+    save_image(tmp_path / "secret.png", (32, 32), (1, 2, 3))
+    csv = folder / "jobs.csv"
+    csv.write_text(f"image,edit_image,prompt\n,a.png,ok\n../secret.png,a.png,x\n,{tmp_path / 'secret.png'},y\n")
+    with pytest.raises(ValueError) as error:
+        collect_jobs(str(csv), None, {})
+    message = str(error.value)
+    assert "row 3 column 'image': path '../secret.png' refused: path escapes the CSV's folder" in message
+    assert (
+        "row 4 column 'edit_image'" in message and "absolute path refused (set csv.allow_absolute_paths=true" in message
+    )
+    # Allowed explicitly, absolute paths work; `..` never does.
+    csv.write_text(f"edit_image,prompt\n{tmp_path / 'secret.png'},y\n")
+    jobs = collect_jobs(str(csv), None, {"allow_absolute_paths": True})
+    assert jobs[0].images == (tmp_path / "secret.png",)
+
+
+def test_output_names_from_a_csv_stay_in_the_output_folder(tmp_path):
+    from PIL import Image
+
+    from fusedit.inference.inputs import Job, collect_jobs
+    from fusedit.inference.outputs import OutputPaths
+
+    folder = tmp_path / "jobs"
+    (folder / "deep").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(folder / "deep" / "..png", format="PNG")  # a file whose stem is ".."
+    csv = folder / "jobs.csv"
+    csv.write_text("edit_image,prompt\ndeep/..png,x\n")
+    out = tmp_path / "out"
+    jobs = collect_jobs(str(csv), None, {})
+    paths = OutputPaths(out, jobs)
+    for job in jobs:
+        assert paths.image(job).parent == out and paths.sheet(job).parent == out
+    with pytest.raises(ValueError, match="cannot be an output file name"):
+        OutputPaths(out, [Job("../../escape", "p")]).image(Job("../../escape", "p"))
+
+
+def test_run_outputs_stay_inside_the_run_dir(tmp_path, tiny_edit_path, sample_metadata):
+    result = train(
+        train_cfg(
+            tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=1", "callbacks.lora_export.every_n_steps=1"]
+        )
+    )
+    run_dir = result["run_dir"].resolve()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    outside = [p for p in written if run_dir not in p.resolve().parents]
+    assert outside == [] and written
+    assert math.isfinite(result["metrics"]["train/loss"])
+
+
+# ---------------------------------------------------------------------------------------------------- scale-out config
+def test_slurm_launcher_and_distributed_trainer_configs_compose():
+    cfg = compose_train(["hydra/launcher=fusedit_slurm", "hydra.launcher.nodes=2", "trainer=ddp"], hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, 8)
+    for trainer in ("ddp", "fsdp"):
+        # The data module shards its own aspect-ratio buckets; Lightning's sampler would break them.
+        assert compose_train([f"trainer={trainer}"]).trainer.use_distributed_sampler is False
+
+
+def test_fusedit_run_name_pins_the_run_dir_for_every_rank_and_restart(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setenv("FUSEDIT_RUN_NAME", "slurm-4242")
+    dirs = []
+    for _ in range(2):  # two processes (ranks, or the job before and after a requeue) compose at different times
+        cfg = compose_train([], hydra_config=True)
+        HydraConfig().set_config(cfg)
+        dirs.append(cfg.hydra.run.dir)
+    assert dirs[0] == dirs[1] and dirs[0].endswith("/train/runs/slurm-4242")
+
+
+def test_a_run_dir_with_checkpoints_continues_from_the_newest(tmp_path, saved_run):
+    from fusedit.training.signals import auto_resume_checkpoint
+
+    assert auto_resume_checkpoint(tmp_path) is None  # a fresh run dir starts fresh
+    (tmp_path / "checkpoints").mkdir()
+    checkpoint = torch.load(saved_run["checkpoint"], weights_only=True)
+    torch.save(checkpoint, tmp_path / "checkpoints" / "last.ckpt")
+    assert auto_resume_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint["global_step"] += 5  # Lightning's SLURM requeue handler saved a later one
+    torch.save(checkpoint, tmp_path / "hpc_ckpt_1.ckpt")
+    assert auto_resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+
+
+def test_a_restarted_job_continues_in_its_run_dir(tmp_path, tiny_edit_path, sample_metadata):
+    common = ["callbacks.model_checkpoint.every_n_train_steps=2"]
+    first = train(train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=2"]))
+    # The same command in the same run dir (a requeued job): it continues at step 2 instead of starting over.
+    rows = []
+
+    from lightning.pytorch import Callback
+
+    class Steps(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rows.append(trainer.global_step)
+
+    again = run(train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4"]), [Steps()])
+    assert again["run_dir"] == first["run_dir"] and rows == [2, 3]
+
+
+def test_a_multirun_refuses_a_strategy_that_relaunches_the_script():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch import Trainer
+    from omegaconf import open_dict
+
+    from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun
+
+    def hydra_mode(mode):
+        cfg = compose_train([], hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = mode
+        HydraConfig().set_config(cfg)
+
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    hydra_mode(RunMode.RUN)
+    refuse_subprocess_launch_in_multirun(trainer)  # a single run: Lightning's re-launch is how DDP starts
+    hydra_mode(RunMode.MULTIRUN)
+    try:
+        with pytest.raises(ConfigError, match="would re-run the whole sweep in every rank"):
+            refuse_subprocess_launch_in_multirun(trainer)
+        one_device = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+        refuse_subprocess_launch_in_multirun(one_device)  # nothing is re-launched: fine in a sweep
+    finally:
+        hydra_mode(RunMode.RUN)
