@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "fusedit.detect",
     "fusedit.download",
     "fusedit.bench",
+    "fusedit.cache",
 )
 
 

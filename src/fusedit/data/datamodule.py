@@ -156,7 +156,7 @@ class EditDataModule(LightningDataModule):
         return cls(
             dataset,
             batch_sampler=sampler,
-            collate_fn=collate,
+            collate_fn=getattr(dataset, "collate_fn", collate),
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=workers > 0,

@@ -262,6 +262,7 @@ def apply_float8_compute(
     module: nn.Module,
     compute_dtype: torch.dtype = torch.bfloat16,
     skip: tuple[str, ...] = ("img_in", "txt_in", "proj_out", "norm_out", "time_text_embed"),
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Replace the frozen Linears inside the transformer blocks with `Float8ComputeLinear`, in place.
 
@@ -269,8 +270,9 @@ def apply_float8_compute(
     rather than stacking on it (an Fp8StorageLinear is accepted and re-scaled per tensor). Refused off sm89+
     GPUs: CPUs and older GPUs either lack the kernel or emulate it far slower than a bf16 GEMM.
     """
-    parameter = next(module.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    if device is None:  # else: the device the model will train on (a model built on the CPU, moved later)
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
     supported, reason = float8_compute_support(device)
     if not supported:
         raise RuntimeError(f"apply_float8_compute: {reason}. Use fp8 storage (apply_fp8_storage) instead.")
@@ -296,12 +298,42 @@ def _swap_float8(module: nn.Module, compute_dtype: torch.dtype, skip: tuple[str,
     return module
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA inputs under autocast
+
+
+def _cast_unless_autocast(self, x, dtype):
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(self)._cast_input_dtype(self, x, dtype)
+
+
+def lora_inputs_follow_autocast(model: nn.Module) -> int:
+    """Skip PEFT's cast of a LoRA layer's input to the adapter dtype while autocast is on; returns the layer count.
+
+    With fp32 adapters on a bf16 model PEFT runs `x.to(float32)` before `lora_A`: an fp32 copy of every adapted
+    activation, which autocast casts straight back to bf16 for the GEMM. Under autocast that round trip is pure
+    memory traffic and changes no value (bf16 -> fp32 -> bf16 is exact; `lora.dropout` > 0 scales in bf16 instead
+    of fp32), so it is skipped; without autocast (fp32 training, inference) the cast stays, as fp32 weights need
+    fp32 inputs there. The check runs per call, so checkpoint recomputation and compiled code agree with eager.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "_cast_input_dtype"):
+            module._cast_input_dtype = _cast_unless_autocast.__get__(module)
+            count += 1
+    return count
+
+
 __all__ = [
     "ATTENTION_BACKENDS",
     "Float8ComputeLinear",
     "apply_float8_compute",
     "attention_backend",
     "float8_compute_support",
+    "lora_inputs_follow_autocast",
     "offloaded_checkpoint",
     "sdpa_backends",
     "trim_prompt_padding",

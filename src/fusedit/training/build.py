@@ -1,6 +1,6 @@
 """Build the trainable transformer as an ordered list of transforms (torchtitan style).
 
-    load -> fp8 storage -> LoRA -> activation checkpointing -> compile
+    load -> fp8 (storage or float8 compute) -> LoRA -> activation checkpointing (+ CPU offload) -> compile
 
 Each stage is a separate function that records itself on the model (`model._fusedit_stages`) and refuses to run
 after a later stage (LoRA after compile, fp8 after LoRA, ...) or twice: quantising after LoRA would quantise the
@@ -64,10 +64,31 @@ def fp8_storage(model: nn.Module, granularity: str = "row", compute_dtype: str |
     return apply_fp8_storage(model, granularity=granularity, compute_dtype=to_dtype(compute_dtype))
 
 
+def float8_compute(
+    model: nn.Module, compute_dtype: str | torch.dtype = "bfloat16", device: str | torch.device | None = None
+) -> nn.Module:
+    """Frozen block Linears computing in float8 (fusedit.model.perf.apply_float8_compute), in the fp8 slot instead
+    of fp8 storage. `device`: where training will run (default: CUDA when available), which must be sm89+."""
+    from fusedit.model.perf import apply_float8_compute, float8_compute_support
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    supported, reason = float8_compute_support(device)
+    if not supported:
+        raise RuntimeError(f"precision.fp8_compute=true: {reason}. Use precision.fp8_storage=true instead.")
+    _enter_stage(model, "fp8")
+    return apply_float8_compute(model, compute_dtype=to_dtype(compute_dtype), device=device)
+
+
 def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
+    """PEFT LoRA (fusedit.lora.adapter); under autocast the adapters read their bf16 inputs without an fp32 copy
+    (fusedit.model.perf.lora_inputs_follow_autocast)."""
+    from fusedit.model.perf import lora_inputs_follow_autocast
+
     _enter_stage(model, "lora")
     lora_kwargs["dtype"] = to_dtype(lora_kwargs.get("dtype", torch.float32))
-    return add_lora(model, **lora_kwargs)
+    model = add_lora(model, **lora_kwargs)
+    lora_inputs_follow_autocast(model)
+    return model
 
 
 def _checkpointed_forward(forward, *args, **kwargs):
@@ -76,21 +97,29 @@ def _checkpointed_forward(forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
+def activation_checkpointing(model: nn.Module, every: int = 1, offload: bool = False) -> nn.Module:
     """Recompute every `every`-th transformer block in the backward pass (1 = all blocks, 0 = off).
 
     All blocks use diffusers' own switch. Every k-th block patches that block's `forward` on the instance rather
-    than wrapping the module, so parameter names (and thus LoRA keys and checkpoints) do not change.
+    than wrapping the module, so parameter names (and thus LoRA keys and checkpoints) do not change. `offload`
+    keeps the checkpointed blocks' saved inputs in (pinned) CPU memory until backward (perf.offloaded_checkpoint).
     """
-    _enter_stage(model, "activation_checkpointing")
+    from fusedit.model.perf import offloaded_checkpoint
+
     if every < 0:
         raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
+    if offload and every == 0:
+        raise ValueError("model.checkpoint_offload=true needs model.activation_checkpointing >= 1")
+    _enter_stage(model, "activation_checkpointing")
     if every == 1:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(
+            **({"gradient_checkpointing_func": offloaded_checkpoint} if offload else {})
+        )
     elif every > 1:
+        wrapper = offloaded_checkpoint if offload else _checkpointed_forward
         for index, block in enumerate(model.transformer_blocks):
             if index % every == 0:
-                block.forward = functools.partial(_checkpointed_forward, block.forward)
+                block.forward = functools.partial(wrapper, block.forward)
     return model
 
 
@@ -109,14 +138,18 @@ def build_transformer(
     fp8: bool | dict = False,
     checkpoint_every: int = 0,
     compile: bool | dict = False,
+    fp8_compute: bool | dict = False,
+    checkpoint_offload: bool = False,
 ) -> nn.Module:
-    """All stages in order, as the config asks for them."""
+    """All stages in order, as the config asks for them. `fp8_compute` replaces `fp8` (both fill the fp8 slot)."""
     model = load(path, layout, dtype)
-    if fp8:
+    if fp8_compute:
+        model = float8_compute(model, **(fp8_compute if isinstance(fp8_compute, dict) else {}))
+    elif fp8:
         model = fp8_storage(model, **(fp8 if isinstance(fp8, dict) else {}))
     model = lora(model, **lora_kwargs)
-    if checkpoint_every:
-        model = activation_checkpointing(model, checkpoint_every)
+    if checkpoint_every or checkpoint_offload:
+        model = activation_checkpointing(model, checkpoint_every, offload=checkpoint_offload)
     if compile:
         model = compile_blocks(model, **(compile if isinstance(compile, dict) else {}))
     return model

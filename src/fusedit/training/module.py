@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from fusedit.lora.adapter import lora_parameters
+from fusedit.model.perf import ATTENTION_BACKENDS, attention_backend, trim_prompt_padding
 from fusedit.training.conditioning import EditConditioner, EditInputs
 from fusedit.training.objective import FlowMatchObjective
 
@@ -67,8 +68,12 @@ class EditLoRAModule(LightningModule):
         seed: int = 0,
         val_seed: int = 1234,
         fixed_noise: bool = False,
+        attention: str = "auto",
     ):
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        self.attention = attention
         self.transformer = transformer
         self.conditioner = conditioner
         self.objective = objective
@@ -143,14 +148,18 @@ class EditLoRAModule(LightningModule):
         """Transformer velocity for the target tokens; the edit-image tokens ride along as conditioning."""
         dtype = inputs.prompt_embeds.dtype
         hidden = torch.cat([noisy.to(dtype), inputs.condition.to(dtype)], dim=1)
-        output = self.transformer(
-            hidden_states=hidden,
-            timestep=sigmas.to(device=hidden.device, dtype=dtype),
-            encoder_hidden_states=inputs.prompt_embeds,
-            encoder_hidden_states_mask=inputs.prompt_mask,
-            img_shapes=inputs.img_shapes,
-            return_dict=False,
-        )[0]
+        # Without the padding every prompt shares (and without a mask when none is left) SDPA may pick its fused
+        # kernels; exact, see fusedit.model.perf. The backend chosen here also runs the backward.
+        prompt_embeds, prompt_mask = trim_prompt_padding(inputs.prompt_embeds, inputs.prompt_mask)
+        with attention_backend(self.attention):
+            output = self.transformer(
+                hidden_states=hidden,
+                timestep=sigmas.to(device=hidden.device, dtype=dtype),
+                encoder_hidden_states=prompt_embeds,
+                encoder_hidden_states_mask=prompt_mask,
+                img_shapes=inputs.img_shapes,
+                return_dict=False,
+            )[0]
         return output[:, : noisy.shape[1]]
 
     def compute_loss(self, inputs: EditInputs, seed: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,9 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
+from fusedit.cache.training import cache_enabled, prepare_cached_training
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
@@ -155,8 +157,8 @@ def _plain(value):
     return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
-def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
-    """Transformer (ordered transforms), frozen conditioner, objective and optimizer factory -> the module."""
+def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | None = None) -> EditLoRAModule:
+    """Transformer (ordered transforms), frozen conditioner (unless given), objective and optimizer -> the module."""
     precision = cfg.precision
     lora = cfg.lora
     transformer = build_transformer(
@@ -177,8 +179,11 @@ def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
         else False,
         checkpoint_every=cfg.model.activation_checkpointing,
         compile=_plain(cfg.model.compile),
+        fp8_compute={"compute_dtype": precision.compute_dtype} if precision.get("fp8_compute") else False,
+        checkpoint_offload=cfg.model.get("checkpoint_offload", False),
     )
-    conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
+    if conditioner is None:
+        conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
     objective = instantiate(cfg.objective, scheduler_config=conditioner.scheduler_config)
     return EditLoRAModule(
         transformer,
@@ -188,6 +193,7 @@ def build_module(cfg: DictConfig, model_path: Path) -> EditLoRAModule:
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         seed=cfg.seed,
         fixed_noise=cfg.get("fixed_noise", False),
+        attention=cfg.model.get("attention", "auto"),
     )
 
 
@@ -219,8 +225,12 @@ def train(cfg: DictConfig) -> dict:
             cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
     seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    module = build_module(cfg, Path(cfg.model.path))
+    conditioner = None
+    if cache_enabled(cfg):  # never loads the VAE or text encoder (fusedit.cache)
+        datamodule, conditioner = prepare_cached_training(cfg)
+    else:
+        datamodule = instantiate(cfg.data)
+    module = build_module(cfg, Path(cfg.model.path), conditioner)
     if ckpt_file is not None:
         check_checkpoint_file(ckpt_file, module)
     callbacks = build_callbacks(cfg)

@@ -1,0 +1,376 @@
+"""Training from the cache: rows -> keys -> (encode what is missing) -> cached batches -> `EditInputs`.
+
+`CachedEditDataModule` is `EditDataModule` (same metadata, columns, split, buckets, resumable order) whose setup
+hashes every row's inputs, encodes only the rows whose key is not in the cache yet (the VAE and text encoder are
+loaded then, and only then), and serves batches of cached latents and prompt embeddings. Bucket keys are the
+cached latent shapes, so batches still never mix sizes. `CachedConditioner` turns such a batch into the
+transformer inputs without any encoder: it holds no weights at all.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fusedit.cache.keys import encoder_fingerprint, file_sha256, row_key
+from fusedit.cache.store import LatentCache, shard_bytes_of
+from fusedit.data.buckets import BucketBatchSampler
+from fusedit.data.datamodule import EditDataModule, split_train_val
+from fusedit.data.dataset import EditDataset, collate
+from fusedit.data.errors import DataValidationError
+from fusedit.data.records import Record, read_records
+from fusedit.data.validation import PathRefused, Sample, resolve_path, validate_records
+from fusedit.training.conditioning import EditInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedRow:
+    row: int
+    key: str
+    prompt: str
+    bucket: tuple  # ((1, h, w) of the target, ((1, h, w) of each edit image, ...)) in latent patches
+
+
+# -------------------------------------------------------------------------------------------------- keys of rows
+def hash_record_files(records: list[Record], base_path: Path, allow_absolute: bool, threads: int = 8) -> dict:
+    """row -> (image sha256, [edit sha256]) for every record whose files all resolve and read; others are absent
+    (validation reports them with its usual messages)."""
+    paths: dict[int, list[Path]] = {}
+    for record in records:
+        try:
+            paths[record.row] = [
+                resolve_path(raw, base_path, allow_absolute) for raw in (record.image, *record.edit_images)
+            ]
+        except PathRefused:
+            continue
+
+    def digest(path: Path) -> tuple[Path, str | None]:
+        try:
+            return path, file_sha256(path)
+        except OSError:
+            return path, None
+
+    unique = sorted({path for row_paths in paths.values() for path in row_paths})
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL
+        hashes = dict(pool.map(digest, unique))
+    out = {}
+    for row, row_paths in paths.items():
+        digests = [hashes[path] for path in row_paths]
+        if all(digests):
+            out[row] = (digests[0], digests[1:])
+    return out
+
+
+def _bucket(entry: dict) -> tuple:
+    return (tuple(entry["target"]), tuple(tuple(shape) for shape in entry["edits"]))
+
+
+# -------------------------------------------------------------------------------------------------- encoding
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def encode_into_cache(
+    samples: list[Sample],
+    keys: dict[int, str],
+    cache: LatentCache,
+    conditioner: nn.Module,
+    *,
+    max_pixels: int,
+    edit_max_pixels: int | None,
+    max_image_pixels: int,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    shard_bytes: int = 512 << 20,
+) -> int:
+    """Encode `samples` (row -> key in `keys`) with `conditioner` (an EditConditioner: the very code live training
+    runs) and add them to `cache` in shards of about `shard_bytes`. Call inside `cache.writer()`. Returns the count.
+
+    Rows with the same key (identical inputs) are encoded once.
+    """
+    unique: dict[str, Sample] = {}
+    for sample in samples:
+        unique.setdefault(keys[sample.row], sample)
+    samples = list(unique.values())
+    if not samples:
+        return 0
+    dataset = EditDataset(samples, max_pixels, edit_max_pixels, max_image_pixels)
+    sampler = BucketBatchSampler(dataset.sizes, batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    pending: list = []
+    for batch in loader:
+        batch["image"] = batch["image"].to(device)
+        batch["edit_images"] = [slot.to(device) for slot in batch["edit_images"]]
+        inputs = conditioner(batch)
+        shapes = inputs.img_shapes[0]
+        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1)
+        for i, row in enumerate(batch["row"]):
+            length = inputs.prompt_embeds.shape[1] if inputs.prompt_mask is None else int(inputs.prompt_mask[i].sum())
+            tensors = {
+                "target": inputs.target[i].cpu(),
+                "edits": [condition[i].cpu() for condition in conditions],
+                "prompt": inputs.prompt_embeds[i, :length].cpu(),
+            }
+            pending.append((keys[row], tensors, {"row": row, "target_shape": shapes[0], "edit_shapes": shapes[1:]}))
+        if shard_bytes_of(pending) >= shard_bytes:
+            cache.add(pending)
+            pending = []
+    if pending:
+        cache.add(pending)
+    return len(samples)
+
+
+# -------------------------------------------------------------------------------------------------- batches
+def collate_cached(items: list[dict]) -> dict:
+    """One bucket's cached rows -> {"target", "condition", "prompt_embeds", "prompt_mask", "img_shapes", "prompt",
+    "row"}; prompts padded with zeros after their last token and masked, as EditConditioner.encode_prompts does."""
+    shapes = {tuple(map(tuple, item["img_shapes"])) for item in items}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"batch of rows {[item['row'] for item in items]} mixes latent shapes {sorted(shapes)}; batches must "
+            "come from BucketBatchSampler"
+        )
+    lengths = [item["prompt_embeds"].shape[0] for item in items]
+    longest = max(lengths)
+    embeds = torch.stack(
+        [torch.cat([e, e.new_zeros(longest - len(e), e.shape[1])]) for e in (item["prompt_embeds"] for item in items)]
+    )
+    mask = None
+    if min(lengths) != longest:
+        mask = torch.stack([torch.arange(longest) < length for length in lengths]).long()
+    slots = len(items[0]["edits"])
+    return {
+        "target": torch.stack([item["target"] for item in items]),
+        "condition": torch.cat([torch.stack([item["edits"][s] for item in items]) for s in range(slots)], dim=1),
+        "prompt_embeds": embeds,
+        "prompt_mask": mask,
+        "img_shapes": [[tuple(shape) for shape in item["img_shapes"]] for item in items],
+        "prompt": [item["prompt"] for item in items],
+        "row": [item["row"] for item in items],
+    }
+
+
+class CachedEditDataset(Dataset):
+    collate_fn = staticmethod(collate_cached)
+
+    def __init__(self, rows: list[CachedRow], cache: LatentCache, verify: bool = True):
+        self.rows = list(rows)
+        self.cache = cache
+        self.verify = verify
+        self.sizes = [row.bucket for row in self.rows]  # the bucket keys BucketBatchSampler groups by
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        tensors = self.cache.read(row.key, verify=self.verify)
+        target, edits = row.bucket
+        return {
+            "target": tensors["target"],
+            "edits": tensors["edits"],
+            "prompt_embeds": tensors["prompt"],
+            "img_shapes": [target, *edits],
+            "prompt": row.prompt,
+            "row": row.row,
+        }
+
+
+class CachedConditioner(nn.Module):
+    """Stands in for EditConditioner when training from the cache: a cached batch is already the encoding.
+
+    Holds no VAE and no text encoder; only the scheduler config (a JSON file) is read from the pipeline.
+    """
+
+    def __init__(self, model_path: str | Path):
+        super().__init__()
+        import diffusers
+
+        path = Path(model_path) / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"model.path {model_path} has no {path.relative_to(model_path)}")
+        config = json.loads(path.read_text())
+        scheduler_cls = getattr(diffusers, config.get("_class_name", ""), None)
+        if scheduler_cls is None:
+            raise ValueError(f"{path}: unknown scheduler class {config.get('_class_name')!r}")
+        # The same dict EditConditioner.scheduler_config gives (defaults filled in by the scheduler class).
+        self._scheduler_config = dict(scheduler_cls.from_config(config).config)
+        self.model_path = Path(model_path)
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self._scheduler_config)
+
+    @property
+    def pipeline(self):
+        raise RuntimeError(
+            "training from the cache has no VAE or text encoder loaded (that is the point of the cache); "
+            "callbacks.validation_images is disabled in cached runs — generate samples from the exported LoRA "
+            "with `fusedit infer`"
+        )
+
+    def forward(self, batch: dict) -> EditInputs:
+        if "target" not in batch:
+            raise ValueError("CachedConditioner got a pixel batch; use CachedEditDataModule (cache.enabled=true)")
+        return EditInputs(
+            target=batch["target"],
+            condition=batch["condition"],
+            prompt_embeds=batch["prompt_embeds"],
+            prompt_mask=batch["prompt_mask"],
+            img_shapes=batch["img_shapes"],
+        )
+
+
+# -------------------------------------------------------------------------------------------------- data module
+class CachedEditDataModule(EditDataModule):
+    """EditDataModule over cached encodings. Extra arguments:
+
+    cache_dir: the cache root (one subdirectory per encoder fingerprint). model_path, dtype: the pipeline whose VAE
+    and text encoder encode missing rows, in that dtype. build: encode missing rows (else a missing row is an
+    error). build_batch_size, build_device ("auto" = the current CUDA device, else CPU), shard_mb: encoding
+    settings. verify: check every row's sha256 when it is read.
+    """
+
+    def __init__(
+        self,
+        *,
+        cache_dir: str | Path,
+        model_path: str | Path,
+        dtype: str = "float32",
+        build: bool = True,
+        build_batch_size: int = 1,
+        build_device: str = "auto",
+        verify: bool = True,
+        shard_mb: int = 512,
+        **data_kwargs,
+    ):
+        super().__init__(**data_kwargs)
+        if build_batch_size < 1:
+            raise ValueError(f"cache.batch_size must be >= 1, got {build_batch_size}")
+        self.cache_dir = Path(cache_dir)
+        self.model_path = Path(model_path)
+        self.dtype = str(dtype)
+        self.build = bool(build)
+        self.build_batch_size = int(build_batch_size)
+        self.build_device = build_device
+        self.verify = bool(verify)
+        self.shard_bytes = int(shard_mb) << 20
+        self.cache: LatentCache | None = None
+        self.stats: dict = {}
+
+    def open_cache(self) -> LatentCache:
+        if self.cache is None:
+            hp = self.hparams
+            fingerprint = encoder_fingerprint(self.model_path, self.dtype, hp.max_pixels, hp.edit_max_pixels)
+            self.cache = LatentCache(self.cache_dir, fingerprint)
+        return self.cache
+
+    def _load_conditioner(self, device: torch.device) -> nn.Module:
+        from fusedit.training.build import to_dtype
+        from fusedit.training.conditioning import EditConditioner
+
+        return EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype)).to(device)
+
+    def _encode(self, samples: list[Sample], keys: dict[int, str], cache: LatentCache) -> int:
+        hp = self.hparams
+        device = resolve_device(self.build_device)
+        log.info("cache: encoding %d rows on %s into %s", len(samples), device, cache.dir)
+        conditioner = self._load_conditioner(device)
+        try:
+            return encode_into_cache(
+                samples, keys, cache, conditioner,
+                max_pixels=hp.max_pixels, edit_max_pixels=hp.edit_max_pixels, max_image_pixels=hp.max_image_pixels,
+                batch_size=self.build_batch_size, num_workers=hp.num_workers, device=device,
+                shard_bytes=self.shard_bytes,
+            )  # fmt: skip
+        finally:
+            # The encoders are needed for this and nothing else: free them before training starts.
+            del conditioner
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def resolve(self) -> list[CachedRow]:
+        """Every usable row as a CachedRow; encodes the missing ones first when `build`. Sets `self.stats`."""
+        hp = self.hparams
+        started = time.perf_counter()
+        cache = self.open_cache()
+        records = read_records(self.metadata, self.columns)
+        hashes = hash_record_files(records, self.base_path, hp.allow_absolute_paths)
+        keys = {
+            row: row_key(cache.hash, record.prompt, *hashes[row]) for record in records if (row := record.row) in hashes
+        }
+        hits = {row for row, key in keys.items() if key in cache.entries}
+        missing = [record for record in records if record.row not in hits]
+        encoded = 0
+        samples: list[Sample] = []
+        if missing:
+            # Validation (the data module's own, with its messages and on_error) for the rows to encode only:
+            # a cached row's bytes were validated when it was encoded, and its key proves they have not changed.
+            try:
+                samples = validate_records(
+                    missing,
+                    metadata=self.metadata,
+                    base_path=self.base_path,
+                    columns=self.columns,
+                    max_image_pixels=hp.max_image_pixels,
+                    allow_absolute_paths=hp.allow_absolute_paths,
+                    on_error=hp.on_error,
+                    num_threads=hp.validation_threads,
+                )
+            except DataValidationError:
+                if hp.on_error == "raise" or not hits:
+                    raise
+                log.warning("data.on_error=skip: none of the %d rows missing from the cache is valid", len(missing))
+            samples = [sample for sample in samples if sample.row in keys]  # a file that changed under our feet
+            with cache.writer():
+                todo = [sample for sample in samples if keys[sample.row] not in cache.entries]
+                if todo and not self.build:
+                    raise FileNotFoundError(
+                        f"{len(todo)} of {len(records)} rows of {self.metadata} are not in the cache {cache.dir} "
+                        f"(first: row {todo[0].row}, {todo[0].image}); run `fusedit cache` with the same settings "
+                        "or set cache.build=true"
+                    )
+                if todo:
+                    encoded = self._encode(todo, keys, cache)
+        usable = hits | {sample.row for sample in samples}
+        rows = [
+            CachedRow(record.row, keys[record.row], record.prompt, _bucket(cache.entries[keys[record.row]]))
+            for record in records
+            if record.row in usable
+        ]
+        cache.check_shards({cache.entries[row.key]["shard"] for row in rows})
+        self.stats = {
+            "rows": len(records),
+            "usable": len(rows),
+            "cached": len(rows) - encoded,
+            "encoded": encoded,
+            "seconds": time.perf_counter() - started,
+            "dir": str(cache.dir),
+        }
+        log.info("cache: %(usable)d rows usable, %(encoded)d encoded now, in %(seconds).1f s (%(dir)s)", self.stats)
+        return rows
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        rows = self.resolve()
+        train, val = split_train_val(rows, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
+        self.train_dataset = CachedEditDataset(train, self.cache, self.verify)
+        self.val_dataset = CachedEditDataset(val, self.cache, self.verify) if val else None
+        log.info("data (cached): %d training and %d validation rows", len(train), len(val))

@@ -1,0 +1,259 @@
+"""The latent / prompt-embedding cache: encoded once, never again unless a row's inputs or the encoder settings
+change; training from it loads no encoder and gives the live loss; corrupt shards stop with the file's name."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fusedit.cache import CacheCorruptError, CachedConditioner, CachedEditDataModule
+from fusedit.data import EditDataModule, make_sample_dataset
+from fusedit.training import conditioning
+from fusedit.training.build import build_transformer
+from fusedit.training.conditioning import EditConditioner
+from fusedit.training.module import EditLoRAModule
+from fusedit.training.objective import FlowMatchObjective
+
+
+class EncoderCalls:
+    """Counts pipeline loads and the rows the VAE and text encoder see (patched into EditConditioner)."""
+
+    def __init__(self, monkeypatch):
+        self.loads, self.images, self.prompts = 0, 0, []
+        original_init = EditConditioner.__init__
+        original_image, original_prompts = EditConditioner.encode_image, EditConditioner.encode_prompts
+
+        def init(conditioner, pipeline):
+            self.loads += 1
+            original_init(conditioner, pipeline)
+
+        def encode_image(conditioner, images):
+            self.images += images.shape[0]
+            return original_image(conditioner, images)
+
+        def encode_prompts(conditioner, prompts, edit_images):
+            self.prompts += list(prompts)
+            return original_prompts(conditioner, prompts, edit_images)
+
+        monkeypatch.setattr(EditConditioner, "__init__", init)
+        monkeypatch.setattr(EditConditioner, "encode_image", encode_image)
+        monkeypatch.setattr(EditConditioner, "encode_prompts", encode_prompts)
+
+
+def forbid_encoders(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the VAE / text encoder pipeline was loaded")
+
+    monkeypatch.setattr(conditioning, "load_edit_pipeline", refuse)
+    monkeypatch.setattr(EditConditioner, "__init__", refuse)
+
+
+def rewrite_csv(metadata: Path, row_index: int, prompt: str) -> None:
+    with open(metadata, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[row_index]["prompt"] = prompt
+    with open(metadata, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def csv_rows(metadata: Path) -> list[dict]:
+    with open(metadata, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return make_sample_dataset(tmp_path / "data", n=4, size=32)
+
+
+def datamodule(metadata, cache_dir, model_path, **kwargs) -> CachedEditDataModule:
+    kwargs.setdefault("shuffle", False)
+    return CachedEditDataModule(cache_dir=cache_dir, model_path=model_path, metadata=metadata, **kwargs)
+
+
+def test_second_run_and_second_epoch_do_no_encoder_work(tmp_path, tiny_edit_path, data, monkeypatch):
+    with monkeypatch.context() as patch:
+        calls = EncoderCalls(patch)
+        first = datamodule(data, tmp_path / "cache", tiny_edit_path, batch_size=2, build_batch_size=2)
+        first.setup()
+    assert (calls.loads, calls.images, len(calls.prompts)) == (1, 8, 4)  # 4 targets + 4 edit images, 4 prompts
+    assert first.stats["encoded"] == 4 and first.stats["cached"] == 0
+
+    forbid_encoders(monkeypatch)
+    second = datamodule(data, tmp_path / "cache", tiny_edit_path, batch_size=2)
+    second.setup()
+    assert second.stats["encoded"] == 0 and second.stats["cached"] == 4
+    loader_epochs = [[batch["row"] for batch in second.train_dataloader()] for _ in range(2)]
+    assert sorted(sum(loader_epochs[0], [])) == sorted(sum(loader_epochs[1], [])) == [2, 3, 4, 5]
+    batch = next(iter(second.train_dataloader()))
+    inputs = CachedConditioner(tiny_edit_path)(batch)
+    assert inputs.target.shape == (2, 4, 64) and inputs.condition.shape == (2, 4, 64)
+    assert inputs.img_shapes == [[(1, 2, 2), (1, 2, 2)]] * 2
+
+
+def test_a_changed_image_or_prompt_recomputes_exactly_that_row(tmp_path, tiny_edit_path, data, monkeypatch):
+    datamodule(data, tmp_path / "cache", tiny_edit_path).setup()
+    rows = csv_rows(data)
+    image = data.parent / rows[1]["image"]
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image)  # same name, new content
+    rewrite_csv(data, 3, "make everything blue")
+    with monkeypatch.context() as patch:
+        calls = EncoderCalls(patch)
+        again = datamodule(data, tmp_path / "cache", tiny_edit_path)
+        again.setup()
+    assert again.stats["encoded"] == 2 and again.stats["cached"] == 2
+    assert sorted(calls.prompts) == sorted([rows[1]["prompt"], "make everything blue"])
+    assert calls.images == 4
+
+    rewrite_csv(data, 3, rows[3]["prompt"])  # back to the original prompt: still cached
+    forbid_encoders(monkeypatch)
+    back = datamodule(data, tmp_path / "cache", tiny_edit_path)
+    back.setup()
+    assert back.stats["encoded"] == 0
+
+
+def test_an_encoder_setting_change_invalidates_everything(tmp_path, tiny_edit_path, data, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_edit_path, model)
+    first = datamodule(data, tmp_path / "cache", model)
+    first.setup()
+    config = model / "text_encoder" / "generation_config.json"
+
+    def edit_config():
+        config.write_text(json.dumps({**json.loads(config.read_text()), "fusedit_test": 1}))
+        return {}
+
+    changes = {"dtype": lambda: {"dtype": "bfloat16"}, "max_pixels": lambda: {"max_pixels": 16 * 16}}
+    changes["encoder_file"] = edit_config  # last: it changes the model for good
+    directories = {first.cache.dir}
+    for name, change in changes.items():
+        with monkeypatch.context() as patch:
+            calls = EncoderCalls(patch)
+            second = datamodule(data, tmp_path / "cache", model, **change())
+            second.setup()
+        assert second.stats["encoded"] == 4 and len(calls.prompts) == 4, name
+        directories.add(second.cache.dir)
+        if name == "dtype":
+            assert second.cache.read(second.train_dataset.rows[0].key)["prompt"].dtype == torch.bfloat16
+    assert len(directories) == 4
+
+
+def test_buckets_come_from_the_cached_latent_shapes(tmp_path, tiny_edit_path, monkeypatch):
+    small = make_sample_dataset(tmp_path / "small", n=3, size=32)
+    large = make_sample_dataset(tmp_path / "large", n=3, size=64, seed=1)
+    metadata = tmp_path / "metadata.csv"
+    rows = [{**r, "image": f"small/{r['image']}", "edit_image": f"small/{r['edit_image']}"} for r in csv_rows(small)]
+    rows += [{**r, "image": f"large/{r['image']}", "edit_image": f"large/{r['edit_image']}"} for r in csv_rows(large)]
+    with open(metadata, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    datamodule(metadata, tmp_path / "cache", tiny_edit_path, build_batch_size=3).setup()
+    forbid_encoders(monkeypatch)
+    cached = datamodule(metadata, tmp_path / "cache", tiny_edit_path, batch_size=3, shuffle=True)
+    cached.setup()
+    assert set(cached.train_dataset.sizes) == {((1, 2, 2), ((1, 2, 2),)), ((1, 4, 4), ((1, 4, 4),))}
+    for batch in cached.train_dataloader():
+        assert batch["target"].shape[0] == 3
+        assert len({tuple(map(tuple, shapes)) for shapes in batch["img_shapes"]}) == 1
+
+
+def test_training_from_the_cache_gives_the_live_loss(tmp_path, tiny_edit_path, data):
+    live_data = EditDataModule(data, batch_size=2, shuffle=False)
+    live_data.setup()
+    cached_data = datamodule(data, tmp_path / "cache", tiny_edit_path, batch_size=2, build_batch_size=2)
+    cached_data.setup()
+    torch.manual_seed(0)
+    transformer = build_transformer(tiny_edit_path, "merged_qkv", "float32", {"rank": 4, "alpha": 8, "targets": "attn"})
+    with torch.no_grad():  # non-zero LoRA, as after some training
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    live = EditLoRAModule(transformer, EditConditioner.from_pretrained(tiny_edit_path), FlowMatchObjective(), optimizer)
+    cached = EditLoRAModule(transformer, CachedConditioner(tiny_edit_path), FlowMatchObjective(), optimizer)
+    assert not list(cached.conditioner.parameters())
+    for live_batch, cached_batch in zip(live_data.train_dataloader(), cached_data.train_dataloader(), strict=True):
+        assert live_batch["row"] == cached_batch["row"]
+        live_loss = live.compute_loss(live.conditioner(live_batch), seed=7)[0]
+        cached_loss = cached.compute_loss(cached.conditioner(cached_batch), seed=7)[0]
+        assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-5)
+
+
+def test_train_from_the_cache_loads_no_encoder(tmp_path, tiny_edit_path, data, monkeypatch):
+    from fusedit.training.train import train
+    from tests.training_utils import train_cfg
+
+    datamodule(data, tmp_path / "cache", tiny_edit_path).setup()
+    forbid_encoders(monkeypatch)
+    overrides = ["cache.enabled=true", f"cache.dir={tmp_path / 'cache'}", "trainer.max_epochs=2", "data.batch_size=2"]
+    overrides += ["callbacks.validation_images.num_samples=2"]  # asked for, switched off in cached runs
+    result = train(train_cfg(tmp_path, tiny_edit_path, data, overrides))
+    assert result["metrics"]["train/loss"] > 0 and torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+    assert result["lora_path"].is_file()
+    assert not (result["run_dir"] / "samples").exists()
+
+
+def test_missing_rows_without_build_are_an_error(tmp_path, tiny_edit_path, data):
+    with pytest.raises(FileNotFoundError, match="4 of 4 rows .* are not in the cache"):
+        datamodule(data, tmp_path / "cache", tiny_edit_path, build=False).setup()
+
+
+def test_a_torn_or_corrupt_shard_names_the_file(tmp_path, tiny_edit_path, data):
+    first = datamodule(data, tmp_path / "cache", tiny_edit_path)
+    first.setup()
+    shard = next(first.cache.dir.glob("shard-*.safetensors"))
+    original = shard.read_bytes()
+
+    shard.write_bytes(original[: len(original) // 2])  # torn
+    with pytest.raises(CacheCorruptError, match=str(shard)):
+        datamodule(data, tmp_path / "cache", tiny_edit_path).setup()
+
+    flipped = bytearray(original)
+    flipped[-3] ^= 0xFF  # same size, one byte of tensor data changed
+    shard.write_bytes(bytes(flipped))
+    bad = datamodule(data, tmp_path / "cache", tiny_edit_path, batch_size=4)
+    bad.setup()
+    with pytest.raises(CacheCorruptError, match=rf"{shard}.*sha256"):
+        next(iter(bad.train_dataloader()))
+
+    shard.unlink()  # the remedy the error names: its rows are encoded again
+    again = datamodule(data, tmp_path / "cache", tiny_edit_path)
+    again.setup()
+    assert again.stats["encoded"] == 4
+
+
+def test_cli_fills_the_cache_once(tmp_path, tiny_edit_path, data, capsys):
+    from fusedit.cli import main
+
+    args = ["cache", f"model.path={tiny_edit_path}", f"data.metadata={data}", f"cache.dir={tmp_path / 'cache'}"]
+    args.append(f"paths.root_dir={tmp_path}")
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["encoded"] == 4
+    assert main([*args, "--verify"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["encoded"] == 0 and stats["verified"] == 4
+
+
+def test_bad_rows_are_skipped_or_reported_like_the_live_data_module(tmp_path, tiny_edit_path, data, monkeypatch):
+    rows = csv_rows(data)
+    (data.parent / rows[2]["edit_image"]).unlink()
+    with pytest.raises(Exception, match=rf"row 4.*{rows[2]['edit_image']}.*file not found"):
+        datamodule(data, tmp_path / "cache", tiny_edit_path).setup()
+    first = datamodule(data, tmp_path / "cache", tiny_edit_path, on_error="skip")
+    first.setup()
+    assert first.stats["usable"] == 3 and first.stats["encoded"] == 3
+    forbid_encoders(monkeypatch)
+    second = datamodule(data, tmp_path / "cache", tiny_edit_path, on_error="skip")
+    second.setup()
+    assert second.stats["usable"] == 3 and second.stats["encoded"] == 0
+    assert [row.row for row in second.train_dataset.rows] == [2, 3, 5]
