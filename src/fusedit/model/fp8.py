@@ -7,7 +7,7 @@ backward and give the memory back. Frozen weights get no weight-gradient GEMM at
 
 Scales: `tensor` (one fp32 scale per matrix) or `row` (one per output row, which tracks outlier rows better).
 The module subclasses `nn.Linear` so PEFT wraps it like any Linear; it advertises `compute_dtype` so PEFT keeps
-LoRA weights in the compute dtype instead of casting them to fp8. Apply it before LoRA (see fusedit.model.build).
+LoRA weights in the compute dtype instead of casting them to fp8. Apply it before LoRA (build order: fusedit.training.build).
 """
 
 from __future__ import annotations
@@ -31,12 +31,6 @@ def quantize_fp8(weight: torch.Tensor, granularity: str = "row") -> tuple[torch.
     return (weight / scale).to(FP8_DTYPE), scale
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class _Fp8StorageMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_fp8, scale, bias, compute_dtype):
@@ -57,18 +51,19 @@ class _Fp8StorageMatmul(torch.autograd.Function):
         return grad_input, None, None, grad_bias, None
 
 
-class Fp8StorageLinear(nn.Linear):
-    """A frozen Linear whose weight is stored in float8_e4m3fn with fp32 scales."""
+class FrozenFp8Linear(nn.Linear):
+    """A frozen Linear whose weight lives in float8_e4m3fn with fp32 scales; subclasses say how it computes.
 
-    def __init__(self, linear: nn.Linear, granularity: str = "row", compute_dtype: torch.dtype = torch.bfloat16):
+    Subclassing nn.Linear lets PEFT wrap it like any Linear; `compute_dtype` tells PEFT to create LoRA weights in
+    that dtype rather than in the storage dtype.
+    """
+
+    def __init__(self, linear: nn.Linear, weight_fp8: torch.Tensor, scale: torch.Tensor, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight_fp8, scale = quantize_fp8(linear.weight, granularity)
         self.weight = nn.Parameter(weight_fp8, requires_grad=False)
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(compute_dtype), False)
-        self.granularity = granularity
-        # Read by PEFT: LoRA weights are created in this dtype, not in the storage dtype.
         self.compute_dtype = compute_dtype
 
     def _apply(self, fn, recurse=True):
@@ -86,27 +81,36 @@ class Fp8StorageLinear(nn.Linear):
         dtype = dtype or self.compute_dtype
         return self.weight.to(dtype) * self.weight_scale.to(dtype)
 
+    def forward_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """The dtype this call computes in: autocast's when it is on, else the input's (never an fp8 or int)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else self.compute_dtype
+
+
+class Fp8StorageLinear(FrozenFp8Linear):
+    """fp8 storage, upcast per call: the matmul runs in the compute dtype."""
+
+    def __init__(self, linear: nn.Linear, granularity: str = "row", compute_dtype: torch.dtype = torch.bfloat16):
+        weight_fp8, scale = quantize_fp8(linear.weight, granularity)
+        super().__init__(linear, weight_fp8, scale, compute_dtype)
+        self.granularity = granularity
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
-        if dtype == FP8_DTYPE or not dtype.is_floating_point:
-            dtype = self.compute_dtype
-        return _Fp8StorageMatmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
+        return _Fp8StorageMatmul.apply(x, self.weight, self.weight_scale, self.bias, self.forward_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, storage=float8_e4m3fn, scale={self.granularity}"
 
 
-def apply_fp8_storage(
-    module: nn.Module,
-    granularity: str = "row",
-    compute_dtype: torch.dtype = torch.bfloat16,
-    skip: tuple[str, ...] = ("img_in", "txt_in", "proj_out", "norm_out", "time_text_embed"),
-) -> nn.Module:
-    """Replace the plain Linears inside the transformer blocks with fp8-storage ones, in place.
+ENTRY_EXIT_LAYERS = ("img_in", "txt_in", "proj_out", "norm_out", "time_text_embed")
 
-    The small entry/exit layers (`skip`) stay in full precision: they hold a negligible share of the weights
-    and the largest share of the quantization error. Applying this after LoRA is refused: quantizing would
-    silently swap the base layer under PEFT's wrappers.
+
+def swap_frozen_linears(
+    module: nn.Module, make, skip: tuple[str, ...], what: str, replaceable=(nn.Linear,)
+) -> nn.Module:
+    """Replace every Linear of exactly a `replaceable` type outside `skip` by `make(linear)`, in place.
+
+    Refused once LoRA is applied: swapping would silently change the base layer under PEFT's wrappers.
     """
     replacements = []
     for name, child in module.named_modules():
@@ -114,13 +118,29 @@ def apply_fp8_storage(
             continue
         if hasattr(child, "base_layer") or "lora" in type(child).__module__:
             raise RuntimeError(
-                f"{name} already carries a LoRA adapter: apply fp8 storage before LoRA, not after "
+                f"{name} already carries a LoRA adapter: apply {what} before LoRA, not after "
                 "(build order: load -> fp8 -> LoRA -> checkpointing -> compile)"
             )
-        if type(child) is nn.Linear:
+        if type(child) in replaceable:
             replacements.append(name)
     for name in replacements:
         parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attribute, Fp8StorageLinear(getattr(parent, attribute), granularity, compute_dtype))
+        setattr(parent, attribute, make(getattr(parent, attribute)))
     return module
+
+
+def apply_fp8_storage(
+    module: nn.Module,
+    granularity: str = "row",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip: tuple[str, ...] = ENTRY_EXIT_LAYERS,
+) -> nn.Module:
+    """Replace the plain Linears inside the transformer blocks with fp8-storage ones, in place.
+
+    The small entry/exit layers (`skip`) stay in full precision: they hold a negligible share of the weights
+    and the largest share of the quantization error.
+    """
+    return swap_frozen_linears(
+        module, lambda linear: Fp8StorageLinear(linear, granularity, compute_dtype), skip, "fp8 storage"
+    )

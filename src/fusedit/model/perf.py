@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fusedit.model.fp8 import Fp8StorageLinear
+from fusedit.model.fp8 import ENTRY_EXIT_LAYERS, Fp8StorageLinear, FrozenFp8Linear, swap_frozen_linears
 
 # --------------------------------------------------------------------------------------------------------------------
 # Prompt padding
@@ -219,40 +219,21 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_input, None, None, grad_bias, None
 
 
-class Float8ComputeLinear(nn.Linear):
+class Float8ComputeLinear(FrozenFp8Linear):
     """A frozen Linear computing in float8: e4m3 weight (one fp32 scale) kept from construction, per-call
     dynamically scaled e4m3 inputs and e5m2 gradients. Subclasses nn.Linear so PEFT wraps it like any Linear."""
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        if self.in_features % 16 or self.out_features % 16:
+        if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(
-                f"float8 GEMMs need both Linear sizes to be multiples of 16, got {self.in_features}x{self.out_features}"
+                f"float8 GEMMs need both Linear sizes to be multiples of 16, got {linear.in_features}x{linear.out_features}"
             )
-        source = linear.dequantized_weight(torch.float32) if isinstance(linear, Fp8StorageLinear) else linear.weight
+        source = linear.dequantized_weight(torch.float32) if isinstance(linear, FrozenFp8Linear) else linear.weight
         weight_fp8, scale = _to_float8(source.detach(), E4M3)
-        self.weight = nn.Parameter(weight_fp8, requires_grad=False)
-        self.register_buffer("weight_scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(compute_dtype), False)
-        # Read by PEFT: LoRA weights are created in this dtype, not in the storage dtype.
-        self.compute_dtype = compute_dtype
-
-    def _apply(self, fn, recurse=True):
-        # Same rule as Fp8StorageLinear: device moves yes, dtype casts of the fp8 weight and fp32 scale no.
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight.dtype != E4M3:
-            self.weight.data = self.weight.data.to(E4M3)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(self.weight_scale.device)
-        return self
+        super().__init__(linear, weight_fp8, scale, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            dtype = self.compute_dtype
-        return _Float8Matmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
+        return _Float8Matmul.apply(x, self.weight, self.weight_scale, self.bias, self.forward_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, compute=float8_e4m3fn"
@@ -261,7 +242,7 @@ class Float8ComputeLinear(nn.Linear):
 def apply_float8_compute(
     module: nn.Module,
     compute_dtype: torch.dtype = torch.bfloat16,
-    skip: tuple[str, ...] = ("img_in", "txt_in", "proj_out", "norm_out", "time_text_embed"),
+    skip: tuple[str, ...] = ENTRY_EXIT_LAYERS,
     device: torch.device | str | None = None,
 ) -> nn.Module:
     """Replace the frozen Linears inside the transformer blocks with `Float8ComputeLinear`, in place.
@@ -280,22 +261,13 @@ def apply_float8_compute(
 
 
 def _swap_float8(module: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...]) -> nn.Module:
-    replacements = []
-    for name, child in module.named_modules():
-        if any(name == prefix or name.startswith(prefix + ".") for prefix in skip):
-            continue
-        if hasattr(child, "base_layer") or "lora" in type(child).__module__:
-            raise RuntimeError(
-                f"{name} already carries a LoRA adapter: apply float8 compute before LoRA, not after "
-                "(build order: load -> fp8 -> LoRA -> checkpointing -> compile)"
-            )
-        if type(child) in (nn.Linear, Fp8StorageLinear):
-            replacements.append(name)
-    for name in replacements:
-        parent_name, _, attribute = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attribute, Float8ComputeLinear(getattr(parent, attribute), compute_dtype))
-    return module
+    return swap_frozen_linears(
+        module,
+        lambda linear: Float8ComputeLinear(linear, compute_dtype),
+        skip,
+        "float8 compute",
+        replaceable=(nn.Linear, Fp8StorageLinear),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
