@@ -34,7 +34,6 @@ Builds are deterministic: the same (variant, seed, num_layers) gives bit-identic
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -43,6 +42,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from fusedit.io import fsync_dir
 
 VARIANTS = ("edit", "edit-plus", "edit-2511", "t2i")
 
@@ -316,12 +317,7 @@ def _finalize_tree(root: Path) -> None:
             os.chmod(file, 0o666 & ~umask)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-        with contextlib.suppress(OSError):
-            fd = os.open(dirpath, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _build_into_temp(out: Path, variant: str, seed: int, num_layers: int) -> Path:

@@ -28,7 +28,7 @@ from fusedit.data.datamodule import EditDataModule, split_train_val
 from fusedit.data.dataset import EditDataset, collate
 from fusedit.data.errors import DataValidationError
 from fusedit.data.records import Record, read_records
-from fusedit.data.validation import PathRefused, Sample, resolve_path, validate_records
+from fusedit.data.validation import PathRefused, Sample, resolve_path
 from fusedit.training.conditioning import EditInputs
 
 log = logging.getLogger(__name__)
@@ -322,16 +322,7 @@ class CachedEditDataModule(EditDataModule):
             # Validation (the data module's own, with its messages and on_error) for the rows to encode only:
             # a cached row's bytes were validated when it was encoded, and its key proves they have not changed.
             try:
-                samples = validate_records(
-                    missing,
-                    metadata=self.metadata,
-                    base_path=self.base_path,
-                    columns=self.columns,
-                    max_image_pixels=hp.max_image_pixels,
-                    allow_absolute_paths=hp.allow_absolute_paths,
-                    on_error=hp.on_error,
-                    num_threads=hp.validation_threads,
-                )
+                samples = self.validate(missing)
             except DataValidationError:
                 if hp.on_error == "raise" or not hits:
                     raise

@@ -113,13 +113,10 @@ class EditDataModule(LightningDataModule):
         self._pending_state: dict | None = None
         self._consumed = {"epoch": None, "batches": 0}
 
-    # -- setup --------------------------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
-            return  # validated once, however many stages call setup
+    def validate(self, records) -> list:
+        """Check `records` with this module's settings (files, pixel limit, paths, on_error); the valid samples."""
         hp = self.hparams
-        records = read_records(self.metadata, self.columns)
-        samples = validate_records(
+        return validate_records(
             records,
             metadata=self.metadata,
             base_path=self.base_path,
@@ -129,6 +126,13 @@ class EditDataModule(LightningDataModule):
             on_error=hp.on_error,
             num_threads=hp.validation_threads,
         )
+
+    # -- setup --------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return  # validated once, however many stages call setup
+        hp = self.hparams
+        samples = self.validate(read_records(self.metadata, self.columns))
         train, val = split_train_val(samples, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
         sizes = (hp.max_pixels, hp.edit_max_pixels, hp.max_image_pixels)
         self.train_dataset = EditDataset(train, *sizes)
