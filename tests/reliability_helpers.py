@@ -36,14 +36,23 @@ class PoisonGradients(Callback):
 class SendSignal(Callback):
     """Send `signum` to this process while the given (1-based) step runs (in-process signal tests)."""
 
-    def __init__(self, step: int, signum: int):
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int, at_step_end: bool = False):
+        self.step, self.signum, self.at_step_end = step, signum, at_step_end
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def _send(self, step: int) -> None:
         import os
 
-        if trainer.global_step + 1 == self.step:
+        if step == self.step:
             os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.at_step_end:
+            self._send(trainer.global_step + 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Registered after GracefulStop, so this lands after its check and before Lightning's end-of-step one.
+        if self.at_step_end:
+            self._send(trainer.global_step)
 
 
 def lora_tensors(path) -> dict[str, torch.Tensor]:

@@ -109,6 +109,18 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(tmp_path, tiny_edit_path,
     assert signal.getsignal(signal.SIGINT) is before  # the handler is restored after fit
 
 
+def test_sigterm_late_in_a_step_still_stops_with_a_step_aligned_checkpoint(tmp_path, tiny_edit_path, sample_metadata):
+    # The race CI once hit: SIGTERM after GracefulStop's check but before Lightning's own end-of-step check.
+    # Lightning alone would end fit with a code-less SystemExit (status 0) and no checkpoint of ours.
+    cfg = train_cfg(tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=8"])
+    before = signal.getsignal(signal.SIGTERM)
+    result = run(cfg, [SendSignal(3, signal.SIGTERM, at_step_end=True)])
+    assert result["stopped_by"] == "SIGTERM" and result["exit_code"] == 143
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
+    assert checkpoint["global_step"] == 4  # seen at the next step's end: one step later, aligned
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 # ---------------------------------------------------------------------------------------------------- bad configs
 def _problems(overrides, tmp_path=None):
     cfg = compose_train(overrides)

@@ -1,10 +1,11 @@
 """Stop cleanly on SIGTERM / SIGINT / SLURM preemption: finish the step, save a checkpoint, exit.
 
-SIGTERM is Lightning's: its signal connector sets `trainer.received_sigterm` (and under DDP forwards the signal to
-the processes it launched; on SLURM with `SLURMEnvironment(auto_requeue=True)` the requeue signal saves an HPC
-checkpoint and requeues the job). SIGINT (Ctrl-C) would otherwise raise KeyboardInterrupt wherever the process
-happens to be, e.g. half-way through the optimizer update, so this callback turns the first one into the same
-request; a second Ctrl-C interrupts at once.
+This callback installs its own SIGTERM and SIGINT handlers at train start (over Lightning's SIGTERM one). The
+first signal only records the request, and forwards it to processes Lightning launched (DDP on local devices);
+a second one aborts at once. Lightning's own SIGTERM stop happens later in the step than `on_train_batch_end`, so
+a signal landing between the two would end the run without a step-aligned checkpoint: with one handler there is
+one place where a run stops. SLURM's requeue signal (SIGUSR1, `SLURMEnvironment(auto_requeue=True)`) stays
+Lightning's: it saves an HPC checkpoint and requeues the job.
 
 The request is acted on at the end of a training step (`on_train_batch_end`, the point where ModelCheckpoint's
 periodic checkpoints are taken and from which a resume is exact), reduced over all ranks so every rank saves the
@@ -36,29 +37,38 @@ class GracefulStop(Callback):
         self.stopped_by: str | None = None
         self.step: int | None = None
         self.checkpoint: Path | None = None
-        self._previous_sigint = None
+        self._previous: dict = {}
+        self._trainer: Trainer | None = None
 
     # -- signal handling ---------------------------------------------------------------------------------------------
-    def _on_sigint(self, signum, frame) -> None:
-        if self.requested is not None:  # second Ctrl-C: the user does not want to wait
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested is not None:  # a second signal: the user (or scheduler) does not want to wait
             self._restore()
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning(
-            "%s received: stopping after this step with a checkpoint (press Ctrl-C again to abort)", self.requested
-        )
+        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
+        if launcher is not None:
+            launcher.kill(signum)  # processes Lightning launched (DDP on local devices) stop at the same step
+        log.warning("%s received: stopping after this step with a checkpoint (send it again to abort)", self.requested)
 
     def _restore(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.handle_sigint and threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        # Installed after Lightning's own SIGTERM handler, on purpose: Lightning would also stop at its own check
+        # point, later in the step than `on_train_batch_end`, and a signal landing between the two would end the
+        # run without this callback's step-aligned checkpoint. One handler, one place where the stop happens.
+        self._trainer = trainer
+        if threading.current_thread() is threading.main_thread():
+            signals = [signal.SIGTERM] + ([signal.SIGINT] if self.handle_sigint else [])
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signals}
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()
+        self._trainer = None
 
     # -- acting on a request ---------------------------------------------------------------------------------------
     def _checkpoint_path(self, trainer: Trainer) -> Path:

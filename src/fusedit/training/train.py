@@ -12,6 +12,7 @@ import logging
 import math
 import netrc
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -251,7 +252,9 @@ def train(cfg: DictConfig) -> dict:
             )
         except SIGTERMException:
             if stop is None or stop.stopped_by is None:
-                raise
+                # Lightning stopped on a SIGTERM this run's callbacks did not see: no step-aligned checkpoint was
+                # written. SIGTERMException is a SystemExit without a code (status 0): make the stop visible.
+                raise SystemExit(128 + signal.SIGTERM) from None
         failed = False
     finally:
         close_wandb(failed)
