@@ -128,7 +128,7 @@ def test_two_job_multirun_writes_two_loras_with_their_ranks(tmp_path, tiny_edit_
             "lora.rank=2,4",
             f"model.path={tiny_edit_path}",
             f"data.metadata={metadata}",
-            f"paths.log_dir={tmp_path / 'outputs'}",
+            # No paths.* override: the default paths must resolve in a multirun (cwd=tmp_path -> tmp_path/outputs).
             "trainer.max_steps=2",
             "callbacks.validation_images.num_samples=0",
             "callbacks.progress_bar=null",
