@@ -282,7 +282,9 @@ def convert_checkpoint(
             "output_format": out_format,
             "input_layout": layout_in,
             "output_layout": lora.layout,
-            "noop": direction is None or layout_in in (None, TARGET_LAYOUT[direction]),
+            # A format change alone is a real conversion; "noop" means the output equals the input.
+            "noop": out_format == format_in
+            and (direction is None or layout_in in (None, TARGET_LAYOUT[direction])),
             "output": str(dst),
         }
 
