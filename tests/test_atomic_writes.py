@@ -55,3 +55,18 @@ def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path):
         raise RuntimeError("crash mid-write")
     assert target.read_text().strip().startswith("{") and '"version": 1' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        import importlib
+
+        import fusedit.io
+
+        importlib.reload(fusedit.io)
+        fusedit.io.write_json_atomic(tmp_path / "record.json", {"a": 1})
+    finally:
+        os.umask(mask)
+        importlib.reload(fusedit.io)
+    assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o644

@@ -19,6 +19,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; a LoRA or an image should get the permissions any other
+# new file gets (0666 minus the umask), or nobody else on a shared cluster can read the results.
+_NEW_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def fsync_dir(directory: Path) -> None:
     # The rename is only durable once the directory entry is flushed too.
     with contextlib.suppress(OSError):
@@ -44,6 +55,7 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _NEW_FILE_MODE)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:

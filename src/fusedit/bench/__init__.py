@@ -111,7 +111,9 @@ def main(args) -> int:
         raise ValueError("--device cuda was asked for, but CUDA is not available")
     if args.size == "full" and device.type == "cpu" and args.layers is None and not args.data_only:
         # 60 blocks x 3072 wide in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
-        raise ValueError("--size full is the real 20B shape and needs a GPU; on CPU use --size tiny, or a partial model with --layers N")
+        raise ValueError(
+            "--size full is the real 20B shape and needs a GPU; on CPU use --size tiny, or a partial model with --layers N"
+        )
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -283,8 +283,7 @@ def convert_checkpoint(
             "input_layout": layout_in,
             "output_layout": lora.layout,
             # A format change alone is a real conversion; "noop" means the output equals the input.
-            "noop": out_format == format_in
-            and (direction is None or layout_in in (None, TARGET_LAYOUT[direction])),
+            "noop": out_format == format_in and (direction is None or layout_in in (None, TARGET_LAYOUT[direction])),
             "output": str(dst),
         }
 
