@@ -21,23 +21,12 @@ from fusedit.training.module import EditLoRAModule
 from fusedit.training.train import train
 from fusedit.training.validate_config import ConfigError, validate_train_config
 from tests.reliability_helpers import PoisonGradients, SendSignal, lora_tensors
-from tests.training_utils import compose_train, train_cfg
+from tests.training_utils import compose_train, train_cfg, train_with_callbacks
 
 
 @pytest.fixture(scope="module")
 def sample_metadata(tmp_path_factory) -> Path:
     return make_sample_dataset(tmp_path_factory.mktemp("data"), n=4, size=32)
-
-
-def run(cfg, extra_callbacks=()):
-    import fusedit.training.train as train_module
-
-    original = train_module.build_callbacks
-    train_module.build_callbacks = lambda c: [*original(c), *extra_callbacks]
-    try:
-        return train(cfg)
-    finally:
-        train_module.build_callbacks = original
 
 
 def optimizer_steps_taken(checkpoint_path) -> set[int]:
@@ -53,7 +42,7 @@ def test_nan_gradients_skip_the_step_and_are_counted(tmp_path, tiny_edit_path, s
         sample_metadata,
         ["trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=5", "optim.lr=1e-3"],
     )
-    result = run(cfg, [PoisonGradients({2, 4})])
+    result = train_with_callbacks(cfg, [PoisonGradients({2, 4})])
     assert result["metrics"]["train/skipped_steps"] == 2
     # The two poisoned steps never reached AdamW: its per-parameter step counters saw 3 updates, not 5.
     assert optimizer_steps_taken(result["checkpoint"]) == {3}
@@ -102,7 +91,7 @@ def test_guard_state_survives_resume():
 def test_sigint_stops_after_the_step_with_a_checkpoint(tmp_path, tiny_edit_path, sample_metadata):
     cfg = train_cfg(tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=8"])
     before = signal.getsignal(signal.SIGINT)
-    result = run(cfg, [SendSignal(3, signal.SIGINT)])
+    result = train_with_callbacks(cfg, [SendSignal(3, signal.SIGINT)])
     assert result["stopped_by"] == "SIGINT" and result["exit_code"] == 130
     checkpoint = torch.load(result["checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 3  # the step that was running when Ctrl-C came, not one more
@@ -114,7 +103,7 @@ def test_sigterm_late_in_a_step_still_stops_with_a_step_aligned_checkpoint(tmp_p
     # Lightning alone would end fit with a code-less SystemExit (status 0) and no checkpoint of ours.
     cfg = train_cfg(tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=8"])
     before = signal.getsignal(signal.SIGTERM)
-    result = run(cfg, [SendSignal(3, signal.SIGTERM, at_step_end=True)])
+    result = train_with_callbacks(cfg, [SendSignal(3, signal.SIGTERM, at_step_end=True)])
     assert result["stopped_by"] == "SIGTERM" and result["exit_code"] == 143
     checkpoint = torch.load(result["checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 4  # seen at the next step's end: one step later, aligned
@@ -454,7 +443,9 @@ def test_a_restarted_job_continues_in_its_run_dir(tmp_path, tiny_edit_path, samp
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             rows.append(trainer.global_step)
 
-    again = run(train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4"]), [Steps()])
+    again = train_with_callbacks(
+        train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4"]), [Steps()]
+    )
     assert again["run_dir"] == first["run_dir"] and rows == [2, 3]
 
 

@@ -16,7 +16,7 @@ from fusedit.training.conditioning import EditConditioner
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.objective import FlowMatchObjective
 from fusedit.training.train import train
-from tests.training_utils import train_cfg
+from tests.training_utils import train_cfg, train_with_callbacks
 
 
 @pytest.fixture(scope="module")
@@ -185,31 +185,19 @@ def _rows_callback():
     return Rows()
 
 
-def _run(cfg, extra_callbacks=()):
-    # train() builds its callbacks from the config; record the batches it trains on by patching the list in.
-    import fusedit.training.train as train_module
-
-    original = train_module.build_callbacks
-    train_module.build_callbacks = lambda c: [*original(c), *extra_callbacks]
-    try:
-        return train(cfg)
-    finally:
-        train_module.build_callbacks = original
-
-
 def test_resume_continues_at_the_right_step_with_the_same_data_and_weights(tmp_path, tiny_edit_path, sample_metadata):
     common = ["data.batch_size=1", "callbacks.model_checkpoint.every_n_train_steps=3", "optim.lr=1e-3"]
     full_rows = _rows_callback()
-    full = _run(
+    full = train_with_callbacks(
         train_cfg(tmp_path / "full", tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=6"]), [full_rows]
     )
 
     first_rows = _rows_callback()
-    first = _run(
+    first = train_with_callbacks(
         train_cfg(tmp_path / "split", tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=3"]), [first_rows]
     )
     resumed_rows = _rows_callback()
-    resumed = _run(
+    resumed = train_with_callbacks(
         train_cfg(
             tmp_path / "other",
             tiny_edit_path,

@@ -38,3 +38,15 @@ def train_cfg(tmp_path: Path, model_path: Path, metadata: Path, overrides: list[
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def train_with_callbacks(cfg: DictConfig, extra_callbacks=()) -> dict:
+    """`train(cfg)` with test callbacks added to the ones it builds from the config."""
+    import fusedit.training.train as train_module
+
+    original = train_module.build_callbacks
+    train_module.build_callbacks = lambda c: [*original(c), *extra_callbacks]
+    try:
+        return train_module.train(cfg)
+    finally:
+        train_module.build_callbacks = original
