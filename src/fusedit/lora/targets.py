@@ -14,35 +14,10 @@ from fusedit.model.merged_qkv import MERGED_TO_STANDARD
 
 MODEL_LAYOUTS = ("standard", "merged_qkv")
 
-# Every Linear inside a block, in both layouts (attention projections, output projections, MLPs, modulation).
-BLOCK_LINEARS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_qkv",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "add_qkv_proj",
-    "to_out.0",
-    "to_add_out",
-    "img_mlp.net.0.proj",
-    "img_mlp.net.2",
-    "txt_mlp.net.0.proj",
-    "txt_mlp.net.2",
-    "img_mod.1",
-    "txt_mod.1",
-)
-
-# Linears outside the blocks, for targets lists that want them (no named layout uses them).
-TOP_LEVEL_LINEARS = ("img_in", "txt_in", "proj_out", "norm_out.linear")
-VALID_TARGETS = (*BLOCK_LINEARS, *TOP_LEVEL_LINEARS)
-
 # Named layouts, written in the merged naming (translated on use).
 ATTN = ("to_qkv", "add_qkv_proj")
 ATTN_MLP = (
-    "to_qkv",
-    "add_qkv_proj",
+    *ATTN,
     "to_out.0",
     "to_add_out",
     "img_mlp.net.0.proj",
@@ -51,6 +26,14 @@ ATTN_MLP = (
     "txt_mlp.net.2",
 )
 FULL = (*ATTN_MLP, "img_mod.1", "txt_mod.1")
+
+# Every Linear inside a block, in both layouts: the largest layout plus the standard names of the merged ones.
+BLOCK_LINEARS = (*FULL, *(name for names in MERGED_TO_STANDARD.values() for name in names))
+
+# Linears outside the blocks, for targets lists that want them (no named layout uses them).
+TOP_LEVEL_LINEARS = ("img_in", "txt_in", "proj_out", "norm_out.linear")
+VALID_TARGETS = (*BLOCK_LINEARS, *TOP_LEVEL_LINEARS)
+
 NAMED_TARGETS = {"attn": ATTN, "attn_mlp": ATTN_MLP, "full": FULL}
 
 _STANDARD_TO_MERGED = {name: merged for merged, names in MERGED_TO_STANDARD.items() for name in names}
