@@ -13,6 +13,7 @@ from PIL import Image
 
 from fusedit.data import BucketBatchSampler, EditDataModule, make_sample_dataset, split_train_val
 from fusedit.data.dataset import collate
+from fusedit.data.errors import MetadataError
 from fusedit.data.images import calculate_dimensions, edit_size, resize_target, target_size, to_pil, to_tensor
 from fusedit.data.records import Columns, read_records
 from tests.data_helpers import save_image, simple_dataset, write_csv
@@ -89,6 +90,42 @@ def test_csv_rows_are_numbered_as_an_editor_shows_them(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text('image,edit_image,prompt\na.png,b.png,one\n\nc.png,d.png,"two\nlines"\ne.png,f.png,three\n')
     assert [(r.row, r.prompt) for r in read_records(path)] == [(2, "one"), (4, "two\nlines"), (6, "three")]
+
+
+def test_an_optional_column_absent_from_the_file_is_none_and_a_present_one_keeps_the_rules(tmp_path):
+    optional = Columns(optional={"image"})
+    absent = tmp_path / "absent.csv"
+    absent.write_text("edit_image,prompt\na.png,one\nb.png,two\n")
+    assert [(r.row, r.image, r.edit_images) for r in read_records(absent, optional)] == [
+        (2, None, ("a.png",)),
+        (3, None, ("b.png",)),
+    ]
+    with pytest.raises(MetadataError, match=rf"{absent}: missing column\(s\) 'image'"):
+        read_records(absent)  # required by default, as training needs it
+
+    present = tmp_path / "present.csv"
+    present.write_text("image,edit_image,prompt\nt.png,a.png,one\n,b.png,two\nu.png\n")
+    records = read_records(present, optional)
+    assert [r.image for r in records] == ["t.png", "", "u.png"]  # an empty cell stays "", not None
+    assert records[2].problems == (("", "has 1 fields, the header has 3"),) and records[2].prompt == ""
+    assert read_records(present, Columns(None, optional={"image"}))[0].image is None  # None: not read at all
+
+    lines = [
+        {"image": "t.png", "edit_image": "a.png", "prompt": "one"},
+        {"edit_image": "b.png", "prompt": "two"},
+        {"image": None, "edit_image": "c.png", "prompt": "three"},
+        {"image": 7, "edit_image": "d.png", "prompt": "four"},
+    ]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines))
+    records = read_records(jsonl, optional)
+    assert [r.image for r in records] == ["t.png", None, None, ""]
+    assert [r.problems for r in records] == [(), (), (), (("image", "must be a string"),)]
+    assert read_records(jsonl)[1].problems == (("image", "field missing on this line"),)
+    with pytest.raises(ValueError, match="role names"):
+        Columns(optional="image")
+    with pytest.raises(ValueError, match="only an optional role"):
+        Columns(image=None)
 
 
 # -- buckets ------------------------------------------------------------------------------------------------------

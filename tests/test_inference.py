@@ -166,6 +166,28 @@ def test_csv_errors_name_the_row(images, tmp_path):
         collect_jobs(str(images / "a.png"), None)
 
 
+def test_a_table_is_read_once_with_the_target_optional(images, monkeypatch):
+    import fusedit.data.records as records
+
+    reads = []
+    original = records.read_records
+    monkeypatch.setattr(records, "read_records", lambda *a, **k: reads.append(a) or original(*a, **k))
+    with_target = images / "with_target.csv"
+    with_target.write_text("image,edit_image,prompt\nb.png,a.png,make it blue\n,a.png,again\n")
+    jobs = collect_jobs(str(with_target), None, {})
+    assert [job.target for job in jobs] == [images / "b.png", None] and len(reads) == 1
+    without = images / "without_target.csv"
+    without.write_text("edit_image,prompt\na.png,make it blue\n")
+    assert collect_jobs(str(without), None, {})[0].target is None and len(reads) == 2
+    assert collect_jobs(str(with_target), None, {"target_column": None})[0].target is None
+
+    jsonl = images / "jobs.jsonl"
+    lines = [{"edit_image": "a.png", "prompt": "x"}, {"image": ["b.png"], "edit_image": "a.png", "prompt": "y"}]
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(ValueError, match=rf"{jsonl}: 1 problem.*\n  {jsonl} row 2 column 'image': must be a string"):
+        collect_jobs(str(jsonl), None, {})
+
+
 def test_edit_plus_takes_several_images(tiny_edit_plus_path, images, tmp_path):
     record = infer(
         cfg_for(f"model.path={tiny_edit_plus_path}", f"input=[{images / 'a.png'},{images / 'b.png'}]",

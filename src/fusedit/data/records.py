@@ -3,6 +3,11 @@
 A record keeps the row number a user sees in an editor (CSV header = row 1, so the first data row is row 2;
 JSONL line N = row N) so that every later error can point at it. Paths stay as written; `validation` resolves
 them against `base_path`, because refusing a path is a validation decision, not a parsing one.
+
+Training needs all three columns. A reader that can do without one (inference: the target is only shown on the
+comparison sheet) declares it in `Columns.optional`: a column absent from the file is then None on every record,
+while a present column keeps the usual rules (an empty CSV cell is "", a wrong JSON type is a problem of that row).
+In JSONL, where "absent" can be per line, an optional field missing from a line or set to null is None there.
 """
 
 from __future__ import annotations
@@ -22,22 +27,44 @@ EDIT_IMAGE_SEPARATOR = "|"
 @dataclass(frozen=True)
 class Record:
     row: int
-    image: str
-    edit_images: tuple[str, ...]
-    prompt: str
+    # None only for a column declared optional (Columns.optional) that has no value here.
+    image: str | None
+    edit_images: tuple[str, ...] | None
+    prompt: str | None
     # Problems found while parsing this row (a short CSV line, a JSON value of the wrong type): validation reports
     # them with everything else instead of stopping at the first.
     problems: tuple[tuple[str, str], ...] = field(default=())
 
 
+ROLES = ("image", "edit_image", "prompt")
+
+
 @dataclass(frozen=True)
 class Columns:
-    image: str = "image"
-    edit_image: str = "edit_image"
-    prompt: str = "prompt"
+    """The column name of each role, and the roles (`ROLES`) a file may leave out (see the module docstring).
 
-    def names(self) -> tuple[str, str, str]:
+    An optional role named None is not read at all: None on every record, whatever the file holds.
+    """
+
+    image: str | None = "image"
+    edit_image: str | None = "edit_image"
+    prompt: str | None = "prompt"
+    optional: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        # A bare string would be read as a set of letters.
+        if isinstance(self.optional, str) or not frozenset(self.optional) <= set(ROLES):
+            raise ValueError(f"Columns.optional takes role names from {ROLES}, got {self.optional!r}")
+        object.__setattr__(self, "optional", frozenset(self.optional))
+        unnamed = [role for role in ROLES if getattr(self, role) is None and role not in self.optional]
+        if unnamed:
+            raise ValueError(f"Columns: {unnamed} have no column name; only an optional role can be None")
+
+    def names(self) -> tuple[str | None, str | None, str | None]:
         return (self.image, self.edit_image, self.prompt)
+
+    def required(self) -> list[str]:
+        return [getattr(self, role) for role in ROLES if role not in self.optional]
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -59,7 +86,7 @@ def split_edit_images(value: str) -> tuple[str, ...]:
 
 
 def _missing_columns(path: Path, found: list[str], columns: Columns) -> None:
-    missing = [name for name in columns.names() if name not in found]
+    missing = [name for name in columns.required() if name not in found]
     if missing:
         raise MetadataError(
             f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; columns found: "
@@ -78,7 +105,7 @@ def _read_csv(path: Path, text: str, columns: Columns) -> list[Record]:
         raise MetadataError(f"{path}: line 1: not valid CSV ({error})") from None
     header = [name.strip() for name in header]
     _missing_columns(path, header, columns)
-    position = {name: header.index(name) for name in columns.names()}
+    position = {name: header.index(name) for name in columns.names() if name in header}
     records = []
     line_end = reader.line_num
     while True:
@@ -95,13 +122,15 @@ def _read_csv(path: Path, text: str, columns: Columns) -> list[Record]:
         problems = []
         if len(values) != len(header):
             problems.append(("", f"has {len(values)} fields, the header has {len(header)}"))
+        # An absent (optional) column is None; a present one gives its cell, "" when the row is short.
         cell = {name: values[index] if index < len(values) else "" for name, index in position.items()}
+        image, edit, prompt = (cell.get(name) for name in columns.names())
         records.append(
             Record(
                 row=row,
-                image=cell[columns.image].strip(),
-                edit_images=split_edit_images(cell[columns.edit_image]),
-                prompt=cell[columns.prompt],
+                image=None if image is None else image.strip(),
+                edit_images=None if edit is None else split_edit_images(edit),
+                prompt=prompt,
                 problems=tuple(problems),
             )
         )
@@ -127,33 +156,44 @@ def _read_jsonl(path: Path, text: str, columns: Columns) -> list[Record]:
     found = sorted({key for _, obj in objects for key in obj})
     _missing_columns(path, found, columns)
 
+    def value(obj: dict, role: str) -> tuple[object, bool]:
+        """(value, present); an optional field missing from the line or null is None, a required one is ""."""
+        name, optional = getattr(columns, role), role in columns.optional
+        if name in obj and not (optional and obj[name] is None):
+            return obj[name], True
+        return (None if optional else ""), False
+
     records = []
     for line_number, obj in objects:
         problems = []
-        for name in columns.names():
+        for name in columns.required():
             if name not in obj:
                 problems.append((name, "field missing on this line"))
-        edit = obj.get(columns.edit_image, "")
-        if isinstance(edit, list) and all(isinstance(item, str) for item in edit):
+        edit, present = value(obj, "edit_image")
+        if not present:
+            edit_images = None if edit is None else split_edit_images(edit)
+        elif isinstance(edit, list) and all(isinstance(item, str) for item in edit):
             edit_images = tuple(item.strip() for item in edit)
         elif isinstance(edit, str):
             edit_images = split_edit_images(edit)
         else:
             problems.append((columns.edit_image, "must be a string or a list of strings"))
             edit_images = ()
-        image, prompt = obj.get(columns.image, ""), obj.get(columns.prompt, "")
-        if not isinstance(image, str):
+        (image, image_present), (prompt, prompt_present) = value(obj, "image"), value(obj, "prompt")
+        if image_present and not isinstance(image, str):
             problems.append((columns.image, "must be a string"))
             image = ""
-        if not isinstance(prompt, str):
+        if prompt_present and not isinstance(prompt, str):
             problems.append((columns.prompt, "must be a string"))
             prompt = ""
-        records.append(Record(line_number, image.strip(), edit_images, prompt, tuple(problems)))
+        image = image.strip() if isinstance(image, str) else image
+        records.append(Record(line_number, image, edit_images, prompt, tuple(problems)))
     return records
 
 
 def read_records(path: str | Path, columns: Columns | None = None) -> list[Record]:
-    """Parse a `.csv` or `.jsonl` metadata file. Raises `MetadataError` for file-level problems."""
+    """Parse a `.csv` or `.jsonl` metadata file. Raises `MetadataError` for file-level problems (among them a
+    missing column that `columns` does not declare optional)."""
     path = Path(path)
     columns = columns or Columns()
     suffix = path.suffix.lower()

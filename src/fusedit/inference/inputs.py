@@ -48,20 +48,13 @@ def _need_prompt(prompt: str | None, where: str) -> str:
 
 
 def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
-    from fusedit.data.errors import MetadataError
     from fusedit.data.records import Columns, read_records
     from fusedit.data.validation import PathRefused, resolve_path
 
     input_column, prompt_column = columns.get("input_column", "edit_image"), columns.get("prompt_column", "prompt")
-    target_column = columns.get("target_column", "image")
-    # The reader insists on all three columns; asking for the input column twice makes the target optional.
-    records = read_records(path, Columns(image=input_column, edit_image=input_column, prompt=prompt_column))
-    targets: dict[int, str] = {}
-    if target_column:
-        try:
-            targets = {r.row: r.image for r in read_records(path, Columns(target_column, input_column, prompt_column))}
-        except MetadataError:
-            targets = {}  # no target column: the sheet shows input | output only
+    target_column = columns.get("target_column", "image") or None
+    # Without a target (no such column in the file, or target_column null) the sheet shows input | output only.
+    records = read_records(path, Columns(target_column, input_column, prompt_column, optional={"image"}))
     base = path.parent
     allow_absolute = bool(columns.get("allow_absolute_paths", False))
     jobs, taken, problems = [], set(), []
@@ -87,7 +80,7 @@ def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
         row_prompt = record.prompt if record.prompt.strip() else prompt
         if row_prompt is None or not str(row_prompt).strip():
             problems.append(f"{where} column {prompt_column!r}: empty prompt and no prompt= given")
-        target = inside(targets[record.row], target_column, where) if targets.get(record.row) else None
+        target = inside(record.image, target_column, where) if record.image else None
         if target is not None and not target.is_file():
             problems.append(f"{where} column {target_column!r}: target {target} not found")
         stem = f"row{record.row:04d}" + (f"_{images[0].stem}" if images else "")
