@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fusedit.cache import CacheCorruptError, CachedConditioner, CachedEditDataModule
+from fusedit.cache import CacheCorruptError, CachedConditioner, CachedEditDataModule, encoder_fingerprint, keys
+from fusedit.cache.keys import fingerprint_hash
 from fusedit.data import EditDataModule, make_sample_dataset
+from fusedit.io import read_safetensors_header
 from fusedit.training import conditioning
 from fusedit.training.build import build_transformer
 from fusedit.training.conditioning import EditConditioner
@@ -145,6 +148,84 @@ def test_an_encoder_setting_change_invalidates_everything(tmp_path, tiny_edit_pa
         if name == "dtype":
             assert second.cache.read(second.train_dataset.rows[0].key)["prompt"].dtype == torch.bfloat16
     assert len(directories) == 4
+
+
+def copy_with_new_mtimes(source: Path, destination: Path) -> Path:
+    """What a re-download or a copy to another disk gives: the same bytes, every mtime different."""
+    shutil.copytree(source, destination, copy_function=shutil.copyfile)
+    for path in destination.rglob("*"):
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**12))
+    return destination
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Change one byte in place, keeping the file's size and mtime (the edit a stat-based check cannot see)."""
+    stat = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        value = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([value ^ 0x01]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+
+
+def test_a_copied_model_keeps_its_fingerprint_and_finds_its_cache(tmp_path, tiny_edit_path, data, monkeypatch):
+    first = datamodule(data, tmp_path / "cache", tiny_edit_path)
+    first.setup()
+    copy = copy_with_new_mtimes(tiny_edit_path, tmp_path / "copied" / "model")
+    forbid_encoders(monkeypatch)
+    second = datamodule(data, tmp_path / "cache", copy)
+    second.setup()
+    assert second.stats["encoded"] == 0 and second.cache.dir == first.cache.dir
+
+
+def test_one_changed_weight_changes_the_fingerprint(tmp_path, tiny_edit_path):
+    """Files up to FULL_HASH_BYTES (all of the tiny pipeline) are hashed whole: one weight changed in place, with
+    the size and mtime kept, gives another fingerprint."""
+    model = copy_with_new_mtimes(tiny_edit_path, tmp_path / "model")
+    before = encoder_fingerprint(model, "float32", 1024, None)
+    weights = model / "text_encoder" / "model.safetensors"
+    header, _ = read_safetensors_header(weights)
+    name, info = max(header.items(), key=lambda item: item[1]["data_offsets"][1] - item[1]["data_offsets"][0])
+    start, end = info["data_offsets"]
+    data_start = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    flip_byte(weights, data_start + (start + end) // 2)  # the middle of the largest tensor
+    after = encoder_fingerprint(model, "float32", 1024, None)
+    assert after["files"]["text_encoder"] != before["files"]["text_encoder"]
+    assert fingerprint_hash(after) != fingerprint_hash(before)
+
+
+def test_large_weight_files_are_identified_by_header_and_sampled_blocks(tmp_path, tiny_edit_path, monkeypatch):
+    """Beyond FULL_HASH_BYTES the guarantee is exactly what the module docstring says: every byte that
+    `sampled_ranges` names (each tensor's first and last SAMPLE_BYTES, the spread blocks) and the header count;
+    a byte elsewhere, inside a large tensor, does not. Few reads, whatever the file size."""
+    monkeypatch.setattr(keys, "FULL_HASH_BYTES", 0)
+    weights = copy_with_new_mtimes(tiny_edit_path / "vae", tmp_path / "vae") / "diffusion_pytorch_model.safetensors"
+    kind, ranges, header = keys.sampled_ranges(weights)
+    assert kind == "safetensors" and len(ranges) < 200
+    assert sum(end - start for start, end in ranges) < weights.stat().st_size // 2
+    original, whole = keys.content_digest(weights), "sha256=" + keys.file_sha256(weights)
+    assert original.startswith("safetensors-sampled-sha256=")
+
+    tensors = json.loads(header)
+    tensors.pop("__metadata__", None)
+    data_start = 8 + len(header)
+    largest = max(tensors.values(), key=lambda info: info["data_offsets"][1] - info["data_offsets"][0])
+    first, last = data_start + largest["data_offsets"][0], data_start + largest["data_offsets"][1] - 1
+    unsampled = next(offset for offset in range(first, last) if not any(start <= offset < end for start, end in ranges))
+    flip_byte(weights, unsampled)
+    assert keys.content_digest(weights) == original  # the documented limit
+    monkeypatch.setattr(keys, "FULL_HASH_BYTES", 256 << 20)
+    assert keys.content_digest(weights) != whole  # hashing the whole file (below FULL_HASH_BYTES) sees it
+    monkeypatch.setattr(keys, "FULL_HASH_BYTES", 0)
+    flip_byte(weights, unsampled)  # back to the original bytes
+    for offset in (first, last, 8 + len(header) // 2):  # a tensor's first and last byte, the header
+        flip_byte(weights, offset)
+        assert keys.content_digest(weights) != original, offset
+        flip_byte(weights, offset)
+    assert keys.content_digest(weights) == original
 
 
 def test_buckets_come_from_the_cached_latent_shapes(tmp_path, tiny_edit_path, monkeypatch):

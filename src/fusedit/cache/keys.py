@@ -8,25 +8,46 @@ files, so a changed image or prompt gets a new key (and is encoded again) while 
 - the pipeline class (Edit vs Edit-2509/2511: template, VLM image size, multi-image),
 - its prompt template, template drop index and the VLM image areas (read from diffusers' pipeline class),
 - the diffusers version (the encoding code is diffusers' own `encode_prompt` / `_encode_vae_image`),
-- the VAE, text encoder, tokenizer and processor: the sha256 of every config/tokenizer file, and name, size and
-  mtime of every weight file (hashing 16 GB of text encoder at every start would cost more than it protects),
+- the files of the VAE, text encoder, tokenizer and processor, by content (`content_digest`, below),
 - the encoder dtype and the resize settings (`data.max_pixels`, `data.edit_max_pixels`).
 
 Changing any of these changes the fingerprint, which selects another cache directory: nothing encoded under the
 old settings is ever read under the new ones.
+
+Files are identified by their bytes, never by name, size or mtime, so a copied, moved or re-downloaded model
+finds its cache. Hashing all of them would cost a full read of the 16 GB text encoder at every start (about
+10 s from a warm page cache, minutes from network storage), so only small files are hashed whole:
+
+- a file of at most `FULL_HASH_BYTES` (256 MiB: every config, tokenizer and processor file, and the bf16 VAE of
+  Qwen-Image-Edit) is hashed whole: any change to it is detected;
+- a larger safetensors file is identified by its size, its header (every tensor's name, dtype, shape and byte
+  offsets, and the metadata) and `SAMPLE_BYTES` (4 KiB) at each end of every tensor plus `SPREAD_SAMPLES` (64)
+  blocks of that size spread evenly over the file. Another checkpoint (retrained, fine-tuned, converted, another
+  precision) differs in every tensor, so its first bytes differ; a change of any tensor's name, dtype or shape
+  changes the header. A Qwen2.5-VL-7B text encoder (about 730 tensors) costs about 1,500 small reads, whatever
+  its size;
+- any other large file (.bin, .gguf, ...) by its size, its first and last MiB (a torch zip keeps a CRC-32 of
+  every tensor at its end) and the spread blocks.
+
+What this gives up: a weight edited in place inside a large tensor, away from the sampled blocks, keeps the
+fingerprint. Nobody edits single weights of an encoder in place; whoever does must delete the cache directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import diffusers
 
 CACHE_FORMAT = "fusedit.cache/1"
 ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "processor")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+FULL_HASH_BYTES = 256 << 20
+SAMPLE_BYTES = 4 << 10
+SPREAD_SAMPLES = 64
+EDGE_BYTES = 1 << 20  # of a large file that is not safetensors
 _CHUNK = 1 << 20
 
 
@@ -38,19 +59,89 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _safetensors_layout(fd: int, size: int) -> tuple[bytes, list[int]] | None:
+    """(raw header, absolute start and end offset of every tensor) or None when this is not a safetensors file."""
+    raw_len = os.pread(fd, 8, 0)
+    if len(raw_len) != 8:
+        return None
+    header_len = int.from_bytes(raw_len, "little")
+    if not 0 < header_len <= min(100 << 20, size - 8):
+        return None
+    raw = os.pread(fd, header_len, 8)
+    try:
+        header = json.loads(raw)
+        ends = [
+            8 + header_len + int(offset)
+            for name, info in header.items()
+            if name != "__metadata__"
+            for offset in info["data_offsets"]
+        ]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return raw, ends
+
+
+def sampled_ranges(path: str | Path) -> tuple[str, list[tuple[int, int]], bytes]:
+    """(kind, merged [start, end) byte ranges `content_digest` reads, safetensors header) of a large file."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        layout = _safetensors_layout(fd, size)
+    finally:
+        os.close(fd)
+    if layout is not None:
+        header, boundaries = layout
+        kind = "safetensors"
+        wanted = [(b - SAMPLE_BYTES, b + SAMPLE_BYTES) for b in boundaries]
+        data_start = 8 + len(header)
+    else:
+        header, kind, data_start = b"", "sampled", 0
+        wanted = [(0, EDGE_BYTES), (size - EDGE_BYTES, size)]
+    step = max(1, (size - data_start) // SPREAD_SAMPLES)
+    wanted += [(data_start + i * step, data_start + i * step + SAMPLE_BYTES) for i in range(SPREAD_SAMPLES)]
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted((max(data_start, a), min(size, b)) for a, b in wanted):
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return kind, merged, header
+
+
+def content_digest(path: str | Path) -> str:
+    """A digest of `path`'s bytes that does not depend on its name or mtime: sha256 of the whole file up to
+    `FULL_HASH_BYTES`, of its size, header and sampled blocks beyond (see the module docstring)."""
+    size = os.path.getsize(path)
+    if size <= FULL_HASH_BYTES:
+        return "sha256=" + file_sha256(path)
+    kind, ranges, header = sampled_ranges(path)
+    digest = hashlib.sha256(size.to_bytes(8, "little") + len(header).to_bytes(8, "little") + header)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, end in ranges:
+            block = os.pread(fd, end - start, start)
+            if len(block) != end - start:
+                raise OSError(f"{path} shrank while it was being read")
+            digest.update(start.to_bytes(8, "little"))
+            digest.update(block)
+    finally:
+        os.close(fd)
+    return f"{kind}-sampled-sha256={digest.hexdigest()}"
+
+
 def _component_files(root: Path, component: str) -> dict[str, str]:
     folder = root / component
     if not folder.is_dir():
         return {}
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(root).as_posix()
-        if path.name.endswith(WEIGHT_SUFFIXES):
-            stat = path.stat()
-            files[name] = f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
-        else:
-            files[name] = "sha256=" + file_sha256(path)
-    return files
+    # Hidden files (.DS_Store, download bookkeeping with timestamps) are never loaded by diffusers.
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    return {path.relative_to(root).as_posix(): content_digest(path) for path in files}
 
 
 def _template(pipeline_class: str) -> dict:
