@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -277,11 +278,92 @@ def test_train_from_the_cache_loads_no_encoder(tmp_path, tiny_edit_path, data, m
     datamodule(data, tmp_path / "cache", tiny_edit_path).setup()
     forbid_encoders(monkeypatch)
     overrides = ["cache.enabled=true", f"cache.dir={tmp_path / 'cache'}", "trainer.max_epochs=2", "data.batch_size=2"]
-    overrides += ["callbacks.validation_images.num_samples=2"]  # asked for, switched off in cached runs
-    result = train(train_cfg(tmp_path, tiny_edit_path, data, overrides))
+    vae_loads = count_vae_loads(monkeypatch)
+    result = train(train_cfg(tmp_path, tiny_edit_path, data, overrides))  # validation_images.num_samples=0
     assert result["metrics"]["train/loss"] > 0 and torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
     assert result["lora_path"].is_file()
-    assert not (result["run_dir"] / "samples").exists()
+    assert not (result["run_dir"] / "samples").exists() and vae_loads == []  # no round, no VAE
+
+
+def count_vae_loads(monkeypatch) -> list:
+    """Loads of the VAE (by the cached validation) are recorded; any VAE encode is an error."""
+    from diffusers import AutoencoderKLQwenImage
+
+    loads, original = [], AutoencoderKLQwenImage.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        loads.append(args)
+        return original(cls, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the VAE encoder was called")
+
+    monkeypatch.setattr(AutoencoderKLQwenImage, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(AutoencoderKLQwenImage, "encode", refuse)
+    return loads
+
+
+def test_validation_images_from_the_cache(tmp_path, tiny_edit_path, data, monkeypatch):
+    """A cached run with validation images every 2 steps writes them, loads the VAE (decoder) once and never the
+    text encoder, and its training steps make no encoder call."""
+    from fusedit.training.train import train
+    from tests.training_utils import train_cfg
+
+    datamodule(data, tmp_path / "cache", tiny_edit_path).setup()
+    forbid_encoders(monkeypatch)
+    vae_loads = count_vae_loads(monkeypatch)
+    overrides = ["cache.enabled=true", f"cache.dir={tmp_path / 'cache'}", "trainer.max_steps=4", "data.batch_size=1"]
+    overrides += ["data.val_count=1", "callbacks.validation_images.num_samples=1"]
+    overrides += ["callbacks.validation_images.every_n_steps=2", "callbacks.validation_images.num_inference_steps=2"]
+    result = train(train_cfg(tmp_path, tiny_edit_path, data, overrides))
+    samples = result["run_dir"] / "samples"
+    assert sorted(path.name for path in samples.iterdir()) == ["step-000002.png", "step-000004.png"]
+    sheet = Image.open(samples / "step-000004.png")
+    assert sheet.size == (3 * 32, 32)  # input | edited | target at the cached (training) size
+    assert len(vae_loads) == 1
+
+
+def test_cached_validation_generates_what_the_pipeline_generates(tiny_edit_path, monkeypatch):
+    """Sampling from cached encodings (denoise + the VAE decoder) gives the image QwenImageEditPipeline gives for
+    the same embeddings, edit image, seed and steps, once the pipeline conditions at the cached size."""
+    from diffusers import QwenImageEditPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+
+    from fusedit.cache.validation import cached_inputs, denoise
+    from fusedit.data.images import to_tensor
+
+    pipeline = QwenImageEditPipeline.from_pretrained(tiny_edit_path)
+    pipeline.set_progress_bar_config(disable=True)
+    edit = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    conditioner = EditConditioner(pipeline)
+    condition, shape = conditioner.encode_image(to_tensor(edit)[None])
+    embeds, _ = conditioner.encode_prompts(["make it blue"], [to_tensor(edit)[None]])
+    sample = {"target": torch.zeros_like(condition[0]), "edits": [condition[0]], "prompt_embeds": embeds[0]}
+    sample |= {"img_shapes": [shape, shape], "prompt": "make it blue", "row": 2}
+
+    transformer = build_transformer(tiny_edit_path, "standard", "float32", {"rank": 4, "alpha": 8, "targets": "attn"})
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    cached = CachedConditioner(tiny_edit_path)
+    module = EditLoRAModule(transformer, cached, FlowMatchObjective(), optimizer)  # LoRA B = 0: the base model
+    scheduler = cached.sampler.scheduler_cls.from_config(cached.scheduler_config)
+    ours = denoise(module, cached_inputs([sample], torch.device("cpu")), scheduler, num_inference_steps=3, seed=5)
+
+    # The pipeline resizes the edit image to ~1024² before its VAE; at the cached size it must meet our inputs.
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: (48, 32, None))
+    call = {
+        "image": edit,
+        "prompt_embeds": embeds,
+        "height": 32,
+        "width": 48,
+        "num_inference_steps": 3,
+        "true_cfg_scale": 1.0,
+    }
+    reference = pipeline(**call, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    image = pipeline(**call, generator=torch.Generator().manual_seed(5)).images[0]
+    decoded = cached.sampler.decode(ours, shape)[0]
+    difference = np.abs(np.asarray(decoded, dtype=np.int16) - np.asarray(image, dtype=np.int16))
+    assert decoded.size == image.size == (48, 32) and difference.max() <= 1
 
 
 def test_missing_rows_without_build_are_an_error(tmp_path, tiny_edit_path, data):

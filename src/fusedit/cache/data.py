@@ -193,12 +193,15 @@ class CachedEditDataset(Dataset):
 class CachedConditioner(nn.Module):
     """Stands in for EditConditioner when training from the cache: a cached batch is already the encoding.
 
-    Holds no VAE and no text encoder; only the scheduler config (a JSON file) is read from the pipeline.
+    Holds no VAE and no text encoder; only the scheduler config (a JSON file) is read from the pipeline. Validation
+    images (`validation_rows`) load the VAE decoder, and only it, at the first round (fusedit.cache.validation).
     """
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, dtype: torch.dtype | None = None):
         super().__init__()
         import diffusers
+
+        from fusedit.cache.validation import CachedSampler
 
         path = Path(model_path) / "scheduler" / "scheduler_config.json"
         if not path.is_file():
@@ -210,6 +213,8 @@ class CachedConditioner(nn.Module):
         # The same dict EditConditioner.scheduler_config gives (defaults filled in by the scheduler class).
         self._scheduler_config = dict(scheduler_cls.from_config(config).config)
         self.model_path = Path(model_path)
+        # A plain object, not a submodule: Lightning must neither move nor count the VAE it loads on demand.
+        self.sampler = CachedSampler(model_path, scheduler_cls, self._scheduler_config, dtype)
 
     @property
     def scheduler_config(self) -> dict:
@@ -218,10 +223,13 @@ class CachedConditioner(nn.Module):
     @property
     def pipeline(self):
         raise RuntimeError(
-            "training from the cache has no VAE or text encoder loaded (that is the point of the cache); "
-            "callbacks.validation_images is disabled in cached runs — generate samples from the exported LoRA "
-            "with `fusedit infer`"
+            "training from the cache has no VAE or text encoder loaded (that is the point of the cache); validation "
+            "images come from CachedConditioner.validation_rows, which needs only the VAE decoder"
         )
+
+    def validation_rows(self, module, samples: list[dict], num_inference_steps: int, seed: int) -> list[list]:
+        """[*edit images, edited, target, prompt] per cached sample, generated with `module`'s transformer."""
+        return self.sampler.rows(module, samples, num_inference_steps, seed)
 
     def forward(self, batch: dict) -> EditInputs:
         if "target" not in batch:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from fusedit.cache.data import CachedConditioner, CachedEditDataModule
-
-log = logging.getLogger(__name__)
 
 
 def cache_enabled(cfg: DictConfig) -> bool:
@@ -35,18 +32,9 @@ def cached_datamodule(cfg: DictConfig) -> CachedEditDataModule:
 
 
 def prepare_cached_training(cfg: DictConfig) -> tuple[CachedEditDataModule, CachedConditioner]:
-    """(data module, conditioner) for training from the cache; neither ever holds the VAE or text encoder.
+    """(data module, conditioner) for training from the cache; neither holds the VAE or text encoder. Validation
+    images work: the conditioner loads the VAE decoder at the first round (fusedit.cache.validation)."""
+    from fusedit.training.build import to_dtype
 
-    callbacks.validation_images is switched off: generating images needs the VAE and the 7B text encoder, whose
-    memory the cache exists to save. Sample the exported LoRAs with `fusedit infer` instead.
-    """
-    images = (cfg.get("callbacks") or {}).get("validation_images")
-    if images is not None and images.get("num_samples", 0) and (images.get("every_n_steps") or images.get("at_end")):
-        log.warning(
-            "cache.enabled=true: callbacks.validation_images is disabled (it would load the VAE and text encoder "
-            "the cache avoids); sample the exported LoRA with `fusedit infer`"
-        )
-    if images is not None:
-        with open_dict(cfg):
-            cfg.callbacks.validation_images = None
-    return cached_datamodule(cfg), CachedConditioner(Path(cfg.model.path))
+    conditioner = CachedConditioner(Path(cfg.model.path), dtype=to_dtype(cfg.precision.base_dtype))
+    return cached_datamodule(cfg), conditioner

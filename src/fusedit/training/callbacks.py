@@ -77,7 +77,8 @@ class ValidationImages(Callback):
     a table input | edited | target: to wandb when it is a logger, and always as `<dirpath>/step-XXXXXX.png`.
 
     Generation is diffusers' own QwenImageEdit(Plus)Pipeline with the training transformer plugged in (few steps,
-    no CFG), so what is logged is what a user of the LoRA gets.
+    no CFG), so what is logged is what a user of the LoRA gets. Training from the cache, the conditioner generates
+    from the cached encodings with the VAE decoder alone (fusedit.cache.validation).
     """
 
     def __init__(
@@ -113,6 +114,8 @@ class ValidationImages(Callback):
     @torch.no_grad()
     def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[list[Image.Image]]:
         conditioner = pl_module.conditioner
+        if hasattr(conditioner, "validation_rows"):  # training from the cache: no text encoder (fusedit.cache)
+            return conditioner.validation_rows(pl_module, self._samples(trainer), self.num_inference_steps, self.seed)
         source = conditioner.pipeline
         pipeline = type(source)(
             scheduler=type(source.scheduler).from_config(source.scheduler.config),

@@ -227,7 +227,7 @@ def train(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed, workers=True)
 
     conditioner = None
-    if cache_enabled(cfg):  # never loads the VAE or text encoder (fusedit.cache)
+    if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
         datamodule, conditioner = prepare_cached_training(cfg)
     else:
         datamodule = instantiate(cfg.data)
