@@ -104,6 +104,7 @@ class CachedSampler:
             self._vae = vae.requires_grad_(False).eval()
         return self._vae
 
+    @torch.no_grad()
     def decode(self, packed: torch.Tensor, shape: tuple[int, int, int]) -> list[Image.Image]:
         """Packed normalised latents [B, h*w, C*4] of latent-patch shape (1, h, w) -> PIL images, as the pipeline
         decodes its output."""
