@@ -116,14 +116,16 @@ def _configured_bar():
 
 
 def test_the_progress_bar_counts_steps_up_to_max_steps(tmp_path):
-    seen = _fit(tmp_path, _configured_bar(), max_steps=6, max_epochs=-1)
+    seen = _fit(tmp_path / "a", _configured_bar(), max_steps=6, max_epochs=-1)
     assert [completed for _, completed, _ in seen] == [1, 2, 3, 4, 5, 6]
     assert {total for _, _, total in seen} == {6}
     assert [label for label, _, _ in seen] == ["Steps (epoch 0)"] * 4 + ["Steps (epoch 1)"] * 2
-    # Resumed at step 6 of 9: the bar continues at 7, it does not start again at 1.
-    (checkpoint,) = (tmp_path / "checkpoints").glob("*step=6.ckpt")
-    resumed = _fit(tmp_path, _configured_bar(), ckpt_path=checkpoint, max_steps=9, max_epochs=-1)
-    assert [completed for _, completed, _ in resumed] == [7, 8, 9] and resumed[0][2] == 9
+    # Resumed at step 4 (an epoch's end) of 7: the bar continues at 5, it does not start again at 1.
+    _fit(tmp_path / "b", _configured_bar(), max_steps=4, max_epochs=-1)
+    (checkpoint,) = (tmp_path / "b" / "checkpoints").glob("*step=4.ckpt")
+    resumed = _fit(tmp_path / "b", _configured_bar(), ckpt_path=checkpoint, max_steps=7, max_epochs=-1)
+    assert [(completed, total) for _, completed, total in resumed] == [(5, 7), (6, 7), (7, 7)]
+    assert all(label.startswith("Steps (epoch ") for label, _, _ in resumed)
 
 
 def test_the_progress_bar_keeps_lightnings_epochs_for_epoch_bounded_runs(tmp_path):
