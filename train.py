@@ -11,10 +11,19 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from fusedit.errors import refusals_as_one_line
-    from fusedit.training.train import resume_config, sweep_metric, train
+    from fusedit.training.validate_config import validate_train_config
 
     with refusals_as_one_line():
-        cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
+        if cfg.get("ckpt_path"):
+            # The config to check is the run's own, recomposed; resuming loads the trainer anyway.
+            from fusedit.training.train import resume_config
+
+            cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
+        # Before torch, Lightning and diffusers are imported (most of the start-up time): a wrong value is reported
+        # at once. train() checks again for callers that skip this script; that costs milliseconds.
+        validate_train_config(cfg)
+        from fusedit.training.train import sweep_metric, train
+
         result = train(cfg)
     if result.get("exit_code"):
         sys.exit(result["exit_code"])  # stopped by a signal: checkpoint saved, run not finished

@@ -20,13 +20,24 @@ class UserFileNotFoundError(UserInputError, FileNotFoundError):
     """A path the user gave does not exist."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from fusedit.data.errors import DataValidationError, MetadataError
-    from fusedit.training.checkpoint_checks import CheckpointError
-    from fusedit.training.faults import NonFiniteTrainingError
-    from fusedit.training.validate_config import ConfigError
+# fusedit's other refusal classes, by defining module. An exception of a class exists only once its module was
+# imported, so they are looked up in sys.modules: printing a config error must not import Lightning or torch first
+# (`python train.py lora.rank=0` answers before either is loaded).
+_REFUSALS = {
+    "fusedit.data.errors": ("MetadataError", "DataValidationError"),
+    "fusedit.training.checkpoint_checks": ("CheckpointError",),
+    "fusedit.training.faults": ("NonFiniteTrainingError",),
+}
 
-    return UserInputError, ConfigError, MetadataError, DataValidationError, CheckpointError, NonFiniteTrainingError
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The refusal classes among the modules imported so far (UserInputError always)."""
+    types: list[type[BaseException]] = [UserInputError]
+    for module_name, names in _REFUSALS.items():
+        module = sys.modules.get(module_name)
+        if module is not None:
+            types.extend(getattr(module, name) for name in names)
+    return tuple(types)
 
 
 def user_error_message(error: BaseException) -> str | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fusedit.model.merged_qkv import MERGED_TO_STANDARD
+# The merged -> standard names from the key layouts (fusedit.convert.layout): importing fusedit.model would load
+# diffusers, and config validation resolves targets before anything heavy is loaded.
+from fusedit.convert.layout import QKV_GROUPS
 
 MODEL_LAYOUTS = ("standard", "merged_qkv")
 
@@ -28,7 +30,7 @@ ATTN_MLP = (
 FULL = (*ATTN_MLP, "img_mod.1", "txt_mod.1")
 
 # Every Linear inside a block, in both layouts: the largest layout plus the standard names of the merged ones.
-BLOCK_LINEARS = (*FULL, *(name for names in MERGED_TO_STANDARD.values() for name in names))
+BLOCK_LINEARS = (*FULL, *(name for names in QKV_GROUPS.values() for name in names))
 
 # Linears outside the blocks, for targets lists that want them (no named layout uses them).
 TOP_LEVEL_LINEARS = ("img_in", "txt_in", "proj_out", "norm_out.linear")
@@ -36,7 +38,7 @@ VALID_TARGETS = (*BLOCK_LINEARS, *TOP_LEVEL_LINEARS)
 
 NAMED_TARGETS = {"attn": ATTN, "attn_mlp": ATTN_MLP, "full": FULL}
 
-_STANDARD_TO_MERGED = {name: merged for merged, names in MERGED_TO_STANDARD.items() for name in names}
+_STANDARD_TO_MERGED = {name: merged for merged, names in QKV_GROUPS.items() for name in names}
 
 
 def _normalise(target: str) -> str:
@@ -73,7 +75,7 @@ def resolve_targets(targets: str | Iterable[str], layout: str) -> list[str]:
         if layout == "merged_qkv":
             translated = [_STANDARD_TO_MERGED.get(name, name)]
         else:
-            translated = list(MERGED_TO_STANDARD.get(name, (name,)))
+            translated = list(QKV_GROUPS.get(name, (name,)))
         resolved.extend(translated)
     return list(dict.fromkeys(resolved))
 

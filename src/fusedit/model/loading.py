@@ -150,7 +150,7 @@ def load_transformer(
         config = _single_file_config(transformer_path, zero_cond_t)
         model = _load_by_assignment(config, files, merged=stored == "merged_qkv", dtype=dtype)
     elif stored == "standard":
-        model = QwenImageTransformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
+        model = QwenImageTransformer2DModel.from_pretrained(transformer_path, dtype=dtype)
     else:
         config = QwenImageTransformer2DModel.load_config(transformer_path)
         model = _load_by_assignment(config, files, merged=True, dtype=dtype)

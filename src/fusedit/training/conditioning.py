@@ -45,7 +45,7 @@ def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> Di
             f"model.path {path} is not a diffusers pipeline directory (no model_index.json); training needs the "
             "VAE and text encoder next to the transformer"
         )
-    pipeline = DiffusionPipeline.from_pretrained(path, transformer=None, torch_dtype=dtype)
+    pipeline = DiffusionPipeline.from_pretrained(path, transformer=None, dtype=dtype)
     if not isinstance(pipeline, EDIT_PIPELINES):
         raise ValueError(
             f"model.path {path} holds a {type(pipeline).__name__}; fusedit trains Qwen-Image-Edit pipelines "

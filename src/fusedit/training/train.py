@@ -66,8 +66,9 @@ def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "tra
 
     `python train.py ckpt_path=<run dir>` must not fall back to the defaults (another model, another dataset):
     a run dir keeps its overrides in `.hydra/overrides.yaml`. They are composed again with this command line's
-    overrides replacing any of the same key (e.g. `trainer.max_steps=5000` to train longer). Needs an initialised
-    Hydra (inside `@hydra.main` or `initialize_config_dir`).
+    overrides replacing any of the same key (e.g. `trainer.max_steps=5000` to train longer). Keys the run added
+    with `+key=...` are changed with `+key=value` again (Hydra refuses a plain `key=value` for a key its default
+    config lacks). Needs an initialised Hydra (inside `@hydra.main` or `initialize_config_dir`).
     """
     if not cfg.get("ckpt_path"):
         return cfg
@@ -80,13 +81,24 @@ def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "tra
 
     parser = OverridesParser.create()
     saved = [str(item) for item in OmegaConf.load(saved_file)]
-    current = {override.key_or_group for override in parser.parse_overrides(overrides)}
+    parsed = parser.parse_overrides(overrides)
+    current = {override.key_or_group for override in parsed}
     kept = [
         text
         for text, override in zip(saved, parser.parse_overrides(saved), strict=True)
         if override.key_or_group not in current
     ]
-    merged = [*kept, *overrides]
+    # This command line's `+key=value` passed Hydra's first composition, so `key` is not in the default config; the
+    # run's own overrides may have added it (`+callbacks.x={...}` or `debug=overfit`, then `+callbacks.x.seconds=0`
+    # or `+trainer.overfit_batches=2`), and `+` on an existing key is an error. `++` adds or overrides.
+    run_cfg = compose(config_name=config_name, overrides=kept)
+    again = [
+        "+" + text
+        if override.is_add() and OmegaConf.select(run_cfg, override.key_or_group, default=None) is not None
+        else text
+        for text, override in zip(overrides, parsed, strict=True)
+    ]
+    merged = [*kept, *again]
     log.info("resuming %s with overrides %s", run_dir, merged)
     return compose(config_name=config_name, overrides=merged)
 

@@ -1,0 +1,188 @@
+"""What a user sees: a config error before the heavy imports, a progress bar in steps, no deprecation noise from
+fusedit's own loading calls, and `+key=` overrides that still work when a run is resumed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, LightningModule, Trainer
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from fusedit.training.train import resume_config
+from tests.training_utils import CONF, REPO, compose_train
+
+HEAVY = ("lightning", "peft", "diffusers", "transformers")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- fast errors
+def _imported(importtime_log: str) -> set[str]:
+    # `python -X importtime` writes one "import time: self | cumulative | module" line per module imported.
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
+def test_a_config_error_is_reported_before_torch_lightning_or_diffusers_load(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO / "train.py"), "lora.rank=0", "lora.targets=[attn,to_qkvv]"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors[0] == "fusedit: error: invalid training config"
+    assert "lora.rank must be an integer >= 1, got 0" in errors[1] and "to_qkvv" in errors[2]
+    loaded = {module.split(".")[0] for module in _imported(result.stderr)}
+    assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_validation_and_the_refusal_printer_stay_light():
+    code = (
+        "import sys\n"
+        "from fusedit.errors import user_error_message\n"
+        "from fusedit.training.validate_config import ConfigError, validate_train_config\n"
+        "from tests.training_utils import compose_train\n"
+        "cfg = compose_train(['lora.rank=0', 'lora.targets=full'])\n"
+        "try:\n"
+        "    validate_train_config(cfg)\n"
+        "except ConfigError as error:\n"
+        "    assert user_error_message(error) == str(error), error\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env["PYTHONPATH"]])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------- progress bar
+class _Tiny(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=1)  # 4 batches per epoch
+
+
+class _RecordBar(Callback):
+    """After every step: (label, completed, total) of the progress bar's training task."""
+
+    def __init__(self, bar):
+        self.bar, self.seen = bar, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        task = next(t for t in self.bar.progress.tasks if t.id == self.bar.train_progress_bar_id)
+        self.seen.append((task.description.strip(), task.completed, task.total))
+
+
+def _fit(tmp_path, bar, ckpt_path=None, **limits):
+    recorder = _RecordBar(bar)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[bar, recorder],
+        logger=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **limits,
+    )
+    trainer.fit(_Tiny(), ckpt_path=ckpt_path)
+    return recorder.seen
+
+
+def _configured_bar():
+    return instantiate(compose_train().callbacks.progress_bar)
+
+
+def test_the_progress_bar_counts_steps_up_to_max_steps(tmp_path):
+    seen = _fit(tmp_path / "a", _configured_bar(), max_steps=6, max_epochs=-1)
+    assert [completed for _, completed, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert {total for _, _, total in seen} == {6}
+    assert [label for label, _, _ in seen] == ["Steps (epoch 0)"] * 4 + ["Steps (epoch 1)"] * 2
+    # Resumed at step 4 (an epoch's end) of 7: the bar continues at 5, it does not start again at 1.
+    _fit(tmp_path / "b", _configured_bar(), max_steps=4, max_epochs=-1)
+    (checkpoint,) = (tmp_path / "b" / "checkpoints").glob("*step=4.ckpt")
+    resumed = _fit(tmp_path / "b", _configured_bar(), ckpt_path=checkpoint, max_steps=7, max_epochs=-1)
+    assert [(completed, total) for _, completed, total in resumed] == [(5, 7), (6, 7), (7, 7)]
+    assert all(label.startswith("Steps (epoch ") for label, _, _ in resumed)
+
+
+def test_the_progress_bar_keeps_lightnings_epochs_for_epoch_bounded_runs(tmp_path):
+    seen = _fit(tmp_path, _configured_bar(), max_epochs=2)
+    assert [label for label, _, _ in seen] == ["Epoch 0/1"] * 4 + ["Epoch 1/1"] * 4
+    assert [completed for _, completed, _ in seen] == [1, 2, 3, 4] * 2
+
+
+# ---------------------------------------------------------------------------------------------------- dtype
+def test_fusedit_loads_models_without_dtype_deprecation_warnings(tiny_edit_path):
+    from fusedit.inference.pipeline import build_pipeline
+    from fusedit.model import load_transformer
+    from fusedit.training.conditioning import EditConditioner
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_transformer(tiny_edit_path, layout="standard", dtype=torch.bfloat16)  # diffusers' from_pretrained
+        build_pipeline(tiny_edit_path, "merged_qkv", "float32")  # the inference pipeline
+        EditConditioner.from_pretrained(tiny_edit_path, dtype=torch.float32)  # training's VAE + text encoder
+    deprecations = [
+        str(warning.message)
+        for warning in caught
+        if issubclass(warning.category, (FutureWarning, DeprecationWarning)) and "dtype" in str(warning.message)
+    ]
+    assert deprecations == []
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+def _run_dir(tmp_path, saved: list[str]):
+    """A run directory as `python train.py` leaves it: its overrides and a checkpoint (content not read here)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(saved))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    return run
+
+
+def _resume(overrides: list[str]):
+    # As train.py does: Hydra composes this command line alone, then resume_config adds the run's own overrides.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return resume_config(compose("train", overrides=overrides), overrides)
+
+
+SLOW = "+callbacks.slow={_target_:tests.reliability_helpers.Sleep,seconds:0.4}"
+
+
+def test_resume_sets_a_key_the_run_added_with_plus(tmp_path):
+    run = _run_dir(tmp_path, ["lora.rank=2", SLOW, "+model.note=first"])
+    cfg = _resume([f"ckpt_path={run}", "+callbacks.slow.seconds=0", "+model.note=second", "+trainer.max_time=null"])
+    assert cfg.callbacks.slow == {"_target_": "tests.reliability_helpers.Sleep", "seconds": 0}
+    assert cfg.model.note == "second" and cfg.lora.rank == 2
+    assert "max_time" in cfg.trainer and cfg.trainer.max_time is None  # a new key is still simply added
+
+
+def test_resume_sets_a_key_a_group_option_of_the_run_added(tmp_path):
+    run = _run_dir(tmp_path, ["debug=overfit"])
+    # trainer.overfit_batches is not in the default config (Hydra wants `+`) but debug=overfit sets it.
+    cfg = _resume([f"ckpt_path={run}", "+trainer.overfit_batches=2"])
+    assert cfg.trainer.overfit_batches == 2 and cfg.fixed_noise is True
