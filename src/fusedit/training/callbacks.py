@@ -1,4 +1,4 @@
-"""Training callbacks: LoRA export, validation images. (The progress bar is Lightning's RichProgressBar.)"""
+"""Training callbacks: LoRA export, validation images. (The progress bar is fusedit.training.progress.StepProgressBar.)"""
 
 from __future__ import annotations
 
