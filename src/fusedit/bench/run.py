@@ -309,8 +309,8 @@ def markdown_table(report: dict) -> str:
         if baseline is not None and baseline != "standard":
             lines.append("")
             lines.append(
-                f"speedups are against `{baseline}`: plain `standard` did not run here (or failed), as expected "
-                "where the model does not fit without activation checkpointing"
+                f"speedups are against `{baseline}`: plain `standard` is not in this run or failed (at the full "
+                "shape it does not fit 80 GB without activation checkpointing)"
             )
         if not report.get("complete", True):
             finished = sum(r["status"] not in ("pending",) for r in report["variants"])
