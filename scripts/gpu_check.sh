@@ -42,6 +42,18 @@ refuse() {
   echo "gpu_check.sh: $*" | tee -a "$log" >&2
   exit 2
 }
+# run_logged SECONDS LOGFILE COMMAND...: the command's output goes to LOGFILE and is shown as it comes; returns its
+# exit status (124 or 137 when `timeout` stopped it). Not a pipe into tee: a process the command leaves behind
+# (a compile worker) would hold the pipe open and keep this script waiting past its limit.
+run_logged() {
+  local seconds=$1 logfile=$2
+  shift 2
+  : >"$logfile"
+  timeout -k 15 "$seconds" "$@" >"$logfile" 2>&1 &
+  local pid=$!
+  tail -n +1 -f --pid="$pid" "$logfile"
+  wait "$pid"
+}
 
 say "== gpu_check.sh, $(date -u +%Y-%m-%dT%H:%M:%SZ), $repo at $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 say "python: $py; PYTHONPATH=$PYTHONPATH; budget ${total} s"
@@ -97,12 +109,12 @@ esac
 tests_rc=skipped
 if [ "${GPU_TESTS:-1}" != 0 ]; then
   say "== GPU tests: $py -m pytest -q -m gpu tests (at most 150 s)"
-  timeout -k 10 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu-tests.log"
-  tests_rc=${PIPESTATUS[0]}
+  run_logged 150 "$out/gpu-tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+  tests_rc=$?
 fi
 
 left=$((total - SECONDS))
-bench_rc=1
+bench_rc=notstarted
 if ((left < 150)); then
   say "== bench: not started, only ${left} s of the ${total} s budget left"
 else
@@ -110,8 +122,8 @@ else
   bench=(-m fusedit.bench --size full --warmup 2 --steps 8 --time-budget "$budget_min"
     --json "$out/bench-full.json" --markdown "$out/bench-full.md" "$@")
   say "== bench (hard stop after $((left - 20)) s): $py ${bench[*]}"
-  timeout -k 15 $((left - 20)) "$py" "${bench[@]}" 2>&1 | tee "$out/bench-full.log"
-  bench_rc=${PIPESTATUS[0]}
+  run_logged $((left - 20)) "$out/bench-full.log" "$py" "${bench[@]}"
+  bench_rc=$?
 fi
 
 say "== summary after ${SECONDS} s"
@@ -124,6 +136,7 @@ skipped) say "GPU tests: skipped (GPU_TESTS=0)" ;;
 esac
 case $bench_rc in
 0) say "bench: done" ;;
+notstarted) say "bench: not started (too little time left)" && status=1 ;;
 124 | 137) say "bench: stopped by the hard time limit; the reports hold the variants finished before" && status=1 ;;
 *) say "bench: exit $bench_rc (a variant failed or the bench broke: bench-full.log, bench-full.json)" && status=1 ;;
 esac

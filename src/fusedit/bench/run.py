@@ -238,7 +238,7 @@ def run_bench(
         "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "complete": False,
+        "complete": not variants,
         "elapsed_s": 0.0,
         "time_budget_s": time_budget_s,
         "machine": machine_info(device),
