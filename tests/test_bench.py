@@ -6,17 +6,23 @@ Speed comparisons (merged vs standard) are benchmark results recorded in BENCHMA
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fusedit.bench import build_parser, main, markdown_table, measure_data, parse_variants, run_bench
+import fusedit.bench.run as bench_run
+from fusedit.bench import build_parser, main, markdown_table, measure_data, parse_variant, parse_variants, run_bench
 from fusedit.bench.flops import peak_tflops, step_flops
 from fusedit.bench.measure import count_qkv_matmuls
-from fusedit.bench.run import VARIANT_FIELDS
+from fusedit.bench.run import VARIANT_FIELDS, finalize_report
 from fusedit.bench.shapes import SHAPES, BenchShape, build_random_transformer, make_inputs
-from fusedit.bench.variants import VARIANTS, build_variant
+from fusedit.bench.variants import CATALOGUE, DEFAULT_VARIANTS, VARIANTS, build_variant
 from fusedit.lora.adapter import add_lora
 from fusedit.model.merged_qkv import fuse_qkv
 from fusedit.model.perf import attention_backend
@@ -119,9 +125,80 @@ def test_qkv_projections_take_six_gemms_per_block_standard_and_two_merged():
 
 def test_variant_names_and_parsing():
     assert [v.name for v in parse_variants("standard, merged")] == ["standard", "merged"]
-    assert len(parse_variants("all")) == len(VARIANTS)
-    with pytest.raises(ValueError, match="unknown benchmark variant"):
+    assert [v.name for v in parse_variants("all")] == list(CATALOGUE) == list(VARIANTS)
+    with pytest.raises(ValueError, match="must start with a layout, got 'turbo'"):
         parse_variants("standard,turbo")
+
+
+def test_named_variants_keep_their_meaning():
+    # The names recorded in BENCHMARKS.md mean what they meant before names became composable.
+    def spec(name):
+        v = parse_variant(name)
+        return (v.layout, v.compile, v.fp8, v.checkpoint_every, v.offload, v.keep_mask)
+
+    assert spec("standard") == ("standard", False, "none", 0, False, False)
+    assert spec("merged") == ("merged_qkv", False, "none", 0, False, False)
+    assert spec("merged+mask") == ("merged_qkv", False, "none", 0, False, True)
+    assert spec("merged+compile") == ("merged_qkv", True, "none", 0, False, False)
+    assert spec("merged+compile+fp8") == ("merged_qkv", True, "storage", 0, False, False)
+    assert spec("merged+compile+float8") == ("merged_qkv", True, "float8", 0, False, False)
+    assert spec("merged+ckpt") == ("merged_qkv", False, "none", 1, False, False)
+    assert spec("merged+ckpt2") == ("merged_qkv", False, "none", 2, False, False)
+    assert spec("merged+ckpt+offload") == ("merged_qkv", False, "none", 1, True, False)
+    assert spec("merged+compile+ckpt") == ("merged_qkv", True, "none", 1, False, False)
+    assert spec("standard+ckpt") == ("standard", False, "none", 1, False, False)
+    assert spec("standard+compile+fp8+ckpt3+offload+mask") == ("standard", True, "storage", 3, True, True)
+
+
+def test_variant_names_compose_in_any_order_and_are_reported_canonically():
+    assert parse_variant("merged+ckpt+compile").name == "merged+compile+ckpt"
+    assert parse_variant("merged + mask + float8 + compile").name == "merged+compile+float8+mask"
+    assert parse_variant("merged+ckpt1").name == "merged+ckpt"
+    assert parse_variant("merged+offload+ckpt4").name == "merged+ckpt4+offload"
+    assert "every 4th block checkpointed" in parse_variant("merged+ckpt4").description
+    # One spelling or another, a variant runs once.
+    assert [v.name for v in parse_variants("merged+ckpt+compile,merged+compile+ckpt,standard")] == [
+        "merged+compile+ckpt",
+        "standard",
+    ]
+    assert len(parse_variants("all,merged+compile+ckpt,standard+compile")) == len(CATALOGUE) + 1
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "merged+turbo",
+            r"unknown modifier 'turbo'; a variant is a layout \(standard \| merged\) .*compile, fp8, float8, ckpt, ckptN, offload, mask",
+        ),
+        ("merged++compile", r"empty modifier \(a '\+' too many\)"),
+        ("merged+", "empty modifier"),
+        ("fast+compile", "must start with a layout, got 'fast'"),
+        ("compile+merged", "must start with a layout, got 'compile'"),
+        ("merged+fp8+float8", "'fp8' .* and 'float8' .* choose one"),
+        ("merged+ckpt+ckpt2", "'ckpt' and 'ckpt2' both set the checkpoint interval"),
+        ("merged+ckpt0", "'ckpt0' checkpoints no block"),
+        ("merged+offload", "'offload' .* needs 'ckpt' or 'ckptN'"),
+        ("merged+compile+compile", "modifier 'compile' given twice"),
+        ("merged+ckptx", "unknown modifier 'ckptx'"),
+    ],
+)
+def test_bad_variant_names_are_refused_naming_the_token(name, message):
+    with pytest.raises(ValueError, match=message):
+        parse_variant(name)
+
+
+def test_default_variants_per_size():
+    tiny = [v.name for v in parse_variants(DEFAULT_VARIANTS["tiny"])]
+    assert tiny[:2] == ["standard", "merged"]
+    full = parse_variants(DEFAULT_VARIANTS["full"])
+    # At the full shape only checkpointed variants fit on 80 GB (docs/performance.md); the baseline comes first.
+    assert full[0].name == "standard+ckpt" and all(v.checkpoint_every for v in full)
+    assert {"merged+ckpt", "merged+compile+ckpt", "merged+compile+fp8+ckpt", "merged+compile+float8+ckpt"} <= {
+        v.name for v in full
+    }
+    with pytest.raises(ValueError, match="no benchmark variant given"):
+        parse_variants(" , ")
 
 
 # -- end to end -------------------------------------------------------------------------------------------------------
@@ -148,10 +225,11 @@ def _check_report(report, names):
 
 
 def test_eager_variants_run_end_to_end_on_cpu():
-    names = ["standard", "merged", "merged+mask", "merged+ckpt", "merged+ckpt2", "merged+ckpt+offload",
-             "merged+compile+float8"]  # fmt: skip
+    names = ["standard", "standard+ckpt", "merged", "merged+mask", "merged+ckpt", "merged+ckpt2",
+             "merged+ckpt+offload", "merged+ckpt2+offload", "merged+compile+float8"]  # fmt: skip
     report = run_bench(MICRO.replace(num_layers=2), parse_variants(names), "cpu", torch.float32, warmup=1, steps=2)
     results = _check_report(report, names)
+    assert report["complete"] is True and report["baseline"] == "standard"
     # Same random model, inputs and seed: every variant trains the same thing.
     for name in names[1:-1]:
         assert results[name]["loss"] == pytest.approx(results["standard"]["loss"], rel=1e-4)
@@ -164,6 +242,10 @@ def test_eager_variants_run_end_to_end_on_cpu():
     assert results["merged"]["speedup_vs_standard"] == pytest.approx(
         results["standard"]["step_s"] / results["merged"]["step_s"]
     )
+    assert results["merged"]["speedup_vs_baseline"] == results["merged"]["speedup_vs_standard"]
+    assert results["standard+ckpt"]["matmul_calls"] > results["standard"]["matmul_calls"]
+    assert all(r["wall_s"] > 0 for r in report["variants"] if r["status"] == "ok")
+    assert results["merged+compile+float8"]["wall_s"] is None
 
 
 def test_compiled_fp8_variant_runs_end_to_end_on_cpu():
@@ -173,6 +255,7 @@ def test_compiled_fp8_variant_runs_end_to_end_on_cpu():
     results = _check_report(report, names)
     assert results["merged+compile+fp8"]["loss"] == pytest.approx(results["merged"]["loss"], rel=0.05)
     assert results["merged"]["speedup_vs_standard"] is None  # standard not in this run
+    assert report["baseline"] is None and results["merged"]["speedup_vs_baseline"] is None
 
 
 @pytest.mark.slow
@@ -200,8 +283,13 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="unknown benchmark variant"):
+    with pytest.raises(ValueError, match="must start with a layout, got 'nope'"):
         main(build_parser().parse_args(["bench", "--variants", "nope"]))
+    for budget in ("0", "-1", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", "--time-budget", budget])
+    with pytest.raises(ValueError, match="time budget must be > 0"):
+        run_bench(MICRO, parse_variants("merged"), "cpu", torch.float32, time_budget_s=0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--data-workers", "two"])
     with pytest.raises(ValueError, match="steps >= 1"):
@@ -222,6 +310,161 @@ def test_failed_and_skipped_variants_are_reported_not_raised():
     table = markdown_table(report)
     assert "| merged+compile+float8 | skipped: needs sm89 |" in table
     assert "| standard | failed: out of memory |" in table
+
+
+def test_speedups_fall_back_to_the_checkpointed_baseline():
+    def result(name, status="ok", step_s=None):
+        return {"name": name, "status": status, "reason": None if status == "ok" else "out of memory", "step_s": step_s}
+
+    report = {
+        "schema": "fusedit.bench/1",
+        "complete": True,
+        "shape": MICRO.to_dict(),
+        "settings": {"dtype": "bfloat16", "warmup_steps": 1, "timed_steps": 1},
+        "flops": {"step": 1e9},
+        "variants": [
+            result("standard", "failed"),
+            result("standard+ckpt", step_s=3.0),
+            result("merged+ckpt", step_s=2.0),
+        ],
+    }
+    finalize_report(report)
+    assert report["baseline"] == "standard+ckpt"
+    by_name = {r["name"]: r for r in report["variants"]}
+    assert by_name["merged+ckpt"]["speedup_vs_baseline"] == pytest.approx(1.5)
+    assert by_name["merged+ckpt"]["speedup_vs_standard"] is None
+    assert by_name["standard"]["speedup_vs_baseline"] is None
+    report["variants"][1]["status"] = "failed"
+    assert finalize_report(report)["baseline"] is None
+    report["variants"][0].update(status="ok", step_s=4.0)  # plain standard wins whenever it ran
+    assert finalize_report(report)["baseline"] == "standard"
+    assert by_name["merged+ckpt"]["speedup_vs_baseline"] == by_name["merged+ckpt"]["speedup_vs_standard"] == 2.0
+
+
+def _bench_args(tmp_path, *extra):
+    return build_parser().parse_args(
+        ["bench", "--size", "tiny", "--layers", "1", "--text-tokens", "8", "--warmup", "0", "--steps", "1",
+         "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"), *extra]
+    )  # fmt: skip
+
+
+def test_time_budget_skips_what_would_not_fit_and_reports_are_rewritten_after_every_variant(tmp_path, monkeypatch):
+    clock, on_disk = [0.0], []
+    real_run_variant = bench_run.run_variant
+
+    def one_minute_each(variant, *args, **kwargs):
+        on_disk.append([v["status"] for v in json.loads((tmp_path / "bench.json").read_text())["variants"]])
+        result = real_run_variant(variant, *args, **kwargs)
+        clock[0] += 60.0
+        return result
+
+    monkeypatch.setattr(bench_run, "_now", lambda: clock[0])
+    monkeypatch.setattr(bench_run, "run_variant", one_minute_each)
+    args = _bench_args(tmp_path, "--variants", "standard,merged,merged+ckpt,merged+mask", "--time-budget", "2.5")
+    assert main(args) == 0
+    # The report on disk before each variant: what ran so far, the rest pending.
+    assert on_disk == [["pending"] * 4, ["ok", "pending", "pending", "pending"]]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is True and report["time_budget_s"] == 150
+    # 2 min elapsed + ~1 min for the next (the slowest finished eager variant) > 2.5 min: not started.
+    assert [v["status"] for v in report["variants"]] == ["ok", "ok", "skipped", "skipped"]
+    assert report["variants"][2]["reason"] == "time budget: 2.0 min elapsed + ~1.0 min expected > 2.5 min"
+    assert [v["wall_s"] for v in report["variants"]] == [60.0, 60.0, None, None]
+    table = (tmp_path / "bench.md").read_text()
+    assert "| merged+ckpt | skipped: time budget" in table and "partial report" not in table
+
+
+def test_a_stopped_run_leaves_the_variants_it_finished(tmp_path, monkeypatch):
+    real_run_variant = bench_run.run_variant
+    calls = []
+
+    def stopped_during_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a time limit's kill would, mid-variant
+        return real_run_variant(*args, **kwargs)
+
+    monkeypatch.setattr(bench_run, "run_variant", stopped_during_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        main(_bench_args(tmp_path, "--variants", "standard,merged,merged+ckpt"))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is False
+    assert [v["status"] for v in report["variants"]] == ["ok", "pending", "pending"]
+    assert report["variants"][0]["step_s"] > 0 and report["baseline"] == "standard"
+    table = (tmp_path / "bench.md").read_text()
+    assert "**partial report**: 1 of 3 variants done" in table and "| merged | pending: not run yet" in table
+
+
+def test_out_of_memory_is_reported_and_its_memory_released_before_the_next_variant(monkeypatch):
+    real_build, real_release = bench_run.build_variant, bench_run.release_memory
+    built, freed_at_release = [], []
+
+    def build_then_run_out_of_memory(variant, *args, **kwargs):
+        model = real_build(variant, *args, **kwargs)
+        built.append(weakref.ref(model))
+        if variant.name == "merged":
+
+            def out_of_memory(*_):  # raised mid-forward: the step's frames hold the model and its activations
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+            model.transformer_blocks[-1].register_forward_hook(out_of_memory)
+        return model
+
+    def release(device):
+        real_release(device)
+        freed_at_release.append(built[-1]() is None)
+
+    monkeypatch.setattr(bench_run, "build_variant", build_then_run_out_of_memory)
+    monkeypatch.setattr(bench_run, "release_memory", release)
+    report = run_bench(MICRO, parse_variants("merged,standard"), "cpu", torch.float32, warmup=1, steps=1)
+    failed, ran = report["variants"]
+    assert (
+        failed["status"] == "failed"
+        and failed["reason"] == "out of memory: CUDA out of memory. Tried to allocate 1.50 GiB"
+    )
+    assert ran["status"] == "ok" and ran["step_s"] > 0
+    # When the CUDA cache is emptied, nothing of the failed (or the finished) variant is reachable any more.
+    assert freed_at_release == [True, True]
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+
+
+def _gpu_check(out, *args, **env):
+    return subprocess.run(
+        ["bash", str(GPU_CHECK), str(out), *args],
+        env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_gpu_check_script_refuses_without_cuda(tmp_path):
+    done = _gpu_check(tmp_path / "out")
+    assert done.returncode == 2
+    assert "gpu_check.sh: no CUDA device visible to torch" in done.stderr
+    assert "no CUDA device visible to torch" in (tmp_path / "out" / "gpu-check.log").read_text()
+    assert not (tmp_path / "out" / "bench-full.json").exists()
+    usage = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: scripts/gpu_check.sh OUTDIR" in usage.stderr
+
+
+def test_gpu_check_script_runs_the_bench_and_leaves_its_logs(tmp_path):
+    # GPU_CHECK_ALLOW_CPU exercises the script's own plumbing on a CPU (the GPU tests are left to the GPU).
+    out = tmp_path / "out"
+    done = _gpu_check(
+        out, "--size", "tiny", "--layers", "1", "--text-tokens", "8", "--variants", "standard,merged",
+        "--warmup", "0", "--steps", "1", "--threads", "1", GPU_TESTS="0", GPU_CHECK_ALLOW_CPU="1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench-full.json", "bench-full.log", "bench-full.md", "gpu-check.log",
+    ]  # fmt: skip
+    report = json.loads((out / "bench-full.json").read_text())
+    assert report["complete"] and [v["status"] for v in report["variants"]] == ["ok", "ok"]
+    assert report["time_budget_s"] > 5 * 60  # the script's budget: 540 s less start-up and a minute's margin
+    assert "bench: done" in (out / "gpu-check.log").read_text()
 
 
 def test_data_pipeline_throughput_on_synthetic_jpegs():

@@ -3,7 +3,12 @@
     fusedit bench --size tiny                          # CPU, seconds
     fusedit bench --size full --json bench.json        # GPU: 60 blocks, 8192 image + 256 text tokens
     fusedit bench --size full --layers 12 --variants standard,merged,merged+compile
+    fusedit bench --size full --time-budget 8 --json bench.json   # starts no variant that would end past 8 min
     fusedit bench --data-only                          # data-pipeline images/s
+
+A variant is a layout (standard | merged) followed by '+'-joined modifiers from {compile, fp8, float8, ckpt,
+ckptN, offload, mask}, e.g. merged+compile+fp8+ckpt2; see fusedit.bench.variants. Reports (--json, --markdown)
+are rewritten after every variant, so a run that is stopped keeps what it measured.
 
 Modules: shapes (sizes, random model, inputs), variants (build stages per variant), flops (the FLOPs formula and
 device peaks), measure (timing, memory, GEMM counts, SDPA backend), data (data-pipeline throughput), run (the
@@ -21,7 +26,15 @@ import torch
 from fusedit.bench.data import measure_data
 from fusedit.bench.run import SCHEMA, markdown_table, run_bench
 from fusedit.bench.shapes import SHAPES, BenchShape
-from fusedit.bench.variants import DEFAULT_VARIANTS, VARIANTS, Variant, parse_variants
+from fusedit.bench.variants import (
+    CATALOGUE,
+    DEFAULT_VARIANTS,
+    MODIFIERS,
+    VARIANTS,
+    Variant,
+    parse_variant,
+    parse_variants,
+)
 from fusedit.io import write_json_atomic, write_text_atomic
 from fusedit.model.perf import ATTENTION_BACKENDS
 
@@ -37,6 +50,7 @@ __all__ = [
     "main",
     "markdown_table",
     "measure_data",
+    "parse_variant",
     "parse_variants",
     "run_bench",
 ]
@@ -50,6 +64,16 @@ def _workers(text: str) -> tuple[int, ...]:
     if any(value < 0 for value in values):
         raise argparse.ArgumentTypeError(f"--data-workers must be >= 0, got {text!r}")
     return values
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--time-budget takes minutes as a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--time-budget must be > 0 minutes, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +94,20 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--layers", type=int, default=None, help="number of transformer blocks (partial model)")
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt length (default: the size's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
+    defaults = "; ".join(f"{size}: {','.join(names)}" for size, names in DEFAULT_VARIANTS.items())
     parser.add_argument(
         "--variants",
-        default=",".join(DEFAULT_VARIANTS),
-        help=f"comma-separated, or 'all' (choices: {', '.join(VARIANTS)})",
+        default=None,
+        help="comma-separated variants, each a layout (standard | merged) followed by '+'-joined modifiers from "
+        f"{{{', '.join(MODIFIERS)}}}; 'all' = {','.join(CATALOGUE)}. Default per size: {defaults}",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=_minutes,
+        default=None,
+        metavar="MINUTES",
+        help="start no variant that is expected to end past this many minutes from the start (the slowest finished "
+        "variant of its kind is the estimate); the rest are reported as skipped",
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
@@ -106,6 +140,8 @@ def shape_from_args(args) -> BenchShape:
 
 
 def main(args) -> int:
+    # Names first: a typo in --variants should stop the run before anything is built.
+    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available")
@@ -120,12 +156,42 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
+
+    def write_reports(report: dict) -> str:
+        table = markdown_table(report)
+        if args.json_path:
+            write_json_atomic(args.json_path, report)
+        if args.markdown_path:
+            write_text_atomic(args.markdown_path, table)
+        return table
+
+    def progress(report: dict) -> None:
+        write_reports(report)
+        finished = [r for r in report["variants"] if r["status"] != "pending"]
+        if not finished:
+            names = ", ".join(r["name"] for r in report["variants"])
+            budget = "" if args.time_budget is None else f", time budget {args.time_budget:g} min"
+            print(f"fusedit bench: {report['shape']['name']} on {device}: {names}{budget}", file=sys.stderr, flush=True)
+        else:
+            last, detail = finished[-1], ""
+            if last["status"] == "ok":
+                detail = f"{last['step_s']:.4g} s/step, "
+            elif last["reason"]:
+                detail = f"{last['reason'].splitlines()[0][:200]}, "
+            wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
+            print(
+                f"fusedit bench: [{len(finished)}/{len(report['variants'])}] {last['name']}: {last['status']} "
+                f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)",
+                file=sys.stderr,
+                flush=True,
+            )
+
     if args.data_only:
         report = {"schema": SCHEMA, "command": command, "variants": []}
     else:
         report = run_bench(
             shape_from_args(args),
-            parse_variants(args.variants),
+            variants,
             device,
             dtype,
             warmup=args.warmup,
@@ -133,18 +199,16 @@ def main(args) -> int:
             seed=args.seed,
             attention=args.attention,
             command=command,
+            time_budget_s=None if args.time_budget is None else args.time_budget * 60,
+            on_progress=progress,
         )
     if args.data or args.data_only:
         side = args.data_image_size
         report["data"] = measure_data(
             args.data_metadata, args.data_samples, (side, side), workers=args.data_workers, seed=args.seed
         )
-    table = markdown_table(report)
+    table = write_reports(report)
     print(table, end="")
-    if args.json_path:
-        write_json_atomic(args.json_path, report)
-    if args.markdown_path:
-        write_text_atomic(args.markdown_path, table)
     failed = [v["name"] for v in report["variants"] if v["status"] == "failed"]
     if failed:
         print(f"fusedit bench: variant(s) failed: {', '.join(failed)} (see the JSON report)", file=sys.stderr)

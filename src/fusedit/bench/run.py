@@ -6,14 +6,16 @@ import datetime
 import gc
 import os
 import platform
+import time
 import traceback
+from collections.abc import Callable
 
 import torch
 
 from fusedit.bench.flops import peak_tflops, step_flops
 from fusedit.bench.measure import PeakMemory, count_qkv_matmuls, profile_step, summarize, synchronize, time_steps
 from fusedit.bench.shapes import BenchShape, make_inputs
-from fusedit.bench.variants import Variant, build_variant
+from fusedit.bench.variants import BASELINES, Variant, build_variant
 from fusedit.lora.adapter import lora_parameters
 from fusedit.model.perf import attention_backend, trim_prompt_padding
 from fusedit.training.objective import FlowMatchObjective
@@ -23,6 +25,7 @@ VARIANT_FIELDS = (
     "name", "status", "reason", "description", "step_s", "step_s_min", "step_s_max", "step_s_q1", "step_s_q3",
     "times_s", "samples_per_s", "tokens_per_s", "step_tflop", "tflops", "mfu", "peak_mem_gb", "peak_mem_kind",
     "matmul_calls", "matmul_calls_by_op", "qkv_matmuls_per_block", "sdpa_backend", "loss", "speedup_vs_standard",
+    "speedup_vs_baseline", "wall_s",
 )  # fmt: skip
 
 
@@ -47,6 +50,7 @@ def machine_info(device: torch.device) -> dict:
             peak_bf16_tflops=peak_tflops(name),
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
+            memory_gb=torch.cuda.get_device_properties(device).total_memory / 1e9,
         )
     return info
 
@@ -80,6 +84,63 @@ def make_step(model, inputs: dict, variant: Variant, optimizer, objective: FlowM
     return step
 
 
+def _measure(
+    variant: Variant,
+    shape: BenchShape,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    steps: int,
+    seed: int,
+    attention: str,
+    profile: bool,
+) -> dict:
+    # Everything the variant allocates is local to this frame: it is gone once the frame is (returned or unwound),
+    # which run_variant relies on to hand the memory back before the next variant builds its model.
+    torch.manual_seed(seed)
+    model = build_variant(variant, shape, device, dtype, seed)
+    parameters = list(lora_parameters(model).values())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type == "cuda")
+    inputs = make_inputs(shape, device, dtype, seed)
+    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"))
+    memory = PeakMemory(device)
+    with attention_backend(attention):
+        synchronize(device)
+        memory.baseline()
+        with memory:
+            times, loss = time_steps(step, device, warmup, steps)
+        counts = profile_step(step, device) if profile else {}
+        qkv = count_qkv_matmuls(model, dtype)
+    stats = summarize(times)
+    flops = step_flops(shape, variant.layout)["step"]
+    tflops = flops / stats["step_s"] / 1e12
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return {
+        **stats,
+        "times_s": times,
+        "samples_per_s": shape.batch / stats["step_s"],
+        "tokens_per_s": shape.batch * shape.tokens / stats["step_s"],
+        "step_tflop": flops / 1e12,
+        "tflops": tflops,
+        "mfu": None if peak is None else tflops / peak,
+        "peak_mem_gb": memory.gb,
+        "peak_mem_kind": memory.kind,
+        "qkv_matmuls_per_block": qkv,
+        "loss": float(loss),
+        **counts,
+    }
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what a finished (or failed) variant held: compiled code, reference cycles, cached CUDA blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def run_variant(
     variant: Variant,
     shape: BenchShape,
@@ -91,57 +152,60 @@ def run_variant(
     attention: str = "auto",
     profile: bool = True,
 ) -> dict:
+    """One variant's result dict; a variant that cannot run here is `skipped`, one that breaks `failed` (an
+    out-of-memory error says so in its reason), and either way its memory is released before this returns."""
     result = {"name": variant.name, "description": variant.description, "status": "ok", "reason": None}
     reason = variant.unsupported(device)
     if reason is not None:
         return {**result, "status": "skipped", "reason": reason}
-    memory = PeakMemory(device)
-    model = optimizer = None
     try:
-        torch.manual_seed(seed)
-        model = build_variant(variant, shape, device, dtype, seed)
-        parameters = list(lora_parameters(model).values())
-        fused = device.type == "cuda"
-        optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=fused)
-        inputs = make_inputs(shape, device, dtype, seed)
-        step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"))
-        with attention_backend(attention):
-            synchronize(device)
-            memory.baseline()
-            with memory:
-                times, loss = time_steps(step, device, warmup, steps)
-            counts = profile_step(step, device) if profile else {}
-            qkv = count_qkv_matmuls(model, dtype)
-        stats = summarize(times)
-        flops = step_flops(shape, variant.layout)["step"]
-        tflops = flops / stats["step_s"] / 1e12
-        peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        loss = float(loss)
-        result.update(
-            stats,
-            times_s=times,
-            samples_per_s=shape.batch / stats["step_s"],
-            tokens_per_s=shape.batch * shape.tokens / stats["step_s"],
-            step_tflop=flops / 1e12,
-            tflops=tflops,
-            mfu=None if peak is None else tflops / peak,
-            peak_mem_gb=memory.gb,
-            peak_mem_kind=memory.kind,
-            qkv_matmuls_per_block=qkv,
-            loss=loss,
-            **counts,
-        )
+        result.update(_measure(variant, shape, device, dtype, warmup, steps, seed, attention, profile))
     except torch.OutOfMemoryError as error:
         result.update(status="failed", reason=f"out of memory: {str(error).splitlines()[0]}")
     except Exception as error:  # one broken variant must not lose the others' numbers
         result.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
-    finally:
-        del model, optimizer
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch._dynamo.reset()
+    # Only now (outside the except blocks, whose exception and traceback kept the failed step's frames and their
+    # tensors alive) is everything the variant built unreachable.
+    release_memory(device)
     return result
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _pending(variant: Variant) -> dict:
+    return {
+        "name": variant.name,
+        "description": variant.description,
+        "status": "pending",
+        "reason": "not run yet (the run is still going, or was stopped before this variant finished)",
+    }
+
+
+def _estimate_s(next_variant: Variant, done: list[tuple[Variant, dict]]) -> float:
+    """Expected wall time of the next variant: the slowest finished one of its kind (compiled or eager, since
+    compiling dominates a compiled variant's time), else the slowest finished one; 0 before any has run."""
+    walls = [r["wall_s"] for v, r in done if r.get("wall_s") is not None and v.compile == next_variant.compile]
+    walls = walls or [r["wall_s"] for _, r in done if r.get("wall_s") is not None]
+    return max(walls, default=0.0)
+
+
+def finalize_report(report: dict) -> dict:
+    """(Re)compute the baseline and speedups over the variants present, and fill every field (null if unknown)."""
+    results = report["variants"]
+    ok = {r["name"]: r for r in results if r["status"] == "ok"}
+    baseline = next((name for name in BASELINES if name in ok), None)
+    report["baseline"] = baseline
+    for result in results:
+        fine = result["status"] == "ok"
+        result["speedup_vs_standard"] = (
+            ok["standard"]["step_s"] / result["step_s"] if fine and "standard" in ok else None
+        )
+        result["speedup_vs_baseline"] = ok[baseline]["step_s"] / result["step_s"] if fine and baseline else None
+        for field in VARIANT_FIELDS:
+            result.setdefault(field, None)
+    return report
 
 
 def run_bench(
@@ -154,22 +218,29 @@ def run_bench(
     seed: int = 0,
     attention: str = "auto",
     command: str | None = None,
+    time_budget_s: float | None = None,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Time every variant on the same shape, inputs and seed; returns the report dict (schema `fusedit.bench/1`)."""
+    """Time every variant on the same shape, inputs and seed; returns the report dict (schema `fusedit.bench/1`).
+
+    `on_progress(report)` is called before the first variant and after each one with the report so far (the
+    variants not run yet have status `pending`, `complete` is false until the last), so a run that is killed
+    still leaves the numbers it had. With `time_budget_s`, a variant is not started when the time elapsed plus
+    the expected time of that variant (`_estimate_s`) would pass the budget: it and the rest are `skipped`.
+    """
     device = torch.device(device)
     if warmup < 0 or steps < 1:
         raise ValueError(f"need warmup >= 0 and steps >= 1, got warmup={warmup}, steps={steps}")
-    results = [run_variant(v, shape, device, dtype, warmup, steps, seed, attention) for v in variants]
-    standard = next((r for r in results if r["name"] == "standard" and r["status"] == "ok"), None)
-    for result in results:
-        if standard is not None and result["status"] == "ok":
-            result["speedup_vs_standard"] = standard["step_s"] / result["step_s"]
-        for field in VARIANT_FIELDS:
-            result.setdefault(field, None)
-    return {
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise ValueError(f"the time budget must be > 0, got {time_budget_s} s")
+    start = _now()
+    report = {
         "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
+        "complete": not variants,
+        "elapsed_s": 0.0,
+        "time_budget_s": time_budget_s,
         "machine": machine_info(device),
         "shape": shape.to_dict(),
         "settings": {
@@ -181,12 +252,45 @@ def run_bench(
             "optimizer": "AdamW over the LoRA parameters",
         },
         "flops": step_flops(shape, "merged_qkv"),
-        "variants": results,
+        "baseline": None,
+        "variants": [_pending(variant) for variant in variants],
     }
+    finalize_report(report)
+    if on_progress is not None:
+        on_progress(report)
+    done: list[tuple[Variant, dict]] = []
+    for index, variant in enumerate(variants):
+        elapsed = _now() - start
+        estimate = _estimate_s(variant, done)
+        if time_budget_s is not None and elapsed + estimate > time_budget_s:
+            result = {
+                **_pending(variant),
+                "status": "skipped",
+                "reason": f"time budget: {elapsed / 60:.1f} min elapsed + ~{estimate / 60:.1f} min expected "
+                f"> {time_budget_s / 60:.1f} min",
+            }
+        else:
+            began = _now()
+            result = run_variant(variant, shape, device, dtype, warmup, steps, seed, attention)
+            if result["status"] != "skipped":  # a variant this device cannot run took no time to say so
+                result["wall_s"] = _now() - began
+        done.append((variant, result))
+        report["variants"][index] = result
+        report["elapsed_s"] = _now() - start
+        report["complete"] = index == len(variants) - 1
+        finalize_report(report)
+        if on_progress is not None:
+            on_progress(report)
+    return report
 
 
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def _speedup(result: dict) -> str:
+    value = result.get("speedup_vs_baseline", result.get("speedup_vs_standard"))
+    return "–" if value is None else f"{value:.2f}x"
 
 
 def markdown_table(report: dict) -> str:
@@ -201,10 +305,24 @@ def markdown_table(report: dict) -> str:
             f"{report['settings']['warmup_steps']} warm-up + {report['settings']['timed_steps']} timed steps; "
             f"{report['flops']['step'] / 1e12:.4g} TFLOP/step (merged)"
         )
+        baseline = report.get("baseline")
+        if baseline is not None and baseline != "standard":
+            lines.append("")
+            lines.append(
+                f"speedups are against `{baseline}`: plain `standard` is not in this run or failed (at the full "
+                "shape it does not fit 80 GB without activation checkpointing)"
+            )
+        if not report.get("complete", True):
+            finished = sum(r["status"] not in ("pending",) for r in report["variants"])
+            lines.append("")
+            lines.append(
+                f"**partial report**: {finished} of {len(report['variants'])} variants done "
+                "(the run is still going, or was stopped)"
+            )
         lines.append("")
         lines.append(
-            "| variant | step s (median) | min–max | vs standard | samples/s | tokens/s | TFLOP/s | MFU "
-            "| peak mem GB | matmuls/step | QKV GEMMs/block (base+LoRA) | SDPA |"
+            f"| variant | step s (median) | min–max | vs {baseline or 'standard'} | samples/s | tokens/s | TFLOP/s "
+            "| MFU | peak mem GB | matmuls/step | QKV GEMMs/block (base+LoRA) | SDPA |"
         )
         lines.append("|" + "---|" * 12)
         for r in report["variants"]:
@@ -215,7 +333,7 @@ def markdown_table(report: dict) -> str:
             mem = _fmt(r["peak_mem_gb"], ".3f") + (" (RSS)" if r["peak_mem_kind"] == "cpu_rss_growth" else "")
             lines.append(
                 f"| {r['name']} | {r['step_s']:.4f} | {r['step_s_min']:.4f}–{r['step_s_max']:.4f} "
-                f"| {_fmt(r['speedup_vs_standard'], '.2f')}x | {r['samples_per_s']:.3g} | {r['tokens_per_s']:.4g} "
+                f"| {_speedup(r)} | {r['samples_per_s']:.3g} | {r['tokens_per_s']:.4g} "
                 f"| {r['tflops']:.3g} | {_fmt(r['mfu'], '.1%')} | {mem} | {_fmt(r['matmul_calls'], 'd')} "
                 f"| {qkv.get('base', '–')}+{qkv.get('lora', '–')} | {r['sdpa_backend'] or '–'} |"
             )

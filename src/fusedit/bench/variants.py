@@ -1,11 +1,24 @@
 """The benchmark variants: each one is the same random model put through a different set of build stages.
 
-Stages come from fusedit.training.build (LoRA, activation checkpointing, regional compile) in its order
+A variant's name is its recipe: a layout followed by `+`-joined modifiers, e.g. `merged+compile+fp8+ckpt`.
+
+    layout     standard   diffusers' unfused model, PEFT LoRA on to_q, to_k, to_v, add_q_proj, ...
+               merged     merged QKV (fuse_qkv), LoRA on to_qkv, add_qkv_proj, ...
+    modifiers  compile    regional torch.compile of the repeated block
+               fp8        frozen base stored in float8_e4m3fn, bf16 GEMMs (memory)
+               float8     frozen base computing in float8 GEMMs, sm89+ GPUs only (speed); not with fp8
+               ckpt       activation checkpointing of every block; ckptN: of every N-th block
+               offload    the checkpointed blocks' saved inputs held in CPU memory (needs ckpt / ckptN)
+               mask       the all-ones prompt mask is passed to the model instead of trimmed to None
+
+Modifiers may come in any order; the name is reported in the order above (`merged+ckpt+compile` is
+`merged+compile+ckpt`, `ckpt1` is `ckpt`). Stages come from fusedit.training.build in its order
 (load -> fp8 -> LoRA -> activation checkpointing -> compile); the perf switches from fusedit.model.perf.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +26,12 @@ from torch import nn
 
 from fusedit.bench.shapes import BenchShape, build_random_transformer
 from fusedit.model.merged_qkv import fuse_qkv
-from fusedit.model.perf import apply_float8_compute, float8_compute_support, use_offloaded_checkpoints
+from fusedit.model.perf import apply_float8_compute, float8_compute_support
 from fusedit.training import build
+
+LAYOUTS = {"standard": "standard", "merged": "merged_qkv"}  # name token -> fusedit layout
+MODIFIERS = ("compile", "fp8", "float8", "ckpt", "ckptN", "offload", "mask")
+_CKPT = re.compile(r"ckpt(\d*)")
 
 
 @dataclass(frozen=True)
@@ -36,51 +53,158 @@ class Variant:
         return None
 
 
-VARIANTS = {
-    variant.name: variant
-    for variant in (
-        Variant("standard", layout="standard", description="diffusers' unfused model + PEFT, eager"),
-        Variant("merged", description="merged QKV + LoRA on the merged projections, eager"),
-        Variant("merged+mask", keep_mask=True, description="merged, all-ones prompt mask passed (not trimmed)"),
-        Variant("merged+compile", compile=True, description="merged, regional torch.compile of the block"),
-        Variant("merged+compile+fp8", compile=True, fp8="storage", description="merged, compiled, fp8 storage"),
-        Variant(
-            "merged+compile+float8",
-            compile=True,
-            fp8="float8",
-            description="merged, compiled, float8 GEMMs for the frozen base (sm89+)",
-        ),
-        Variant("merged+ckpt", checkpoint_every=1, description="merged, every block checkpointed"),
-        Variant("merged+ckpt2", checkpoint_every=2, description="merged, every 2nd block checkpointed"),
-        Variant(
-            "merged+ckpt+offload",
-            checkpoint_every=1,
-            offload=True,
-            description="merged, every block checkpointed, checkpoints offloaded to CPU",
-        ),
-        Variant("merged+compile+ckpt", compile=True, checkpoint_every=1, description="merged, compiled, checkpointed"),
+def _grammar() -> str:
+    return (
+        f"a variant is a layout ({' | '.join(LAYOUTS)}) followed by '+'-joined modifiers from "
+        f"{{{', '.join(MODIFIERS)}}}, e.g. merged+compile+fp8+ckpt"
     )
-}
-DEFAULT_VARIANTS = (
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _describe(layout: str, compile: bool, fp8: str, every: int, offload: bool, mask: bool) -> str:
+    parts = [
+        "diffusers' unfused model + PEFT" if layout == "standard" else "merged QKV + LoRA on the merged projections",
+        "regional torch.compile of the block" if compile else "eager",
+    ]
+    if fp8 == "storage":
+        parts.append("fp8 storage of the frozen base (bf16 GEMMs)")
+    elif fp8 == "float8":
+        parts.append("float8 GEMMs for the frozen base (sm89+)")
+    if every:
+        parts.append("every block checkpointed" if every == 1 else f"every {_ordinal(every)} block checkpointed")
+    if offload:
+        parts.append("checkpoints offloaded to CPU")
+    if mask:
+        parts.append("all-ones prompt mask passed (not trimmed)")
+    return ", ".join(parts)
+
+
+def parse_variant(name: str) -> Variant:
+    """One variant from its name (see the module docstring); a ValueError names the bad token."""
+    tokens = [token.strip() for token in name.strip().split("+")]
+    if tokens[0] not in LAYOUTS:
+        raise ValueError(f"benchmark variant {name!r}: it must start with a layout, got {tokens[0]!r}; {_grammar()}")
+    layout = LAYOUTS[tokens[0]]
+    compile = offload = mask = False
+    fp8, every, checkpoint_token, seen = "none", 0, None, set()
+    for token in tokens[1:]:
+        if token in seen:
+            raise ValueError(f"benchmark variant {name!r}: modifier {token!r} given twice")
+        seen.add(token)
+        ckpt = _CKPT.fullmatch(token)
+        if token == "compile":
+            compile = True
+        elif token in ("fp8", "float8"):
+            if fp8 != "none":
+                raise ValueError(
+                    f"benchmark variant {name!r}: 'fp8' (fp8 storage, bf16 GEMMs) and 'float8' (float8 GEMMs, "
+                    "which store the weights in fp8 too) both fill the fp8 slot; choose one"
+                )
+            fp8 = "storage" if token == "fp8" else "float8"
+        elif ckpt:
+            if checkpoint_token is not None:
+                raise ValueError(
+                    f"benchmark variant {name!r}: {checkpoint_token!r} and {token!r} both set the checkpoint "
+                    "interval; choose one"
+                )
+            every = int(ckpt.group(1) or 1)
+            if every < 1:
+                raise ValueError(
+                    f"benchmark variant {name!r}: {token!r} checkpoints no block; leave the ckpt modifier out instead"
+                )
+            checkpoint_token = token
+        elif token == "offload":
+            offload = True
+        elif token == "mask":
+            mask = True
+        elif not token:
+            raise ValueError(f"benchmark variant {name!r}: empty modifier (a '+' too many); {_grammar()}")
+        else:
+            raise ValueError(f"benchmark variant {name!r}: unknown modifier {token!r}; {_grammar()}")
+    if offload and not every:
+        raise ValueError(
+            f"benchmark variant {name!r}: 'offload' moves activation checkpoints to the CPU and needs 'ckpt' or "
+            "'ckptN' in the same variant"
+        )
+    canonical = [tokens[0]]
+    canonical += ["compile"] if compile else []
+    canonical += {"storage": ["fp8"], "float8": ["float8"]}.get(fp8, [])
+    canonical += ["ckpt" if every == 1 else f"ckpt{every}"] if every else []
+    canonical += ["offload"] if offload else []
+    canonical += ["mask"] if mask else []
+    return Variant(
+        name="+".join(canonical),
+        layout=layout,
+        compile=compile,
+        fp8=fp8,
+        checkpoint_every=every,
+        offload=offload,
+        keep_mask=mask,
+        description=_describe(tokens[0], compile, fp8, every, offload, mask),
+    )
+
+
+# The named set that `--variants all` runs (any other combination can be asked for by name).
+CATALOGUE = (
     "standard",
+    "standard+ckpt",
     "merged",
     "merged+mask",
     "merged+compile",
     "merged+compile+fp8",
     "merged+compile+float8",
     "merged+ckpt",
+    "merged+ckpt2",
     "merged+ckpt+offload",
+    "merged+compile+ckpt",
 )
+VARIANTS = {name: parse_variant(name) for name in CATALOGUE}
+
+# Per size, what `fusedit bench` runs without --variants. `full` lists only variants expected to fit on an 80 GB
+# GPU (docs/performance.md has the arithmetic), most important first so that a time budget cuts the least
+# important ones: the checkpointed baseline, the headline stack, then the fp8 and fewer-checkpoint variants.
+DEFAULT_VARIANTS = {
+    "tiny": (
+        "standard",
+        "merged",
+        "merged+mask",
+        "merged+compile",
+        "merged+compile+fp8",
+        "merged+compile+float8",
+        "merged+ckpt",
+        "merged+ckpt+offload",
+    ),
+    "full": (
+        "standard+ckpt",  # the baseline: the stock trainers' setting (~49 GB est.)
+        "merged+compile+ckpt",  # the headline stack (~48 GB est.)
+        "merged+ckpt",  # QKV merging alone at equal recomputation
+        "merged+compile+fp8+ckpt",  # the memory target (~28 GB est.)
+        "merged+compile+float8+ckpt",  # float8 GEMMs (sm89+)
+        "merged+compile+ckpt2",  # half the recomputation in bf16 (~76 GB est.: the tightest)
+        "merged+compile+float8+ckpt3",  # a third of the recomputation on fp8 weights (~65 GB est.)
+    ),
+}
+
+# The speedup column is against the first of these that ran: plain `standard` is what a user of the stock scripts
+# gets, `standard+ckpt` what they get when the model does not fit without checkpointing (the full shape, 80 GB).
+BASELINES = ("standard", "standard+ckpt")
 
 
 def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[Variant]:
+    """Variants from a comma-separated string or a list of names; `all` expands to CATALOGUE; duplicates (also
+    spelled differently, e.g. `merged+ckpt+compile` and `merged+compile+ckpt`) run once."""
     names = [name.strip() for name in (text.split(",") if isinstance(text, str) else text) if name.strip()]
-    if names == ["all"]:
-        names = list(VARIANTS)
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown or not names:
-        raise ValueError(f"unknown benchmark variant(s) {unknown or names}; choose from {list(VARIANTS)} or 'all'")
-    return [VARIANTS[name] for name in dict.fromkeys(names)]
+    if not names:
+        raise ValueError(f"no benchmark variant given; {_grammar()}, or 'all' (= {', '.join(CATALOGUE)})")
+    variants = {}
+    for name in names:
+        for variant in VARIANTS.values() if name == "all" else [parse_variant(name)]:
+            variants.setdefault(variant.name, variant)
+    return list(variants.values())
 
 
 def build_variant(
@@ -98,9 +222,7 @@ def build_variant(
     # bf16 model would round-trip every adapted activation through fp32.
     build.lora(model, rank=shape.lora_rank, targets=shape.lora_targets, dtype=dtype)
     if variant.checkpoint_every:
-        build.activation_checkpointing(model, variant.checkpoint_every)
-        if variant.offload:
-            use_offloaded_checkpoints(model)
+        build.activation_checkpointing(model, variant.checkpoint_every, offload=variant.offload)
     if variant.compile:
         build.compile_blocks(model)
     return model

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# A lent GPU in one command: the environment, the GPU tests and the full-shape benchmark, all logged in OUTDIR.
+#
+#   scripts/gpu_check.sh OUTDIR [extra `fusedit bench` arguments, e.g. --variants standard+ckpt,merged+compile+ckpt]
+#
+# Leaves five files in OUTDIR (a device run brings back at most eight): gpu-check.log (environment and summary),
+# gpu-tests.log, bench-full.log, bench-full.json and bench-full.md. The bench rewrites its reports after every
+# variant, so a run stopped at its limit keeps the numbers it had.
+#
+# Time: the whole script ends inside GPU_CHECK_SECONDS (default 540, i.e. a 10-minute command limit less a minute
+# for installing the wheels): the tests get at most 150 s, the bench the rest, as a --time-budget that ends a minute
+# early (it starts no variant expected to end past it) with a hard `timeout` behind it.
+#
+# Python: $PYTHON, else `python`, else `python3`. This checkout's src/ goes first on PYTHONPATH, so it works with the
+# project's venv as with PYTHONPATH=/tmp/site:src on a bare machine (BENCHMARKS.md has the wheels to carry).
+# GPU_TESTS=0 skips the tests (a second run for more variants). GPU_CHECK_ALLOW_CPU=1 lets the script itself be tested
+# on a CPU (with --size tiny ... as extra arguments); without it, no CUDA device is a refusal.
+#
+# Exit status: 0 all passed; 1 a test or a variant failed, or the bench was stopped or wrote no report;
+# 2 no CUDA device, fusedit not importable, or bad arguments.
+set -uo pipefail
+
+if [ $# -lt 1 ] || [ -z "$1" ] || [ "${1#-}" != "$1" ]; then
+  echo "usage: scripts/gpu_check.sh OUTDIR [extra fusedit bench arguments]" >&2
+  exit 2
+fi
+out=$1
+shift
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo" || exit 2
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
+total=${GPU_CHECK_SECONDS:-540}
+log=$out/gpu-check.log
+: >"$log"
+
+say() { echo "$*" | tee -a "$log"; }
+refuse() {
+  echo "gpu_check.sh: $*" | tee -a "$log" >&2
+  exit 2
+}
+# run_logged SECONDS LOGFILE COMMAND...: the command's output goes to LOGFILE and is shown as it comes; returns its
+# exit status (124 or 137 when `timeout` stopped it). Not a pipe into tee: a process the command leaves behind
+# (a compile worker) would hold the pipe open and keep this script waiting past its limit.
+run_logged() {
+  local seconds=$1 logfile=$2
+  shift 2
+  : >"$logfile"
+  timeout -k 15 "$seconds" "$@" >"$logfile" 2>&1 &
+  local pid=$!
+  tail -n +1 -f --pid="$pid" "$logfile"
+  wait "$pid"
+}
+
+say "== gpu_check.sh, $(date -u +%Y-%m-%dT%H:%M:%SZ), $repo at $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+say "python: $py; PYTHONPATH=$PYTHONPATH; budget ${total} s"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi 2>&1 | tee -a "$log"
+else
+  say "nvidia-smi: not on PATH"
+fi
+
+"$py" - <<'PY' 2>&1 | tee -a "$log"
+import importlib.metadata as metadata
+import os
+import sys
+
+try:
+    import torch
+except Exception as error:
+    print(f"cannot import torch with {sys.executable}: {error}")
+    raise SystemExit(3) from None
+print(f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__}, CUDA {torch.version.cuda}")
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"device: {torch.cuda.get_device_name(0)}, capability {props.major}.{props.minor}, "
+        f"{props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs; cuDNN {torch.backends.cudnn.version()}"
+    )
+elif os.environ.get("GPU_CHECK_ALLOW_CPU") == "1":
+    print("no CUDA device; going on on the CPU (GPU_CHECK_ALLOW_CPU=1: a test of this script, not a GPU check)")
+else:
+    raise SystemExit(3)
+versions = []
+for name in ("diffusers", "transformers", "peft", "accelerate", "lightning", "safetensors", "hydra-core",
+             "omegaconf", "huggingface-hub", "numpy", "pillow", "pytest", "hypothesis", "wandb"):  # fmt: skip
+    try:
+        versions.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        versions.append(f"{name} MISSING")
+print("packages: " + ", ".join(versions))
+try:
+    import fusedit.bench  # noqa: F401  (diffusers, accelerate, peft, lightning: what the bench needs at import)
+    import fusedit.model.perf  # noqa: F401
+except Exception as error:
+    print(f"cannot import fusedit.bench: {type(error).__name__}: {error}")
+    raise SystemExit(4) from None
+PY
+case ${PIPESTATUS[0]} in
+0) ;;
+3) refuse "no CUDA device visible to torch (torch.cuda.is_available() is False, or torch does not import): this script is for a GPU machine. On a CPU use: python -m fusedit.bench --size tiny" ;;
+4) refuse "fusedit.bench does not import (see above): carry and install the wheels listed in BENCHMARKS.md, then PYTHONPATH=/tmp/site:src" ;;
+*) refuse "the environment check failed (see above)" ;;
+esac
+
+tests_rc=skipped
+if [ "${GPU_TESTS:-1}" != 0 ]; then
+  say "== GPU tests: $py -m pytest -q -m gpu tests (at most 150 s)"
+  run_logged 150 "$out/gpu-tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+  tests_rc=$?
+fi
+
+left=$((total - SECONDS))
+bench_rc=notstarted
+if ((left < 150)); then
+  say "== bench: not started, only ${left} s of the ${total} s budget left"
+else
+  budget_min=$(awk -v s=$((left - 60)) 'BEGIN { printf "%.2f", s / 60 }')
+  bench=(-m fusedit.bench --size full --warmup 2 --steps 8 --time-budget "$budget_min"
+    --json "$out/bench-full.json" --markdown "$out/bench-full.md" "$@")
+  say "== bench (hard stop after $((left - 20)) s): $py ${bench[*]}"
+  run_logged $((left - 20)) "$out/bench-full.log" "$py" "${bench[@]}"
+  bench_rc=$?
+fi
+
+say "== summary after ${SECONDS} s"
+status=0
+case $tests_rc in
+skipped) say "GPU tests: skipped (GPU_TESTS=0)" ;;
+0) say "GPU tests: passed" ;;
+124 | 137) say "GPU tests: stopped at 150 s (gpu-tests.log)" && status=1 ;;
+*) say "GPU tests: FAILED, exit $tests_rc (gpu-tests.log)" && status=1 ;;
+esac
+case $bench_rc in
+0) say "bench: done" ;;
+notstarted) say "bench: not started (too little time left)" && status=1 ;;
+124 | 137) say "bench: stopped by the hard time limit; the reports hold the variants finished before" && status=1 ;;
+*) say "bench: exit $bench_rc (a variant failed or the bench broke: bench-full.log, bench-full.json)" && status=1 ;;
+esac
+if [ -s "$out/bench-full.md" ]; then
+  tee -a "$log" <"$out/bench-full.md"
+else
+  say "bench: no report was written" && status=1
+fi
+exit $status
