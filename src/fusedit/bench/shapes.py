@@ -138,7 +138,8 @@ def build_random_transformer(
     # Parameters on meta only: RoPE tables are plain tensors computed in __init__ and must stay real.
     with init_empty_weights(include_buffers=False):
         model = QwenImageTransformer2DModel(**transformer_config(shape))
-    generator = torch.Generator(device=device).manual_seed(seed)
+    # On meta (fusedit.bench.memory) there are no values to draw, and no generator for that device.
+    generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
     for module_name, module in model.named_modules():
         for name, parameter in list(module.named_parameters(recurse=False)):
             value = torch.empty(parameter.shape, device=device, dtype=dtype)
@@ -151,7 +152,9 @@ def build_random_transformer(
             module._parameters[name] = nn.Parameter(value, requires_grad=False)
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
             raise RuntimeError(f"{module_name} has a buffer left on the meta device")
-    return model.to(device).eval()
+    # Every parameter is already on `device` and the model has no buffers, so no `.to(device)`: it would be a no-op
+    # that fails on the fake tensors of fusedit.bench.memory.
+    return model.eval()
 
 
 def make_inputs(shape: BenchShape, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:

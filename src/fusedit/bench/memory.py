@@ -1,0 +1,159 @@
+"""Peak memory of a LoRA training step, predicted on a machine that does not have that memory.
+
+The variant is built and two training steps run (the second one has the optimizer state) on *fake* tensors
+(`torch._subclasses.FakeTensorMode`: shapes, dtypes and strides propagate, nothing is allocated or computed), with a
+dispatch mode underneath that adds up the bytes of every storage the step creates and subtracts them when the
+storage dies. The peak of that running sum, plus what was resident before the step (weights, inputs), is the step's
+peak of live tensor memory: what `torch.cuda.max_memory_allocated` reports for the same step, short of allocator
+rounding (512-byte blocks) and the GEMM/attention workspaces (tens of MB). Fragmentation, the CUDA context and
+cuBLAS workspaces are not tensors and are not in either number.
+
+So `fusedit bench --size full --estimate-memory` says on a CPU whether the 20B step fits an 80 GB card under each
+checkpointing / fp8 plan, and on a GPU the same report sets the prediction beside the measurement.
+
+Fake tensors live on the CPU: there, scaled_dot_product_attention takes the flash kernel, which saves the output and
+the log-sum-exp like CUDA's flash / cuDNN / memory-efficient kernels do (fake CUDA tensors would take the math path,
+which materialises the S x S attention matrix a GPU never holds). What this cannot represent:
+- `compile`: inductor's graphs are not traced here; the variant is estimated eagerly (compiled blocks save the same
+  or fewer activations, so the eager figure is an upper bound).
+- `offload`: checkpoints offloaded to host memory live on the same fake device; not estimated.
+- `float8` GEMMs: the weights are the same float8 bytes as fp8 storage; estimated as fp8 storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fusedit.bench.shapes import BenchShape, make_inputs
+from fusedit.bench.variants import Variant, build_variant
+from fusedit.lora.adapter import lora_parameters
+from fusedit.training.objective import FlowMatchObjective
+
+METHOD = "fake-tensor live bytes"
+
+
+class LiveStorageBytes(TorchDispatchMode):
+    """Bytes held by the storages created under this mode and still alive; `peak` is the running maximum.
+
+    Storages that existed before (weights, inputs) are registered with `known` and never counted, also not when an
+    op returns a view of them.
+    """
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        # Holding the storage objects keeps their ids from being reused while the mode is active.
+        self._known = [tensor.untyped_storage() for tensor in known]
+        self._bytes: dict[int, int] = {id(storage): 0 for storage in self._known}
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._bytes:
+            return
+        size = storage.nbytes()
+        self._bytes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live -= self._bytes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return out
+
+
+def _estimable(variant: Variant) -> tuple[Variant, list[str]]:
+    """The eager variant whose memory stands for `variant`, and what was changed to get it."""
+    notes = []
+    changes = {}
+    if variant.offload:
+        raise ValueError(f"{variant.name}: checkpoints offloaded to host memory are not estimated")
+    if variant.compile:
+        changes["compile"] = False
+        notes.append("estimated eagerly (compiled blocks save the same or fewer activations)")
+    if variant.fp8 == "float8":
+        changes["fp8"] = "storage"
+        notes.append("float8 GEMMs estimated as fp8 storage (same float8 weight bytes)")
+    return (dataclasses.replace(variant, **changes) if changes else variant), notes
+
+
+def _fake_on_cpu(model: nn.Module, fake_mode: FakeTensorMode) -> list[torch.Tensor]:
+    """Turn `model`'s parameters, buffers and plain tensor attributes (RoPE tables) into fake CPU tensors, in place;
+    returns the attributes (state a GPU holds too, which `parameters()` and `buffers()` do not list).
+
+    The model is built on the meta device (PEFT, fp8 quantization and `.to()` all work there) and converted
+    afterwards: built under FakeTensorMode, every `.to()` fails (it swaps parameters, and fake tensors carry weakrefs).
+    """
+    cpu = torch.device("cpu")
+    attributes = []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, value in table.items():
+                if value is None or not value.is_meta:
+                    continue
+                fake = FakeTensor(fake_mode, value.detach(), cpu)
+                table[name] = (
+                    nn.Parameter(fake, requires_grad=value.requires_grad) if table is module._parameters else fake
+                )
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+                fake = fake_mode.from_tensor(value)
+                setattr(module, name, fake)
+                attributes.append(fake)
+    return attributes
+
+
+def _storage_bytes(tensors) -> int:
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def estimate_step_memory(variant: Variant, shape: BenchShape, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Predicted peak memory (GB, 1e9 bytes, like the bench's `peak_mem_gb`) of `variant`'s LoRA training step.
+
+    Returns {"peak_gb", "resident_gb" (weights + inputs before the step), "step_gb" (the most the step adds on
+    top), "method", "notes"}. Raises ValueError for variants it cannot represent (offload).
+    """
+    from fusedit.bench.run import make_step  # run imports this module for the report
+
+    estimated, notes = _estimable(variant)
+    objective = FlowMatchObjective(weighting="none")  # builds its schedule with real tensors: outside fake mode
+    # Real inputs, the prompt mask trimmed while its values are still known (fake tensors have none).
+    real_inputs = make_inputs(shape, "cpu", dtype, seed)
+    real_inputs["prompt_mask"] = None if not estimated.keep_mask else real_inputs["prompt_mask"]
+    model = build_variant(estimated, shape, torch.device("meta"), dtype, seed)
+    fake_mode = FakeTensorMode()
+    attributes = _fake_on_cpu(model, fake_mode)
+    with fake_mode:
+        optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=1e-5)
+        inputs = {
+            name: fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+            for name, value in real_inputs.items()
+        }
+        step = make_step(model, inputs, estimated, optimizer, objective)
+        tensor_inputs = [value for value in inputs.values() if isinstance(value, torch.Tensor)]
+        resident = [*model.parameters(), *model.buffers(), *attributes, *tensor_inputs]
+        resident_bytes = _storage_bytes(resident)
+        with LiveStorageBytes(resident) as tracker:
+            step()  # creates the optimizer state
+            step()
+    return {
+        "peak_gb": (resident_bytes + tracker.peak) / 1e9,
+        "resident_gb": resident_bytes / 1e9,
+        "step_gb": tracker.peak / 1e9,
+        "method": METHOD,
+        "notes": notes,
+    }
