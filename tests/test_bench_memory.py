@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
+from fusedit.bench import build_parser, main, markdown_table
 from fusedit.bench.memory import LiveStorageBytes, estimate_step_memory
 from fusedit.bench.run import make_step
 from fusedit.bench.shapes import SHAPES, make_inputs
@@ -36,9 +38,9 @@ def _real_peak(name: str) -> tuple[float, float]:
     """Resident and peak bytes of the same two steps run eagerly on real tensors, tracked the same way."""
     variant = dataclasses.replace(parse_variants(name)[0], compile=False)
     torch.manual_seed(0)
-    model = build_variant(variant, SHAPE, torch.device("cpu"), torch.bfloat16)
+    model = build_variant(variant, SHAPE, torch.device("cpu"), torch.float32)
     optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=1e-5)
-    inputs = {**make_inputs(SHAPE, "cpu", torch.bfloat16), "prompt_mask": None}  # as the estimate trims it
+    inputs = {**make_inputs(SHAPE, "cpu", torch.float32), "prompt_mask": None}  # as the estimate trims it
     step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"))
     rope = [value for module in model.modules() for value in vars(module).values() if isinstance(value, torch.Tensor)]
     resident = [
@@ -56,7 +58,8 @@ def _real_peak(name: str) -> tuple[float, float]:
 
 @pytest.mark.parametrize("name", ["standard", "merged+ckpt", "merged+compile+fp8"])
 def test_fake_estimate_equals_the_real_step_tracked_the_same_way(name):
-    estimate = estimate_step_memory(parse_variants(name)[0], SHAPE, torch.bfloat16)
+    # float32: the same bytes logic as bf16, and a CPU steps it several times faster.
+    estimate = estimate_step_memory(parse_variants(name)[0], SHAPE, torch.float32)
     # compile is estimated eagerly: compare with the eager run of the same build.
     resident, peak = _real_peak(name)
     assert estimate["resident_gb"] == pytest.approx(resident, rel=1e-9)
@@ -88,3 +91,37 @@ def test_full_shape_estimate_needs_no_memory():
     # Two blocks of 3072-wide bf16 weights plus the embedders and output layer: ~1.45 GB.
     assert 1.3 < result["resident_gb"] < 1.6
     assert result["step_gb"] > 1.0
+
+
+def test_estimate_only_predicts_the_full_width_on_a_cpu_and_writes_the_report(tmp_path, capsys):
+    report_path, table_path = tmp_path / "estimate.json", tmp_path / "estimate.md"
+    args = build_parser().parse_args(
+        ["bench", "--size", "full", "--layers", "1", "--estimate-only", "--variants", "merged+ckpt,merged+ckpt+offload",
+         "--json", str(report_path), "--markdown", str(table_path)]
+    )  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["timed"] is False and report["settings"]["dtype"] == "bfloat16"
+    estimated, offloaded = report["variants"]
+    assert estimated["status"] == "estimated" and estimated["step_s"] is None
+    assert estimated["est_peak_mem_gb"] == pytest.approx(estimated["memory_estimate"]["peak_gb"])
+    assert offloaded["status"] == "skipped" and "offloaded" in offloaded["reason"]
+    table = table_path.read_text()
+    assert "| merged+ckpt | " in table and "est. peak GB" in table and "timed steps" not in table
+
+
+def test_estimate_memory_adds_a_column_beside_the_measured_peak(tmp_path):
+    report_path = tmp_path / "bench.json"
+    args = build_parser().parse_args(
+        ["bench", "--size", "tiny", "--layers", "1", "--threads", "1", "--warmup", "0", "--steps", "1",
+         "--estimate-memory", "--variants", "merged", "--json", str(report_path)]
+    )  # fmt: skip
+    assert main(args) == 0
+    (merged,) = json.loads(report_path.read_text())["variants"]
+    assert merged["status"] == "ok" and merged["step_s"] > 0 and merged["est_peak_mem_gb"] > 0
+    assert "est. peak GB" in markdown_table(json.loads(report_path.read_text()))
+
+
+def test_a_full_shape_estimate_is_not_refused_on_a_cpu_but_timing_it_is():
+    with pytest.raises(ValueError, match="--estimate-only"):
+        main(build_parser().parse_args(["bench", "--size", "full", "--device", "cpu", "--variants", "merged"]))

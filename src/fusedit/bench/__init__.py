@@ -109,6 +109,16 @@ def add_cli(subparsers) -> None:
         help="start no variant that is expected to end past this many minutes from the start (the slowest finished "
         "variant of its kind is the estimate); the rest are reported as skipped",
     )
+    parser.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="also predict each variant's peak memory on fake tensors (column 'est. peak GB')",
+    )
+    parser.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="only predict peak memory, time nothing: needs no GPU and no memory, also at --size full",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile happens here)")
@@ -145,16 +155,20 @@ def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available")
-    if args.size == "full" and device.type == "cpu" and args.layers is None and not args.data_only:
+    timed = not args.estimate_only
+    if args.size == "full" and device.type == "cpu" and args.layers is None and timed and not args.data_only:
         # 60 blocks x 3072 wide in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
         raise ValueError(
-            "--size full is the real 20B shape and needs a GPU; on CPU use --size tiny, or a partial model with --layers N"
+            "--size full is the real 20B shape and needs a GPU to time; on CPU use --size tiny, a partial model with "
+            "--layers N, or --estimate-only for its predicted peak memory"
         )
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # A memory prediction is for the GPU run: bf16 unless told otherwise, also when predicted on a CPU.
+    on_gpu_dtype = device.type == "cuda" or not timed
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
     command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
 
     def write_reports(report: dict) -> str:
@@ -176,6 +190,8 @@ def main(args) -> int:
             last, detail = finished[-1], ""
             if last["status"] == "ok":
                 detail = f"{last['step_s']:.4g} s/step, "
+            elif last.get("est_peak_mem_gb") is not None:
+                detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
             elif last["reason"]:
                 detail = f"{last['reason'].splitlines()[0][:200]}, "
             wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
@@ -201,6 +217,8 @@ def main(args) -> int:
             command=command,
             time_budget_s=None if args.time_budget is None else args.time_budget * 60,
             on_progress=progress,
+            estimate_memory=args.estimate_memory,
+            timed=timed,
         )
     if args.data or args.data_only:
         side = args.data_image_size

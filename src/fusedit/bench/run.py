@@ -14,6 +14,7 @@ import torch
 
 from fusedit.bench.flops import peak_tflops, step_flops
 from fusedit.bench.measure import PeakMemory, count_qkv_matmuls, profile_step, summarize, synchronize, time_steps
+from fusedit.bench.memory import estimate_step_memory
 from fusedit.bench.shapes import BenchShape, make_inputs
 from fusedit.bench.variants import BASELINES, Variant, build_variant
 from fusedit.lora.adapter import lora_parameters
@@ -25,7 +26,7 @@ VARIANT_FIELDS = (
     "name", "status", "reason", "description", "step_s", "step_s_min", "step_s_max", "step_s_q1", "step_s_q3",
     "times_s", "samples_per_s", "tokens_per_s", "step_tflop", "tflops", "mfu", "peak_mem_gb", "peak_mem_kind",
     "matmul_calls", "matmul_calls_by_op", "qkv_matmuls_per_block", "sdpa_backend", "loss", "speedup_vs_standard",
-    "speedup_vs_baseline", "wall_s",
+    "speedup_vs_baseline", "wall_s", "est_peak_mem_gb", "memory_estimate",
 )  # fmt: skip
 
 
@@ -151,10 +152,25 @@ def run_variant(
     seed: int = 0,
     attention: str = "auto",
     profile: bool = True,
+    estimate_memory: bool = False,
+    timed: bool = True,
 ) -> dict:
     """One variant's result dict; a variant that cannot run here is `skipped`, one that breaks `failed` (an
-    out-of-memory error says so in its reason), and either way its memory is released before this returns."""
+    out-of-memory error says so in its reason), and either way its memory is released before this returns.
+
+    `estimate_memory`: also predict the step's peak memory on fake tensors (fusedit.bench.memory), fields
+    `est_peak_mem_gb` and `memory_estimate`. `timed=False`: only that prediction, status `estimated`.
+    """
     result = {"name": variant.name, "description": variant.description, "status": "ok", "reason": None}
+    if estimate_memory or not timed:
+        try:
+            estimate = estimate_step_memory(variant, shape, dtype, seed)
+            result.update(est_peak_mem_gb=estimate["peak_gb"], memory_estimate=estimate)
+        except ValueError as error:  # a variant the estimate cannot represent (offload): say so, time it anyway
+            result["memory_estimate"] = {"error": str(error)}
+        if not timed:
+            error = result["memory_estimate"].get("error")
+            return {**result, "status": "skipped" if error else "estimated", "reason": error}
     reason = variant.unsupported(device)
     if reason is not None:
         return {**result, "status": "skipped", "reason": reason}
@@ -220,6 +236,8 @@ def run_bench(
     command: str | None = None,
     time_budget_s: float | None = None,
     on_progress: Callable[[dict], None] | None = None,
+    estimate_memory: bool = False,
+    timed: bool = True,
 ) -> dict:
     """Time every variant on the same shape, inputs and seed; returns the report dict (schema `fusedit.bench/1`).
 
@@ -227,6 +245,7 @@ def run_bench(
     variants not run yet have status `pending`, `complete` is false until the last), so a run that is killed
     still leaves the numbers it had. With `time_budget_s`, a variant is not started when the time elapsed plus
     the expected time of that variant (`_estimate_s`) would pass the budget: it and the rest are `skipped`.
+    `estimate_memory` / `timed`: see `run_variant` (`timed=False` needs no memory: the full shape on a CPU).
     """
     device = torch.device(device)
     if warmup < 0 or steps < 1:
@@ -250,6 +269,8 @@ def run_bench(
             "seed": seed,
             "attention": attention,
             "optimizer": "AdamW over the LoRA parameters",
+            "timed": timed,
+            "memory_estimate": estimate_memory or not timed,
         },
         "flops": step_flops(shape, "merged_qkv"),
         "baseline": None,
@@ -271,7 +292,10 @@ def run_bench(
             }
         else:
             began = _now()
-            result = run_variant(variant, shape, device, dtype, warmup, steps, seed, attention)
+            result = run_variant(
+                variant, shape, device, dtype, warmup, steps, seed, attention,
+                estimate_memory=estimate_memory, timed=timed,
+            )  # fmt: skip
             if result["status"] != "skipped":  # a variant this device cannot run took no time to say so
                 result["wall_s"] = _now() - began
         done.append((variant, result))
@@ -293,16 +317,41 @@ def _speedup(result: dict) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
 
+def _estimate_table(report: dict) -> list[str]:
+    """Rows of a `timed=False` report: the predicted memory of each variant, nothing measured."""
+    lines = [
+        "predicted peak memory of one LoRA training step (fake tensors, nothing allocated: fusedit.bench.memory); "
+        "GB = 1e9 bytes, comparable to `torch.cuda.max_memory_allocated`",
+        "",
+        "| variant | est. peak GB | weights + inputs GB | step adds GB | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["variants"]:
+        estimate = r.get("memory_estimate") or {}
+        if r["status"] != "estimated":
+            lines.append(f"| {r['name']} | {r['status']}: {r['reason']} | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {estimate['peak_gb']:.2f} | {estimate['resident_gb']:.2f} | {estimate['step_gb']:.2f} "
+            f"| {'; '.join(estimate['notes']) or '–'} |"
+        )
+    return lines
+
+
 def markdown_table(report: dict) -> str:
     """The report as a markdown table (plus the data-pipeline table when measured)."""
     lines = []
     if report.get("variants"):
-        shape = report["shape"]
+        shape, settings = report["shape"], report["settings"]
+        steps = (
+            f"{settings['warmup_steps']} warm-up + {settings['timed_steps']} timed steps; "
+            if settings.get("timed", True)
+            else ""
+        )
         lines.append(
             f"shape `{shape['name']}`: {shape['num_layers']} blocks, width {shape['inner_dim']}, "
             f"{shape['image_tokens']} image + {shape['text_tokens']} text tokens, batch {shape['batch']}, "
-            f"LoRA r{shape['lora_rank']} on {shape['lora_targets']}; {report['settings']['dtype']}, "
-            f"{report['settings']['warmup_steps']} warm-up + {report['settings']['timed_steps']} timed steps; "
+            f"LoRA r{shape['lora_rank']} on {shape['lora_targets']}; {settings['dtype']}, {steps}"
             f"{report['flops']['step'] / 1e12:.4g} TFLOP/step (merged)"
         )
         baseline = report.get("baseline")
@@ -320,23 +369,32 @@ def markdown_table(report: dict) -> str:
                 "(the run is still going, or was stopped)"
             )
         lines.append("")
-        lines.append(
-            f"| variant | step s (median) | min–max | vs {baseline or 'standard'} | samples/s | tokens/s | TFLOP/s "
-            "| MFU | peak mem GB | matmuls/step | QKV GEMMs/block (base+LoRA) | SDPA |"
-        )
-        lines.append("|" + "---|" * 12)
-        for r in report["variants"]:
-            if r["status"] != "ok":
-                lines.append(f"| {r['name']} | {r['status']}: {r['reason']} |" + " |" * 10)
-                continue
-            qkv = r["qkv_matmuls_per_block"] or {}
-            mem = _fmt(r["peak_mem_gb"], ".3f") + (" (RSS)" if r["peak_mem_kind"] == "cpu_rss_growth" else "")
+        if not report["settings"].get("timed", True):
+            lines.extend(_estimate_table(report))
+        else:
+            estimated = report["settings"].get("memory_estimate", False)
             lines.append(
-                f"| {r['name']} | {r['step_s']:.4f} | {r['step_s_min']:.4f}–{r['step_s_max']:.4f} "
-                f"| {_speedup(r)} | {r['samples_per_s']:.3g} | {r['tokens_per_s']:.4g} "
-                f"| {r['tflops']:.3g} | {_fmt(r['mfu'], '.1%')} | {mem} | {_fmt(r['matmul_calls'], 'd')} "
-                f"| {qkv.get('base', '–')}+{qkv.get('lora', '–')} | {r['sdpa_backend'] or '–'} |"
+                f"| variant | step s (median) | min–max | vs {baseline or 'standard'} | samples/s | tokens/s "
+                "| TFLOP/s | MFU | peak mem GB "
+                + ("| est. peak GB " if estimated else "")
+                + "| matmuls/step | QKV GEMMs/block (base+LoRA) | SDPA |"
             )
+            columns = 13 if estimated else 12
+            lines.append("|" + "---|" * columns)
+            for r in report["variants"]:
+                if r["status"] != "ok":
+                    lines.append(f"| {r['name']} | {r['status']}: {r['reason']} |" + " |" * (columns - 2))
+                    continue
+                qkv = r["qkv_matmuls_per_block"] or {}
+                mem = _fmt(r["peak_mem_gb"], ".3f") + (" (RSS)" if r["peak_mem_kind"] == "cpu_rss_growth" else "")
+                if estimated:
+                    mem += f" | {_fmt(r['est_peak_mem_gb'], '.3f')}"
+                lines.append(
+                    f"| {r['name']} | {r['step_s']:.4f} | {r['step_s_min']:.4f}–{r['step_s_max']:.4f} "
+                    f"| {_speedup(r)} | {r['samples_per_s']:.3g} | {r['tokens_per_s']:.4g} "
+                    f"| {r['tflops']:.3g} | {_fmt(r['mfu'], '.1%')} | {mem} | {_fmt(r['matmul_calls'], 'd')} "
+                    f"| {qkv.get('base', '–')}+{qkv.get('lora', '–')} | {r['sdpa_backend'] or '–'} |"
+                )
     data = report.get("data")
     if data:
         if lines:
