@@ -3,6 +3,8 @@
 The public helpers are imported lazily so that `import fusedit` stays cheap (no torch/diffusers import).
 """
 
+from fusedit._lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -16,12 +18,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fusedit' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

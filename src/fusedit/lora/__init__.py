@@ -3,6 +3,8 @@
 The names below are imported on first use: config validation needs only `targets`, and must not load PEFT.
 """
 
+from fusedit._lazy import lazy_getattr
+
 _EXPORTS = {
     "add_lora": "fusedit.lora.adapter",
     "export_lora": "fusedit.lora.adapter",
@@ -16,12 +18,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fusedit.lora' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)
