@@ -8,14 +8,19 @@ See conf/infer.yaml and docs/inference.md.
 import hydra
 from omegaconf import DictConfig
 
-from fusedit.errors import refusals_as_one_line
-from fusedit.inference.run import infer
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
+    from fusedit.errors import refusals_as_one_line
+    from fusedit.inference.preflight import preflight
+
     with refusals_as_one_line():
-        infer(cfg)
+        # Before diffusers is imported and the pipeline loaded (seconds, then minutes): a missing input or LoRA
+        # file, or a model of another family, is reported at once. infer() is handed the plan, not re-checking.
+        plan = preflight(cfg)
+        from fusedit.inference.run import infer
+
+        infer(cfg, plan)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -186,3 +187,72 @@ def test_resume_sets_a_key_a_group_option_of_the_run_added(tmp_path):
     # trainer.overfit_batches is not in the default config (Hydra wants `+`) but debug=overfit sets it.
     cfg = _resume([f"ckpt_path={run}", "+trainer.overfit_batches=2"])
     assert cfg.trainer.overfit_batches == 2 and cfg.fixed_noise is True
+
+
+def _train_py(overrides: list[str], hydra_dir) -> dict:
+    """`python train.py *overrides` in this process, as its main() runs: Hydra composes the command line and records
+    it in the invocation's own dir (`hydra_dir`: a new one each time, even for a resume), then a resume recomposes
+    the resumed run's config and trains in the run's dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from fusedit.training.train import train
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(hydra_dir)
+        HydraConfig().set_config(cfg)
+        (hydra_dir / ".hydra").mkdir(parents=True)
+        (hydra_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(list(overrides)))
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return train(resume_config(cfg, list(overrides)))
+
+
+def _global_step(run) -> int:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+def test_a_second_resume_keeps_what_the_first_resume_changed(tmp_path, tiny_edit_path):
+    from fusedit.data import make_sample_dataset
+
+    metadata = make_sample_dataset(tmp_path / "data", n=4, size=32)
+    run = tmp_path / "run"
+    common = [
+        f"paths.root_dir={tmp_path}", f"model.path={tiny_edit_path}", f"data.metadata={metadata}", "logger=csv",
+        "callbacks.validation_images.num_samples=0", "callbacks.progress_bar=null",
+        "callbacks.lora_export.every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=1",
+        "lora.rank=4", "lora.alpha=4", "data.batch_size=1",
+    ]  # fmt: skip
+    _train_py([*common, "trainer.max_steps=2"], run)
+    assert _global_step(run) == 2
+    # Train longer: max_steps 2 -> 4; this resume is stopped (SIGTERM, checkpoint saved) after step 3.
+    stop = "+callbacks.stop={_target_:tests.reliability_helpers.SendSignal,step:3,signum:15}"
+    stopped = _train_py([f"ckpt_path={run}", "trainer.max_steps=4", stop], tmp_path / "resume1")
+    assert stopped["stopped_by"] == "SIGTERM" and _global_step(run) == 3
+    # The plain resume continues to the step the first resume asked for, not to the run's original max_steps.
+    finished = _train_py([f"ckpt_path={run}"], tmp_path / "resume2")
+    assert finished["stopped_by"] is None and _global_step(run) == 4
+    assert (run / "lora" / "final.safetensors").is_file()
+
+    original = OmegaConf.load(run / ".hydra" / "overrides.yaml")
+    assert list(original) == [*common, "trainer.max_steps=2"]  # the run's own command line stays as it was
+    first, second = OmegaConf.load(run / "resumes.yaml")
+    assert first.command_line == [f"ckpt_path={run}", "trainer.max_steps=4", stop]
+    assert first.overrides == [*common, f"ckpt_path={run}", "trainer.max_steps=4", stop]
+    assert second.command_line == [f"ckpt_path={run}"] and sorted(second.overrides) == sorted(first.overrides)
+
+
+def test_a_resume_with_a_refused_value_is_not_recorded(tmp_path):
+    run = _run_dir(tmp_path, ["lora.rank=2"])
+    with pytest.raises(ValueError, match="trainer.max_steps must be >= 1"):
+        _resume([f"ckpt_path={run}", "trainer.max_steps=0"])
+    assert not (run / "resumes.yaml").exists()
+    cfg = _resume([f"ckpt_path={run}", "trainer.max_steps=7"])
+    assert cfg.trainer.max_steps == 7 and cfg.lora.rank == 2
+    assert _resume([f"ckpt_path={run}"]).trainer.max_steps == 7  # the latest resume's settings are kept
+    assert [list(entry.command_line) for entry in OmegaConf.load(run / "resumes.yaml")] == [
+        [f"ckpt_path={run}", "trainer.max_steps=7"],
+        [f"ckpt_path={run}"],
+    ]

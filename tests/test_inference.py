@@ -371,3 +371,111 @@ def test_family_picks_the_pipeline_and_model_transformer_overrides(tiny_edit_251
     assert np.abs(pixels(tmp_path / "base.png") - pixels(tmp_path / "o.png")).max() > 20
     with pytest.raises(ValueError, match="not a diffusers pipeline directory"):
         build_pipeline(tmp_path / "merged_transformer")
+
+
+# ------------------------------------------------------------------------------------------------------- preflight
+LIGHT_FORBIDDEN = ("torch", "diffusers", "transformers", "peft", "lightning")
+
+
+def run_infer_script(*overrides: str, cwd: Path):
+    """`python -X importtime infer.py ...`: (exit status, stderr lines without the import log, top-level modules)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = CONF.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(repo / "infer.py"), *overrides],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=120,
+    )  # fmt: skip
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    return result.returncode, [line for line in lines if not line.startswith("import time:")], imported
+
+
+@pytest.mark.parametrize("bad", ["input", "lora"])
+def test_a_missing_input_or_lora_is_reported_before_torch_or_diffusers_load(bad, tiny_edit_path, images, tmp_path):
+    missing = tmp_path / "missing.png"
+    overrides = [f"model.path={tiny_edit_path}", "prompt=x", f"output={tmp_path / 'out'}", "profile=cpu"]
+    if bad == "input":
+        overrides.append(f"input={missing}")
+    else:
+        overrides += [f"input={images / 'a.png'}", f"lora.path={missing.with_suffix('.safetensors')}"]
+    status, errors, imported = run_infer_script(*overrides, cwd=tmp_path)
+    expected = f"input={missing}" if bad == "input" else f"lora.path={missing.with_suffix('.safetensors')}"
+    assert status == 2 and errors == [f"fusedit: error: {expected} does not exist"], errors
+    assert imported.isdisjoint(LIGHT_FORBIDDEN), sorted(imported & set(LIGHT_FORBIDDEN))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_of_another_family_is_one_line_before_diffusers_loads(images, tmp_path):
+    other = tmp_path / "sdxl"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    status, errors, imported = run_infer_script(
+        f"model.path={other}", f"input={images / 'a.png'}", "prompt=x", "profile=cpu", cwd=tmp_path
+    )
+    assert status == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"fusedit: error: model.path={other} is not a Qwen-Image checkpoint: fusedit detect")
+    # fusedit.detect imports torch (through fusedit.io and fusedit.convert); nothing heavier is loaded.
+    assert imported.isdisjoint(LIGHT_FORBIDDEN[1:]), sorted(imported & set(LIGHT_FORBIDDEN))
+
+
+def test_preflight_reports_every_problem_at_once(tiny_edit_path, tiny_t2i_path, images, tmp_path):
+    from fusedit.inference.preflight import preflight
+
+    not_an_image = tmp_path / "c.png"
+    not_an_image.write_text("not an image")
+    truncated = tmp_path / "truncated.safetensors"
+    model_file = tiny_t2i_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    truncated.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])  # header whole, tensors cut
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    cfg = cfg_for(
+        f"model.path={tiny_edit_path}", f"input=[{images / 'a.png'},{not_an_image}]", "prompt=x",
+        f"output={tmp_path / 'taken'}", f"lora.path={truncated}", "lora.scale=2",
+        f"loras=[{{path: {model_file}, scale: 0.5}}, {{path: {tmp_path / 'gone.safetensors'}}}]",
+    )  # fmt: skip
+    with pytest.raises(ValueError) as refused:
+        preflight(cfg)
+    assert str(refused.value).splitlines() == [
+        "invalid inference config",
+        f"  output={tmp_path / 'taken'} is an existing file, not a folder (give an image name like out.png)",
+        f"  cannot read image {not_an_image}: cannot identify image file {str(not_an_image)!r}",
+        f"  lora.path={truncated} is not a readable safetensors file: Error while deserializing header: "
+        "incomplete metadata, file not fully covered",
+        f"  loras[1].path={tmp_path / 'gone.safetensors'} does not exist",
+    ]
+    # Second stage, once the files are there: what fusedit.detect says about each, and whether the jobs fit.
+    cfg = cfg_for(f"model.path={tiny_t2i_path}", f"input={images / 'a.png'}", "prompt=x", f"output={tmp_path / 'o'}",
+                  f"loras=[{model_file}]", "profile.offload=disk")  # fmt: skip
+    with pytest.raises(ValueError) as refused:
+        preflight(cfg)
+    assert str(refused.value).splitlines() == [
+        "invalid inference config",
+        f"  loras[0].path={model_file} holds transformer weights (2 blocks), not a LoRA; other transformer weights "
+        "go in model.transformer",
+        f"  {images / 'a.png'}: the model is Qwen-Image (text-to-image) and takes no input image; drop input= or use "
+        "a Qwen-Image-Edit model",
+        "  profile.offload must be one of ('none', 'model', 'sequential', 'group'), got 'disk'",
+    ]
+
+
+def test_infer_checks_before_loading_and_takes_a_checked_plan(tiny_t2i_path, tmp_path, monkeypatch):
+    import fusedit.inference.run as run
+    from fusedit.inference.preflight import preflight
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the config was checked")
+
+    monkeypatch.setattr(run, "build_pipeline", no_loading)
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"lora.path={missing} does not exist"):
+        infer(cfg_for(f"model.path={tiny_t2i_path}", "prompt=x", f"lora.path={missing}", f"output={tmp_path}"))
+    monkeypatch.undo()
+
+    cfg = cfg_for(f"model.path={tiny_t2i_path}", "prompt=a cat", f"output={tmp_path / 'o.png'}")
+    plan = preflight(cfg)
+    monkeypatch.setattr(run, "preflight", lambda cfg: pytest.fail("infer() checked a config that came with its plan"))
+    record = infer(cfg, plan)
+    assert record["family"] == plan.family == "qwen-image" and (tmp_path / "o.png").is_file()

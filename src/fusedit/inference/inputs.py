@@ -126,6 +126,24 @@ def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: 
     )
 
 
+def unreadable_images(jobs: list[Job]) -> list[str]:
+    """`cannot read image X: why` for every input or target image of `jobs` whose header PIL cannot parse.
+
+    Only headers are read (PIL decodes lazily), so a folder of many images is checked in well under a second; the
+    pixels are decoded by `load_rgb` when the job runs.
+    """
+    from PIL import Image
+
+    problems = []
+    for path in dict.fromkeys(image for job in jobs for image in (*job.images, job.target) if image is not None):
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, Image.DecompressionBombError) as error:
+            problems.append(f"cannot read image {path}: {error}")
+    return problems
+
+
 def load_rgb(path: Path):
     """An input or target image as RGB with its EXIF orientation applied (fusedit.data's decoder and size guard)."""
     from fusedit.data.images import load_image

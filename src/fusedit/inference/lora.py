@@ -15,37 +15,18 @@ from __future__ import annotations
 
 import collections
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fusedit.convert import TO_MERGED, TO_STANDARD, LoraWeights, convert_lora_layout, read_lora
-from fusedit.errors import UserFileNotFoundError, UserInputError
+from fusedit.errors import UserInputError
+from fusedit.inference.preflight import LoraSpec, lora_file, lora_specs
 from fusedit.model import is_merged
 
-
-@dataclass(frozen=True)
-class LoraSpec:
-    path: str
-    scale: float = 1.0
-    name: str | None = None
-
-
-def lora_specs(lora_cfg, loras_cfg) -> list[LoraSpec]:
-    """The LoRAs a config asks for: `lora.path` (+ `lora.scale`) and/or the list `loras: [{path, scale, name}]`."""
-    specs: list[LoraSpec] = []
-    if lora_cfg is not None and lora_cfg.get("path"):
-        specs.append(LoraSpec(str(lora_cfg["path"]), float(lora_cfg.get("scale", 1.0)), lora_cfg.get("name")))
-    for index, item in enumerate(loras_cfg or []):
-        if isinstance(item, str):
-            specs.append(LoraSpec(item))
-            continue
-        if not item.get("path"):
-            raise UserInputError(f"loras[{index}] has no `path` (got {dict(item)})")
-        specs.append(LoraSpec(str(item["path"]), float(item.get("scale", 1.0)), item.get("name")))
-    return specs
+# LoraSpec / lora_specs live in the preflight (checked before torch is imported) and are offered here too.
+__all__ = ["LoraSpec", "load_loras", "lora_specs", "peft_adapter"]
 
 
 def _most_common(values):
@@ -99,9 +80,7 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
     direction = TO_MERGED if target_layout == "merged_qkv" else TO_STANDARD
     records, names = [], []
     for index, spec in enumerate(specs):
-        path = Path(spec.path)
-        if not path.exists():
-            raise UserFileNotFoundError(f"LoRA file {path} does not exist (lora.path / loras[{index}].path)")
+        path = lora_file(spec)  # checked by the preflight too; callers of load_loras alone get the same message
         weights = read_lora(path)
         source_layout = weights.layout
         converted = convert_lora_layout(weights, direction)

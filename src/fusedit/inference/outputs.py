@@ -9,7 +9,6 @@ from PIL import Image, ImageDraw
 
 from fusedit.errors import UserInputError
 from fusedit.inference.inputs import IMAGE_SUFFIXES, Job
-from fusedit.io import atomic_write_path
 
 LABEL_HEIGHT = 14
 
@@ -32,6 +31,14 @@ class OutputPaths:
             self.folder = output
             self.record = output / "run.json"
             self._image = None
+        # Found now, not when the first image is saved after the model has loaded.
+        if self.single and output.is_dir():
+            raise UserInputError(f"output={output} is a folder; name a new image file or pass the folder itself")
+        if not self.single and output.exists() and not output.is_dir():
+            raise UserInputError(f"output={output} is an existing file, not a folder (give an image name like out.png)")
+        existing = next(p for p in (self.folder, *self.folder.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserInputError(f"output={output}: cannot write in {existing}")
 
     def image(self, job: Job) -> Path:
         if self._image is not None:
@@ -47,6 +54,8 @@ class OutputPaths:
 
 
 def save_image(image: Image.Image, path: Path) -> None:
+    from fusedit.io import atomic_write_path  # imports torch: not at module level, infer.py's preflight imports this
+
     with atomic_write_path(path) as tmp:
         # The temp name has no image suffix, so the format is named explicitly.
         image.save(tmp, format=(path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"))

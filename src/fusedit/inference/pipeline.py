@@ -10,56 +10,13 @@ layout asked for, so the merged-QKV model runs inside diffusers' own sampler.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import diffusers
 import torch
 
-from fusedit.errors import UserInputError
+from fusedit.inference.preflight import PIPELINE_CLASSES, model_family
+from fusedit.inference.profiles import torch_dtype
 from fusedit.model import load_transformer
-
-# fusedit.detect family -> diffusers pipeline class.
-PIPELINE_CLASSES = {
-    "qwen-image": "QwenImagePipeline",
-    "qwen-image-edit": "QwenImageEditPipeline",
-    "qwen-image-edit-2509": "QwenImageEditPlusPipeline",
-    "qwen-image-edit-2511": "QwenImageEditPlusPipeline",
-}
-TEXT_TO_IMAGE = "qwen-image"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise UserInputError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def model_family(path: str | os.PathLike) -> str:
-    """The Qwen-Image family of the pipeline directory `path`, as `fusedit detect` reports it."""
-    from fusedit.detect import detect
-
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise UserInputError(
-            f"model.path={path} is not a diffusers pipeline directory (no model_index.json). Inference needs the "
-            "full pipeline (VAE, text encoder, tokenizer, scheduler): point model.path at it, and model.transformer "
-            "at a separate transformer checkpoint if you have one (`fusedit download Qwen/Qwen-Image-Edit --to DIR`)."
-        )
-    report = detect(path)
-    family = report.get("family")
-    if family not in PIPELINE_CLASSES:
-        raise UserInputError(
-            f"model.path={path}: `fusedit detect` reports family {family!r}; inference supports "
-            f"{', '.join(PIPELINE_CLASSES)}"
-        )
-    return family
-
-
-def is_edit_family(family: str) -> bool:
-    return family != TEXT_TO_IMAGE
 
 
 def build_pipeline(

@@ -19,10 +19,22 @@ import torch
 from fusedit.errors import UserInputError
 
 OFFLOADS = ("none", "model", "sequential", "group")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserInputError(f"profile.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def resolve_device(requested: str) -> torch.device:
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as error:
+        raise UserInputError(f"profile.device={requested!r} is not a device: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(
             f"profile.device={requested} but no CUDA GPU is available; use profile=cpu (or profile.device=cpu)"
@@ -30,16 +42,27 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def apply_profile(pipe, profile) -> dict:
-    """Apply `profile` (a config node) to `pipe` in place. Returns what was applied, for the run's record."""
+def check_profile(profile) -> tuple[str, torch.device]:
+    """(offload, device) of `profile`, refusing an unknown offload or dtype and a device this machine lacks.
+
+    The preflight calls this before the pipeline loads; `apply_profile` again on the loaded pipeline.
+    """
     offload = profile.get("offload", "none")
     if offload not in OFFLOADS:
         raise UserInputError(f"profile.offload must be one of {OFFLOADS}, got {offload!r}")
+    if profile.get("dtype") is not None:
+        torch_dtype(profile.get("dtype"))
     device = resolve_device(profile.get("device", "cuda"))
     if offload in ("model", "sequential") and device.type == "cpu":
         raise UserInputError(
             f"profile.offload={offload} moves weights between the CPU and a GPU; it needs a GPU device"
         )
+    return offload, device
+
+
+def apply_profile(pipe, profile) -> dict:
+    """Apply `profile` (a config node) to `pipe` in place. Returns what was applied, for the run's record."""
+    offload, device = check_profile(profile)
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(profile.get("tf32", False))

@@ -10,33 +10,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fusedit
-from fusedit.errors import UserInputError
 from fusedit.inference.enhance import enhance_prompt
-from fusedit.inference.inputs import Job, collect_jobs, load_rgb
-from fusedit.inference.lora import load_loras, lora_specs
-from fusedit.inference.outputs import OutputPaths, comparison_sheet, save_image
-from fusedit.inference.pipeline import (
-    TEXT_TO_IMAGE,
-    build_pipeline,
-    is_edit_family,
-    text_to_image_pipeline,
-)
+from fusedit.inference.inputs import load_rgb
+from fusedit.inference.lora import load_loras
+from fusedit.inference.outputs import comparison_sheet, save_image
+from fusedit.inference.pipeline import build_pipeline, text_to_image_pipeline
+from fusedit.inference.preflight import TEXT_TO_IMAGE, Plan, preflight
 from fusedit.inference.profiles import apply_profile
 from fusedit.io import write_json_atomic
-
-
-def _check_jobs(jobs: list[Job], family: str) -> None:
-    for job in jobs:
-        if job.images and not is_edit_family(family):
-            raise UserInputError(
-                f"{job.source}: the model is Qwen-Image (text-to-image) and takes no input image; drop input= or "
-                "use a Qwen-Image-Edit model"
-            )
-        if len(job.images) > 1 and family == "qwen-image-edit":
-            raise UserInputError(
-                f"{job.source}: {len(job.images)} input images, but Qwen-Image-Edit takes one; several images need "
-                "Qwen-Image-Edit-2509 or -2511"
-            )
 
 
 def _call_kwargs(cfg: DictConfig, prompt: str, images: list, multi_image: bool, seed: int) -> dict:
@@ -57,19 +38,16 @@ def _call_kwargs(cfg: DictConfig, prompt: str, images: list, multi_image: bool, 
     return kwargs
 
 
-def infer(cfg: DictConfig) -> dict:
-    """Run every job the config describes; returns the JSON record it also writes next to the outputs."""
-    jobs = collect_jobs(
-        OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input,
-        cfg.prompt,
-        OmegaConf.to_container(cfg.csv),
-    )
-    paths = OutputPaths(cfg.output, jobs)
-    specs = lora_specs(cfg.lora, cfg.loras)
+def infer(cfg: DictConfig, plan: Plan | None = None) -> dict:
+    """Run every job the config describes; returns the JSON record it also writes next to the outputs.
 
-    pipe, family = build_pipeline(cfg.model.path, cfg.model.layout, cfg.profile.dtype, cfg.model.transformer)
-    _check_jobs(jobs, family)
-    lora_records = load_loras(pipe.transformer, specs, fuse=bool(cfg.lora.get("fuse", False)))
+    `plan` is `preflight(cfg)`'s result when the caller has already checked `cfg` (infer.py does, before importing
+    this module); without it the checks run here, before any model is loaded.
+    """
+    plan = plan or preflight(cfg)
+    jobs, paths, family = plan.jobs, plan.paths, plan.family
+    pipe, _ = build_pipeline(cfg.model.path, cfg.model.layout, cfg.profile.dtype, cfg.model.transformer, family)
+    lora_records = load_loras(pipe.transformer, plan.loras, fuse=bool(cfg.lora.get("fuse", False)))
     if all(not job.images for job in jobs):
         pipe = text_to_image_pipeline(pipe)
     # Built before the profile so both pipelines share the same (hooked) modules.

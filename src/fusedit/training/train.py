@@ -8,6 +8,7 @@ config. Resuming (`ckpt_path=<run dir>`) continues the run in its own directory,
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import math
 import netrc
@@ -21,11 +22,14 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
+from fusedit.errors import UserInputError
+from fusedit.io import write_text_atomic
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
@@ -61,26 +65,63 @@ def default_metadata(cache_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- resume
-def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "train") -> DictConfig:
-    """The config to resume `cfg.ckpt_path` with: the run's own command line, then this one's on top.
+RESUMES_FILE = "resumes.yaml"
 
-    `python train.py ckpt_path=<run dir>` must not fall back to the defaults (another model, another dataset):
-    a run dir keeps its overrides in `.hydra/overrides.yaml`. They are composed again with this command line's
-    overrides replacing any of the same key (e.g. `trainer.max_steps=5000` to train longer). Keys the run added
-    with `+key=...` are changed with `+key=value` again (Hydra refuses a plain `key=value` for a key its default
-    config lacks). Needs an initialised Hydra (inside `@hydra.main` or `initialize_config_dir`).
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The overrides `run_dir` last ran with: those of its latest resume (`resumes.yaml`), else its own command line.
+
+    A resume continues in the run dir, but Hydra writes the resuming invocation's `.hydra/` files into a new dir of
+    its own, so the run dir's `.hydra/overrides.yaml` only ever holds the original command line. What a resume
+    changed (`trainer.max_steps=5000` to train longer) is recorded by `resume_config` in `resumes.yaml`, one entry
+    per resume, and the next resume starts from the latest entry.
+    """
+    resumes = run_dir / RESUMES_FILE
+    if resumes.is_file():
+        entries = OmegaConf.load(resumes)
+        last = entries[-1] if OmegaConf.is_list(entries) and len(entries) else None
+        if not OmegaConf.is_dict(last) or not OmegaConf.is_list(last.get("overrides")):
+            raise UserInputError(f"{resumes}: expected a list of {{time, command_line, overrides}} entries")
+        return [str(item) for item in last.overrides]
+    original = run_dir / ".hydra" / "overrides.yaml"
+    return [str(item) for item in OmegaConf.load(original)] if original.is_file() else []
+
+
+@rank_zero_only  # DDP ranks > 0 run train.py again with the same command line: one record per resume
+def _record_resume(run_dir: Path, command_line: list[str], overrides: list[str]) -> None:
+    resumes = run_dir / RESUMES_FILE
+    entries = OmegaConf.to_container(OmegaConf.load(resumes)) if resumes.is_file() else []
+    entries.append(
+        {
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command_line": list(command_line),
+            "overrides": list(overrides),
+        }
+    )
+    write_text_atomic(resumes, OmegaConf.to_yaml(entries))
+
+
+def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The config to resume `cfg.ckpt_path` with: the overrides the run last ran with, then this one's on top.
+
+    `python train.py ckpt_path=<run dir>` must not fall back to the defaults (another model, another dataset), nor
+    to the settings before an earlier resume changed them: the run's overrides (`run_overrides`) are composed again
+    with this command line's replacing any of the same key (e.g. `trainer.max_steps=5000` to train longer). Keys the
+    run added with `+key=...` are changed with `+key=value` again (Hydra refuses a plain `key=value` for a key its
+    default config lacks). The result is validated, then recorded in the run dir (`resumes.yaml`) so that the next
+    resume keeps it; `.hydra/overrides.yaml` stays the run's original command line. Needs an initialised Hydra
+    (inside `@hydra.main` or `initialize_config_dir`).
     """
     if not cfg.get("ckpt_path"):
         return cfg
     _, run_dir = resolve_checkpoint(cfg.ckpt_path)
-    saved_file = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
-    if saved_file is None or not saved_file.is_file():
-        return cfg
+    if run_dir is None:
+        return cfg  # a .ckpt file outside a run dir: no run settings to start from, nowhere to record them
+    saved = run_overrides(run_dir)
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    saved = [str(item) for item in OmegaConf.load(saved_file)]
     parsed = parser.parse_overrides(overrides)
     current = {override.key_or_group for override in parsed}
     kept = [
@@ -100,7 +141,11 @@ def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "tra
     ]
     merged = [*kept, *again]
     log.info("resuming %s with overrides %s", run_dir, merged)
-    return compose(config_name=config_name, overrides=merged)
+    resumed = compose(config_name=config_name, overrides=merged)
+    # Only a config that can run is recorded: a typo refused here must not follow the run into its next resume.
+    validate_train_config(resumed)
+    _record_resume(run_dir, overrides, merged)
+    return resumed
 
 
 # ---------------------------------------------------------------------------------------------------- loggers

@@ -1,0 +1,246 @@
+"""Check what `python infer.py` was asked to do before anything heavy is loaded, and plan it.
+
+Importing diffusers takes seconds and loading a Qwen-Image pipeline minutes (a 20B transformer and a 7B text
+encoder), so a missing input image, a mistyped LoRA path or a model folder of another family must be reported
+before either. `preflight(cfg)` checks the jobs (inputs, prompts, CSV rows), the output paths, every LoRA file and
+the model, reports every problem it finds at once, and returns the `Plan` that `infer()` carries out.
+`python infer.py` calls it before importing the pipeline code; `infer(cfg)` calls it itself when given no plan,
+so programmatic callers get the same checks, done once.
+
+It runs in two stages. The first touches only the file system, image headers and safetensors headers (read by
+safetensors with numpy: no torch): a missing or unreadable input, LoRA or model path is reported within a second
+or so of start-up. The second asks `fusedit.detect` what the model, `model.transformer` and each LoRA are (from
+headers and configs; detect imports torch, about 2 s) and checks that the jobs fit the model family and that the
+profile's device exists. A CSV/JSONL input is read with `fusedit.data`, which imports Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_types
+from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
+from fusedit.inference.outputs import OutputPaths
+
+# fusedit.detect family -> the diffusers pipeline class that runs it.
+PIPELINE_CLASSES = {
+    "qwen-image": "QwenImagePipeline",
+    "qwen-image-edit": "QwenImageEditPipeline",
+    "qwen-image-edit-2509": "QwenImageEditPlusPipeline",
+    "qwen-image-edit-2511": "QwenImageEditPlusPipeline",
+}
+TEXT_TO_IMAGE = "qwen-image"
+TRANSFORMER_KINDS = ("pipeline", "transformer", "model_file")  # what fusedit.model.load_transformer reads
+
+
+def is_edit_family(family: str) -> bool:
+    return family != TEXT_TO_IMAGE
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: str
+    scale: float = 1.0
+    name: str | None = None
+    key: str = "lora.path"  # the config key it came from, for error messages
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a checked config asks `infer()` to do."""
+
+    jobs: list[Job]
+    paths: OutputPaths
+    loras: list[LoraSpec]
+    family: str
+
+
+def _scale(value, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{key} must be a number, got {value!r}") from None
+
+
+def lora_specs(lora_cfg, loras_cfg) -> list[LoraSpec]:
+    """The LoRAs a config asks for: `lora.path` (+ `lora.scale`) and/or the list `loras: [{path, scale, name}]`."""
+    specs: list[LoraSpec] = []
+    if lora_cfg is not None and lora_cfg.get("path"):
+        scale = _scale(lora_cfg.get("scale", 1.0), "lora.scale")
+        specs.append(LoraSpec(str(lora_cfg["path"]), scale, lora_cfg.get("name")))
+    for index, item in enumerate(loras_cfg or []):
+        key = f"loras[{index}]"
+        if isinstance(item, str):
+            specs.append(LoraSpec(item, key=f"{key}.path"))
+            continue
+        if not item.get("path"):
+            raise UserInputError(f"{key} has no `path` (got {dict(item)})")
+        scale = _scale(item.get("scale", 1.0), f"{key}.scale")
+        specs.append(LoraSpec(str(item["path"]), scale, item.get("name"), key=f"{key}.path"))
+    return specs
+
+
+def lora_file(spec: LoraSpec) -> Path:
+    """The safetensors file `spec` names (a file, or a folder holding exactly one), with a header that parses."""
+    from safetensors import safe_open
+
+    path = Path(spec.path).expanduser()
+    if not path.exists():
+        raise UserFileNotFoundError(f"{spec.key}={path} does not exist")
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise UserInputError(
+                f"{spec.key}={path} is a folder; a LoRA folder must hold exactly one .safetensors file, found "
+                f"{len(files)}"
+            )
+        path = files[0]
+    try:
+        # The numpy reader parses and checks the header (tensor offsets against the file size) without torch.
+        with safe_open(str(path), framework="numpy") as handle:
+            empty = not list(handle.keys())
+    except Exception as error:  # safetensors' SafetensorError derives from Exception only
+        raise UserInputError(f"{spec.key}={path} is not a readable safetensors file: {error}") from None
+    if empty:
+        raise UserInputError(f"{spec.key}={path} holds no tensors")
+    return path
+
+
+def _detect(path: Path, key: str) -> dict:
+    from fusedit.detect import detect
+
+    try:
+        return detect(path)
+    except (ValueError, OSError) as error:
+        raise UserInputError(f"{key}={path} is not a Qwen-Image checkpoint: fusedit detect says: {error}") from None
+
+
+def check_model_path(path) -> Path:
+    """`model.path` exists and is a diffusers pipeline folder (the light half of `model_family`)."""
+    if path is None or str(path) in ("", "???"):
+        raise UserInputError(
+            "model.path is required: a Qwen-Image diffusers pipeline folder "
+            "(`fusedit download Qwen/Qwen-Image-Edit --to DIR`)"
+        )
+    path = Path(str(path)).expanduser()
+    if not path.exists():
+        raise UserFileNotFoundError(f"model.path={path} does not exist")
+    if not (path / "model_index.json").is_file():
+        raise UserInputError(
+            f"model.path={path} is not a diffusers pipeline directory (no model_index.json). Inference needs the "
+            "full pipeline (VAE, text encoder, tokenizer, scheduler): point model.path at it, and model.transformer "
+            "at a separate transformer checkpoint if you have one (`fusedit download Qwen/Qwen-Image-Edit --to DIR`)."
+        )
+    return path
+
+
+def model_family(path: str | os.PathLike) -> str:
+    """The Qwen-Image family of the pipeline directory `path`, as `fusedit detect` reports it."""
+    path = check_model_path(path)
+    family = _detect(path, "model.path").get("family")
+    if family not in PIPELINE_CLASSES:
+        raise UserInputError(
+            f"model.path={path}: `fusedit detect` reports family {family!r}; inference supports "
+            f"{', '.join(PIPELINE_CLASSES)}"
+        )
+    return family
+
+
+def _check_transformer(path: Path) -> None:
+    report = _detect(path, "model.transformer")
+    if report["kind"] not in TRANSFORMER_KINDS:
+        raise UserInputError(
+            f"model.transformer={path} is a {report['kind']}, not transformer weights"
+            + (" (pass a LoRA as lora.path)" if report["kind"] == "lora" else "")
+        )
+
+
+def _check_lora_kind(spec: LoraSpec, file: Path) -> None:
+    report = _detect(file, spec.key)
+    if report["kind"] != "lora":  # `lora_file` gives a file, so the other kind is a whole model's weights
+        raise UserInputError(
+            f"{spec.key}={file} holds transformer weights ({report.get('layers')} blocks), not a LoRA; other "
+            "transformer weights go in model.transformer"
+        )
+
+
+def check_jobs_fit(jobs: list[Job], family: str) -> None:
+    for job in jobs:
+        if job.images and not is_edit_family(family):
+            raise UserInputError(
+                f"{job.source}: the model is Qwen-Image (text-to-image) and takes no input image; drop input= or "
+                "use a Qwen-Image-Edit model"
+            )
+        if len(job.images) > 1 and family == "qwen-image-edit":
+            raise UserInputError(
+                f"{job.source}: {len(job.images)} input images, but Qwen-Image-Edit takes one; several images need "
+                "Qwen-Image-Edit-2509 or -2511"
+            )
+
+
+class _Problems:
+    """Refusals collected from independent checks, raised together."""
+
+    def __init__(self):
+        self.errors: list[Exception] = []
+
+    def check(self, function: Callable, *args):
+        """`function(*args)`, or None with its refusal recorded."""
+        try:
+            return function(*args)
+        except user_error_types() as error:
+            self.errors.append(error)
+            return None
+
+    def raise_if_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]  # its own message and class (a missing file stays a FileNotFoundError)
+        if self.errors:
+            raise UserInputError("invalid inference config\n  " + "\n  ".join(str(error) for error in self.errors))
+
+
+def _select(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def preflight(cfg: DictConfig) -> Plan:
+    """Check `cfg` (an `infer` config) without loading any model; raise one refusal listing every problem."""
+    problems = _Problems()
+    source = cfg.input
+    jobs = problems.check(
+        collect_jobs,
+        OmegaConf.to_container(source) if OmegaConf.is_list(source) else source,
+        cfg.prompt,
+        OmegaConf.to_container(cfg.csv),
+    )
+    paths = None
+    if jobs is not None:
+        paths = problems.check(OutputPaths, cfg.output, jobs)
+        problems.errors.extend(UserInputError(message) for message in unreadable_images(jobs))
+    specs = problems.check(lora_specs, cfg.lora, cfg.loras) or []
+    lora_files = [problems.check(lora_file, spec) for spec in specs]
+    model_ok = problems.check(check_model_path, _select(cfg, "model.path")) is not None
+    transformer = _select(cfg, "model.transformer")
+    if transformer is not None and not Path(str(transformer)).expanduser().exists():
+        problems.errors.append(UserFileNotFoundError(f"model.transformer={transformer} does not exist"))
+        transformer = None
+    problems.raise_if_any()
+
+    # Second stage: fusedit.detect (imports torch) on what the first stage found.
+    family = problems.check(model_family, cfg.model.path) if model_ok else None
+    if transformer is not None:
+        problems.check(_check_transformer, Path(str(transformer)).expanduser())
+    for spec, file in zip(specs, lora_files, strict=True):
+        problems.check(_check_lora_kind, spec, file)
+    if family is not None:
+        problems.check(check_jobs_fit, jobs, family)
+    from fusedit.inference.profiles import check_profile  # torch, already imported by detect
+
+    problems.check(check_profile, cfg.profile)
+    problems.raise_if_any()
+    return Plan(jobs=jobs, paths=paths, loras=specs, family=family)
