@@ -4,16 +4,18 @@ records (CSV/JSONL parsing) -> validation (every row checked before training) ->
 -> dataset + buckets (same-shape batches, resumable order) -> datamodule (the LightningDataModule).
 """
 
-from fusedit.data.buckets import BucketBatchSampler
-from fusedit.data.datamodule import EditDataModule, split_train_val
-from fusedit.data.errors import DataValidationError, MetadataError
-from fusedit.data.sample import make_sample_dataset
+from fusedit._lazy import lazy_getattr
 
-__all__ = [
-    "BucketBatchSampler",
-    "DataValidationError",
-    "EditDataModule",
-    "MetadataError",
-    "make_sample_dataset",
-    "split_train_val",
-]
+# Imported on first use: reading a metadata file (inference's preflight) must not load Lightning.
+_EXPORTS = {
+    "BucketBatchSampler": "fusedit.data.buckets",
+    "DataValidationError": "fusedit.data.errors",
+    "EditDataModule": "fusedit.data.datamodule",
+    "MetadataError": "fusedit.data.errors",
+    "make_sample_dataset": "fusedit.data.sample",
+    "split_train_val": "fusedit.data.datamodule",
+}
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)
