@@ -165,8 +165,9 @@ CATALOGUE = (
 VARIANTS = {name: parse_variant(name) for name in CATALOGUE}
 
 # Per size, what `fusedit bench` runs without --variants. `full` lists only variants expected to fit on an 80 GB
-# GPU (docs/performance.md has the arithmetic), most important first so that a time budget cuts the least
-# important ones: the checkpointed baseline, the headline stack, then the fp8 and fewer-checkpoint variants.
+# GPU, most important first so that a time budget cuts the least important ones: the checkpointed baseline, the
+# headline stack, then the fp8 and fewer-checkpoint variants. The GB are the recorded `--estimate-only` predictions
+# (BENCHMARKS.md); compiled variants are predicted eagerly, an upper bound.
 DEFAULT_VARIANTS = {
     "tiny": (
         "standard",
@@ -179,13 +180,13 @@ DEFAULT_VARIANTS = {
         "merged+ckpt+offload",
     ),
     "full": (
-        "standard+ckpt",  # the baseline: the stock trainers' setting (~49 GB est.)
-        "merged+compile+ckpt",  # the headline stack (~48 GB est.)
+        "standard+ckpt",  # the baseline: the stock trainers' setting (46.8 GB predicted)
+        "merged+compile+ckpt",  # the headline stack (<= 46.7 GB predicted)
         "merged+ckpt",  # QKV merging alone at equal recomputation
-        "merged+compile+fp8+ckpt",  # the memory target (~28 GB est.)
+        "merged+compile+fp8+ckpt",  # the memory target (<= 26.4 GB predicted)
         "merged+compile+float8+ckpt",  # float8 GEMMs (sm89+)
-        "merged+compile+ckpt2",  # half the recomputation in bf16 (~76 GB est.: the tightest)
-        "merged+compile+float8+ckpt3",  # a third of the recomputation on fp8 weights (~65 GB est.)
+        "merged+compile+ckpt2",  # half the recomputation in bf16 (<= 80.0 GB predicted: the tightest)
+        "merged+compile+float8+ckpt3",  # a third of the recomputation on fp8 weights (<= 71.1 GB predicted)
     ),
 }
 
