@@ -94,7 +94,6 @@ def _measure(
     steps: int,
     seed: int,
     attention: str,
-    profile: bool,
 ) -> dict:
     # Everything the variant allocates is local to this frame: it is gone once the frame is (returned or unwound),
     # which run_variant relies on to hand the memory back before the next variant builds its model.
@@ -110,7 +109,7 @@ def _measure(
         memory.baseline()
         with memory:
             times, loss = time_steps(step, device, warmup, steps)
-        counts = profile_step(step, device) if profile else {}
+        counts = profile_step(step, device)
         qkv = count_qkv_matmuls(model, dtype)
     stats = summarize(times)
     flops = step_flops(shape, variant.layout)["step"]
@@ -151,7 +150,6 @@ def run_variant(
     steps: int,
     seed: int = 0,
     attention: str = "auto",
-    profile: bool = True,
     estimate_memory: bool = False,
     timed: bool = True,
 ) -> dict:
@@ -175,7 +173,7 @@ def run_variant(
     if reason is not None:
         return {**result, "status": "skipped", "reason": reason}
     try:
-        result.update(_measure(variant, shape, device, dtype, warmup, steps, seed, attention, profile))
+        result.update(_measure(variant, shape, device, dtype, warmup, steps, seed, attention))
     except torch.OutOfMemoryError as error:
         result.update(status="failed", reason=f"out of memory: {str(error).splitlines()[0]}")
     except Exception as error:  # one broken variant must not lose the others' numbers
