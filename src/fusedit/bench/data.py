@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from fusedit.data.datamodule import EditDataModule
-from fusedit.data.dataset import plan_sizes
 from fusedit.data.images import load_image, resize_edit, resize_target, to_tensor
 from fusedit.data.records import write_metadata_csv
 from fusedit.io import atomic_write_path
@@ -107,12 +106,12 @@ def measure_data(
                 }
             )
         first = dataset.samples[0]
+        target_size, edit_sizes = dataset.sizes[0]
         return {
             "source": source,
             "samples": len(dataset),
             "images_per_sample": 1 + len(first.edit_images),
-            "resized_to": [list(size) for size in plan_sizes(first, max_pixels, edit_max_pixels)[:1]]
-            + [list(size) for size in plan_sizes(first, max_pixels, edit_max_pixels)[1]],
+            "resized_to": [list(size) for size in (target_size, *edit_sizes)],
             "batch_size": batch_size,
             "loader": loader_rows,
             "stages_ms_per_image": _stage_breakdown(dataset),
