@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusedit.bench import build_parser, main, markdown_table
-from fusedit.bench.memory import LiveStorageBytes, estimate_step_memory
+from fusedit.bench.memory import LiveStorageBytes, _storage_bytes, estimate_step_memory
 from fusedit.bench.run import make_step
 from fusedit.bench.shapes import SHAPES, make_inputs
 from fusedit.bench.variants import build_variant, parse_variants
@@ -52,7 +52,7 @@ def _real_peak(name: str) -> tuple[float, float]:
     with LiveStorageBytes(resident) as tracker:
         step()
         step()
-    resident_bytes = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in resident}.values())
+    resident_bytes = _storage_bytes(resident)
     return resident_bytes / 1e9, (resident_bytes + tracker.peak) / 1e9
 
 
