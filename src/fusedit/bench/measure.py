@@ -16,21 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fusedit.model.merged_qkv import MERGED_TO_STANDARD
 from fusedit.model.perf import sdpa_backends
 
-# Leaf GEMM ops as the profiler names them (aten::linear / aten::matmul are wrappers that call these).
-GEMM_EVENTS = frozenset(
-    {
-        "aten::mm",
-        "aten::addmm",
-        "aten::bmm",
-        "aten::baddbmm",
-        "aten::_scaled_mm",
-        "aten::_addmm_activation",
-        "aten::_int_mm",
-        "mkldnn::_linear_pointwise",
-        "mkl::_mkl_linear",
-    }
-)
+# Leaf GEMM ops (aten::linear / aten::matmul are wrappers that call these); the profiler names them aten::<op>, and
+# also counts the mkldnn/mkl CPU linear ops.
 _GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_addmm_activation", "_int_mm")
+GEMM_EVENTS = frozenset({*(f"aten::{op}" for op in _GEMM_OPS), "mkldnn::_linear_pointwise", "mkl::_mkl_linear"})
 
 
 def synchronize(device: torch.device) -> None:
