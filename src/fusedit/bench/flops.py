@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from fusedit.bench.shapes import LATENT_CHANNELS, PATCH, BenchShape
 from fusedit.lora.targets import resolve_targets
+from fusedit.model.merged_qkv import IMAGE_MERGED, IMAGE_QKV, MERGED_TO_STANDARD, TEXT_MERGED, TEXT_QKV
 
 TIMESTEP_CHANNELS = 256  # QwenTimestepProjEmbeddings: Timesteps(256) -> Linear(256, d) -> Linear(d, d)
 
@@ -74,18 +75,16 @@ def _block_linears(d: int) -> dict[str, tuple[int, int, str]]:
         "txt_mlp.net.2": (4 * d, d, "text"),
         "img_mod.1": (d, 6 * d, "sample"),
         "txt_mod.1": (d, 6 * d, "sample"),
-        "to_qkv": (d, 3 * d, "image"),
-        "add_qkv_proj": (d, 3 * d, "text"),
+        IMAGE_MERGED: (d, 3 * d, "image"),
+        TEXT_MERGED: (d, 3 * d, "text"),
     }
-    for name in ("to_q", "to_k", "to_v"):
-        linears[name] = (d, d, "image")
-    for name in ("add_q_proj", "add_k_proj", "add_v_proj"):
-        linears[name] = (d, d, "text")
+    linears.update({name: (d, d, "image") for name in IMAGE_QKV})
+    linears.update({name: (d, d, "text") for name in TEXT_QKV})
     return linears
 
 
-_MERGED_ONLY = {"to_qkv", "add_qkv_proj"}
-_STANDARD_ONLY = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
+_MERGED_ONLY = set(MERGED_TO_STANDARD)
+_STANDARD_ONLY = {name for names in MERGED_TO_STANDARD.values() for name in names}
 _QKV = _MERGED_ONLY | _STANDARD_ONLY
 
 
