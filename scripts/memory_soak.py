@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     from omegaconf import open_dict
 
     import fusedit.training.train as train_module
+    from fusedit.io import write_json_atomic
 
     work = Path(tempfile.mkdtemp(prefix="fusedit-soak-"))
     overrides = [
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {k: v for k, v in report.items() if k not in ("samples", "overrides")}
     print(json.dumps(summary, indent=2))
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        write_json_atomic(args.out, report)
     return report
 
 
