@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
             train_module.train(cfg)
         finally:
             train_module.build_callbacks = original
+            # The run's checkpoints and LoRA exports are not the soak's result (the RSS samples are).
+            shutil.rmtree(work, ignore_errors=True)
 
     samples = recorder.samples
     base = next((s for s in samples if s["step"] >= args.warmup), samples[0])
