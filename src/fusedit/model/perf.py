@@ -257,10 +257,6 @@ def apply_float8_compute(
     supported, reason = float8_compute_support(device)
     if not supported:
         raise RuntimeError(f"apply_float8_compute: {reason}. Use fp8 storage (apply_fp8_storage) instead.")
-    return _swap_float8(module, compute_dtype, skip)
-
-
-def _swap_float8(module: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...]) -> nn.Module:
     return swap_frozen_linears(
         module,
         lambda linear: Float8ComputeLinear(linear, compute_dtype),
