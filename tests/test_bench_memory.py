@@ -10,9 +10,8 @@ import torch
 
 from fusedit.bench import build_parser, main, markdown_table
 from fusedit.bench.memory import LiveStorageBytes, _storage_bytes, estimate_step_memory
-from fusedit.bench.run import make_step
 from fusedit.bench.shapes import SHAPES, make_inputs
-from fusedit.bench.variants import build_variant, parse_variants
+from fusedit.bench.variants import build_variant, make_step, parse_variants
 from fusedit.lora.adapter import lora_parameters
 from fusedit.training.objective import FlowMatchObjective
 

@@ -10,7 +10,7 @@ A variant is a layout (standard | merged) followed by '+'-joined modifiers from 
 ckptN, offload, mask}, e.g. merged+compile+fp8+ckpt2; see fusedit.bench.variants. Reports (--json, --markdown)
 are rewritten after every variant, so a run that is stopped keeps what it measured.
 
-Modules: shapes (sizes, random model, inputs), variants (build stages per variant), flops (the FLOPs formula and
+Modules: shapes (sizes, random model, inputs), variants (build stages and training step per variant), flops (the FLOPs formula and
 device peaks), measure (timing, memory, GEMM counts, SDPA backend), data (data-pipeline throughput), run (the
 runner and the report). See docs/performance.md.
 """

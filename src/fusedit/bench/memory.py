@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fusedit.bench.shapes import BenchShape, make_inputs
-from fusedit.bench.variants import Variant, build_variant
+from fusedit.bench.variants import Variant, build_variant, make_step
 from fusedit.lora.adapter import lora_parameters
 from fusedit.training.objective import FlowMatchObjective
 
@@ -127,8 +127,6 @@ def estimate_step_memory(variant: Variant, shape: BenchShape, dtype: torch.dtype
     Returns {"peak_gb", "resident_gb" (weights + inputs before the step), "step_gb" (the most the step adds on
     top), "method", "notes"}. Raises ValueError for variants it cannot represent (offload).
     """
-    from fusedit.bench.run import make_step  # run imports this module for the report
-
     estimated, notes = _estimable(variant)
     objective = FlowMatchObjective(weighting="none")  # builds its schedule with real tensors: outside fake mode
     # Real inputs, the prompt mask trimmed while its values are still known (fake tensors have none).

@@ -16,9 +16,9 @@ from fusedit.bench.flops import peak_tflops, step_flops
 from fusedit.bench.measure import PeakMemory, count_qkv_matmuls, profile_step, summarize, synchronize, time_steps
 from fusedit.bench.memory import estimate_step_memory
 from fusedit.bench.shapes import BenchShape, make_inputs
-from fusedit.bench.variants import BASELINES, Variant, build_variant
+from fusedit.bench.variants import BASELINES, Variant, build_variant, make_step
 from fusedit.lora.adapter import lora_parameters
-from fusedit.model.perf import attention_backend, trim_prompt_padding
+from fusedit.model.perf import attention_backend
 from fusedit.training.objective import FlowMatchObjective
 
 SCHEMA = "fusedit.bench/1"
@@ -54,35 +54,6 @@ def machine_info(device: torch.device) -> dict:
             memory_gb=torch.cuda.get_device_properties(device).total_memory / 1e9,
         )
     return info
-
-
-def make_step(model, inputs: dict, variant: Variant, optimizer, objective: FlowMatchObjective):
-    """The LoRA training step: forward, flow-matching loss on the target tokens, backward, optimizer step."""
-    prompt_embeds, prompt_mask = inputs["prompt_embeds"], inputs["prompt_mask"]
-    if not variant.keep_mask:
-        prompt_embeds, prompt_mask = trim_prompt_padding(prompt_embeds, prompt_mask)
-    target_tokens = inputs["target"].shape[1]
-    noisy = objective.noisy(inputs["target"], inputs["noise"], inputs["sigmas"])
-    flow_target = objective.target(inputs["target"], inputs["noise"])
-    hidden_states = torch.cat([noisy, inputs["condition"]], dim=1)
-    timestep = inputs["sigmas"].to(hidden_states.dtype)
-
-    def step() -> float:
-        prediction = model(
-            hidden_states=hidden_states,
-            timestep=timestep,
-            encoder_hidden_states=prompt_embeds,
-            encoder_hidden_states_mask=prompt_mask,
-            img_shapes=inputs["img_shapes"],
-            return_dict=False,
-        )[0][:, :target_tokens]
-        loss = objective.loss(prediction, flow_target, inputs["sigmas"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
 
 
 def _measure(

@@ -14,6 +14,7 @@ A variant's name is its recipe: a layout followed by `+`-joined modifiers, e.g. 
 Modifiers may come in any order; the name is reported in the order above (`merged+ckpt+compile` is
 `merged+compile+ckpt`, `ckpt1` is `ckpt`). Stages come from fusedit.training.build in its order
 (load -> fp8 -> LoRA -> activation checkpointing -> compile); the perf switches from fusedit.model.perf.
+`make_step` is the LoRA training step a variant is timed (fusedit.bench.run) and predicted (fusedit.bench.memory) on.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from torch import nn
 
 from fusedit.bench.shapes import BenchShape, build_random_transformer
 from fusedit.model.merged_qkv import fuse_qkv
-from fusedit.model.perf import apply_float8_compute, float8_compute_support
+from fusedit.model.perf import apply_float8_compute, float8_compute_support, trim_prompt_padding
 from fusedit.training import build
+from fusedit.training.objective import FlowMatchObjective
 
 LAYOUTS = {"standard": "standard", "merged": "merged_qkv"}  # name token -> fusedit layout
 MODIFIERS = ("compile", "fp8", "float8", "ckpt", "ckptN", "offload", "mask")
@@ -227,3 +229,32 @@ def build_variant(
     if variant.compile:
         build.compile_blocks(model)
     return model
+
+
+def make_step(model, inputs: dict, variant: Variant, optimizer, objective: FlowMatchObjective):
+    """The LoRA training step: forward, flow-matching loss on the target tokens, backward, optimizer step."""
+    prompt_embeds, prompt_mask = inputs["prompt_embeds"], inputs["prompt_mask"]
+    if not variant.keep_mask:
+        prompt_embeds, prompt_mask = trim_prompt_padding(prompt_embeds, prompt_mask)
+    target_tokens = inputs["target"].shape[1]
+    noisy = objective.noisy(inputs["target"], inputs["noise"], inputs["sigmas"])
+    flow_target = objective.target(inputs["target"], inputs["noise"])
+    hidden_states = torch.cat([noisy, inputs["condition"]], dim=1)
+    timestep = inputs["sigmas"].to(hidden_states.dtype)
+
+    def step() -> float:
+        prediction = model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=prompt_embeds,
+            encoder_hidden_states_mask=prompt_mask,
+            img_shapes=inputs["img_shapes"],
+            return_dict=False,
+        )[0][:, :target_tokens]
+        loss = objective.loss(prediction, flow_target, inputs["sigmas"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
