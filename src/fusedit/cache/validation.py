@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
 from fusedit.training.conditioning import EditInputs
+from fusedit.training.objective import calculate_shift
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,7 @@ def denoise(module, inputs: EditInputs, scheduler, num_inference_steps: int, see
     generator = torch.Generator(device=device).manual_seed(seed)
     noise = randn_tensor((batch, 1, channels, 2 * height, 2 * width), generator=generator, device=device, dtype=dtype)
     latents = QwenImageEditPipeline._pack_latents(noise, batch, channels, 2 * height, 2 * width)
-    config = scheduler.config
-    mu = calculate_shift(
-        tokens,
-        config.get("base_image_seq_len", 256),
-        config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
-    )
+    mu = calculate_shift(tokens, scheduler.config)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
     scheduler.set_begin_index(0)
