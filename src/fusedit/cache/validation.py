@@ -8,8 +8,8 @@ where the cache put it:
 - the 7B text encoder (about 16 GB in bf16) is never loaded, not even for a round — loading it lazily would
   put it next to the transformer and optimizer state at every round and re-read it from disk each time;
 - the VAE decoder (73 M parameters, 0.15 GB in bf16; the encoder's 54 M are dropped) is read from disk at the
-  first round and kept in CPU memory between rounds; it sits on the accelerator only while a round decodes, and the decode's activations
-  (several GB at 1024²) are released with the cache allocator when the round ends.
+  first round and kept in CPU memory between rounds; it sits on the accelerator only while a round decodes, and
+  the decode's activations (several GB at 1024²) are released with the cache allocator when the round ends.
 
 Generation is the pipeline's sampling (`QwenImageEdit(Plus)Pipeline.__call__`: the same sigmas, shift, scheduler
 and initial noise for a seed, via diffusers' own helpers), with the model call of the training step
