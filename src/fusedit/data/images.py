@@ -24,7 +24,6 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 TARGET_MULTIPLE = 16
 EDIT_MULTIPLE = 32
 
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -59,13 +58,6 @@ def open_image(path: str | os.PathLike, max_image_pixels: int = DEFAULT_MAX_IMAG
     # `Image.open` reads only the header; truncation and corrupt data only show while decoding.
     image.load()
     return image
-
-
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) after applying the EXIF orientation, without transposing any pixels."""
-    width, height = image.size
-    orientation = image.getexif().get(0x0112)
-    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -180,7 +172,6 @@ __all__ = [
     "edit_size",
     "load_image",
     "open_image",
-    "oriented_size",
     "resize_edit",
     "resize_target",
     "target_size",
