@@ -394,17 +394,28 @@ def run_infer_script(*overrides: str, cwd: Path):
     return result.returncode, [line for line in lines if not line.startswith("import time:")], imported
 
 
-@pytest.mark.parametrize("bad", ["input", "lora"])
+@pytest.mark.parametrize("bad", ["input", "lora", "csv"])
 def test_a_missing_input_or_lora_is_reported_before_torch_or_diffusers_load(bad, tiny_edit_path, images, tmp_path):
     missing = tmp_path / "missing.png"
     overrides = [f"model.path={tiny_edit_path}", "prompt=x", f"output={tmp_path / 'out'}", "profile=cpu"]
+    table = tmp_path / "rows.csv"
+    table.write_text(f"image,edit_image,prompt\n,{missing.name},x\n")
     if bad == "input":
         overrides.append(f"input={missing}")
-    else:
+    elif bad == "lora":
         overrides += [f"input={images / 'a.png'}", f"lora.path={missing.with_suffix('.safetensors')}"]
+    else:
+        overrides.append(f"input={table}")
     status, errors, imported = run_infer_script(*overrides, cwd=tmp_path)
-    expected = f"input={missing}" if bad == "input" else f"lora.path={missing.with_suffix('.safetensors')}"
-    assert status == 2 and errors == [f"fusedit: error: {expected} does not exist"], errors
+    expected = {
+        "input": [f"fusedit: error: input={missing} does not exist"],
+        "lora": [f"fusedit: error: lora.path={missing.with_suffix('.safetensors')} does not exist"],
+        "csv": [
+            f"fusedit: error: {table}: 1 problem(s):",
+            f"  {table} row 2 column 'edit_image': image {missing} not found",
+        ],
+    }[bad]
+    assert status == 2 and errors == expected, errors
     assert imported.isdisjoint(LIGHT_FORBIDDEN), sorted(imported & set(LIGHT_FORBIDDEN))
     assert not (tmp_path / "out").exists()
 

@@ -2,8 +2,9 @@
 
 keys (what a cached row depends on) -> store (safetensors shards + JSON index, per encoder fingerprint) ->
 data (CachedEditDataModule: hash rows, encode only the missing ones, serve cached batches; CachedConditioner) ->
-training (`cache.enabled=true` in train.py); validation (validation images from cached rows, VAE decoder only). `fusedit cache [overrides]` fills the cache with the settings a
-`python train.py [overrides]` run would use, so that run finds every row already encoded.
+training (`cache.enabled=true` in train.py); validation (validation images from cached rows, VAE decoder only).
+`fusedit cache [overrides]` fills the cache with the settings a `python train.py [overrides]` run would use, so
+that run finds every row already encoded.
 """
 
 from __future__ import annotations

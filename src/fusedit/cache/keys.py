@@ -84,12 +84,15 @@ def _safetensors_layout(fd: int, size: int) -> tuple[bytes, list[int]] | None:
 
 def sampled_ranges(path: str | Path) -> tuple[str, list[tuple[int, int]], bytes]:
     """(kind, merged [start, end) byte ranges `content_digest` reads, safetensors header) of a large file."""
-    size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     try:
-        layout = _safetensors_layout(fd, size)
+        return _ranges(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def _ranges(fd: int, size: int) -> tuple[str, list[tuple[int, int]], bytes]:
+    layout = _safetensors_layout(fd, size)
     if layout is not None:
         header, boundaries = layout
         kind = "safetensors"
@@ -117,10 +120,10 @@ def content_digest(path: str | Path) -> str:
     size = os.path.getsize(path)
     if size <= FULL_HASH_BYTES:
         return "sha256=" + file_sha256(path)
-    kind, ranges, header = sampled_ranges(path)
-    digest = hashlib.sha256(size.to_bytes(8, "little") + len(header).to_bytes(8, "little") + header)
     fd = os.open(path, os.O_RDONLY)
     try:
+        kind, ranges, header = _ranges(fd, size)
+        digest = hashlib.sha256(size.to_bytes(8, "little") + len(header).to_bytes(8, "little") + header)
         for start, end in ranges:
             block = os.pread(fd, end - start, start)
             if len(block) != end - start:

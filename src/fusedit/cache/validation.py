@@ -8,8 +8,8 @@ where the cache put it:
 - the 7B text encoder (about 16 GB in bf16) is never loaded, not even for a round — loading it lazily would
   put it next to the transformer and optimizer state at every round and re-read it from disk each time;
 - the VAE decoder (73 M parameters, 0.15 GB in bf16; the encoder's 54 M are dropped) is read from disk at the
-  first round and kept in CPU memory between rounds; it sits on the accelerator only while a round decodes, and the decode's activations
-  (several GB at 1024²) are released with the cache allocator when the round ends.
+  first round and kept in CPU memory between rounds; it sits on the accelerator only while a round decodes, and
+  the decode's activations (several GB at 1024²) are released with the cache allocator when the round ends.
 
 Generation is the pipeline's sampling (`QwenImageEdit(Plus)Pipeline.__call__`: the same sigmas, shift, scheduler
 and initial noise for a seed, via diffusers' own helpers), with the model call of the training step
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
 from fusedit.training.conditioning import EditInputs
+from fusedit.training.objective import calculate_shift
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,7 @@ def denoise(module, inputs: EditInputs, scheduler, num_inference_steps: int, see
     generator = torch.Generator(device=device).manual_seed(seed)
     noise = randn_tensor((batch, 1, channels, 2 * height, 2 * width), generator=generator, device=device, dtype=dtype)
     latents = QwenImageEditPipeline._pack_latents(noise, batch, channels, 2 * height, 2 * width)
-    config = scheduler.config
-    mu = calculate_shift(
-        tokens,
-        config.get("base_image_seq_len", 256),
-        config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
-    )
+    mu = calculate_shift(tokens, scheduler.config)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
     scheduler.set_begin_index(0)

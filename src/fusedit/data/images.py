@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 TARGET_MULTIPLE = 16
 EDIT_MULTIPLE = 32
 
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -56,13 +58,6 @@ def open_image(path: str | os.PathLike, max_image_pixels: int = DEFAULT_MAX_IMAG
     # `Image.open` reads only the header; truncation and corrupt data only show while decoding.
     image.load()
     return image
-
-
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) after applying the EXIF orientation, without transposing any pixels."""
-    width, height = image.size
-    orientation = image.getexif().get(0x0112)
-    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -156,13 +151,16 @@ def resize_edit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1], the range the Qwen-Image VAE expects."""
+    # Imported here: inference's preflight resolves and opens CSV images with this package, before torch loads.
+    import torch
+
     channels_first = np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
     return torch.from_numpy(channels_first.copy()).to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
     """(3, H, W) tensor in [-1, 1] -> RGB PIL image; the text encoder (Qwen2.5-VL) takes edit images as PIL."""
-    array = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
     return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
 
 
@@ -174,7 +172,6 @@ __all__ = [
     "edit_size",
     "load_image",
     "open_image",
-    "oriented_size",
     "resize_edit",
     "resize_target",
     "target_size",

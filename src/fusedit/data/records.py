@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusedit.data.errors import MetadataError
-from fusedit.io import write_text_atomic
 
 EDIT_IMAGE_SEPARATOR = "|"
 
@@ -213,6 +212,8 @@ def read_records(path: str | Path, columns: Columns | None = None) -> list[Recor
 
 def write_metadata_csv(path: str | Path, rows: list[tuple[str, str, str]], columns: Columns | None = None) -> Path:
     """Write (image, edit_image, prompt) rows as the metadata CSV `read_records` reads, atomically."""
+    from fusedit.io import write_text_atomic  # imports torch; reading a metadata file (infer's preflight) must not
+
     columns = columns or Columns()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -32,7 +32,8 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _unique(stem: str, taken: set[str]) -> str:
+def unique_name(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem_2`, `stem_3`, ... the first not in `taken`; added to `taken`."""
     name, n = stem, 1
     while name in taken:
         n += 1
@@ -84,7 +85,7 @@ def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
         if target is not None and not target.is_file():
             problems.append(f"{where} column {target_column!r}: target {target} not found")
         stem = f"row{record.row:04d}" + (f"_{images[0].stem}" if images else "")
-        jobs.append(Job(_unique(stem, taken), str(row_prompt or ""), images, target, where, {"row": record.row}))
+        jobs.append(Job(unique_name(stem, taken), str(row_prompt or ""), images, target, where, {"row": record.row}))
     if problems:
         raise UserInputError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
     return jobs
@@ -114,7 +115,7 @@ def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: 
             raise UserInputError(f"input={path} is a folder without images ({', '.join(IMAGE_SUFFIXES)})")
         text = _need_prompt(prompt, f"input folder {path}")
         taken: set[str] = set()
-        return [Job(_unique(file.stem, taken), text, (file,), source=str(file)) for file in files]
+        return [Job(unique_name(file.stem, taken), text, (file,), source=str(file)) for file in files]
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES:
         return _table_jobs(path, prompt, columns)

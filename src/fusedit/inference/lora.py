@@ -22,6 +22,7 @@ from torch import nn
 
 from fusedit.convert import TO_MERGED, TO_STANDARD, LoraWeights, convert_lora_layout, read_lora
 from fusedit.errors import UserInputError
+from fusedit.inference.inputs import unique_name
 from fusedit.inference.preflight import LoraSpec, lora_file, lora_specs
 from fusedit.model import is_merged
 
@@ -59,13 +60,8 @@ def peft_adapter(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict]:
     return state_dict, config
 
 
-def _adapter_name(spec: LoraSpec, index: int, taken: set[str]) -> str:
-    base = spec.name or re.sub(r"[^A-Za-z0-9_]", "_", Path(spec.path).stem) or "lora"
-    name, suffix = base, 1
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    return name
+def _adapter_name(spec: LoraSpec, taken: set[str]) -> str:
+    return unique_name(spec.name or re.sub(r"[^A-Za-z0-9_]", "_", Path(spec.path).stem) or "lora", taken)
 
 
 def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False) -> list[dict]:
@@ -78,8 +74,8 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
         return []
     target_layout = "merged_qkv" if is_merged(transformer) else "standard"
     direction = TO_MERGED if target_layout == "merged_qkv" else TO_STANDARD
-    records, names = [], []
-    for index, spec in enumerate(specs):
+    records, names, taken = [], [], set()
+    for spec in specs:
         path = lora_file(spec)  # checked by the preflight too; callers of load_loras alone get the same message
         weights = read_lora(path)
         source_layout = weights.layout
@@ -99,7 +95,7 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
                 + "; ".join(mismatched[:5])
                 + (f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else "")
             )
-        name = _adapter_name(spec, index, set(names))
+        name = _adapter_name(spec, taken)
         transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=config)
         names.append(name)
         scales = sorted({m.scale for m in converted.modules.values()})

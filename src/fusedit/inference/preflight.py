@@ -11,7 +11,8 @@ It runs in two stages. The first touches only the file system, image headers and
 safetensors with numpy: no torch): a missing or unreadable input, LoRA or model path is reported within a second
 or so of start-up. The second asks `fusedit.detect` what the model, `model.transformer` and each LoRA are (from
 headers and configs; detect imports torch, about 2 s) and checks that the jobs fit the model family and that the
-profile's device exists. A CSV/JSONL input is read with `fusedit.data`, which imports Lightning.
+profile's device exists. A CSV/JSONL input is read in the first stage, with `fusedit.data`'s reader and path
+rule (neither imports torch).
 """
 
 from __future__ import annotations
