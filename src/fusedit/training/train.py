@@ -108,15 +108,17 @@ def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "tra
     to the settings before an earlier resume changed them: the run's overrides (`run_overrides`) are composed again
     with this command line's replacing any of the same key (e.g. `trainer.max_steps=5000` to train longer). Keys the
     run added with `+key=...` are changed with `+key=value` again (Hydra refuses a plain `key=value` for a key its
-    default config lacks). The result is validated, then recorded in the run dir (`resumes.yaml`) so that the next
-    resume keeps it; `.hydra/overrides.yaml` stays the run's original command line. Needs an initialised Hydra
-    (inside `@hydra.main` or `initialize_config_dir`).
+    default config lacks). The result is validated (train.py relies on that), then recorded in the run dir
+    (`resumes.yaml`) so that the next resume keeps it; `.hydra/overrides.yaml` stays the run's original command
+    line. Needs an initialised Hydra (inside `@hydra.main` or `initialize_config_dir`).
     """
     if not cfg.get("ckpt_path"):
         return cfg
     _, run_dir = resolve_checkpoint(cfg.ckpt_path)
     if run_dir is None:
-        return cfg  # a .ckpt file outside a run dir: no run settings to start from, nowhere to record them
+        # A .ckpt file outside a run dir: no run settings to start from, nowhere to record them.
+        validate_train_config(cfg)
+        return cfg
     saved = run_overrides(run_dir)
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
