@@ -216,8 +216,9 @@ class EditLoRAModule(LightningModule):
             self.log("train/gpu_reserved_gb", torch.cuda.max_memory_reserved(self.device) / 2**30)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping: the norm the clip threshold is compared with.
-        grads = [p.grad for p in self.trainable_parameters().values() if p.grad is not None]
+        # Before clipping: the norm the clip threshold is compared with. The optimizer holds exactly the trainable
+        # parameters (configure_optimizers); walking the module would visit the frozen base as well, every step.
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm)
