@@ -32,11 +32,17 @@ from fusedit.errors import UserInputError
 from fusedit.io import write_text_atomic
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
-from fusedit.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from fusedit.training.checkpoint import (
+    CHECKPOINT_DIR,
+    LAST,
+    AtomicCheckpointIO,
+    auto_resume_checkpoint,
+    resolve_checkpoint,
+)
 from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.conditioning import EditConditioner
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.signals import GracefulStop, auto_resume_checkpoint
+from fusedit.training.signals import GracefulStop
 from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
 
 log = logging.getLogger(__name__)
@@ -322,7 +328,7 @@ def train(cfg: DictConfig) -> dict:
         key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
     }
     lora_path = next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None)
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = run_dir / CHECKPOINT_DIR / LAST
     result = {
         "run_dir": run_dir,
         "lora_path": lora_path,
