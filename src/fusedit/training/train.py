@@ -309,7 +309,7 @@ def train(cfg: DictConfig) -> dict:
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                (run_dir / WANDB_ID_FILE).write_text(logger.version or "")
+                write_text_atomic(run_dir / WANDB_ID_FILE, logger.version or "")
         refuse_subprocess_launch_in_multirun(trainer)
         try:
             trainer.fit(
