@@ -111,7 +111,7 @@ def test_sigterm_late_in_a_step_still_stops_with_a_step_aligned_checkpoint(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------- bad configs
-def _problems(overrides, tmp_path=None):
+def _problems(overrides):
     cfg = compose_train(overrides)
     with pytest.raises(ConfigError) as error:
         validate_train_config(cfg)
