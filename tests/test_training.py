@@ -152,6 +152,27 @@ def test_overfitting_one_sample_drives_the_loss_down(tiny_edit_path, conditioner
     assert end < 0.2 * start, (start, end)
 
 
+def test_module_load_state_dict_refuses_another_lora_naming_the_keys(tiny_edit_path, conditioner):
+    from fusedit.training.checkpoint_checks import CheckpointError
+
+    module = make_module(tiny_edit_path, conditioner)
+    saved = {name: value + 1 for name, value in module.state_dict().items()}
+    module.load_state_dict(saved)
+    assert all(torch.equal(module.state_dict()[name], value) for name, value in saved.items())
+    first = sorted(saved)[0]
+    with pytest.raises(CheckpointError, match=rf"missing: {first.replace('.', '[.]')}"):
+        module.load_state_dict({name: value for name, value in saved.items() if name != first})
+    other = make_module(tiny_edit_path, conditioner, rank=2).state_dict()
+    with pytest.raises(CheckpointError, match=r"(?s)wrong shape: .*file \[2, .*model \[4, .*lora\.rank"):
+        module.load_state_dict(other)
+    nan = dict(saved, **{first: torch.full_like(saved[first], float("nan"))})
+    with pytest.raises(CheckpointError, match=rf"non-finite weights: {first.replace('.', '[.]')}"):
+        module.load_state_dict(nan)
+    # Non-strict: the tensors the file has are loaded (and checked), the others left as they are.
+    module.load_state_dict({first: saved[first] * 2, "transformer.unknown": torch.zeros(1)}, strict=False)
+    assert torch.equal(module.state_dict()[first], saved[first] * 2)
+
+
 def test_checkpoint_holds_only_the_lora_and_loads_weights_only(tmp_path, tiny_edit_path, sample_metadata):
     result = train(
         train_cfg(

@@ -22,6 +22,7 @@ from torch import nn
 
 from fusedit.lora.adapter import lora_parameters
 from fusedit.model.perf import ATTENTION_BACKENDS, attention_backend, trim_prompt_padding
+from fusedit.training.checkpoint_checks import OTHER_RUN_HINT, check_state_dict
 from fusedit.training.conditioning import EditConditioner, EditInputs
 from fusedit.training.objective import FlowMatchObjective
 
@@ -102,23 +103,14 @@ class EditLoRAModule(LightningModule):
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        keys = set(state_dict)
-        if strict and keys != self._trainable:
-            missing, unexpected = sorted(self._trainable - keys), sorted(keys - self._trainable)
-            raise KeyError(
-                f"checkpoint does not match this model's LoRA: missing {missing[:5]} ({len(missing)}), "
-                f"unexpected {unexpected[:5]} ({len(unexpected)}); was it trained with other lora.* or model.* "
-                "settings?"
-            )
         parameters = self.trainable_parameters()
+        # Non-strict: the LoRA tensors the file has, the rest ignored; those loaded are checked all the same.
+        loaded = state_dict if strict else {name: value for name, value in state_dict.items() if name in parameters}
+        expected = {name: parameters[name].shape for name in (parameters if strict else loaded)}
+        # The check train() runs on the file before fit (names, shapes, finite values), for every other caller.
+        check_state_dict(loaded, expected, "checkpoint", OTHER_RUN_HINT)
         with torch.no_grad():
-            for name, value in state_dict.items():
-                if name not in parameters:
-                    continue
-                if parameters[name].shape != value.shape:
-                    raise ValueError(
-                        f"checkpoint tensor {name} has shape {tuple(value.shape)}, the model {tuple(parameters[name].shape)}"
-                    )
+            for name, value in loaded.items():
                 parameters[name].copy_(value)
         return nn.modules.module._IncompatibleKeys([], [])
 
