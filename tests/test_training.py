@@ -108,6 +108,17 @@ def test_trainable_set_is_exactly_the_lora(tiny_edit_path, conditioner, batch):
     assert set(module.state_dict()) == {name for name in trainable}
 
 
+def test_logged_grad_norm_is_the_norm_gradient_clipping_sees(tiny_edit_path, conditioner, batch, monkeypatch):
+    module = make_module(tiny_edit_path, conditioner)
+    module.compute_loss(conditioner(batch), seed=0)[0].backward()
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, value))
+    parameters = list(module.trainable_parameters().values())
+    module.on_before_optimizer_step(module.optimizer_factory(params=parameters))
+    expected = torch.nn.utils.clip_grad_norm_(parameters, max_norm=float("inf"))
+    assert expected > 0 and torch.allclose(logged["train/grad_norm"], expected, rtol=1e-6)
+
+
 def test_lora_leaves_the_model_unchanged_at_init(tiny_edit_path, conditioner, batch):
     from fusedit.model import load_transformer
 

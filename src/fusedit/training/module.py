@@ -212,8 +212,8 @@ class EditLoRAModule(LightningModule):
         # parameters (configure_optimizers); walking the module would visit the frozen base as well, every step.
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm)
+            # torch's own total norm (what clip_grad_norm_ computes): foreach kernels on CUDA, not two per tensor.
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm([g.float() for g in grads]))
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
