@@ -4,7 +4,6 @@ CLI works end to end (a two-job sweep writes two LoRAs of the right ranks, one w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from safetensors import safe_open
 
 from fusedit.data import make_sample_dataset
 from fusedit.training.train import configure_wandb_mode
-from tests.training_utils import CONF, REPO, compose_train
+from tests.training_utils import CONF, REPO, compose_train, script_env
 
 # The groups train.yaml's defaults list names (conf/ also holds inference-only groups).
 GROUPS = sorted(next(iter(entry)) for entry in OmegaConf.load(CONF / "train.yaml").defaults if OmegaConf.is_dict(entry))
@@ -72,10 +71,7 @@ def test_typos_are_clear_hydra_errors():
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    env["HYDRA_FULL_ERROR"] = "0"
-    return env
+    return script_env(HYDRA_FULL_ERROR="0")
 
 
 def _train_py(*overrides: str, cwd, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
