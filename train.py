@@ -15,13 +15,14 @@ def main(cfg: DictConfig) -> float | None:
 
     with refusals_as_one_line():
         if cfg.get("ckpt_path"):
-            # The config to check is the run's own, recomposed; resuming loads the trainer anyway.
+            # The config to check is the run's own, recomposed; resume_config validates it before recording it.
             from fusedit.training.train import resume_config
 
             cfg = resume_config(cfg, list(HydraConfig.get().overrides.task))
-        # Before torch, Lightning and diffusers are imported (most of the start-up time): a wrong value is reported
-        # at once. train() checks again for callers that skip this script; that costs milliseconds.
-        validate_train_config(cfg)
+        else:
+            # Before torch, Lightning and diffusers are imported (most of the start-up time): a wrong value is
+            # reported at once. train() checks again for callers that skip this script; that costs milliseconds.
+            validate_train_config(cfg)
         from fusedit.training.train import sweep_metric, train
 
         result = train(cfg)

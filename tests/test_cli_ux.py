@@ -3,7 +3,6 @@ fusedit's own loading calls, and `+key=` overrides that still work when a run is
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings
@@ -17,15 +16,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from fusedit.training.train import resume_config
-from tests.training_utils import CONF, REPO, compose_train
+from tests.training_utils import CONF, REPO, compose_train, script_env
 
 HEAVY = ("lightning", "peft", "diffusers", "transformers")
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    return env
 
 
 # ---------------------------------------------------------------------------------------------------- fast errors
@@ -39,7 +32,7 @@ def test_a_config_error_is_reported_before_torch_lightning_or_diffusers_load(tmp
         [sys.executable, "-X", "importtime", str(REPO / "train.py"), "lora.rank=0", "lora.targets=[attn,to_qkvv]"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=script_env(),
         cwd=tmp_path,
         timeout=120,
     )
@@ -64,8 +57,7 @@ def test_validation_and_the_refusal_printer_stay_light():
         "    assert user_error_message(error) == str(error), error\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
     )
-    env = _env()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env["PYTHONPATH"]])
+    env = script_env(REPO)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

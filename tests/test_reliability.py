@@ -111,7 +111,7 @@ def test_sigterm_late_in_a_step_still_stops_with_a_step_aligned_checkpoint(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------- bad configs
-def _problems(overrides, tmp_path=None):
+def _problems(overrides):
     cfg = compose_train(overrides)
     with pytest.raises(ConfigError) as error:
         validate_train_config(cfg)
@@ -419,7 +419,7 @@ def test_fusedit_run_name_pins_the_run_dir_for_every_rank_and_restart(monkeypatc
 
 
 def test_a_run_dir_with_checkpoints_continues_from_the_newest(tmp_path, saved_run):
-    from fusedit.training.signals import auto_resume_checkpoint
+    from fusedit.training.checkpoint import auto_resume_checkpoint
 
     assert auto_resume_checkpoint(tmp_path) is None  # a fresh run dir starts fresh
     (tmp_path / "checkpoints").mkdir()

@@ -3,7 +3,6 @@ errors; DDP with 2 CPU processes (gloo) == 1 process with the same global batch,
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,8 +14,7 @@ import torch
 
 from fusedit.data import make_sample_dataset
 from tests.reliability_helpers import lora_tensors
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.training_utils import REPO, script_env
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +23,8 @@ def sample_metadata(tmp_path_factory) -> Path:
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"  # determinism across processes, and no oversubscription on small machines
-    env["WANDB_MODE"] = "offline"
+    # OMP_NUM_THREADS=1: determinism across processes, and no oversubscription on small machines.
+    env = script_env(REPO, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     env.pop("LOCAL_RANK", None)
     return env
 

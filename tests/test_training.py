@@ -108,6 +108,17 @@ def test_trainable_set_is_exactly_the_lora(tiny_edit_path, conditioner, batch):
     assert set(module.state_dict()) == {name for name in trainable}
 
 
+def test_logged_grad_norm_is_the_norm_gradient_clipping_sees(tiny_edit_path, conditioner, batch, monkeypatch):
+    module = make_module(tiny_edit_path, conditioner)
+    module.compute_loss(conditioner(batch), seed=0)[0].backward()
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, value))
+    parameters = list(module.trainable_parameters().values())
+    module.on_before_optimizer_step(module.optimizer_factory(params=parameters))
+    expected = torch.nn.utils.clip_grad_norm_(parameters, max_norm=float("inf"))
+    assert expected > 0 and torch.allclose(logged["train/grad_norm"], expected, rtol=1e-6)
+
+
 def test_lora_leaves_the_model_unchanged_at_init(tiny_edit_path, conditioner, batch):
     from fusedit.model import load_transformer
 
@@ -150,6 +161,27 @@ def test_overfitting_one_sample_drives_the_loss_down(tiny_edit_path, conditioner
     with torch.no_grad():
         end = module.compute_loss(inputs, seed=0)[0].item()
     assert end < 0.2 * start, (start, end)
+
+
+def test_module_load_state_dict_refuses_another_lora_naming_the_keys(tiny_edit_path, conditioner):
+    from fusedit.training.checkpoint_checks import CheckpointError
+
+    module = make_module(tiny_edit_path, conditioner)
+    saved = {name: value + 1 for name, value in module.state_dict().items()}
+    module.load_state_dict(saved)
+    assert all(torch.equal(module.state_dict()[name], value) for name, value in saved.items())
+    first = sorted(saved)[0]
+    with pytest.raises(CheckpointError, match=rf"missing: {first.replace('.', '[.]')}"):
+        module.load_state_dict({name: value for name, value in saved.items() if name != first})
+    other = make_module(tiny_edit_path, conditioner, rank=2).state_dict()
+    with pytest.raises(CheckpointError, match=r"(?s)wrong shape: .*file \[2, .*model \[4, .*lora\.rank"):
+        module.load_state_dict(other)
+    nan = dict(saved, **{first: torch.full_like(saved[first], float("nan"))})
+    with pytest.raises(CheckpointError, match=rf"non-finite weights: {first.replace('.', '[.]')}"):
+        module.load_state_dict(nan)
+    # Non-strict: the tensors the file has are loaded (and checked), the others left as they are.
+    module.load_state_dict({first: saved[first] * 2, "transformer.unknown": torch.zeros(1)}, strict=False)
+    assert torch.equal(module.state_dict()[first], saved[first] * 2)
 
 
 def test_checkpoint_holds_only_the_lora_and_loads_weights_only(tmp_path, tiny_edit_path, sample_metadata):

@@ -4,7 +4,6 @@ CLI works end to end (a two-job sweep writes two LoRAs of the right ranks, one w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from safetensors import safe_open
 
 from fusedit.data import make_sample_dataset
 from fusedit.training.train import configure_wandb_mode
-from tests.training_utils import CONF, REPO, compose_train
+from tests.training_utils import CONF, REPO, compose_train, script_env
 
 # The groups train.yaml's defaults list names (conf/ also holds inference-only groups).
 GROUPS = sorted(next(iter(entry)) for entry in OmegaConf.load(CONF / "train.yaml").defaults if OmegaConf.is_dict(entry))
@@ -72,31 +71,20 @@ def test_typos_are_clear_hydra_errors():
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    env["HYDRA_FULL_ERROR"] = "0"
-    return env
+    return script_env(HYDRA_FULL_ERROR="0")
+
+
+def _train_py(*overrides: str, cwd, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python train.py *overrides` in a subprocess, from `cwd`."""
+    command = [sys.executable, str(REPO / "train.py"), *overrides]
+    return subprocess.run(command, capture_output=True, text=True, env=env or _env(), cwd=cwd, timeout=timeout)
 
 
 def test_cli_typo_shows_the_error_not_a_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "lora.rnak=8", f"paths.log_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = _train_py("lora.rnak=8", f"paths.log_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert "rnak" in result.stderr and "Traceback" not in result.stderr
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "lora=attention"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = _train_py("lora=attention", cwd=tmp_path)
     assert result.returncode != 0
     assert "attn_mlp" in result.stderr  # Hydra lists the available options
 
@@ -120,23 +108,17 @@ def test_two_job_multirun_writes_two_loras_with_their_ranks(tmp_path, tiny_edit_
     env.pop("WANDB_API_KEY", None)
     env["WANDB_MODE"] = "offline"
     env["WANDB_SILENT"] = "true"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            "-m",
-            "lora.rank=2,4",
-            f"model.path={tiny_edit_path}",
-            f"data.metadata={metadata}",
-            # No paths.* override: the default paths must resolve in a multirun (cwd=tmp_path -> tmp_path/outputs).
-            "trainer.max_steps=2",
-            "callbacks.validation_images.num_samples=0",
-            "callbacks.progress_bar=null",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    result = _train_py(
+        "-m",
+        "lora.rank=2,4",
+        f"model.path={tiny_edit_path}",
+        f"data.metadata={metadata}",
+        # No paths.* override: the default paths must resolve in a multirun (cwd=tmp_path -> tmp_path/outputs).
+        "trainer.max_steps=2",
+        "callbacks.validation_images.num_samples=0",
+        "callbacks.progress_bar=null",
         cwd=tmp_path,
+        env=env,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -10,6 +11,14 @@ from omegaconf import DictConfig, open_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+
+
+def script_env(*paths: Path, **variables: str) -> dict:
+    """The environment for a `python train.py` subprocess: this checkout's src/ (then `paths`) first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *map(str, paths), env.get("PYTHONPATH", "")])
+    env.update(variables)
+    return env
 
 
 def compose_train(overrides: list[str] = (), hydra_config: bool = False) -> DictConfig:

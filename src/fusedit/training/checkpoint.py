@@ -54,3 +54,23 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
         raise FileNotFoundError(f"ckpt_path={path} does not exist")
     run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
     return path, run_dir
+
+
+def auto_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a restarted job in an existing run dir continues from, or None for a fresh run dir.
+
+    A requeued SLURM job (or a resubmitted submitit job) runs the same command again in the same run dir: it must
+    continue, not start over and overwrite. Candidates are `checkpoints/last.ckpt` (periodic and on-signal saves) and
+    Lightning's `hpc_ckpt_N.ckpt` (saved by its SLURM requeue handler); the one with the highest global step wins.
+    """
+    run_dir = Path(run_dir)
+    candidates = [run_dir / CHECKPOINT_DIR / LAST, *sorted(run_dir.glob("hpc_ckpt_*.ckpt"))]
+    best, best_step = None, -1
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        # Memory-mapped: only the step is read here, not the weights and optimizer moments.
+        step = int(torch.load(candidate, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+        if step > best_step:
+            best, best_step = candidate, step
+    return best

@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 
 SHOW = 8
+OTHER_RUN_HINT = (
+    "\nWas it saved by a run with another model (model.path, model.layout) or other LoRA settings "
+    "(lora.rank, lora.targets)? Resume with the run's own settings: ckpt_path=<run dir>."
+)
 
 
 class CheckpointError(ValueError):
@@ -82,11 +86,7 @@ def check_checkpoint_file(path: str | Path, module: torch.nn.Module) -> None:
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
     expected = {name: tensor.shape for name, tensor in module.state_dict().items()}
-    hint = (
-        "\nWas it saved by a run with another model (model.path, model.layout) or other LoRA settings "
-        "(lora.rank, lora.targets)? Resume with the run's own settings: ckpt_path=<run dir>."
-    )
-    check_state_dict(checkpoint["state_dict"], expected, f"checkpoint {path}", hint)
+    check_state_dict(checkpoint["state_dict"], expected, f"checkpoint {path}", OTHER_RUN_HINT)
     bad = nonfinite_tensors(checkpoint.get("optimizer_states") or [], "optimizer_states")
     if bad:
         raise CheckpointError(f"checkpoint {path} holds non-finite optimizer state: {_examples(bad)}")

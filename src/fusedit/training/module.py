@@ -22,6 +22,7 @@ from torch import nn
 
 from fusedit.lora.adapter import lora_parameters
 from fusedit.model.perf import ATTENTION_BACKENDS, attention_backend, trim_prompt_padding
+from fusedit.training.checkpoint_checks import OTHER_RUN_HINT, check_state_dict
 from fusedit.training.conditioning import EditConditioner, EditInputs
 from fusedit.training.objective import FlowMatchObjective
 
@@ -102,23 +103,14 @@ class EditLoRAModule(LightningModule):
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        keys = set(state_dict)
-        if strict and keys != self._trainable:
-            missing, unexpected = sorted(self._trainable - keys), sorted(keys - self._trainable)
-            raise KeyError(
-                f"checkpoint does not match this model's LoRA: missing {missing[:5]} ({len(missing)}), "
-                f"unexpected {unexpected[:5]} ({len(unexpected)}); was it trained with other lora.* or model.* "
-                "settings?"
-            )
         parameters = self.trainable_parameters()
+        # Non-strict: the LoRA tensors the file has, the rest ignored; those loaded are checked all the same.
+        loaded = state_dict if strict else {name: value for name, value in state_dict.items() if name in parameters}
+        expected = {name: parameters[name].shape for name in (parameters if strict else loaded)}
+        # The check train() runs on the file before fit (names, shapes, finite values), for every other caller.
+        check_state_dict(loaded, expected, "checkpoint", OTHER_RUN_HINT)
         with torch.no_grad():
-            for name, value in state_dict.items():
-                if name not in parameters:
-                    continue
-                if parameters[name].shape != value.shape:
-                    raise ValueError(
-                        f"checkpoint tensor {name} has shape {tuple(value.shape)}, the model {tuple(parameters[name].shape)}"
-                    )
+            for name, value in loaded.items():
                 parameters[name].copy_(value)
         return nn.modules.module._IncompatibleKeys([], [])
 
@@ -216,11 +208,12 @@ class EditLoRAModule(LightningModule):
             self.log("train/gpu_reserved_gb", torch.cuda.max_memory_reserved(self.device) / 2**30)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping: the norm the clip threshold is compared with.
-        grads = [p.grad for p in self.trainable_parameters().values() if p.grad is not None]
+        # Before clipping: the norm the clip threshold is compared with. The optimizer holds exactly the trainable
+        # parameters (configure_optimizers); walking the module would visit the frozen base as well, every step.
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm)
+            # torch's own total norm (what clip_grad_norm_ computes): foreach kernels on CUDA, not two per tensor.
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm([g.float() for g in grads]))
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self):

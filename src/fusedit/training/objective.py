@@ -95,13 +95,14 @@ class FlowMatchObjective:
         # Training always shifts exponentially by mu; the pipeline config's shift_terminal is kept.
         config.update(use_dynamic_shifting=True, time_shift_type="exponential")
         self.scheduler_config = config
+        # The schedule cache key, fixed with the config: sample_sigmas looks the table up for every sample.
+        self._config_json = json.dumps(config, sort_keys=True, default=str)
         self._bell_table = self._bell(self.schedule(self.mu))
 
     # -- schedules -------------------------------------------------------------------------------------------------
     def schedule(self, mu: float) -> torch.Tensor:
         """The `num_train_timesteps` training noise levels (descending, terminal 0 dropped) for `mu`."""
-        config = json.dumps(self.scheduler_config, sort_keys=True, default=str)
-        return _schedule(self.num_train_timesteps, round(float(mu), 6), config)
+        return _schedule(self.num_train_timesteps, round(float(mu), 6), self._config_json)
 
     def mu_for(self, image_seq_len: int) -> float:
         if self.sampling == "dynamic_shift":

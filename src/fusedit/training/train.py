@@ -32,11 +32,17 @@ from fusedit.errors import UserInputError
 from fusedit.io import write_text_atomic
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
-from fusedit.training.checkpoint import AtomicCheckpointIO, resolve_checkpoint
+from fusedit.training.checkpoint import (
+    CHECKPOINT_DIR,
+    LAST,
+    AtomicCheckpointIO,
+    auto_resume_checkpoint,
+    resolve_checkpoint,
+)
 from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.conditioning import EditConditioner
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.signals import GracefulStop, auto_resume_checkpoint
+from fusedit.training.signals import GracefulStop
 from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
 
 log = logging.getLogger(__name__)
@@ -108,15 +114,17 @@ def resume_config(cfg: DictConfig, overrides: list[str], config_name: str = "tra
     to the settings before an earlier resume changed them: the run's overrides (`run_overrides`) are composed again
     with this command line's replacing any of the same key (e.g. `trainer.max_steps=5000` to train longer). Keys the
     run added with `+key=...` are changed with `+key=value` again (Hydra refuses a plain `key=value` for a key its
-    default config lacks). The result is validated, then recorded in the run dir (`resumes.yaml`) so that the next
-    resume keeps it; `.hydra/overrides.yaml` stays the run's original command line. Needs an initialised Hydra
-    (inside `@hydra.main` or `initialize_config_dir`).
+    default config lacks). The result is validated (train.py relies on that), then recorded in the run dir
+    (`resumes.yaml`) so that the next resume keeps it; `.hydra/overrides.yaml` stays the run's original command
+    line. Needs an initialised Hydra (inside `@hydra.main` or `initialize_config_dir`).
     """
     if not cfg.get("ckpt_path"):
         return cfg
     _, run_dir = resolve_checkpoint(cfg.ckpt_path)
     if run_dir is None:
-        return cfg  # a .ckpt file outside a run dir: no run settings to start from, nowhere to record them
+        # A .ckpt file outside a run dir: no run settings to start from, nowhere to record them.
+        validate_train_config(cfg)
+        return cfg
     saved = run_overrides(run_dir)
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -301,7 +309,7 @@ def train(cfg: DictConfig) -> dict:
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                (run_dir / WANDB_ID_FILE).write_text(logger.version or "")
+                write_text_atomic(run_dir / WANDB_ID_FILE, logger.version or "")
         refuse_subprocess_launch_in_multirun(trainer)
         try:
             trainer.fit(
@@ -320,7 +328,7 @@ def train(cfg: DictConfig) -> dict:
         key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
     }
     lora_path = next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None)
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = run_dir / CHECKPOINT_DIR / LAST
     result = {
         "run_dir": run_dir,
         "lora_path": lora_path,
