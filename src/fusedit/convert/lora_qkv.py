@@ -26,10 +26,6 @@ from .layout import DIRECTIONS, QKV_GROUPS, TO_MERGED, proj_role
 from .lora_formats import LoraModule, LoraWeights
 
 
-def _most_common(values):
-    return collections.Counter(values).most_common(1)[0][0]
-
-
 def _is_power_of_two(x: float) -> bool:
     return x > 0 and math.frexp(x)[0] == 0.5
 
