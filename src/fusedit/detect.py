@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -33,17 +34,10 @@ def _load_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def _dtype_summary(specs: dict) -> dict:
     by_dtype = collections.Counter()
     for dtype, shape in specs.values():
-        by_dtype[dtype] += _numel(shape)
+        by_dtype[dtype] += math.prod(shape)
     return {
         "dtype": by_dtype.most_common(1)[0][0] if by_dtype else None,
         "dtypes": dict(by_dtype),
