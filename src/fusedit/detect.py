@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from fusedit.convert.files import INDEX_SUFFIX
 from fusedit.convert.layout import model_layout
 from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
 from fusedit.convert.state_dict import classify_keys
@@ -23,7 +24,6 @@ from fusedit.download import component_names
 from fusedit.io import read_safetensors_header
 
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
-INDEX_SUFFIX = ".safetensors.index.json"
 _BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.")
 
 
