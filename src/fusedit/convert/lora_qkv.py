@@ -79,7 +79,7 @@ def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, 
     }
 
 
-def _merge_group(merged_name: str, parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, dict | None]:
+def _merge_group(parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, dict | None]:
     mods = {i: mod for i, (_, mod) in parts.items()}
     described = ", ".join(
         f"{name} A{list(mod.A.shape)} {mod.A.dtype} B{list(mod.B.shape)} {mod.B.dtype}" for name, mod in parts.values()
@@ -158,7 +158,7 @@ def convert_lora_layout(lora: LoraWeights, direction: str) -> LoraWeights:
         if name not in groups:
             modules[name] = lora.modules[name]
             continue
-        modules[name], record = _merge_group(name, groups[name])
+        modules[name], record = _merge_group(groups[name])
         if record is not None:
             qkv_split[name] = record
     return LoraWeights(modules, lora.format, dict(lora.metadata), lora.prefix, qkv_split)
