@@ -22,7 +22,9 @@ MERGED = "merged_qkv"
 TO_MERGED = "to_merged"
 TO_STANDARD = "to_standard"
 DIRECTIONS = (TO_MERGED, TO_STANDARD)
+LAYOUTS = (STANDARD, MERGED)
 TARGET_LAYOUT = {TO_MERGED: MERGED, TO_STANDARD: STANDARD}
+DIRECTION_TO = {layout: direction for direction, layout in TARGET_LAYOUT.items()}
 
 # merged projection -> its q, k, v parts, in concatenation order
 QKV_GROUPS: dict[str, tuple[str, str, str]] = {

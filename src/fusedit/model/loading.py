@@ -17,11 +17,10 @@ from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
-from fusedit.convert.layout import MERGED, STANDARD, model_layout
+from fusedit.convert.layout import LAYOUTS, model_layout
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
 
-LAYOUTS = (STANDARD, MERGED)
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _BLOCK_INDEX = re.compile(r"transformer_blocks\.(\d+)\.")
 
