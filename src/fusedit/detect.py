@@ -9,19 +9,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 from safetensors import safe_open
 
+from fusedit.convert.files import INDEX_SUFFIX
 from fusedit.convert.layout import model_layout
 from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
 from fusedit.convert.state_dict import classify_keys
+from fusedit.download import component_names
 from fusedit.io import read_safetensors_header
 
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
-INDEX_SUFFIX = ".safetensors.index.json"
 _BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.")
 
 
@@ -32,17 +34,10 @@ def _load_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def _dtype_summary(specs: dict) -> dict:
     by_dtype = collections.Counter()
     for dtype, shape in specs.values():
-        by_dtype[dtype] += _numel(shape)
+        by_dtype[dtype] += math.prod(shape)
     return {
         "dtype": by_dtype.most_common(1)[0][0] if by_dtype else None,
         "dtypes": dict(by_dtype),
@@ -113,11 +108,11 @@ def _transformer_family(config: dict) -> tuple[str, str]:
     return "qwen-image", "transformer config only (Qwen-Image, -Edit and -Edit-2509 share one transformer config)"
 
 
-def _pipeline_family(pipeline_class: str, transformer_config: dict) -> str:
+def _pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:
     if not pipeline_class.startswith("QwenImage"):
         raise ValueError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
     if "EditPlus" in pipeline_class:
-        return "qwen-image-edit-2511" if transformer_config.get("zero_cond_t") else "qwen-image-edit-2509"
+        return "qwen-image-edit-2511" if zero_cond_t else "qwen-image-edit-2509"
     if "Edit" in pipeline_class:
         return "qwen-image-edit"
     return "qwen-image"
@@ -139,8 +134,7 @@ def _detect_pipeline(directory: Path) -> dict:
     if not (directory / "transformer" / "config.json").is_file():
         raise ValueError(f"{directory}: pipeline ({cls}) without transformer/config.json")
     transformer = _detect_transformer(directory / "transformer")
-    family = _pipeline_family(cls, _load_json(directory / "transformer" / "config.json"))
-    components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+    family = _pipeline_family(cls, transformer.get("zero_cond_t", False))
     transformer.pop("family_source")
     return {
         **transformer,
@@ -148,7 +142,7 @@ def _detect_pipeline(directory: Path) -> dict:
         "path": str(directory),
         "pipeline_class": cls,
         "family": family,
-        "components": components,
+        "components": component_names(index),
     }
 
 

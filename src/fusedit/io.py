@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -27,7 +27,7 @@ def _current_umask() -> int:
 
 # mkstemp creates files readable by their owner only; a LoRA or an image should get the permissions any other
 # new file gets (0666 minus the umask), or nobody else on a shared cluster can read the results.
-_NEW_FILE_MODE = 0o666 & ~_current_umask()
+_NEW_FILE_MODE = 0o666 & ~current_umask()
 
 
 def fsync_dir(directory: Path) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from fusedit.io import fsync_dir
+from fusedit.io import current_umask, fsync_dir
 
 VARIANTS = ("edit", "edit-plus", "edit-2511", "t2i")
 
@@ -308,8 +308,7 @@ def build_tiny_pipeline(variant: str = "edit", seed: int = 0, num_layers: int = 
 def _finalize_tree(root: Path) -> None:
     # mkdtemp and the savers' own temp files are private (0700/0600); give the result ordinary permissions,
     # then flush everything so the rename that publishes it is durable.
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for dirpath, _, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~umask)
         for name in filenames:

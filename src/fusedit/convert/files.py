@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -44,8 +45,7 @@ DTYPE_TO_ST = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2}
-ST_SIZES |= {"I8": 1, "U8": 1, "BOOL": 1}
+ST_SIZES = {name: dtype.itemsize for dtype, name in DTYPE_TO_ST.items()}
 INDEX_SUFFIX = ".safetensors.index.json"
 # Bytes read through one memory map before it is dropped, so mapped pages do not pile up in a big single file.
 REMAP_BYTES = 1 << 30
@@ -54,10 +54,7 @@ REMAP_BYTES = 1 << 30
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     if dtype not in ST_SIZES:
         raise ValueError(f"unsupported safetensors dtype {dtype}")
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * ST_SIZES[dtype]
+    return math.prod(shape) * ST_SIZES[dtype]
 
 
 def write_safetensors_streaming(path: Path, plan: Sequence[TensorPlan], get, metadata: Mapping[str, str]) -> int:

@@ -22,7 +22,9 @@ MERGED = "merged_qkv"
 TO_MERGED = "to_merged"
 TO_STANDARD = "to_standard"
 DIRECTIONS = (TO_MERGED, TO_STANDARD)
+LAYOUTS = (STANDARD, MERGED)
 TARGET_LAYOUT = {TO_MERGED: MERGED, TO_STANDARD: STANDARD}
+DIRECTION_TO = {layout: direction for direction, layout in TARGET_LAYOUT.items()}
 
 # merged projection -> its q, k, v parts, in concatenation order
 QKV_GROUPS: dict[str, tuple[str, str, str]] = {
@@ -63,7 +65,7 @@ def proj_role(module: str) -> ProjRole | None:
     return ProjRole(match["attn"], match["proj"]) if match else None
 
 
-def _examples(keys: Iterable[str], limit: int = 5) -> str:
+def key_examples(keys: Iterable[str], limit: int = 5) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
@@ -79,8 +81,8 @@ def layout_of_modules(names: Iterable[str], what: str = "state dict", module_of=
             (merged if role.merged else standard).append(name)
     if standard and merged:
         raise ValueError(
-            f"{what} mixes layouts: separate q/k/v projections ({_examples(standard)}) and merged ones "
-            f"({_examples(merged)}); a checkpoint must use one layout"
+            f"{what} mixes layouts: separate q/k/v projections ({key_examples(standard)}) and merged ones "
+            f"({key_examples(merged)}); a checkpoint must use one layout"
         )
     if merged:
         return MERGED

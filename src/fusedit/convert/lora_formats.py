@@ -31,7 +31,7 @@ import torch
 
 from fusedit.io import load_safetensors, save_safetensors_atomic
 
-from .layout import layout_of_modules
+from .layout import DIRECTION_TO, LAYOUTS, key_examples, layout_of_modules
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -153,11 +153,6 @@ _KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "
 _PREFIX_FORMAT = {"transformer.": "diffusers", "diffusion_model.": "comfyui", "base_model.model.": "peft", "": "peft"}
 
 
-def _examples(keys: Iterable[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def is_lora_key(key: str) -> bool:
     return ".lora_" in key or key.startswith("lora_unet_") or key.endswith(".alpha")
 
@@ -201,25 +196,25 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
         modules[module][role] = key
     if unknown:
         raise ValueError(
-            f"{what}: unknown keys (neither lora_A/lora_B/lora_down/lora_up weights nor .alpha): {_examples(unknown)}"
+            f"{what}: unknown keys (neither lora_A/lora_B/lora_down/lora_up weights nor .alpha): {key_examples(unknown)}"
         )
     if not_qwen:
-        raise ValueError(f"{what}: keys that name no Qwen-Image transformer module: {_examples(not_qwen)}")
+        raise ValueError(f"{what}: keys that name no Qwen-Image transformer module: {key_examples(not_qwen)}")
     if len(styles) > 1:
-        found = "; ".join(f"{fmt} ({_examples(ks, 2)})" for (fmt, _), ks in styles.items())
+        found = "; ".join(f"{fmt} ({key_examples(ks, 2)})" for (fmt, _), ks in styles.items())
         raise ValueError(f"{what}: mixed LoRA key formats: {found}")
     if not styles:
-        raise ValueError(f"{what}: only .alpha keys, no LoRA weights: {_examples(keys)}")
+        raise ValueError(f"{what}: only .alpha keys, no LoRA weights: {key_examples(keys)}")
     (fmt, prefix), _ = next(iter(styles.items()))
     incomplete = [f"{module} has {sorted(roles)}" for module, roles in modules.items() if not {"A", "B"} <= set(roles)]
     if incomplete:
-        raise ValueError(f"{what}: modules without both LoRA factors: {_examples(incomplete)}")
+        raise ValueError(f"{what}: modules without both LoRA factors: {key_examples(incomplete)}")
     if fmt != "kohya":
         stray = [
             roles["alpha"] for roles in modules.values() if "alpha" in roles and not roles["alpha"].startswith(prefix)
         ]
         if stray:
-            raise ValueError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {_examples(stray)}")
+            raise ValueError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {key_examples(stray)}")
     layout_of_modules(modules, what)
     return ParsedKeys(fmt, prefix, dict(modules))
 
@@ -328,7 +323,7 @@ def lora_from_state_dict(
         if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all())
     ]
     if nonfinite:
-        raise ValueError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {_examples(nonfinite)}")
+        raise ValueError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {key_examples(nonfinite)}")
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, what)
     for module, roles in parsed.modules.items():
         modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module])
@@ -445,12 +440,12 @@ def write_lora(
     lora: LoraWeights, path: str | os.PathLike, format: str = "diffusers", layout: str | None = None
 ) -> Path:
     """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`."""
-    if layout not in (None, "standard", "merged_qkv"):
-        raise ValueError(f"layout must be 'standard' or 'merged_qkv', got {layout!r}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout is not None and layout != lora.layout and lora.layout is not None:
         from .lora_qkv import convert_lora_layout
 
-        lora = convert_lora_layout(lora, {"standard": "to_standard", "merged_qkv": "to_merged"}[layout])
+        lora = convert_lora_layout(lora, DIRECTION_TO[layout])
     tensors, metadata = lora_to_state_dict(lora, format)
     save_safetensors_atomic(tensors, path, metadata)
     return Path(path)

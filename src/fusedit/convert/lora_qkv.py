@@ -26,10 +26,6 @@ from .layout import DIRECTIONS, QKV_GROUPS, TO_MERGED, proj_role
 from .lora_formats import LoraModule, LoraWeights
 
 
-def _most_common(values):
-    return collections.Counter(values).most_common(1)[0][0]
-
-
 def _is_power_of_two(x: float) -> bool:
     return x > 0 and math.frexp(x)[0] == 0.5
 
@@ -83,7 +79,7 @@ def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, 
     }
 
 
-def _merge_group(merged_name: str, parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, dict | None]:
+def _merge_group(parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, dict | None]:
     mods = {i: mod for i, (_, mod) in parts.items()}
     described = ", ".join(
         f"{name} A{list(mod.A.shape)} {mod.A.dtype} B{list(mod.B.shape)} {mod.B.dtype}" for name, mod in parts.values()
@@ -162,7 +158,7 @@ def convert_lora_layout(lora: LoraWeights, direction: str) -> LoraWeights:
         if name not in groups:
             modules[name] = lora.modules[name]
             continue
-        modules[name], record = _merge_group(name, groups[name])
+        modules[name], record = _merge_group(groups[name])
         if record is not None:
             qkv_split[name] = record
     return LoraWeights(modules, lora.format, dict(lora.metadata), lora.prefix, qkv_split)

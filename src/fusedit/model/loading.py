@@ -17,11 +17,10 @@ from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
-from fusedit.convert.layout import model_layout
+from fusedit.convert.layout import LAYOUTS, model_layout
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
 
-LAYOUTS = ("standard", "merged_qkv")
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _BLOCK_INDEX = re.compile(r"transformer_blocks\.(\d+)\.")
 
@@ -53,10 +52,10 @@ def weight_files(transformer_path: Path) -> list[Path]:
     return files
 
 
-def checkpoint_keys(transformer_path: Path) -> list[str]:
-    """Every tensor name of the checkpoint, read from headers only."""
+def checkpoint_keys(files: list[Path]) -> list[str]:
+    """Every tensor name of the checkpoint's weight `files`, read from headers only."""
     keys: list[str] = []
-    for file in weight_files(transformer_path):
+    for file in files:
         header, _ = read_safetensors_header(file)
         keys.extend(header)
     return keys
@@ -144,7 +143,7 @@ def load_transformer(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     transformer_path = resolve_transformer_dir(path)
     files = weight_files(transformer_path)
-    stored = checkpoint_layout(checkpoint_keys(transformer_path), str(transformer_path))
+    stored = checkpoint_layout(checkpoint_keys(files), str(transformer_path))
 
     if transformer_path.is_file():
         config = _single_file_config(transformer_path, zero_cond_t)

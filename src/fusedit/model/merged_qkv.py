@@ -20,12 +20,12 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
-IMAGE_QKV = ("to_q", "to_k", "to_v")
-TEXT_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+from fusedit.convert.layout import QKV_GROUPS
+
+# Merged module name -> the standard module names it replaces, in concatenation order. The key conversion owns the
+# naming; the in-memory model must agree with it name for name.
+MERGED_TO_STANDARD = QKV_GROUPS
 IMAGE_MERGED = "to_qkv"
-TEXT_MERGED = "add_qkv_proj"
-# Merged module name -> the standard module names it replaces, in concatenation order.
-MERGED_TO_STANDARD = {IMAGE_MERGED: IMAGE_QKV, TEXT_MERGED: TEXT_QKV}
 
 
 class MergedQKVAttnProcessor:
