@@ -22,11 +22,11 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from fusedit.convert import LoraModule, LoraWeights, write_lora
+from fusedit.convert.layout import LAYOUTS
 from fusedit.lora.targets import resolve_targets
 from fusedit.model.merged_qkv import is_merged
 
 INIT_CHOICES = ("default", "gaussian")
-EXPORT_LAYOUTS = ("standard", "merged_qkv")
 
 
 def model_layout(transformer: nn.Module) -> str:
@@ -133,6 +133,6 @@ def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "
     Conversion between the layouts is fusedit.convert's (exact: a merged to_qkv LoRA becomes q/k/v LoRAs sharing
     A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata).
     """
-    if layout not in EXPORT_LAYOUTS:
-        raise ValueError(f"LoRA export layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)

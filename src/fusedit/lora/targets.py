@@ -12,9 +12,7 @@ from collections.abc import Iterable
 
 # The merged -> standard names from the key layouts (fusedit.convert.layout): importing fusedit.model would load
 # diffusers, and config validation resolves targets before anything heavy is loaded.
-from fusedit.convert.layout import QKV_GROUPS
-
-MODEL_LAYOUTS = ("standard", "merged_qkv")
+from fusedit.convert.layout import LAYOUTS, QKV_GROUPS
 
 # Named layouts, written in the merged naming (translated on use).
 ATTN = ("to_qkv", "add_qkv_proj")
@@ -55,8 +53,8 @@ def resolve_targets(targets: str | Iterable[str], layout: str) -> list[str]:
     `targets` is a named layout (`attn`, `attn_mlp`, `full`), a Linear name in either QKV layout, or a list (or
     comma-separated string) of those. Unknown names raise a ValueError listing the valid ones.
     """
-    if layout not in MODEL_LAYOUTS:
-        raise ValueError(f"model layout must be one of {MODEL_LAYOUTS}, got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"model layout must be one of {LAYOUTS}, got {layout!r}")
     if isinstance(targets, str):
         targets = targets.split(",")
     # Named layouts may appear inside a list too: ["attn_mlp", "proj_out"].

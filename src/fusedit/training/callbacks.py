@@ -11,8 +11,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
+from fusedit.convert.layout import LAYOUTS
 from fusedit.io import atomic_write_path
-from fusedit.lora.adapter import EXPORT_LAYOUTS, export_lora
+from fusedit.lora.adapter import export_lora
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ class LoRAExport(Callback):
     ):
         if every_n_steps < 0:
             raise ValueError(f"lora_export.every_n_steps must be >= 0 (0 = only at the end), got {every_n_steps}")
-        if layout not in EXPORT_LAYOUTS:
-            raise ValueError(f"lora_export.layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"lora_export.layout must be one of {LAYOUTS}, got {layout!r}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
         self.layout = layout
