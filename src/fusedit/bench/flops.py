@@ -29,8 +29,11 @@ projection 2 r (d + 3d).
 from __future__ import annotations
 
 from fusedit.bench.shapes import LATENT_CHANNELS, PATCH, BenchShape
+from fusedit.convert.layout import QKV_GROUPS
 from fusedit.lora.targets import resolve_targets
-from fusedit.model.merged_qkv import IMAGE_MERGED, IMAGE_QKV, MERGED_TO_STANDARD, TEXT_MERGED, TEXT_QKV
+
+IMAGE_MERGED, TEXT_MERGED = QKV_GROUPS  # to_qkv, add_qkv_proj
+IMAGE_QKV, TEXT_QKV = QKV_GROUPS[IMAGE_MERGED], QKV_GROUPS[TEXT_MERGED]
 
 TIMESTEP_CHANNELS = 256  # QwenTimestepProjEmbeddings: Timesteps(256) -> Linear(256, d) -> Linear(d, d)
 
@@ -83,8 +86,8 @@ def _block_linears(d: int) -> dict[str, tuple[int, int, str]]:
     return linears
 
 
-_MERGED_ONLY = set(MERGED_TO_STANDARD)
-_STANDARD_ONLY = {name for names in MERGED_TO_STANDARD.values() for name in names}
+_MERGED_ONLY = set(QKV_GROUPS)
+_STANDARD_ONLY = {name for names in QKV_GROUPS.values() for name in names}
 _QKV = _MERGED_ONLY | _STANDARD_ONLY
 
 
