@@ -51,9 +51,9 @@ def _shard_path(directory: Path, index: Path, name: object) -> Path:
 def transformer_weight_files(path: str | Path) -> WeightFiles:
     """The weight files of the transformer at `path`: a single `.safetensors` file, or a transformer folder.
 
-    Raises UserFileNotFoundError if `path` or a listed shard is missing, UserInputError for more than one index,
-    an index without a weight_map, a shard name outside the folder, or a folder without exactly one safetensors
-    file and no index. Each message is one line naming the file.
+    Raises UserFileNotFoundError if `path`, every safetensors file or a listed shard is missing; UserInputError
+    for more than one index, an index without a weight_map, a shard name outside the folder, or several
+    safetensors files without an index. Each message is one line naming the file.
     """
     path = Path(path)
     if not path.exists():
@@ -76,10 +76,10 @@ def transformer_weight_files(path: str | Path) -> WeightFiles:
             raise UserFileNotFoundError(f"{index}: shard(s) listed in weight_map are missing: {', '.join(missing)}")
         return WeightFiles(tuple(shards), index)
     files = sorted(path.glob("*.safetensors"))
-    if len(files) != 1:
-        pickled = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (pickled {', '.join(pickled)} refused)" if pickled else ""
+    if not files:
+        raise UserFileNotFoundError(f"{path}: no safetensors weights found (pickled .bin files are refused)")
+    if len(files) > 1:
         raise UserInputError(
-            f"{path}: expected one .safetensors file or a *{INDEX_SUFFIX}, found {len(files)} safetensors files{hint}"
+            f"{path}: expected one .safetensors file or a *{INDEX_SUFFIX}, found {len(files)} files without an index"
         )
     return WeightFiles((files[0],))
