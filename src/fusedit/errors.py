@@ -27,6 +27,7 @@ _REFUSALS = {
     "fusedit.data.errors": ("MetadataError", "DataValidationError"),
     "fusedit.training.checkpoint_checks": ("CheckpointError",),
     "fusedit.training.faults": ("NonFiniteTrainingError",),
+    "fusedit.io": ("StorageFullError",),  # SafetensorsHeaderError is a UserInputError
 }
 
 

@@ -27,8 +27,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        with atomic_write_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        # Through a file object: torch's zip writer then raises the OSError (ENOSPC) itself, which atomic_write_path
+        # reports naming the file, instead of "unexpected pos N vs M" from its own writer.
+        with atomic_write_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only is False:
