@@ -37,11 +37,13 @@ from fusedit.training.checkpoint import (
     LAST,
     AtomicCheckpointIO,
     auto_resume_checkpoint,
+    checkpoint_step,
     resolve_checkpoint,
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.conditioning import EditConditioner
 from fusedit.training.module import EditLoRAModule
+from fusedit.training.run_dir import RUN_CONFIG, RunDirLock, check_same_run, check_writable, is_first_process
 from fusedit.training.signals import GracefulStop
 from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
 
@@ -90,7 +92,14 @@ def run_overrides(run_dir: Path) -> list[str]:
             raise UserInputError(f"{resumes}: expected a list of {{time, command_line, overrides}} entries")
         return [str(item) for item in last.overrides]
     original = run_dir / ".hydra" / "overrides.yaml"
-    return [str(item) for item in OmegaConf.load(original)] if original.is_file() else []
+    if not original.is_file():
+        # Composing the defaults instead would resume on another dataset, model or settings without a word.
+        raise UserInputError(
+            f"run dir {run_dir} has neither {RESUMES_FILE} nor .hydra/overrides.yaml: the settings it was trained "
+            "with are unknown. Restore its .hydra/ folder (or write .hydra/overrides.yaml: the run's command-line "
+            "overrides as a YAML list, [] for none)"
+        )
+    return [str(item) for item in OmegaConf.load(original)]
 
 
 @rank_zero_only  # DDP ranks > 0 run train.py again with the same command line: one record per resume
@@ -279,10 +288,33 @@ def train(cfg: DictConfig) -> dict:
                 cfg.paths.output_dir = str(resumed_run)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(run_dir):  # one process trains in a run dir at a time (fusedit.training.run_dir)
+        return _train_in_run_dir(cfg, run_dir, ckpt_file)
+
+
+def _callback_dirs(cfg: DictConfig) -> dict[str, str]:
+    dirs = {"paths.output_dir": str(cfg.paths.output_dir)}
+    for name, callback_cfg in (cfg.get("callbacks") or {}).items():
+        if isinstance(callback_cfg, DictConfig) and callback_cfg.get("dirpath"):
+            dirs[f"callbacks.{name}.dirpath"] = str(callback_cfg.dirpath)
+    return dirs
+
+
+def _train_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt_file: Path | None) -> dict:
+    # Every directory a callback writes to, checked now: not at the first export (step 500 by default).
+    check_writable(_callback_dirs(cfg))
     if ckpt_file is None and cfg.get("auto_resume", True):
         ckpt_file = auto_resume_checkpoint(run_dir)  # a requeued job in its own run dir continues
         if ckpt_file is not None:
+            # The same command again continues; another experiment under the same run name is refused.
+            check_same_run(run_dir, cfg)
             log.info("run dir %s holds %s: continuing from it", run_dir, ckpt_file)
+    if is_first_process():
+        write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg))  # what the checkpoints are trained with
+    if ckpt_file is not None:
+        finished = _finished_result(cfg, run_dir, ckpt_file)
+        if finished is not None:
+            return finished
 
     with open_dict(cfg):
         if cfg.model.path is None:
@@ -342,8 +374,37 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
+def _finished_result(cfg: DictConfig, run_dir: Path, ckpt_file: Path) -> dict | None:
+    """The result of a run whose checkpoint already reached trainer.max_steps (printed), else None.
+
+    Fitting it again would train nothing, print "trained N steps / LoRA: (none written)" and add an empty log
+    version; this says what the run holds and how to train on.
+    """
+    max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
+    step = checkpoint_step(ckpt_file)
+    if max_steps < 0 or step < max_steps:
+        return None
+    final = Path(str(cfg.callbacks.lora_export.dirpath)) / "final.safetensors" if cfg.get("callbacks") else None
+    lora_path = final if final is not None and final.is_file() else None
+    print(
+        f"fusedit: run {run_dir} already finished: its checkpoint {ckpt_file} is at step {step} and "
+        f"trainer.max_steps={max_steps}; nothing to train (raise trainer.max_steps to train longer)\n"
+        f"  LoRA:       {lora_path or '(none written)'}\n  run dir:    {run_dir}",
+        flush=True,
+    )
+    return {
+        "run_dir": run_dir,
+        "lora_path": lora_path,
+        "checkpoint": ckpt_file,
+        "metrics": {},
+        "stopped_by": None,
+        "exit_code": None,
+    }
+
+
 def _report(result: dict, trainer: Trainer) -> None:
-    lines = [f"fusedit: trained {trainer.global_step} steps"]
+    steps = trainer.global_step
+    lines = [f"fusedit: trained {steps} step{'' if steps == 1 else 's'}"]
     if result.get("stopped_by"):
         lines[0] = f"fusedit: stopped by {result['stopped_by']} after step {trainer.global_step} (checkpoint saved)"
     if "train/loss" in result["metrics"]:
