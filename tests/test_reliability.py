@@ -664,3 +664,17 @@ def test_a_multirun_refuses_a_strategy_that_relaunches_the_script():
         refuse_subprocess_launch_in_multirun(one_device)  # nothing is re-launched: fine in a sweep
     finally:
         hydra_mode(RunMode.RUN)
+
+
+def test_config_differences_ignore_what_a_resume_changes_by_itself():
+    from omegaconf import OmegaConf
+
+    from fusedit.training.run_dir import config_differences
+
+    recorded = OmegaConf.create(
+        {"paths": {"output_dir": "${hydra:runtime.output_dir}", "log_dir": "a"}, "ckpt_path": None, "lora": {"rank": 4}}
+    )
+    resumed = OmegaConf.create(
+        {"paths": {"output_dir": "/runs/x", "log_dir": "a"}, "ckpt_path": "/runs/x", "lora": {"rank": 8}, "new": 1}
+    )
+    assert config_differences(recorded, resumed) == ["lora.rank: 4 -> 8", "new: '(absent)' -> 1"]

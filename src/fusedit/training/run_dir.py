@@ -23,8 +23,9 @@ from fusedit.errors import UserInputError
 
 LOCK_FILE = ".fusedit.lock"
 RUN_CONFIG = "run_config.yaml"
-# Keys that differ between two invocations of the same run without changing what is trained.
-SAME_RUN_KEYS = ("ckpt_path", "auto_resume", "accept_config_changes")
+# Keys (and their subkeys) that differ between two invocations of the same run without changing what is trained:
+# a resume sets paths.output_dir to the run dir where the original command has Hydra's ${hydra:runtime.output_dir}.
+SAME_RUN_KEYS = ("ckpt_path", "auto_resume", "accept_config_changes", "paths.output_dir")
 # Process-rank variables of Lightning's launchers, torchrun and SLURM: a run's other ranks share rank 0's run dir.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
@@ -100,7 +101,8 @@ def config_differences(old: DictConfig, new: DictConfig, ignore=SAME_RUN_KEYS) -
     return [
         f"{key}: {before.get(key, '(absent)')!r} -> {after.get(key, '(absent)')!r}"
         for key in sorted(set(before) | set(after))
-        if key.split(".")[0] not in ignore and before.get(key, "(absent)") != after.get(key, "(absent)")
+        if not any(key == skip or key.startswith(skip + ".") for skip in ignore)
+        and before.get(key, "(absent)") != after.get(key, "(absent)")
     ]
 
 
