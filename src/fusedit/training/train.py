@@ -381,7 +381,10 @@ def _finished_result(cfg: DictConfig, run_dir: Path, ckpt_file: Path) -> dict | 
     version; this says what the run holds and how to train on.
     """
     max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
-    step = checkpoint_step(ckpt_file)
+    try:
+        step = checkpoint_step(ckpt_file)
+    except Exception:  # not a checkpoint: check_checkpoint_file refuses it with its reason, once the model is built
+        return None
     if max_steps < 0 or step < max_steps:
         return None
     final = Path(str(cfg.callbacks.lora_export.dirpath)) / "final.safetensors" if cfg.get("callbacks") else None
