@@ -247,6 +247,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
         compile=_plain(cfg.model.compile),
         fp8_compute={"compute_dtype": precision.compute_dtype} if precision.get("fp8_compute") else False,
         checkpoint_offload=cfg.model.get("checkpoint_offload", False),
+        resident_blocks=cfg.model.get("resident_blocks"),
     )
     if conditioner is None:
         conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))

@@ -96,6 +96,19 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     if streak is not None and (not isinstance(streak, int) or streak < 1):
         problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
 
+    resident = OmegaConf.select(cfg, "model.resident_blocks")
+    if resident is not None:
+        if not isinstance(resident, int) or isinstance(resident, bool) or resident < 0:
+            problems.append(f"model.resident_blocks must be null or an integer >= 0, got {resident!r}")
+        elif OmegaConf.select(cfg, "model.activation_checkpointing") != 1:
+            problems.append(
+                "model.resident_blocks (blocks streamed from host memory) needs model.activation_checkpointing=1"
+            )
+        elif OmegaConf.select(cfg, "model.compile"):
+            problems.append(
+                "model.resident_blocks (blocks streamed from host memory) cannot be used with model.compile"
+            )
+
     if check_paths:
         model_path = OmegaConf.select(cfg, "model.path")
         if model_path is not None:
