@@ -136,3 +136,24 @@ def test_streaming_on_cuda_matches_and_holds_fewer_blocks(tiny_edit_path):
     assert streamed_loss == loss
     for name, grad in grads.items():
         assert torch.equal(streamed_grads[name], grad), name
+
+
+def test_training_run_streams_blocks_through_lightning(tmp_path, tiny_edit_path, monkeypatch):
+    """Lightning's `model.to(device)` must leave the streamed tensors in host memory; the run trains and exports."""
+    import fusedit.model.streaming as streaming
+    from fusedit.data import make_sample_dataset
+    from fusedit.training.train import train
+    from tests.training_utils import train_cfg
+
+    streamers = []
+    original = streaming.stream_blocks
+    monkeypatch.setattr(
+        streaming, "stream_blocks", lambda *a, **k: streamers.append(original(*a, **k)) or streamers[-1]
+    )
+    metadata = make_sample_dataset(tmp_path / "data", n=2, size=32)
+    overrides = ["trainer.max_steps=2", "model.activation_checkpointing=1", "model.resident_blocks=1"]
+    result = train(train_cfg(tmp_path, tiny_edit_path, metadata, overrides))
+    assert result["lora_path"] is not None and result["checkpoint"] is not None
+    assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+    (streamer,) = streamers
+    assert streamer.bytes_moved == 2 * 2 * streamer.streamed_bytes > 0  # 2 steps x (forward + recompute)
