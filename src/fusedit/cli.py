@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "fusedit.download",
     "fusedit.bench",
     "fusedit.cache",
+    "fusedit.plan",
 )
 
 
