@@ -69,14 +69,16 @@ class TrainPlan:
         return asdict(self)
 
 
-def plan_order(num_blocks: int) -> list[TrainPlan]:
-    """Every plan in the order `trainer=auto` tries them (module docstring); streaming last, most resident first."""
+def plan_order(num_blocks: int, eight_bit: bool = True) -> list[TrainPlan]:
+    """Every plan in the order `trainer=auto` tries them (module docstring); streaming last, most resident first.
+    `eight_bit=False` (bitsandbytes not installed) leaves the 8-bit optimizer out."""
+    optim = "adamw8bit" if eight_bit else "adamw"
     plans = [TrainPlan(checkpoint_every=k) for k in CHECKPOINT_LADDER]
     plans += [TrainPlan(checkpoint_every=k, fp8=True) for k in CHECKPOINT_LADDER]
     plans += [TrainPlan(checkpoint_every=k, fp8=True, cache=True) for k in CHECKPOINT_LADDER]
-    plans += [TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim="adamw8bit")]
+    plans += [TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim=optim)] if eight_bit else []
     plans += [
-        TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=resident)
+        TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim=optim, resident_blocks=resident)
         for resident in range(num_blocks - 1, -1, -1)
     ]
     return plans
@@ -129,11 +131,16 @@ def evaluate(plan: TrainPlan, facts: ModelFacts, estimates: Estimates, gpu_gb: f
     return Choice(plan, prediction, gpu_gb, fits(prediction, gpu_gb), 0)
 
 
-def choose(facts: ModelFacts, estimates: Estimates, gpu_gb: float) -> Choice:
+def choose(facts: ModelFacts, estimates: Estimates, gpu_gb: float, eight_bit: bool | None = None) -> Choice:
     """The first plan of `plan_order` predicted to fit `gpu_gb`; if none does, the last one (fits=False).
+    `eight_bit`: allow optim=adamw8bit (default: when bitsandbytes is installed).
 
     The streaming tail is searched by bisection (the peak grows with the resident block count)."""
-    order = plan_order(facts.num_blocks)
+    if eight_bit is None:
+        from fusedit.optim import bitsandbytes_available
+
+        eight_bit = bitsandbytes_available()
+    order = plan_order(facts.num_blocks, eight_bit)
     streaming = [plan for plan in order if plan.resident_blocks is not None]
     for tried, plan in enumerate(order[: len(order) - len(streaming)]):
         choice = evaluate(plan, facts, estimates, gpu_gb)
