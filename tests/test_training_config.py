@@ -22,7 +22,7 @@ GROUPS = [group for group in GROUPS if group != "hydra"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF / group).glob("*.yaml") if path.stem != "default" or group != "trainer")
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
