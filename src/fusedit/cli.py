@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from fusedit.errors import OutputExistsError
+
 # Modules that define `add_cli(subparsers)`; each adds one or more subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
     "fusedit.tiny",
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
+    except OutputExistsError as error:
+        print(f"fusedit {args.command}: error: {error.cli_message()}", file=sys.stderr)  # --overwrite, not overwrite=
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as error:
         # Bad input is the user's to fix: one clear line, no stack trace wall.
         print(f"fusedit {args.command}: error: {error}", file=sys.stderr)
