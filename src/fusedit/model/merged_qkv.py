@@ -20,11 +20,8 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
-from fusedit.convert.layout import QKV_GROUPS
+from fusedit.model.module_map import QKV_GROUPS
 
-# Merged module name -> the standard module names it replaces, in concatenation order. The key conversion owns the
-# naming; the in-memory model must agree with it name for name.
-MERGED_TO_STANDARD = QKV_GROUPS
 IMAGE_MERGED = "to_qkv"
 
 
@@ -183,7 +180,7 @@ def fuse_qkv(transformer: nn.Module) -> nn.Module:
     for attn in _attention_modules(transformer):
         if hasattr(attn, IMAGE_MERGED):
             continue
-        for merged_name, names in MERGED_TO_STANDARD.items():
+        for merged_name, names in QKV_GROUPS.items():
             _check_plain_linear(attn, names)
             merged = _merge_linears([getattr(attn, name) for name in names])
             for name in names:
@@ -199,7 +196,7 @@ def unfuse_qkv(transformer: nn.Module) -> nn.Module:
     for attn in _attention_modules(transformer):
         if not hasattr(attn, IMAGE_MERGED):
             continue
-        for merged_name, names in MERGED_TO_STANDARD.items():
+        for merged_name, names in QKV_GROUPS.items():
             _check_plain_linear(attn, (merged_name,))
             for name, linear in zip(names, _split_linear(getattr(attn, merged_name)), strict=True):
                 setattr(attn, name, linear)
