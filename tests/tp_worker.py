@@ -44,15 +44,18 @@ def _shard(model, plan):
 def _run(rank: int, init_file: str, result: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        from fusedit.model import fuse_qkv
         from diffusers import QwenImageTransformer2DModel
 
+        from fusedit.model import fuse_qkv
         from tests.test_merged_qkv import HEAD_DIM, VARIANTS, make_inputs, relative_error
 
         torch.manual_seed(0)
         # 4 heads: two per rank (the other tests' 3 heads do not split in two)
         reference = QwenImageTransformer2DModel(
-            num_layers=2, attention_head_dim=HEAD_DIM, num_attention_heads=4, joint_attention_dim=40,
+            num_layers=2,
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=4,
+            joint_attention_dim=40,
             axes_dims_rope=(4, 6, 6),
         ).eval()
         with torch.no_grad():
@@ -80,8 +83,10 @@ def _run(rank: int, init_file: str, result: str) -> None:
 
         # What a plain column-wise plan would do to to_qkv: rank 0 all of q and half of k.
         naive = fuse_qkv(copy.deepcopy(reference))
-        naive_plan = {key: "colwise" if key.endswith("qkv") or key.endswith("qkv_proj") else value
-                      for key, value in naive._tp_plan.items()}
+        naive_plan = {
+            key: "colwise" if key.endswith("qkv") or key.endswith("qkv_proj") else value
+            for key, value in naive._tp_plan.items()
+        }
         _shard(naive, naive_plan)
         with torch.no_grad():
             naive_out = naive(**inputs).sample

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fusedit.io import load_safetensors, save_safetensors_atomic
+from fusedit.pickle_files import pickle_refusal
 
 from .layout import DIRECTION_TO, LAYOUTS, key_examples, layout_of_modules
 
@@ -340,6 +341,9 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
                 f"{path}: a LoRA directory must hold exactly one .safetensors file, found {len(candidates)}"
             )
         path = candidates[0]
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise ValueError(refusal)
     tensors, metadata = load_safetensors(path)
     adapter_config = None
     config_path = path.parent / "adapter_config.json"
