@@ -207,3 +207,22 @@ def test_fuse_refuses_layers_it_cannot_rebuild_and_leaves_the_model_as_it_was():
     offloaded.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
     with pytest.raises(RuntimeError, match=r"to_q carries diffusers hooks \['group_offloading'\].*before enabling"):
         fuse_qkv(offloaded)
+
+
+# ------------------------------------------------------------------------------------------- through a pipeline
+def test_a_pipeline_with_a_merged_transformer_saves_standard_and_refuses_standard_loras(tiny_t2i_path, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_t2i_path, transformer=load_transformer(tiny_t2i_path))
+    assert is_merged(pipe.transformer)
+    pipe.save_pretrained(tmp_path / "pipe")
+    stock = QwenImagePipeline.from_pretrained(tmp_path / "pipe")  # stock diffusers, standard layout on disk
+    original = QwenImageTransformer2DModel.from_pretrained(tiny_t2i_path / "transformer")
+    for key, tensor in original.state_dict().items():
+        assert torch.equal(stock.transformer.state_dict()[key], tensor), key
+
+    stock.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(stock.transformer).items()}
+    with pytest.raises(ValueError, match="this LoRA names separate q/k/v"):
+        pipe.load_lora_weights(lora)
+    assert not adapted_modules(pipe.transformer)
