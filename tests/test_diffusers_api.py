@@ -103,21 +103,61 @@ def test_add_adapter_refuses_partial_qkv_names_naming_the_merged_ones(config):
     assert not adapted_modules(merged)  # refused before PEFT touched anything
 
 
-def test_load_lora_adapter_refuses_a_standard_lora_and_takes_a_merged_one(tmp_path):
-    standard = tiny_transformer()
-    standard.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+def standard_lora(alpha=5):
+    """A standard-layout LoRA made by PEFT on diffusers' model: (`transformer.`-prefixed state dict, LoraConfig)."""
+    targets = ["to_q", "to_k", "to_v", "add_k_proj", "to_out.0"]  # add_q/v_proj left out: a partial group
+    config = LoraConfig(r=2, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    standard = tiny_transformer(seed=3)
+    standard.add_adapter(config)
     lora = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(standard).items()}
-    save_file(lora, tmp_path / "standard.safetensors")
+    # diffusers keys the metadata (LoraConfig kwargs) like the tensors, and strips the prefix with them
+    return lora, {f"transformer.{key}": value for key, value in config.to_dict().items()}
 
-    merged = fuse_qkv(tiny_transformer())
+
+def test_load_lora_adapter_converts_a_standard_lora_exactly(tmp_path):
+    lora, metadata = standard_lora()
+    # diffusers' file format: the LoraConfig as JSON under `lora_adapter_metadata` (diffusers reads it, not `metadata=`)
+    save_file(
+        lora,
+        tmp_path / "standard.safetensors",
+        metadata={"lora_adapter_metadata": json.dumps(metadata, default=sorted)},
+    )
     for source in (lora, str(tmp_path / "standard.safetensors")):
-        with pytest.raises(ValueError, match=r"this LoRA names separate q/k/v .*fusedit.inference.load_loras"):
-            merged.load_lora_adapter(source, prefix="transformer")
-    assert not adapted_modules(merged)
+        expected = tiny_transformer()
+        expected.load_lora_adapter(source, prefix="transformer", metadata=metadata, adapter_name="std")
+        merged = fuse_qkv(tiny_transformer())
+        merged.load_lora_adapter(source, prefix="transformer", metadata=metadata, adapter_name="std")
+        assert adapted_modules(merged) == {
+            f"transformer_blocks.{block}.attn.{name}"
+            for block in (0, 1)
+            for name in ("to_qkv", "add_qkv_proj", "to_out.0")
+        }
+        for model in (expected, merged):
+            model.set_adapters(["std"], weights=[0.7])
+        # strength kept: diffusers' alpha / rank on every module (the dict's config: 5 / 2; r_q + r_k + r_v = 6 and
+        # alpha 15 on to_qkv), times 0.7
+        scalings = [module.scaling["std"] for name, module in merged.named_modules() if name.endswith("to_qkv")]
+        stock_scaling = expected.transformer_blocks[0].attn.to_q.scaling["std"]
+        assert scalings == pytest.approx([stock_scaling] * 2, rel=1e-12)
+        assert stock_scaling == 1.75 or isinstance(source, str)  # diffusers reads no config from a bare file path
+        assert relative_error(forward(merged), forward(expected)) <= 1e-5
 
+    # A LoRA without q/k/v modules goes to diffusers untouched.
+    merged = fuse_qkv(tiny_transformer())
     only_out = {key: value for key, value in lora.items() if ".to_out." in key}
     merged.load_lora_adapter(only_out, prefix="transformer", adapter_name="out")
     assert adapted_modules(merged) == {f"transformer_blocks.{block}.attn.to_out.0" for block in (0, 1)}
+
+
+def test_load_lora_adapter_refuses_what_it_cannot_convert():
+    lora, _ = standard_lora()
+    merged = fuse_qkv(tiny_transformer())
+    with pytest.raises(ValueError, match=r"this LoRA names separate q/k/v .*add_k_proj.*network_alphas"):
+        merged.load_lora_adapter(lora, prefix="transformer", network_alphas={"x": 1.0})
+    rank_clash = {"transformer.r": 4, "transformer.lora_alpha": 4}  # contradicts the tensors' rank 2
+    with pytest.raises(ValueError, match=r"cannot be converted to the merged layout \(LoRA: .* rank 2"):
+        merged.load_lora_adapter(lora, prefix="transformer", metadata=rank_clash)
+    assert not adapted_modules(merged)
 
 
 # ------------------------------------------------------------------------------------------ attention processors
@@ -210,7 +250,7 @@ def test_fuse_refuses_layers_it_cannot_rebuild_and_leaves_the_model_as_it_was():
 
 
 # ------------------------------------------------------------------------------------------- through a pipeline
-def test_a_pipeline_with_a_merged_transformer_saves_standard_and_refuses_standard_loras(tiny_t2i_path, tmp_path):
+def test_a_pipeline_with_a_merged_transformer_saves_standard_and_loads_standard_loras(tiny_t2i_path, tmp_path):
     from diffusers import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(tiny_t2i_path, transformer=load_transformer(tiny_t2i_path))
@@ -221,8 +261,15 @@ def test_a_pipeline_with_a_merged_transformer_saves_standard_and_refuses_standar
     for key, tensor in original.state_dict().items():
         assert torch.equal(stock.transformer.state_dict()[key], tensor), key
 
-    stock.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
-    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(stock.transformer).items()}
-    with pytest.raises(ValueError, match="this LoRA names separate q/k/v"):
-        pipe.load_lora_weights(lora)
-    assert not adapted_modules(pipe.transformer)
+    donor = copy.deepcopy(stock.transformer)  # a standard LoRA of the pipeline's own size, made by PEFT
+    donor.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    lora = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(donor).items()}
+    stock.load_lora_weights(lora)
+    pipe.load_lora_weights(lora)
+    assert "transformer_blocks.0.attn.to_qkv" in adapted_modules(pipe.transformer)
+    text_hidden = stock.transformer.config.joint_attention_dim
+    inputs = make_inputs(SHAPES)
+    inputs["encoder_hidden_states"] = torch.randn(*inputs["encoder_hidden_states"].shape[:2], text_hidden)
+    with torch.no_grad():
+        outputs = [model(**inputs).sample for model in (pipe.transformer, stock.transformer)]
+    assert relative_error(*outputs) <= 1e-5

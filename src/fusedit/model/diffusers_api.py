@@ -11,8 +11,8 @@ answers here, installed by `fuse_qkv` and removed by `unfuse_qkv` (instance attr
 - `add_adapter` translates standard target names: a whole q/k/v group (`to_q`, `to_k`, `to_v`) becomes the merged
   projection (`to_qkv`), as `fusedit.lora.targets` does for training. A partial group (`["to_q"]`) or a regex that
   matches a q/k/v name is refused, naming the merged modules: PEFT would adapt a silent subset otherwise.
-- `load_lora_adapter` refuses a standard-layout LoRA (dict or local safetensors file), pointing at
-  `fusedit.inference.load_loras`, which converts it exactly. diffusers would load only its non-q/k/v modules.
+- `load_lora_adapter` (also `pipe.load_lora_weights`) converts a standard-layout LoRA exactly to the merged layout
+  (fusedit.convert), keeping every module's alpha / rank. diffusers alone would load only its non-q/k/v modules.
 - every attention module's `set_processor` (what `set_attn_processor` calls) refuses processors that are not
   `MergedQKVAttnProcessor`: stock ones read `attn.to_q` and would fail mid-forward. The message points at
   `unfuse_qkv`.
@@ -30,14 +30,12 @@ import copy
 import functools
 import re
 from collections.abc import Iterable
-from pathlib import Path
 
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel
 from torch import nn
 
 from fusedit.convert.layout import PART_TO_MERGED, QKV_GROUPS, proj_role, split_param_key
 from fusedit.convert.lora_formats import module_from_kohya
-from fusedit.io import read_safetensors_header
 
 # Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR.
 MODEL_OVERRIDES = ("save_pretrained", "add_adapter", "load_lora_adapter", "_tp_plan")
@@ -186,30 +184,58 @@ def standard_qkv_lora_modules(keys: Iterable[str]) -> list[str]:
     return sorted(found)
 
 
-def _local_lora_keys(source, weight_name: str | None) -> list[str] | None:
-    """Tensor names of a local safetensors LoRA (file, or directory + weight_name / single file); None otherwise."""
-    path = Path(str(source))
-    if path.is_dir():
-        files = [path / weight_name] if weight_name else sorted(path.glob("*.safetensors"))
-        path = files[0] if len(files) == 1 else path
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return None  # a hub id or a .bin: diffusers reads it; the check cannot see its keys beforehand
-    header, _ = read_safetensors_header(path)
-    return list(header)
+# diffusers' load_lora_adapter keywords that say where to read the LoRA from (handed to its own _fetch_state_dict)
+_FETCH_KWARGS = (
+    "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder", "weight_name",
+    "use_safetensors",
+)  # fmt: skip
 
 
-def _load_lora_adapter(model: nn.Module, pretrained_model_name_or_path_or_dict, *args, **kwargs):
-    source = pretrained_model_name_or_path_or_dict
-    keys = list(source) if isinstance(source, dict) else _local_lora_keys(source, kwargs.get("weight_name"))
-    standard = standard_qkv_lora_modules(keys or [])
-    if standard:
-        _refuse_qkv_names(
-            "this LoRA",
-            {name.rpartition(".")[2] for name in standard},
-            "Load it with fusedit.inference.load_loras (or `fusedit infer lora=...`), which converts it to the "
-            "merged layout exactly, convert it first with `fusedit convert`, or call fusedit.model.unfuse_qkv.",
-        )
-    return type(model).load_lora_adapter(model, source, *args, **kwargs)
+def _load_lora_adapter(model: nn.Module, source, prefix: str | None = "transformer", hotswap: bool = False, **kwargs):
+    """diffusers' `load_lora_adapter`, with a standard-layout LoRA converted exactly to the merged layout first.
+
+    The LoRA is read by diffusers' own `_fetch_state_dict` (dict, file, folder or hub id; pickles refused) and
+    filtered by `prefix` as diffusers does. Without standard q/k/v modules it goes to diffusers unchanged. With them,
+    fusedit.convert reads it (alphas from `metadata`, diffusers' LoraConfig, else alpha = rank as diffusers assumes)
+    and merges each q/k/v triple into one `to_qkv` adapter of rank r_q + r_k + r_v whose product is exactly the
+    three stacked (docs/conversion.md), so every module keeps its strength.
+    """
+    from diffusers.loaders.lora_base import _fetch_state_dict
+
+    from fusedit.convert import TO_MERGED, convert_lora_layout
+    from fusedit.convert.lora_formats import lora_from_state_dict
+    from fusedit.inference.lora import peft_adapter  # LoraWeights -> PEFT state dict + LoraConfig, as inference uses
+
+    load = type(model).load_lora_adapter
+    fetch = {name: kwargs[name] for name in _FETCH_KWARGS if name in kwargs}
+    state_dict, metadata = _fetch_state_dict(
+        pretrained_model_name_or_path_or_dict=source,
+        user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+        allow_pickle=False,
+        metadata=kwargs.get("metadata"),
+        **{"use_safetensors": None, "weight_name": None, "local_files_only": None, "cache_dir": None,
+           "force_download": False, "proxies": None, "token": None, "revision": None, "subfolder": None, **fetch},
+    )  # fmt: skip
+    if prefix is not None:
+        state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+        if metadata is not None:
+            metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    standard = standard_qkv_lora_modules(state_dict)
+    if not standard:
+        return load(model, source, prefix=prefix, hotswap=hotswap, **kwargs)
+    what = "this LoRA"
+    if kwargs.get("network_alphas"):
+        _refuse_qkv_names(what, standard, "It comes with network_alphas; load it with fusedit.inference.load_loras.")
+    try:
+        weights = lora_from_state_dict(state_dict, adapter_config=metadata or None, what="LoRA")
+        converted_state_dict, config = peft_adapter(convert_lora_layout(weights, TO_MERGED))
+        problem = None
+    except ValueError as error:
+        problem = str(error)
+    if problem is not None:
+        _refuse_qkv_names(what, standard, f"It cannot be converted to the merged layout ({problem}); unfuse_qkv first.")
+    rest = {name: value for name, value in kwargs.items() if name not in (*_FETCH_KWARGS, "metadata")}
+    return load(model, converted_state_dict, prefix=None, hotswap=hotswap, metadata=config, **rest)
 
 
 # ------------------------------------------------------------------------------------------ attention processors
