@@ -34,15 +34,16 @@ from collections.abc import Iterable
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel
 from torch import nn
 
-from fusedit.convert.layout import PART_TO_MERGED, QKV_GROUPS, proj_role, split_param_key
+from fusedit.convert.layout import PART_TO_MERGED, proj_role, split_param_key
 from fusedit.convert.lora_formats import module_from_kohya
+from fusedit.model.module_map import ATTENTION, QKV_GROUPS
 
 # Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR.
 MODEL_OVERRIDES = ("save_pretrained", "add_adapter", "load_lora_adapter", "_tp_plan")
 SET_PROCESSOR = "set_processor"
 MERGED_NAMES_HELP = ", ".join(f"{merged} (= {' + '.join(parts)})" for merged, parts in QKV_GROUPS.items())
 # A key inside a merged projection: group 2 is what follows the module name (weight, bias, base_layer.weight, ...).
-_INSIDE_MERGED = re.compile(rf"^(.*\.attn\.(?:{'|'.join(QKV_GROUPS)}))\.(.+)$")
+_INSIDE_MERGED = re.compile(rf"^(.*\.{ATTENTION}\.(?:{'|'.join(QKV_GROUPS)}))\.(.+)$")
 
 
 # ------------------------------------------------------------------------------------------- save_pretrained

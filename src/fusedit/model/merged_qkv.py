@@ -21,12 +21,9 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
-from fusedit.convert.layout import QKV_GROUPS
 from fusedit.model.diffusers_api import install_merged_api, uninstall_merged_api
+from fusedit.model.module_map import QKV_GROUPS
 
-# Merged module name -> the standard module names it replaces, in concatenation order. The key conversion owns the
-# naming; the in-memory model must agree with it name for name.
-MERGED_TO_STANDARD = QKV_GROUPS
 IMAGE_MERGED = "to_qkv"
 
 
@@ -227,10 +224,10 @@ def fuse_qkv(transformer: nn.Module) -> nn.Module:
     todo = []
     for block, attn in enumerate(attention_modules(transformer)):
         if not hasattr(attn, IMAGE_MERGED):
-            hooks = {merged: _checked_casting_hook(attn, block, names) for merged, names in MERGED_TO_STANDARD.items()}
+            hooks = {merged: _checked_casting_hook(attn, block, names) for merged, names in QKV_GROUPS.items()}
             todo.append((attn, hooks))
     for attn, hooks in todo:
-        for merged_name, names in MERGED_TO_STANDARD.items():
+        for merged_name, names in QKV_GROUPS.items():
             merged = _merge_linears([getattr(attn, name) for name in names])
             for name in names:
                 # Attention keeps `to_k`/`to_v` etc. as attributes; deleting frees the memory right away.
@@ -250,11 +247,11 @@ def unfuse_qkv(transformer: nn.Module) -> nn.Module:
     todo = []
     for block, attn in enumerate(attention_modules(transformer)):
         if hasattr(attn, IMAGE_MERGED):
-            hooks = {merged: _checked_casting_hook(attn, block, (merged,)) for merged in MERGED_TO_STANDARD}
+            hooks = {merged: _checked_casting_hook(attn, block, (merged,)) for merged in QKV_GROUPS}
             todo.append((attn, hooks))
     uninstall_merged_api(transformer)
     for attn, hooks in todo:
-        for merged_name, names in MERGED_TO_STANDARD.items():
+        for merged_name, names in QKV_GROUPS.items():
             for name, linear in zip(names, _split_linear(getattr(attn, merged_name)), strict=True):
                 setattr(attn, name, _carry_casting_hook(hooks[merged_name], linear))
             delattr(attn, merged_name)
