@@ -31,6 +31,7 @@ import torch
 
 from fusedit.io import load_safetensors, save_safetensors_atomic
 from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
+from fusedit.pickle_files import pickle_refusal
 
 from .layout import DIRECTION_TO, LAYOUTS, key_examples, layout_of_modules
 
@@ -415,6 +416,9 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
                 f"{path}: a LoRA directory must hold exactly one .safetensors file, found {len(candidates)}"
             )
         path = candidates[0]
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise ValueError(refusal)
     tensors, metadata = load_safetensors(path)
     adapter_config = None
     config_path = path.parent / "adapter_config.json"
