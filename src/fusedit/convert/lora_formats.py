@@ -11,9 +11,13 @@ Formats (how a module `transformer_blocks.0.attn.to_q` is spelled, and where its
 - kohya (sd-scripts, musubi-tuner): `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` /
   `.alpha`; a missing alpha means alpha = rank.
 
+Reading also takes every other prefix and factor style ComfyUI's Qwen-Image loader accepts (`KEY_STYLES`).
+
 Everywhere the effective update is `B @ A * alpha / rank` (PEFT's scale). `read_lora` resolves each module's alpha
-once; `write_lora` stores it the way the target format's own loader reads it, and always also as JSON in the
-`fusedit_lora` metadata key.
+once. `write_lora` stores the scale so that diffusers' `load_lora_weights` and ComfyUI (which reads only `.alpha`
+tensors, never metadata) both apply it: `.alpha` tensors in comfyui/kohya, folded into lora_B with alpha = rank in
+diffusers/peft/diffsynth (`fold_scales`); always also as JSON in the `fusedit_lora` metadata key. See
+docs/conversion.md ("Formats") for why.
 """
 
 from __future__ import annotations
