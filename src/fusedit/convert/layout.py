@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fusedit.errors import UserInputError
 from fusedit.model.module_map import ATTENTION, QKV_GROUPS
 
 STANDARD = "standard"
@@ -77,7 +78,7 @@ def layout_of_modules(names: Iterable[str], what: str = "state dict", module_of=
         if role is not None:
             (merged if role.merged else standard).append(name)
     if standard and merged:
-        raise ValueError(
+        raise UserInputError(
             f"{what} mixes layouts: separate q/k/v projections ({key_examples(standard)}) and merged ones "
             f"({key_examples(merged)}); a checkpoint must use one layout"
         )
@@ -128,7 +129,7 @@ def plan_model_conversion(
     projection that is not a weight or bias.
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise UserInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     plan: list[TensorPlan] = []
     problems: list[str] = []
     for key, (dtype, shape) in tensors.items():
@@ -172,5 +173,5 @@ def plan_model_conversion(
                 if q_key not in tensors:
                     problems.append(f"{key}: missing q/k/v sibling {q_key}")
     if problems:
-        raise ValueError(f"cannot convert {what} {direction}:\n  " + "\n  ".join(problems))
+        raise UserInputError(f"cannot convert {what} {direction}:\n  " + "\n  ".join(problems))
     return plan

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fusedit.errors import UserInputError
 from fusedit.io import load_safetensors, save_safetensors_atomic
 from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
 
@@ -135,7 +136,7 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     """Recognise the format of LoRA keys and group them per module, from the names alone."""
     keys = list(keys)
     if not keys:
-        raise ValueError(f"{what}: no tensors")
+        raise UserInputError(f"{what}: no tensors")
     styles: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     modules: dict[str, dict[str, str]] = collections.defaultdict(dict)
     unknown, not_qwen = [], []
@@ -169,26 +170,26 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
             styles[(fmt, prefix)].append(key)
         modules[module][role] = key
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"{what}: unknown keys (neither lora_A/lora_B/lora_down/lora_up weights nor .alpha): {key_examples(unknown)}"
         )
     if not_qwen:
-        raise ValueError(f"{what}: keys that name no Qwen-Image transformer module: {key_examples(not_qwen)}")
+        raise UserInputError(f"{what}: keys that name no Qwen-Image transformer module: {key_examples(not_qwen)}")
     if len(styles) > 1:
         found = "; ".join(f"{fmt} ({key_examples(ks, 2)})" for (fmt, _), ks in styles.items())
-        raise ValueError(f"{what}: mixed LoRA key formats: {found}")
+        raise UserInputError(f"{what}: mixed LoRA key formats: {found}")
     if not styles:
-        raise ValueError(f"{what}: only .alpha keys, no LoRA weights: {key_examples(keys)}")
+        raise UserInputError(f"{what}: only .alpha keys, no LoRA weights: {key_examples(keys)}")
     (fmt, prefix), _ = next(iter(styles.items()))
     incomplete = [f"{module} has {sorted(roles)}" for module, roles in modules.items() if not {"A", "B"} <= set(roles)]
     if incomplete:
-        raise ValueError(f"{what}: modules without both LoRA factors: {key_examples(incomplete)}")
+        raise UserInputError(f"{what}: modules without both LoRA factors: {key_examples(incomplete)}")
     if fmt != "kohya":
         stray = [
             roles["alpha"] for roles in modules.values() if "alpha" in roles and not roles["alpha"].startswith(prefix)
         ]
         if stray:
-            raise ValueError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {key_examples(stray)}")
+            raise UserInputError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {key_examples(stray)}")
     layout_of_modules(modules, what)
     return ParsedKeys(fmt, prefix, dict(modules))
 
@@ -209,7 +210,7 @@ def _peft_config_alphas(config: Mapping, ranks: Mapping[str, int], what: str) ->
         expected_rank = _pattern_value(config.get("rank_pattern") or {}, module)
         expected_rank = expected_rank if expected_rank is not None else r_default
         if expected_rank is not None and int(expected_rank) != rank:
-            raise ValueError(f"{what}: {module} has rank {rank} but its LoRA config says {expected_rank}")
+            raise UserInputError(f"{what}: {module} has rank {rank} but its LoRA config says {expected_rank}")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
         alpha = float(alpha if alpha is not None else config.get("lora_alpha", rank))
         if config.get("use_rslora"):
@@ -225,7 +226,7 @@ def _diffusers_config(metadata: Mapping[str, str], what: str) -> dict | None:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{what}: metadata {DIFFUSERS_METADATA_KEY} is not JSON: {error}") from None
+        raise UserInputError(f"{what}: metadata {DIFFUSERS_METADATA_KEY} is not JSON: {error}") from None
     if any(key.startswith("transformer.") for key in config):
         config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
     return config
@@ -287,7 +288,7 @@ def lora_from_state_dict(
                 continue
             alpha_values[module] = alpha.item()
     if problems:
-        raise ValueError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
+        raise UserInputError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
     # The one place every LoRA read passes (inference, conversion, detect-and-load): NaN/inf weights would turn
     # every generated image black or into noise, far from the file that caused it.
     nonfinite = [
@@ -297,7 +298,9 @@ def lora_from_state_dict(
         if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all())
     ]
     if nonfinite:
-        raise ValueError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {key_examples(nonfinite)}")
+        raise UserInputError(
+            f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {key_examples(nonfinite)}"
+        )
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, what)
     for module, roles in parsed.modules.items():
         modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module])
@@ -310,7 +313,7 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: a LoRA directory must hold exactly one .safetensors file, found {len(candidates)}"
             )
         path = candidates[0]
@@ -365,7 +368,7 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
     """Render a LoRA in `format` (default: the format it was read in). Returns (tensors, metadata)."""
     fmt = format or lora.format
     if fmt not in FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+        raise UserInputError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
     modules = dict(lora.modules)
     if fmt == "diffsynth":
         # DiffSynth applies B·A with no alpha: bake any scale != 1 into B (exact when the scale is a power of two)
@@ -415,7 +418,7 @@ def write_lora(
 ) -> Path:
     """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`."""
     if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UserInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout is not None and layout != lora.layout and lora.layout is not None:
         from .lora_qkv import convert_lora_layout
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fusedit.errors import UserInputError
+
 SHOW = 8
 OTHER_RUN_HINT = (
     "\nWas it saved by a run with another model (model.path, model.layout) or other LoRA settings "
@@ -21,7 +23,7 @@ OTHER_RUN_HINT = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """The checkpoint does not fit this model or holds non-finite values; the message names the keys."""
 
 
