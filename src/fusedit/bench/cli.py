@@ -18,11 +18,10 @@ from fusedit.bench.variants import (
     MODIFIERS,
     parse_variants,
 )
+from fusedit.devices import DTYPES, resolve_device
 from fusedit.errors import UserInputError
 from fusedit.io import write_json_atomic, write_text_atomic
 from fusedit.model.perf import ATTENTION_BACKENDS
-
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def _workers(text: str) -> tuple[int, ...]:
@@ -88,7 +87,7 @@ def add_cli(subparsers) -> None:
         help="only predict peak memory, time nothing: needs no GPU and no memory, also at --size full",
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile happens here)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,9 +119,7 @@ def shape_from_args(args) -> BenchShape:
 def main(args) -> int:
     # Names first: a typo in --variants should stop the run before anything is built.
     variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda was asked for, but CUDA is not available")
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     timed = not args.estimate_only
     if args.size == "full" and device.type == "cpu" and args.layers is None and timed and not args.data_only:
         # 60 blocks x 3072 wide in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
@@ -136,7 +133,7 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     # A memory prediction is for the GPU run: bf16 unless told otherwise, also when predicted on a CPU.
     on_gpu_dtype = device.type == "cuda" or not timed
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
     command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
 
     def write_reports(report: dict) -> str:

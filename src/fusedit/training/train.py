@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
+from fusedit.devices import to_dtype
 from fusedit.errors import UserInputError
 from fusedit.io import write_text_atomic
-from fusedit.training.build import build_transformer, to_dtype
+from fusedit.training.build import build_transformer
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
     CHECKPOINT_DIR,
