@@ -15,11 +15,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from fusedit.convert.layout import key_examples, model_layout
+from fusedit.convert.layout import model_layout
 from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
 from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
-from fusedit.errors import UserFileNotFoundError, UserInputError
+from fusedit.errors import UserFileNotFoundError, UserInputError, examples
 from fusedit.io import read_safetensors_header
 from fusedit.model.module_map import BLOCKS, block_index
 from fusedit.model.weight_files import read_json, transformer_weight_files
@@ -51,7 +51,7 @@ def _transformer_specs(directory: Path) -> dict:
     if weights.index is not None:
         missing = sorted(set(read_json(weights.index)["weight_map"]) - set(specs))
         if missing:
-            raise UserInputError(f"{weights.index}: keys in weight_map but in no shard: {key_examples(missing)}")
+            raise UserInputError(f"{weights.index}: keys in weight_map but in no shard: {examples(missing)}")
     return specs
 
 

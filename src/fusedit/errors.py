@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 
 class Refusal(Exception):
@@ -27,6 +27,15 @@ class UserFileNotFoundError(UserInputError, FileNotFoundError):
 
 class UserFileExistsError(UserInputError, FileExistsError):
     """An output the user named exists and would be overwritten."""
+
+
+def examples(items: Iterable[object], limit: int = 5, *, sort: bool = True) -> str:
+    """`a, b, c (and 7 more)`: the first `limit` of `items` (sorted unless `sort=False`), for a one-line refusal
+    that names what is at fault without printing thousands of keys."""
+    items = [str(item) for item in items]
+    if sort:
+        items.sort()
+    return ", ".join(items[:limit]) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
 def user_error_message(error: BaseException) -> str | None:

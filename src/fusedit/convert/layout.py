@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fusedit.errors import UserInputError
+from fusedit.errors import UserInputError, examples
 from fusedit.model.module_map import ATTENTION, QKV_GROUPS
 
 STANDARD = "standard"
@@ -63,12 +63,6 @@ def proj_role(module: str) -> ProjRole | None:
     return ProjRole(match["attn"], match["proj"]) if match else None
 
 
-def key_examples(keys: Iterable[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def layout_of_modules(names: Iterable[str], what: str = "state dict", module_of=lambda name: name) -> str | None:
     """The layout: "standard", "merged_qkv", or None when no q/k/v projection appears. Both at once is an error
     naming the keys (`names` are module paths, or keys mapped to their module by `module_of`)."""
@@ -79,8 +73,8 @@ def layout_of_modules(names: Iterable[str], what: str = "state dict", module_of=
             (merged if role.merged else standard).append(name)
     if standard and merged:
         raise UserInputError(
-            f"{what} mixes layouts: separate q/k/v projections ({key_examples(standard)}) and merged ones "
-            f"({key_examples(merged)}); a checkpoint must use one layout"
+            f"{what} mixes layouts: separate q/k/v projections ({examples(standard)}) and merged ones "
+            f"({examples(merged)}); a checkpoint must use one layout"
         )
     if merged:
         return MERGED

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from fusedit.errors import UserInputError
+from fusedit.errors import UserInputError, examples
 from fusedit.io import load_safetensors, save_safetensors_atomic
 from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
 
-from .layout import DIRECTION_TO, LAYOUTS, key_examples, layout_of_modules
+from .layout import DIRECTION_TO, LAYOUTS, layout_of_modules
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -171,25 +171,25 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
         modules[module][role] = key
     if unknown:
         raise UserInputError(
-            f"{what}: unknown keys (neither lora_A/lora_B/lora_down/lora_up weights nor .alpha): {key_examples(unknown)}"
+            f"{what}: unknown keys (neither lora_A/lora_B/lora_down/lora_up weights nor .alpha): {examples(unknown)}"
         )
     if not_qwen:
-        raise UserInputError(f"{what}: keys that name no Qwen-Image transformer module: {key_examples(not_qwen)}")
+        raise UserInputError(f"{what}: keys that name no Qwen-Image transformer module: {examples(not_qwen)}")
     if len(styles) > 1:
-        found = "; ".join(f"{fmt} ({key_examples(ks, 2)})" for (fmt, _), ks in styles.items())
+        found = "; ".join(f"{fmt} ({examples(ks, 2)})" for (fmt, _), ks in styles.items())
         raise UserInputError(f"{what}: mixed LoRA key formats: {found}")
     if not styles:
-        raise UserInputError(f"{what}: only .alpha keys, no LoRA weights: {key_examples(keys)}")
+        raise UserInputError(f"{what}: only .alpha keys, no LoRA weights: {examples(keys)}")
     (fmt, prefix), _ = next(iter(styles.items()))
     incomplete = [f"{module} has {sorted(roles)}" for module, roles in modules.items() if not {"A", "B"} <= set(roles)]
     if incomplete:
-        raise UserInputError(f"{what}: modules without both LoRA factors: {key_examples(incomplete)}")
+        raise UserInputError(f"{what}: modules without both LoRA factors: {examples(incomplete)}")
     if fmt != "kohya":
         stray = [
             roles["alpha"] for roles in modules.values() if "alpha" in roles and not roles["alpha"].startswith(prefix)
         ]
         if stray:
-            raise UserInputError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {key_examples(stray)}")
+            raise UserInputError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {examples(stray)}")
     layout_of_modules(modules, what)
     return ParsedKeys(fmt, prefix, dict(modules))
 
@@ -298,9 +298,7 @@ def lora_from_state_dict(
         if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all())
     ]
     if nonfinite:
-        raise UserInputError(
-            f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {key_examples(nonfinite)}"
-        )
+        raise UserInputError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {examples(nonfinite)}")
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, what)
     for module, roles in parsed.modules.items():
         modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module])

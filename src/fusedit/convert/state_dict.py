@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fusedit.errors import UserInputError
+from fusedit.errors import UserInputError, examples
 
 from .layout import DIRECTIONS, TARGET_LAYOUT, model_layout, plan_model_conversion
 from .lora_formats import is_lora_key, lora_from_state_dict, lora_to_state_dict
@@ -22,10 +22,7 @@ def classify_keys(keys, what: str = "state dict") -> str:
     lora = [k for k in keys if is_lora_key(k)]
     if lora and len(lora) != len(keys):
         others = sorted(set(keys) - set(lora))
-        raise UserInputError(
-            f"{what} mixes LoRA keys ({', '.join(sorted(lora)[:3])}) with other keys: {', '.join(others[:5])}"
-            + (f" (and {len(others) - 5} more)" if len(others) > 5 else "")
-        )
+        raise UserInputError(f"{what} mixes LoRA keys ({examples(lora, 3)}) with other keys: {examples(others)}")
     return "lora" if lora else "model"
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from fusedit.convert import TO_MERGED, TO_STANDARD, LoraWeights, convert_lora_layout, read_lora
 from fusedit.convert.lora_formats import peft_config_dict
-from fusedit.errors import UserInputError
+from fusedit.errors import UserInputError, examples
 from fusedit.inference.inputs import unique_name
 from fusedit.inference.preflight import LoraSpec, lora_file, lora_specs
 from fusedit.model import is_merged
@@ -73,16 +73,14 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
         missing = [m for m in converted.modules if not _has_module(transformer, m)]
         if missing:
             raise UserInputError(
-                f"LoRA {path} targets modules the {target_layout} transformer does not have: {missing[:5]}"
-                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-                + " — is it a LoRA for a different model?"
+                f"LoRA {path} targets modules the {target_layout} transformer does not have: "
+                f"{examples(missing, sort=False)} — is it a LoRA for a different model?"
             )
         mismatched = _shape_mismatches(transformer, converted)
         if mismatched:
             raise UserInputError(
                 f"LoRA {path} does not fit the {target_layout} transformer (another hidden size?): "
-                + "; ".join(mismatched[:5])
-                + (f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else "")
+                + examples(mismatched, sort=False)
             )
         name = _adapter_name(spec, taken)
         transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=config)
