@@ -103,6 +103,29 @@ def test_bench_data_and_the_command_parsers_do_not_load_lightning():
     assert result.stdout.strip() == "[]"
 
 
+def test_fusedit_prints_refusals_as_one_line_and_keeps_tracebacks_for_bugs(monkeypatch, capsys):
+    import fusedit.detect
+    from fusedit.cli import main
+    from fusedit.errors import Refusal, user_error_message
+
+    monkeypatch.setattr(fusedit.detect, "detect", lambda path: (_ for _ in ()).throw(ValueError(f"{path}: refused")))
+    with pytest.raises(ValueError):  # a plain ValueError (a library's, or a bug) is not a refusal
+        main(["detect", "some/path"])
+    for bug in (KeyError("bug"), TypeError("bug")):
+        monkeypatch.setattr(fusedit.detect, "detect", lambda path, bug=bug: (_ for _ in ()).throw(bug))
+        with pytest.raises(type(bug)):
+            main(["detect", "some/path"])
+
+    class SomeModulesRefusal(Refusal):  # any module's refusal class: decided by type, no registry
+        pass
+
+    monkeypatch.setattr(fusedit.detect, "detect", lambda path: (_ for _ in ()).throw(SomeModulesRefusal("no")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["detect", "some/path"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "fusedit detect: error: no\n"
+    assert user_error_message(SomeModulesRefusal("x")) == "x" and user_error_message(ValueError("x")) is None
+
+
 # ---------------------------------------------------------------------------------------------------- progress bar
 class _Tiny(LightningModule):
     def __init__(self):
