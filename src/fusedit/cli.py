@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from fusedit.errors import refusals_as_one_line
@@ -61,12 +62,20 @@ class _WithSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `fusedit ARGV`. A refusal (fusedit.errors.Refusal) prints one line and returns 2; any other exception is
+    """Run `fusedit ARGV`. A refusal (fusedit.errors.Refusal) prints one line and exits 2; any other exception is
     a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_in(argv)).parse_args(argv)
-    with refusals_as_one_line(f"fusedit {args.command}"):
-        return int(args.func(args) or 0)
+    with refusals_as_one_line(f"fusedit {args.command}", command_line=True):
+        try:
+            result = args.func(args)
+            sys.stdout.flush()  # a reader that went away (`fusedit detect ... | head`) shows here, not at exit
+        except BrokenPipeError:
+            # The reader has what it wanted. Point stdout at /dev/null so the interpreter's own flush at exit does
+            # not raise again, and exit as a command stopped by SIGPIPE does (128 + 13), without a traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+    return int(result or 0)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ from collections.abc import Iterable, Iterator
 class Refusal(Exception):
     """fusedit refuses to go on; the message says what is wrong and, where it can, how to fix it."""
 
+    def cli_message(self) -> str:
+        """The message as a `fusedit` command prints it (where the fix is a flag rather than an argument)."""
+        return str(self)
+
 
 class UserInputError(Refusal, ValueError):
     """Bad input (a path, a CSV row, a config value) described well enough for the user to fix it."""
@@ -25,8 +29,19 @@ class UserFileNotFoundError(UserInputError, FileNotFoundError):
     """A path the user gave does not exist."""
 
 
-class UserFileExistsError(UserInputError, FileExistsError):
-    """An output the user named exists and would be overwritten."""
+class OutputExistsError(UserInputError, FileExistsError):
+    """An output path already holds something the call would replace.
+
+    The way to allow it depends on who called: the message names the Python argument (`overwrite=True`);
+    `fusedit` commands print `cli_message()`, which names their `--overwrite` flag instead.
+    """
+
+    def __init__(self, path, reason: str = "exists") -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}; choose a new path or pass overwrite=True to replace it")
+
+    def cli_message(self) -> str:
+        return f"{self.path}: {self.reason}; choose a new path or pass --overwrite to replace it"
 
 
 def examples(items: Iterable[object], limit: int = 5, *, sort: bool = True) -> str:
@@ -44,10 +59,11 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def refusals_as_one_line(prefix: str = "fusedit") -> Iterator[None]:
-    """Print fusedit's refusals as `<prefix>: error: ...` and exit 2; let every other exception through."""
+def refusals_as_one_line(prefix: str = "fusedit", command_line: bool = False) -> Iterator[None]:
+    """Print fusedit's refusals as `<prefix>: error: ...` (`cli_message()` for a `fusedit` command) and exit 2; let
+    every other exception through."""
     try:
         yield
     except Refusal as error:
-        print(f"{prefix}: error: {error}", file=sys.stderr, flush=True)
+        print(f"{prefix}: error: {error.cli_message() if command_line else error}", file=sys.stderr, flush=True)
         sys.exit(2)

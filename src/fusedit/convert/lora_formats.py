@@ -32,6 +32,7 @@ import torch
 from fusedit.errors import UserInputError, examples
 from fusedit.io import load_safetensors, save_safetensors_atomic
 from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
+from fusedit.pickle_files import pickle_refusal
 
 from .layout import DIRECTION_TO, LAYOUTS, layout_of_modules
 
@@ -315,6 +316,9 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
                 f"{path}: a LoRA directory must hold exactly one .safetensors file, found {len(candidates)}"
             )
         path = candidates[0]
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise UserInputError(refusal)
     tensors, metadata = load_safetensors(path)
     adapter_config = None
     config_path = path.parent / "adapter_config.json"
