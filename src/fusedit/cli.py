@@ -8,8 +8,9 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Iterable
 
-from fusedit.errors import refusals_as_one_line
+from fusedit.errors import Refusal
 
 # command -> (module whose `add_cli(subparsers)` adds it with `set_defaults(func=...)`, summary for `--help`).
 COMMANDS = {
@@ -33,9 +34,10 @@ def _command_in(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `fusedit` parser with `command`'s full subparser; every other command is a stub carrying its summary
-    (enough for `fusedit --help` and for argparse to reject an unknown command)."""
+def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The `fusedit` parser. The commands in `full` (default: all) get their real parser, which imports their module;
+    the others are stubs carrying their summary (enough for `fusedit --help` and to reject an unknown command)."""
+    full = set(COMMANDS if full is None else full)
     parser = argparse.ArgumentParser(
         prog="fusedit",
         description="Tools around LoRA fine-tuning of Qwen-Image-Edit with merged QKV projections (training is "
@@ -43,7 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, summary) in COMMANDS.items():
-        if name == command:
+        if name in full:
             importlib.import_module(module).add_cli(_WithSummary(subparsers, summary))
         else:
             subparsers.add_parser(name, help=summary, add_help=False)
@@ -62,19 +64,22 @@ class _WithSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `fusedit ARGV`. A refusal (fusedit.errors.Refusal) prints one line and exits 2; any other exception is
-    a bug and keeps its traceback."""
+    """Run `fusedit ARGV`; returns the exit status. A refusal (fusedit.errors.Refusal) prints one line and returns 2;
+    any other exception is a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_in(argv)).parse_args(argv)
-    with refusals_as_one_line(f"fusedit {args.command}", command_line=True):
-        try:
-            result = args.func(args)
-            sys.stdout.flush()  # a reader that went away (`fusedit detect ... | head`) shows here, not at exit
-        except BrokenPipeError:
-            # The reader has what it wanted. Point stdout at /dev/null so the interpreter's own flush at exit does
-            # not raise again, and exit as a command stopped by SIGPIPE does (128 + 13), without a traceback.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141
+    command = _command_in(argv)
+    args = build_parser(full=[command] if command in COMMANDS else []).parse_args(argv)
+    try:
+        result = args.func(args)
+        sys.stdout.flush()  # a reader that went away (`fusedit detect ... | head`) shows here, not at exit
+    except BrokenPipeError:
+        # The reader has what it wanted. Point stdout at /dev/null so the interpreter's own flush at exit does not
+        # raise again, and exit as a command stopped by SIGPIPE does (128 + 13), without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Refusal as error:
+        print(f"fusedit {args.command}: error: {error.cli_message()}", file=sys.stderr)  # --overwrite, not overwrite=
+        return 2
     return int(result or 0)
 
 

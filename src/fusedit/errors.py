@@ -59,11 +59,10 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def refusals_as_one_line(prefix: str = "fusedit", command_line: bool = False) -> Iterator[None]:
-    """Print fusedit's refusals as `<prefix>: error: ...` (`cli_message()` for a `fusedit` command) and exit 2; let
-    every other exception through."""
+def refusals_as_one_line() -> Iterator[None]:
+    """Print fusedit's refusals as `fusedit: error: ...` and exit 2; let every other exception through."""
     try:
         yield
     except Refusal as error:
-        print(f"{prefix}: error: {error.cli_message() if command_line else error}", file=sys.stderr, flush=True)
+        print(f"fusedit: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
