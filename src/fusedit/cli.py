@@ -60,7 +60,7 @@ class _WithSummary:
         self._subparsers, self._summary = subparsers, summary
 
     def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
-        return self._subparsers.add_parser(name, help=self._summary, **kwargs)
+        return self._subparsers.add_parser(name, **{**kwargs, "help": self._summary})
 
 
 def main(argv: list[str] | None = None) -> int:

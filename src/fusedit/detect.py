@@ -207,7 +207,6 @@ def detect(path: str | os.PathLike) -> dict:
 def add_cli(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "detect",
-        help="describe a Qwen-Image pipeline, transformer, model file or LoRA (JSON)",
         description="Print a JSON report: kind, family, layout, layers, hidden size, heads, dtype, parameter count; "
         "for a LoRA its format, layout, ranks, alphas and target modules. Reads headers and configs only.",
     )
