@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fusedit.errors import UserInputError
+from fusedit.errors import Refusal, UserInputError
 
 
 def current_umask() -> int:
@@ -58,8 +58,11 @@ def _storage_full_cause(error: BaseException | None) -> int | None:
     return None
 
 
-class StorageFullError(OSError):
+class StorageFullError(Refusal, OSError):
     """No room to write a file ("No space left on device while writing <file>"); the old file, if any, is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # without OSError's "[Errno 28]" prefix: the message already says it
 
 
 @contextlib.contextmanager
