@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from fusedit.io import load_safetensors, save_safetensors_atomic
+from fusedit.io import load_safetensors
 
-from .layout import DIRECTION_TO, LAYOUTS, key_examples, layout_of_modules
+from .layout import key_examples, layout_of_modules
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -434,18 +434,3 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
             config = {f"transformer.{k}": v for k, v in config.items()}
         metadata[DIFFUSERS_METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
     return tensors, metadata
-
-
-def write_lora(
-    lora: LoraWeights, path: str | os.PathLike, format: str = "diffusers", layout: str | None = None
-) -> Path:
-    """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`."""
-    if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout is not None and layout != lora.layout and lora.layout is not None:
-        from .lora_qkv import convert_lora_layout
-
-        lora = convert_lora_layout(lora, DIRECTION_TO[layout])
-    tensors, metadata = lora_to_state_dict(lora, format)
-    save_safetensors_atomic(tensors, path, metadata)
-    return Path(path)
