@@ -19,11 +19,11 @@ from fusedit.cache import CacheCorruptError, CachedConditioner, CachedEditDataMo
 from fusedit.cache.keys import fingerprint_hash
 from fusedit.data import EditDataModule, make_sample_dataset
 from fusedit.io import read_safetensors_header
-from fusedit.training import conditioning
-from fusedit.training.build import build_transformer
-from fusedit.training.conditioning import EditConditioner
+from fusedit.step import conditioning
+from fusedit.step.build import build_transformer
+from fusedit.step.conditioning import EditConditioner
+from fusedit.step.objective import FlowMatchObjective
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.objective import FlowMatchObjective
 
 
 class EncoderCalls:

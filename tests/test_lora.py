@@ -13,7 +13,7 @@ from fusedit.convert import read_lora
 from fusedit.lora import add_lora, export_lora, lora_parameters, resolve_targets
 from fusedit.lora.targets import ATTN_MLP, VALID_TARGETS
 from fusedit.model import load_transformer
-from fusedit.training.build import (
+from fusedit.step.build import (
     STAGES,
     activation_checkpointing,
     build_transformer,
@@ -67,7 +67,7 @@ def test_build_order_is_enforced(tiny_edit_path):
     with pytest.raises(RuntimeError, match="must run before"):
         fp8_storage(model)  # quantising after LoRA would swap the base layer under PEFT's wrapper
     model = activation_checkpointing(load(tiny_edit_path, "merged_qkv"), every=2)
-    from fusedit.training.build import lora
+    from fusedit.step.build import lora
 
     with pytest.raises(RuntimeError, match="must run before"):
         lora(model, rank=2)

@@ -10,12 +10,12 @@ import torch
 
 from fusedit.model import perf
 from fusedit.model.perf import Float8ComputeLinear, lora_inputs_follow_autocast, sdpa_backends
-from fusedit.training import build
-from fusedit.training import module as module_lib
-from fusedit.training.build import build_transformer, stages_applied
-from fusedit.training.conditioning import EditInputs
+from fusedit.step import build
+from fusedit.step import loss as loss_lib
+from fusedit.step.build import build_transformer, stages_applied
+from fusedit.step.conditioning import EditInputs
+from fusedit.step.objective import FlowMatchObjective
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.objective import FlowMatchObjective
 from tests.training_utils import compose_train
 
 LORA = {"rank": 4, "alpha": 8, "targets": "attn_mlp"}
@@ -64,7 +64,7 @@ def test_trimmed_prompt_padding_gives_the_masked_loss(tiny_edit_path, monkeypatc
     trimmed = module.compute_loss(inputs, seed=3)[0]
     assert seen[-1][0] == 7 and seen[-1][1] is not None  # shared padding cut, the shorter prompt still masked
     with monkeypatch.context() as patch:
-        patch.setattr(module_lib, "trim_prompt_padding", lambda embeds, mask: (embeds, mask))
+        patch.setattr(loss_lib, "trim_prompt_padding", lambda embeds, mask: (embeds, mask))
         masked = module.compute_loss(inputs, seed=3)[0]
     assert seen[-1][0] == 10
     assert trimmed.item() == pytest.approx(masked.item(), rel=1e-5)
@@ -121,10 +121,10 @@ def test_checkpoint_offload_moves_saved_inputs_to_cpu(tiny_edit_path, monkeypatc
 def test_fp8_compute_is_refused_off_sm89_with_a_clear_error(tiny_edit_path):
     if perf.float8_compute_support("cuda" if torch.cuda.is_available() else "cpu")[0]:
         pytest.skip("this machine supports float8 GEMMs")
-    with pytest.raises(RuntimeError, match=r"precision.fp8_compute=true: float8 GEMMs need .*fp8_storage=true"):
+    with pytest.raises(RuntimeError, match=r"precision.fp8=float8: float8 GEMMs need .*fp8=storage"):
         build_transformer(tiny_edit_path, "merged_qkv", "float32", LORA, fp8_compute=True)
-    cfg = compose_train(["precision=fp8", "precision.fp8_compute=true"])
-    assert cfg.precision.fp8_compute is True
+    cfg = compose_train(["precision=fp8", "precision.fp8=float8"])
+    assert cfg.precision.fp8 == "float8"
 
 
 def test_fp8_compute_is_the_fp8_stage_before_lora(tiny_edit_path, monkeypatch):

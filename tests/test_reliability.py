@@ -135,6 +135,7 @@ def _problems(overrides):
         ("optim.grad_clip=0", "optim.grad_clip must be > 0 or null"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1"),
         ("lora.dropout=1.0", "lora.dropout must be in [0, 1)"),
+        ("precision.fp8=yes", "precision.fp8 must be one of none | storage | float8, got 'yes'"),
     ],
 )
 def test_bad_config_values_are_named(override, expected):

@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 
 from fusedit.data import EditDataModule, make_sample_dataset
-from fusedit.training.build import build_transformer
-from fusedit.training.conditioning import EditConditioner
+from fusedit.step.build import build_transformer
+from fusedit.step.conditioning import EditConditioner
+from fusedit.step.objective import FlowMatchObjective
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.objective import FlowMatchObjective
 from fusedit.training.train import train
 from tests.training_utils import train_cfg, train_with_callbacks
 

@@ -401,6 +401,14 @@ def ensure_tiny(path: str | os.PathLike, variant: str = "edit", seed: int = 0, n
     return path
 
 
+TINY_DIR = "tiny-edit"
+
+
+def default_model_path(cache_dir: str | os.PathLike) -> Path:
+    """The tiny Qwen-Image-Edit pipeline used when `model.path` is null (created under `cache_dir` on first use)."""
+    return ensure_tiny(Path(cache_dir) / TINY_DIR, "edit")
+
+
 def add_cli(subparsers) -> None:
     """Register `fusedit make-tiny OUT [--variant ...] [--seed N] [--layers N] [--overwrite]`."""
     parser = subparsers.add_parser(

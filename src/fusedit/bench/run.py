@@ -19,7 +19,7 @@ from fusedit.bench.shapes import BenchShape, make_inputs
 from fusedit.bench.variants import BASELINES, Variant, build_variant, make_step
 from fusedit.lora.adapter import lora_parameters
 from fusedit.model.perf import attention_backend
-from fusedit.training.objective import FlowMatchObjective
+from fusedit.step.objective import FlowMatchObjective
 
 SCHEMA = "fusedit.bench/1"
 VARIANT_FIELDS = (
@@ -73,7 +73,7 @@ def _measure(
     parameters = list(lora_parameters(model).values())
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type == "cuda")
     inputs = make_inputs(shape, device, dtype, seed)
-    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"))
+    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"), dtype, seed)
     memory = PeakMemory(device)
     with attention_backend(attention):
         synchronize(device)

@@ -26,7 +26,8 @@ def compose_cache_config(overrides: list[str], config_dir: str | Path = DEFAULT_
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from fusedit.training.train import default_metadata, default_model_path
+    from fusedit.data.sample import default_metadata
+    from fusedit.tiny import default_model_path
 
     config_dir = Path(config_dir)
     if not (config_dir / "train.yaml").is_file():

@@ -34,7 +34,7 @@ def cached_datamodule(cfg: DictConfig) -> CachedEditDataModule:
 def prepare_cached_training(cfg: DictConfig) -> tuple[CachedEditDataModule, CachedConditioner]:
     """(data module, conditioner) for training from the cache; neither holds the VAE or text encoder. Validation
     images work: the conditioner loads the VAE decoder at the first round (fusedit.cache.validation)."""
-    from fusedit.training.build import to_dtype
+    from fusedit.step.build import to_dtype
 
     conditioner = CachedConditioner(Path(cfg.model.path), dtype=to_dtype(cfg.precision.base_dtype))
     return cached_datamodule(cfg), conditioner

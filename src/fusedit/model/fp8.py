@@ -7,7 +7,7 @@ backward and give the memory back. Frozen weights get no weight-gradient GEMM at
 
 Scales: `tensor` (one fp32 scale per matrix) or `row` (one per output row, which tracks outlier rows better).
 The module subclasses `nn.Linear` so PEFT wraps it like any Linear; it advertises `compute_dtype` so PEFT keeps
-LoRA weights in the compute dtype instead of casting them to fp8. Apply it before LoRA (build order: fusedit.training.build).
+LoRA weights in the compute dtype instead of casting them to fp8. Apply it before LoRA (build order: fusedit.step.build).
 """
 
 from __future__ import annotations

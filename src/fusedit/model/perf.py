@@ -27,37 +27,6 @@ from torch.utils.checkpoint import checkpoint
 from fusedit.model.fp8 import ENTRY_EXIT_LAYERS, Fp8StorageLinear, FrozenFp8Linear, swap_frozen_linears
 
 # --------------------------------------------------------------------------------------------------------------------
-# Prompt padding
-
-
-def trim_prompt_padding(
-    prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cut the trailing padding every sample shares; return (embeds, mask or None when nothing is padded).
-
-    Only *trailing* columns are cut: text RoPE positions are column indices, so removing a column in the middle
-    would move every later token. For batch 1 with right padding this removes all padding and the mask. Exact:
-    a padded key is masked out of every query, and the padded text queries feed nothing the loss reads.
-    """
-    if prompt_mask is None:
-        return prompt_embeds, None
-    if prompt_mask.shape != prompt_embeds.shape[:2]:
-        raise ValueError(
-            f"prompt mask shape {tuple(prompt_mask.shape)} does not match prompt embeddings {tuple(prompt_embeds.shape)}"
-        )
-    valid = prompt_mask.bool()
-    if not valid.any(dim=1).all():
-        empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(f"prompt mask of batch item(s) {empty} is all padding; every prompt needs a token")
-    columns = valid.any(dim=0)
-    keep = int(columns.nonzero().max()) + 1
-    prompt_embeds, valid = prompt_embeds[:, :keep], valid[:, :keep]
-    if bool(valid.all()):
-        return prompt_embeds, None
-    return prompt_embeds, prompt_mask[:, :keep]
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Attention backend
 
 # Priority orders for torch.nn.attention.sdpa_kernel; "auto" leaves PyTorch's own choice alone.
@@ -144,7 +113,7 @@ def use_offloaded_checkpoints(model: nn.Module, pin_memory: bool | None = None) 
     if not getattr(model, "gradient_checkpointing", False):
         raise ValueError(
             "checkpoint offload needs activation checkpointing of every block first "
-            "(fusedit.training.build.activation_checkpointing(model, every=1))"
+            "(fusedit.step.build.activation_checkpointing(model, every=1))"
         )
     model.enable_gradient_checkpointing(
         gradient_checkpointing_func=functools.partial(offloaded_checkpoint, pin_memory=pin_memory)
@@ -304,6 +273,5 @@ __all__ = [
     "lora_inputs_follow_autocast",
     "offloaded_checkpoint",
     "sdpa_backends",
-    "trim_prompt_padding",
     "use_offloaded_checkpoints",
 ]

@@ -28,9 +28,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
+from fusedit.data.sample import default_metadata
 from fusedit.errors import UserInputError
 from fusedit.io import write_text_atomic
-from fusedit.training.build import build_transformer, to_dtype
+from fusedit.step.build import build_transformer, to_dtype
+from fusedit.step.conditioning import EditConditioner
+from fusedit.tiny import default_model_path
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -40,34 +43,13 @@ from fusedit.training.checkpoint import (
     resolve_checkpoint,
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
-from fusedit.training.conditioning import EditConditioner
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.signals import GracefulStop
 from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
 
 log = logging.getLogger(__name__)
 
-TINY_DIR = "tiny-edit"
-SAMPLE_DIR = "sample-data"
 WANDB_ID_FILE = "wandb_run_id"
-
-
-# ---------------------------------------------------------------------------------------------------- defaults
-def default_model_path(cache_dir: str | Path) -> Path:
-    """The tiny Qwen-Image-Edit pipeline used when `model.path` is null (created on first use)."""
-    from fusedit.tiny import ensure_tiny
-
-    return ensure_tiny(Path(cache_dir) / TINY_DIR, "edit")
-
-
-def default_metadata(cache_dir: str | Path) -> Path:
-    """The generated sample dataset used when `data.metadata` is null (created on first use)."""
-    from fusedit.data import make_sample_dataset
-
-    metadata = Path(cache_dir) / SAMPLE_DIR / "metadata.csv"
-    if metadata.is_file():
-        return metadata
-    return make_sample_dataset(metadata.parent)
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -241,11 +223,11 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
             "dtype": precision.lora_dtype,
         },
         fp8={"granularity": precision.fp8_granularity, "compute_dtype": precision.compute_dtype}
-        if precision.fp8_storage
+        if precision.fp8 == "storage"
         else False,
         checkpoint_every=cfg.model.activation_checkpointing,
         compile=_plain(cfg.model.compile),
-        fp8_compute={"compute_dtype": precision.compute_dtype} if precision.get("fp8_compute") else False,
+        fp8_compute={"compute_dtype": precision.compute_dtype} if precision.fp8 == "float8" else False,
         checkpoint_offload=cfg.model.get("checkpoint_offload", False),
     )
     if conditioner is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
+from fusedit.step.precision import FP8_CHOICES
 
 
 class ConfigError(UserInputError):
@@ -72,6 +73,10 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
         resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
     except ValueError as error:
         problems.append(f"lora.targets: {error}")
+
+    fp8 = OmegaConf.select(cfg, "precision.fp8")
+    if fp8 not in FP8_CHOICES:
+        problems.append(f"precision.fp8 must be one of {' | '.join(FP8_CHOICES)}, got {fp8!r}")
 
     lr = _number(cfg, "optim.lr")
     if lr is None or not (math.isfinite(lr) and lr > 0):

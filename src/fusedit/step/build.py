@@ -1,11 +1,13 @@
 """Build the trainable transformer as an ordered list of transforms (torchtitan style).
 
-    load -> fp8 (storage or float8 compute) -> LoRA -> activation checkpointing (+ CPU offload) -> compile
+    load -> fuse (q/k/v layout) -> fp8 (storage or float8 compute) -> LoRA -> activation checkpointing
+    (+ CPU offload) -> compile
 
 Each stage is a separate function that records itself on the model (`model._fusedit_stages`) and refuses to run
 after a later stage (LoRA after compile, fp8 after LoRA, ...) or twice: quantising after LoRA would quantise the
 adapters, checkpointing must wrap the LoRA-carrying blocks, and compile must see the final modules. New stages
-(fp8 storage, other compile modes) slot in by name in `STAGES`.
+(fp8 storage, other compile modes) slot in by name in `STAGES`. The trainer (fusedit.training) and the benchmark
+(fusedit.bench, on a random base model) build through `build_transformer`, so both run the same model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from fusedit.lora.adapter import add_lora
 from fusedit.model.loading import load_transformer
 
-STAGES = ("load", "fp8", "lora", "activation_checkpointing", "compile")
+STAGES = ("load", "fuse", "fp8", "lora", "activation_checkpointing", "compile")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
@@ -50,10 +52,30 @@ def _enter_stage(model: nn.Module, stage: str) -> None:
 
 
 def load(path: str | Path, layout: str, dtype: str | torch.dtype | None = None) -> nn.Module:
+    """The frozen transformer at `path`, already in `layout` (the loader converts while reading: no second copy)."""
     model = load_transformer(path, layout=layout, dtype=to_dtype(dtype))
     model.requires_grad_(False)
     _enter_stage(model, "load")
+    _enter_stage(model, "fuse")
     return model
+
+
+def adopt(model: nn.Module) -> nn.Module:
+    """The `load` stage for a transformer built elsewhere (the benchmark's random base): frozen, recorded."""
+    model.requires_grad_(False)
+    _enter_stage(model, "load")
+    return model
+
+
+def fuse(model: nn.Module, layout: str) -> nn.Module:
+    """Put the q/k/v projections in `layout`: `merged_qkv` fuses them (fusedit.model.merged_qkv), `standard`
+    splits them; a model already in `layout` is left as it is."""
+    from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
+
+    if layout not in ("merged_qkv", "standard"):
+        raise ValueError(f"layout must be merged_qkv or standard, got {layout!r}")
+    _enter_stage(model, "fuse")
+    return fuse_qkv(model) if layout == "merged_qkv" else unfuse_qkv(model)
 
 
 def fp8_storage(model: nn.Module, granularity: str = "row", compute_dtype: str | torch.dtype = "bfloat16") -> nn.Module:
@@ -74,7 +96,7 @@ def float8_compute(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     supported, reason = float8_compute_support(device)
     if not supported:
-        raise RuntimeError(f"precision.fp8_compute=true: {reason}. Use precision.fp8_storage=true instead.")
+        raise RuntimeError(f"precision.fp8=float8: {reason}. Use precision.fp8=storage instead.")
     _enter_stage(model, "fp8")
     return apply_float8_compute(model, compute_dtype=to_dtype(compute_dtype), device=device)
 
@@ -131,7 +153,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 def build_transformer(
-    path: str | Path,
+    path: str | Path | nn.Module,
     layout: str,
     dtype: str | torch.dtype | None,
     lora_kwargs: dict,
@@ -141,8 +163,11 @@ def build_transformer(
     fp8_compute: bool | dict = False,
     checkpoint_offload: bool = False,
 ) -> nn.Module:
-    """All stages in order, as the config asks for them. `fp8_compute` replaces `fp8` (both fill the fp8 slot)."""
-    model = load(path, layout, dtype)
+    """All stages in order, as the config asks for them. `fp8_compute` replaces `fp8` (both fill the fp8 slot).
+
+    `path`: a checkpoint to load (in `dtype`), or a transformer already built (the benchmark's random base).
+    """
+    model = fuse(adopt(path), layout) if isinstance(path, nn.Module) else load(path, layout, dtype)
     if fp8_compute:
         model = float8_compute(model, **(fp8_compute if isinstance(fp8_compute, dict) else {}))
     elif fp8:
