@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_types
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
+from fusedit.pickle_files import pickle_refusal
 
 # fusedit.detect family -> the diffusers pipeline class that runs it.
 PIPELINE_CLASSES = {
@@ -101,6 +102,9 @@ def lora_file(spec: LoraSpec) -> Path:
                 f"{len(files)}"
             )
         path = files[0]
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise UserInputError(f"{spec.key}={refusal}")
     try:
         # The numpy reader parses and checks the header (tensor offsets against the file size) without torch.
         with safe_open(str(path), framework="numpy") as handle:
