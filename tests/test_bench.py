@@ -24,8 +24,8 @@ from fusedit.bench.run import VARIANT_FIELDS, finalize_report
 from fusedit.bench.shapes import SHAPES, BenchShape, build_random_transformer, make_inputs
 from fusedit.bench.variants import CATALOGUE, DEFAULT_VARIANTS, VARIANTS, build_variant
 from fusedit.lora.adapter import add_lora
+from fusedit.model.attention import attention_backend
 from fusedit.model.merged_qkv import fuse_qkv
-from fusedit.model.perf import attention_backend
 
 # Small enough that a compiled variant builds in seconds on two cores.
 MICRO = SHAPES["tiny"].replace(

@@ -8,16 +8,10 @@ from torch import nn
 
 from fusedit.bench.measure import profile_step
 from fusedit.bench.shapes import SHAPES, build_random_transformer, make_inputs
+from fusedit.model.attention import attention_backend, sdpa_backends
+from fusedit.model.checkpointing import offloaded_checkpoint, use_offloaded_checkpoints
+from fusedit.model.fp8 import Float8ComputeLinear, apply_float8_compute, float8_compute_support
 from fusedit.model.merged_qkv import fuse_qkv
-from fusedit.model.perf import (
-    Float8ComputeLinear,
-    apply_float8_compute,
-    attention_backend,
-    float8_compute_support,
-    offloaded_checkpoint,
-    sdpa_backends,
-    use_offloaded_checkpoints,
-)
 from fusedit.step import build
 from fusedit.step.conditioning import trim_prompt_padding
 

@@ -8,8 +8,10 @@ import functools
 import pytest
 import torch
 
-from fusedit.model import perf
-from fusedit.model.perf import Float8ComputeLinear, lora_inputs_follow_autocast, sdpa_backends
+from fusedit.lora.adapter import lora_inputs_follow_autocast
+from fusedit.model import checkpointing, fp8
+from fusedit.model.attention import sdpa_backends
+from fusedit.model.fp8 import Float8ComputeLinear
 from fusedit.step import build
 from fusedit.step import loss as loss_lib
 from fusedit.step.build import build_transformer, stages_applied
@@ -106,20 +108,20 @@ def test_checkpoint_offload_gives_the_same_gradients(tiny_edit_path, every):
 
 def test_checkpoint_offload_moves_saved_inputs_to_cpu(tiny_edit_path, monkeypatch):
     calls = []
-    original = perf.offloaded_checkpoint
+    original = checkpointing.offloaded_checkpoint
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(perf, "offloaded_checkpoint", counting)
+    monkeypatch.setattr(checkpointing, "offloaded_checkpoint", counting)
     module = make_module(tiny_edit_path, checkpoint_every=1, checkpoint_offload=True)
     module.compute_loss(tiny_inputs(), seed=2)[0].backward()
     assert len(calls) == len(module.transformer.transformer_blocks)
 
 
 def test_fp8_compute_is_refused_off_sm89_with_a_clear_error(tiny_edit_path):
-    if perf.float8_compute_support("cuda" if torch.cuda.is_available() else "cpu")[0]:
+    if fp8.float8_compute_support("cuda" if torch.cuda.is_available() else "cpu")[0]:
         pytest.skip("this machine supports float8 GEMMs")
     with pytest.raises(RuntimeError, match=r"precision.fp8=float8: float8 GEMMs need .*fp8=storage"):
         build_transformer(tiny_edit_path, "merged_qkv", "float32", LORA, fp8_compute=True)
@@ -129,11 +131,11 @@ def test_fp8_compute_is_refused_off_sm89_with_a_clear_error(tiny_edit_path):
 
 def test_fp8_compute_is_the_fp8_stage_before_lora(tiny_edit_path, monkeypatch):
     # The stage wiring on CPU, where PyTorch emulates _scaled_mm: only the device check is bypassed.
-    monkeypatch.setattr(perf, "float8_compute_support", lambda device: (True, "ok"))
+    monkeypatch.setattr(fp8, "float8_compute_support", lambda device: (True, "ok"))
     model = build_transformer(
         tiny_edit_path, "merged_qkv", "float32", LORA, fp8_compute={"compute_dtype": "float32", "device": "cpu"}
     )
-    assert stages_applied(model) == ["load", "fp8", "lora"]
+    assert stages_applied(model) == ["load", "fuse", "fp8", "lora"]
     block = model.transformer_blocks[0]
     assert isinstance(block.attn.to_qkv.base_layer, Float8ComputeLinear)
     assert block.attn.to_qkv.lora_A["default"].weight.dtype == torch.float32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -104,7 +106,10 @@ def test_precision_presets_are_the_config_files(name):
     assert Precision(**OmegaConf.to_container(OmegaConf.load(CONF / "precision" / f"{name}.yaml"))) == PRESETS[name]
 
 
-def test_bench_precision_is_the_trainers_for_its_dtype():
-    assert variant_precision(parse_variant("merged"), torch.bfloat16) == PRESETS["bf16"]
-    assert variant_precision(parse_variant("merged+fp8"), torch.bfloat16) == PRESETS["fp8"]
-    assert variant_precision(parse_variant("merged"), torch.float32) == PRESETS["fp32"]
+@pytest.mark.parametrize(
+    ("variant", "dtype", "preset"),
+    [("merged", torch.bfloat16, "bf16"), ("merged+fp8", torch.bfloat16, "fp8"), ("merged", torch.float32, "fp32")],
+)
+def test_bench_precision_is_the_trainers_for_its_dtype(variant, dtype, preset):
+    # The preset's name aside (the bench names its runs by variant), every setting is the config file's.
+    assert dataclasses.replace(variant_precision(parse_variant(variant), dtype), name=preset) == PRESETS[preset]

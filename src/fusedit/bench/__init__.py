@@ -36,7 +36,7 @@ from fusedit.bench.variants import (
     parse_variants,
 )
 from fusedit.io import write_json_atomic, write_text_atomic
-from fusedit.model.perf import ATTENTION_BACKENDS
+from fusedit.model.attention import ATTENTION_BACKENDS
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

@@ -18,7 +18,7 @@ from fusedit.bench.memory import estimate_step_memory
 from fusedit.bench.shapes import BenchShape, make_inputs
 from fusedit.bench.variants import BASELINES, Variant, build_variant, make_step
 from fusedit.lora.adapter import lora_parameters
-from fusedit.model.perf import attention_backend
+from fusedit.model.attention import attention_backend
 from fusedit.step.objective import FlowMatchObjective
 
 SCHEMA = "fusedit.bench/1"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fusedit.bench.shapes import BenchShape, build_random_transformer
-from fusedit.model.perf import float8_compute_support
+from fusedit.model.fp8 import float8_compute_support
 from fusedit.step.build import build_transformer, to_dtype
 from fusedit.step.conditioning import EditInputs
 from fusedit.step.loss import EditLoss

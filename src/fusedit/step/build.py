@@ -12,14 +12,12 @@ adapters, checkpointing must wrap the LoRA-carrying blocks, and compile must see
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from fusedit.lora.adapter import add_lora
+from fusedit.lora.adapter import add_lora, lora_inputs_follow_autocast
 from fusedit.model.loading import load_transformer
 
 STAGES = ("load", "fuse", "fp8", "lora", "activation_checkpointing", "compile")
@@ -89,9 +87,9 @@ def fp8_storage(model: nn.Module, granularity: str = "row", compute_dtype: str |
 def float8_compute(
     model: nn.Module, compute_dtype: str | torch.dtype = "bfloat16", device: str | torch.device | None = None
 ) -> nn.Module:
-    """Frozen block Linears computing in float8 (fusedit.model.perf.apply_float8_compute), in the fp8 slot instead
+    """Frozen block Linears computing in float8 (fusedit.model.fp8.apply_float8_compute), in the fp8 slot instead
     of fp8 storage. `device`: where training will run (default: CUDA when available), which must be sm89+."""
-    from fusedit.model.perf import apply_float8_compute, float8_compute_support
+    from fusedit.model.fp8 import apply_float8_compute, float8_compute_support
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     supported, reason = float8_compute_support(device)
@@ -103,9 +101,7 @@ def float8_compute(
 
 def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
     """PEFT LoRA (fusedit.lora.adapter); under autocast the adapters read their bf16 inputs without an fp32 copy
-    (fusedit.model.perf.lora_inputs_follow_autocast)."""
-    from fusedit.model.perf import lora_inputs_follow_autocast
-
+    (fusedit.lora.adapter.lora_inputs_follow_autocast)."""
     _enter_stage(model, "lora")
     lora_kwargs["dtype"] = to_dtype(lora_kwargs.get("dtype", torch.float32))
     model = add_lora(model, **lora_kwargs)
@@ -113,36 +109,17 @@ def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
     return model
 
 
-def _checkpointed_forward(forward, *args, **kwargs):
-    if torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
 def activation_checkpointing(model: nn.Module, every: int = 1, offload: bool = False) -> nn.Module:
-    """Recompute every `every`-th transformer block in the backward pass (1 = all blocks, 0 = off).
-
-    All blocks use diffusers' own switch. Every k-th block patches that block's `forward` on the instance rather
-    than wrapping the module, so parameter names (and thus LoRA keys and checkpoints) do not change. `offload`
-    keeps the checkpointed blocks' saved inputs in (pinned) CPU memory until backward (perf.offloaded_checkpoint).
-    """
-    from fusedit.model.perf import offloaded_checkpoint
+    """Recompute every `every`-th transformer block in the backward pass (1 = all blocks, 0 = off); `offload` keeps
+    the saved block inputs in CPU memory until backward (fusedit.model.checkpointing)."""
+    from fusedit.model.checkpointing import checkpoint_blocks
 
     if every < 0:
         raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
     if offload and every == 0:
         raise ValueError("model.checkpoint_offload=true needs model.activation_checkpointing >= 1")
     _enter_stage(model, "activation_checkpointing")
-    if every == 1:
-        model.enable_gradient_checkpointing(
-            **({"gradient_checkpointing_func": offloaded_checkpoint} if offload else {})
-        )
-    elif every > 1:
-        wrapper = offloaded_checkpoint if offload else _checkpointed_forward
-        for index, block in enumerate(model.transformer_blocks):
-            if index % every == 0:
-                block.forward = functools.partial(wrapper, block.forward)
-    return model
+    return checkpoint_blocks(model, every, offload)
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:

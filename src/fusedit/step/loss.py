@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedit.model.perf import ATTENTION_BACKENDS, attention_backend
+from fusedit.model.attention import ATTENTION_BACKENDS, attention_backend
 from fusedit.step.conditioning import EditInputs, trim_prompt_padding
 from fusedit.step.objective import FlowMatchObjective
 
@@ -38,7 +38,7 @@ def sample_seeds(seed: int, rows) -> list[int]:
 class EditLoss:
     """The flow-matching loss of the transformer on one batch of `EditInputs`.
 
-    attention: SDPA backend preference (fusedit.model.perf.ATTENTION_BACKENDS). trim_padding: cut the prompt
+    attention: SDPA backend preference (fusedit.model.attention.ATTENTION_BACKENDS). trim_padding: cut the prompt
     padding every sample shares and drop an all-ones mask (exact; lets SDPA take its fused kernels); False passes
     the mask as given (the bench's `mask` modifier measures what that costs).
     """
