@@ -16,11 +16,13 @@ from fusedit.step import build
 from fusedit.step import loss as loss_lib
 from fusedit.step.build import build_transformer, stages_applied
 from fusedit.step.conditioning import EditInputs
+from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.objective import FlowMatchObjective
+from fusedit.step.precision import Precision
 from fusedit.training.module import EditLoRAModule
 from tests.training_utils import compose_train
 
-LORA = {"rank": 4, "alpha": 8, "targets": "attn_mlp"}
+LORA = LoraSpec("attn_mlp", rank=4, alpha=8)
 
 
 def tiny_inputs(lengths=(7, 5), extra_padding=3, seed=0) -> EditInputs:
@@ -40,9 +42,9 @@ def tiny_inputs(lengths=(7, 5), extra_padding=3, seed=0) -> EditInputs:
     )
 
 
-def make_module(path, attention="auto", **build_kwargs) -> EditLoRAModule:
+def make_module(path, attention="auto", **model_fields) -> EditLoRAModule:
     torch.manual_seed(0)
-    transformer = build_transformer(path, "merged_qkv", "float32", LORA, **build_kwargs)
+    transformer = build_transformer(path, ModelConfig(**model_fields), LORA, Precision())
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
@@ -96,14 +98,14 @@ def test_checkpoint_offload_gives_the_same_gradients(tiny_edit_path, every):
     inputs = tiny_inputs()
     grads = []
     for offload in (False, True):
-        module = make_module(tiny_edit_path, checkpoint_every=every, checkpoint_offload=offload)
+        module = make_module(tiny_edit_path, activation_checkpointing=every, checkpoint_offload=offload)
         module.compute_loss(inputs, seed=2)[0].backward()
         grads.append({name: p.grad.clone() for name, p in module.trainable_parameters().items()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
     with pytest.raises(ValueError, match="checkpoint_offload=true needs model.activation_checkpointing"):
-        build_transformer(tiny_edit_path, "merged_qkv", "float32", LORA, checkpoint_offload=True)
+        ModelConfig(checkpoint_offload=True)
 
 
 def test_checkpoint_offload_moves_saved_inputs_to_cpu(tiny_edit_path, monkeypatch):
@@ -115,7 +117,7 @@ def test_checkpoint_offload_moves_saved_inputs_to_cpu(tiny_edit_path, monkeypatc
         return original(*args, **kwargs)
 
     monkeypatch.setattr(checkpointing, "offloaded_checkpoint", counting)
-    module = make_module(tiny_edit_path, checkpoint_every=1, checkpoint_offload=True)
+    module = make_module(tiny_edit_path, activation_checkpointing=1, checkpoint_offload=True)
     module.compute_loss(tiny_inputs(), seed=2)[0].backward()
     assert len(calls) == len(module.transformer.transformer_blocks)
 
@@ -124,7 +126,7 @@ def test_fp8_compute_is_refused_off_sm89_with_a_clear_error(tiny_edit_path):
     if fp8.float8_compute_support("cuda" if torch.cuda.is_available() else "cpu")[0]:
         pytest.skip("this machine supports float8 GEMMs")
     with pytest.raises(RuntimeError, match=r"precision.fp8=float8: float8 GEMMs need .*fp8=storage"):
-        build_transformer(tiny_edit_path, "merged_qkv", "float32", LORA, fp8_compute=True)
+        build_transformer(tiny_edit_path, ModelConfig(), LORA, Precision(fp8="float8"))
     cfg = compose_train(["precision=fp8", "precision.fp8=float8"])
     assert cfg.precision.fp8 == "float8"
 
@@ -132,9 +134,7 @@ def test_fp8_compute_is_refused_off_sm89_with_a_clear_error(tiny_edit_path):
 def test_fp8_compute_is_the_fp8_stage_before_lora(tiny_edit_path, monkeypatch):
     # The stage wiring on CPU, where PyTorch emulates _scaled_mm: only the device check is bypassed.
     monkeypatch.setattr(fp8, "float8_compute_support", lambda device: (True, "ok"))
-    model = build_transformer(
-        tiny_edit_path, "merged_qkv", "float32", LORA, fp8_compute={"compute_dtype": "float32", "device": "cpu"}
-    )
+    model = build_transformer(tiny_edit_path, ModelConfig(), LORA, Precision(fp8="float8"), device="cpu")
     assert stages_applied(model) == ["load", "fuse", "fp8", "lora"]
     block = model.transformer_blocks[0]
     assert isinstance(block.attn.to_qkv.base_layer, Float8ComputeLinear)
@@ -173,7 +173,7 @@ def test_lora_inputs_skip_the_fp32_round_trip_under_autocast(tiny_edit_path):
     outputs, copies = {}, {}
     for follow in (False, True):
         torch.manual_seed(0)
-        model = build_transformer(tiny_edit_path, "merged_qkv", "bfloat16", {**LORA, "dtype": "float32"})
+        model = build_transformer(tiny_edit_path, ModelConfig(), LORA, Precision(base_dtype="bfloat16"))
         if not follow:  # undo the build stage's patch: PEFT's own cast
             for module in model.modules():
                 module.__dict__.pop("_cast_input_dtype", None)

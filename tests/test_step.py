@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from omegaconf import OmegaConf
 from torch import nn
 
 from fusedit.bench.shapes import SHAPES, build_random_transformer, make_inputs
 from fusedit.bench.variants import build_variant, make_step, parse_variant, variant_precision
 from fusedit.lora.adapter import lora_parameters
 from fusedit.step.build import stages_applied
+from fusedit.step.config import LoraSpec, ModelConfig, typed_configs
 from fusedit.step.precision import PRESETS, Precision
 from fusedit.training.train import build_module
 from tests.training_utils import CONF, compose_train
@@ -103,7 +103,18 @@ def test_bench_step_is_the_trainers_step(tmp_path, variant_name, precision, over
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_precision_presets_are_the_config_files(name):
-    assert Precision(**OmegaConf.to_container(OmegaConf.load(CONF / "precision" / f"{name}.yaml"))) == PRESETS[name]
+    assert typed_configs(compose_train([f"precision={name}"]))[2] == PRESETS[name]
+
+
+def test_configs_are_typed_and_inherit_from_one_base():
+    cfg = compose_train(["model=standard", "lora=attn", "precision=fp8"])
+    model, lora, precision = typed_configs(cfg)
+    assert isinstance(model, ModelConfig) and model.layout == "standard" and model.activation_checkpointing == 0
+    assert isinstance(lora, LoraSpec) and (lora.targets, lora.rank, lora.alpha) == ("attn", 32, 32)
+    assert isinstance(precision, Precision) and (precision.fp8, precision.lightning) == ("storage", "bf16-mixed")
+    for group, option in [("model", "standard"), ("lora", "attn"), ("precision", "fp8")]:
+        text = (CONF / group / f"{option}.yaml").read_text()
+        assert "defaults:" in text and "_target_" not in text  # the option states only what differs
 
 
 @pytest.mark.parametrize(

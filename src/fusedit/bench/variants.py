@@ -32,6 +32,7 @@ from fusedit.bench.shapes import BenchShape, build_random_transformer
 from fusedit.model.fp8 import float8_compute_support
 from fusedit.step.build import build_transformer, to_dtype
 from fusedit.step.conditioning import EditInputs
+from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.loss import EditLoss
 from fusedit.step.objective import FlowMatchObjective
 from fusedit.step.precision import PRESETS, Precision
@@ -238,21 +239,13 @@ def build_variant(
     stages (fusedit.step.build) with the trainer's precision config for `dtype` (`variant_precision`)."""
     precision = variant_precision(variant, dtype)
     base = build_random_transformer(shape, device, to_dtype(precision.base_dtype), seed)
-    return build_transformer(
-        base,
-        variant.layout,
-        dtype=None,
-        lora_kwargs={"rank": shape.lora_rank, "targets": shape.lora_targets, "dtype": precision.lora_dtype},
-        fp8={"granularity": precision.fp8_granularity, "compute_dtype": precision.compute_dtype}
-        if precision.fp8 == "storage"
-        else False,
-        fp8_compute={"compute_dtype": precision.compute_dtype, "device": device}
-        if precision.fp8 == "float8"
-        else False,
-        checkpoint_every=variant.checkpoint_every,
+    model = ModelConfig(
+        layout=variant.layout,
+        activation_checkpointing=variant.checkpoint_every,
         checkpoint_offload=variant.offload,
         compile=variant.compile,
     )
+    return build_transformer(base, model, LoraSpec(shape.lora_targets, rank=shape.lora_rank), precision, device)
 
 
 def make_step(

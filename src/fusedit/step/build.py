@@ -12,6 +12,7 @@ adapters, checkpointing must wrap the LoRA-carrying blocks, and compile must see
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 
 from fusedit.lora.adapter import add_lora, lora_inputs_follow_autocast
 from fusedit.model.loading import load_transformer
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.precision import Precision
 
 STAGES = ("load", "fuse", "fp8", "lora", "activation_checkpointing", "compile")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -130,31 +133,33 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 def build_transformer(
-    path: str | Path | nn.Module,
-    layout: str,
-    dtype: str | torch.dtype | None,
-    lora_kwargs: dict,
-    fp8: bool | dict = False,
-    checkpoint_every: int = 0,
-    compile: bool | dict = False,
-    fp8_compute: bool | dict = False,
-    checkpoint_offload: bool = False,
+    source: str | Path | nn.Module,
+    model: ModelConfig,
+    lora_spec: LoraSpec,
+    precision: Precision,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
-    """All stages in order, as the config asks for them. `fp8_compute` replaces `fp8` (both fill the fp8 slot).
+    """All stages in order, as the three configs ask for them (conf/model, conf/lora, conf/precision).
 
-    `path`: a checkpoint to load (in `dtype`), or a transformer already built (the benchmark's random base).
+    `source`: a checkpoint to load (in `precision.base_dtype`), or a transformer already built (the benchmark's
+    random base). `device`: where training will run, checked by float8 compute (default: CUDA when available).
     """
-    model = fuse(adopt(path), layout) if isinstance(path, nn.Module) else load(path, layout, dtype)
-    if fp8_compute:
-        model = float8_compute(model, **(fp8_compute if isinstance(fp8_compute, dict) else {}))
-    elif fp8:
-        model = fp8_storage(model, **(fp8 if isinstance(fp8, dict) else {}))
-    model = lora(model, **lora_kwargs)
-    if checkpoint_every or checkpoint_offload:
-        model = activation_checkpointing(model, checkpoint_every, offload=checkpoint_offload)
-    if compile:
-        model = compile_blocks(model, **(compile if isinstance(compile, dict) else {}))
-    return model
+    if isinstance(source, nn.Module):
+        transformer = fuse(adopt(source), model.layout)
+    else:
+        transformer = load(source, model.layout, precision.base_dtype)
+    if precision.fp8 == "float8":
+        transformer = float8_compute(transformer, precision.compute_dtype, device)
+    elif precision.fp8 == "storage":
+        transformer = fp8_storage(transformer, precision.fp8_granularity, precision.compute_dtype)
+    transformer = lora(transformer, **dataclasses.asdict(lora_spec), dtype=precision.lora_dtype)
+    if model.activation_checkpointing or model.checkpoint_offload:
+        transformer = activation_checkpointing(
+            transformer, model.activation_checkpointing, offload=model.checkpoint_offload
+        )
+    if model.compile:
+        transformer = compile_blocks(transformer, **(model.compile if isinstance(model.compile, dict) else {}))
+    return transformer
 
 
 def fsdp_wrap_policy() -> set[type[nn.Module]]:

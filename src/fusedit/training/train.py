@@ -33,6 +33,7 @@ from fusedit.errors import UserInputError
 from fusedit.io import write_text_atomic
 from fusedit.step.build import build_transformer, to_dtype
 from fusedit.step.conditioning import EditConditioner
+from fusedit.step.config import typed_configs
 from fusedit.tiny import default_model_path
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
@@ -201,35 +202,10 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def _plain(value):
-    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-
-
 def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | None = None) -> EditLoRAModule:
     """Transformer (ordered transforms), frozen conditioner (unless given), objective and optimizer -> the module."""
-    precision = cfg.precision
-    lora = cfg.lora
-    transformer = build_transformer(
-        model_path,
-        layout=cfg.model.layout,
-        dtype=precision.base_dtype,
-        lora_kwargs={
-            "rank": lora.rank,
-            "alpha": lora.alpha,
-            "targets": _plain(lora.targets),
-            "dropout": lora.dropout,
-            "init": lora.init,
-            "use_rslora": lora.use_rslora,
-            "dtype": precision.lora_dtype,
-        },
-        fp8={"granularity": precision.fp8_granularity, "compute_dtype": precision.compute_dtype}
-        if precision.fp8 == "storage"
-        else False,
-        checkpoint_every=cfg.model.activation_checkpointing,
-        compile=_plain(cfg.model.compile),
-        fp8_compute={"compute_dtype": precision.compute_dtype} if precision.fp8 == "float8" else False,
-        checkpoint_offload=cfg.model.get("checkpoint_offload", False),
-    )
+    model, lora_spec, precision = typed_configs(cfg)
+    transformer = build_transformer(model_path, model, lora_spec, precision)
     if conditioner is None:
         conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
     objective = instantiate(cfg.objective, scheduler_config=conditioner.scheduler_config)
@@ -241,7 +217,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         seed=cfg.seed,
         fixed_noise=cfg.get("fixed_noise", False),
-        attention=cfg.model.get("attention", "auto"),
+        attention=model.attention,
     )
 
 

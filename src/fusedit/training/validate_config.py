@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
-from fusedit.step.precision import FP8_CHOICES
+from fusedit.step.config import typed_configs
 
 
 class ConfigError(UserInputError):
@@ -74,9 +74,10 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     except ValueError as error:
         problems.append(f"lora.targets: {error}")
 
-    fp8 = OmegaConf.select(cfg, "precision.fp8")
-    if fp8 not in FP8_CHOICES:
-        problems.append(f"precision.fp8 must be one of {' | '.join(FP8_CHOICES)}, got {fp8!r}")
+    try:  # the one-field checks of the typed configs (fusedit.step.config), before anything is built
+        typed_configs(cfg)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error))
 
     lr = _number(cfg, "optim.lr")
     if lr is None or not (math.isfinite(lr) and lr > 0):
