@@ -221,12 +221,14 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
     )
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics"}."""
+def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
+    """(a validated copy of `cfg` with the defaults filled in, the run dir, the checkpoint to resume or None).
+
+    A resumed run (`ckpt_path=<run dir>`) continues in its own dir; a run dir that already holds a checkpoint (a
+    requeued job) continues from it unless `auto_resume=false`. A null `model.path` / `data.metadata` become the tiny
+    pipeline / the generated sample dataset.
+    """
     cfg = copy.deepcopy(cfg)
-    # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     validate_train_config(cfg)
     ckpt_file = None
     if cfg.get("ckpt_path"):
@@ -241,24 +243,19 @@ def train(cfg: DictConfig) -> dict:
         ckpt_file = auto_resume_checkpoint(run_dir)  # a requeued job in its own run dir continues
         if ckpt_file is not None:
             log.info("run dir %s holds %s: continuing from it", run_dir, ckpt_file)
-
     with open_dict(cfg):
         if cfg.model.path is None:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
         if cfg.data.metadata is None:
             cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
-    seed_everything(cfg.seed, workers=True)
+    return cfg, run_dir, ckpt_file
 
-    conditioner = None
-    if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
-        datamodule, conditioner = prepare_cached_training(cfg)
-    else:
-        datamodule = instantiate(cfg.data)
-    module = build_module(cfg, Path(cfg.model.path), conditioner)
-    if ckpt_file is not None:
-        check_checkpoint_file(ckpt_file, module)
-    callbacks = build_callbacks(cfg)
-    failed, stop = True, next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
+
+def fit(cfg: DictConfig, module: EditLoRAModule, datamodule, callbacks: list[Callback], run_dir: Path, ckpt_file):
+    """Lightning's fit with the config's trainer and loggers; returns the trainer. A SIGTERM that this run's
+    callbacks did not turn into a checkpointed stop exits with status 143."""
+    stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
+    failed = True
     try:
         loggers = build_loggers(cfg, run_dir)
         trainer: Trainer = instantiate(
@@ -281,15 +278,37 @@ def train(cfg: DictConfig) -> dict:
         failed = False
     finally:
         close_wandb(failed)
+    return trainer
 
+
+def train(cfg: DictConfig) -> dict:
+    """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics", "stopped_by",
+    "exit_code"}."""
+    # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
+    cfg, run_dir, ckpt_file = prepare_run(cfg)
+    seed_everything(cfg.seed, workers=True)
+
+    conditioner = None
+    if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
+        datamodule, conditioner = prepare_cached_training(cfg)
+    else:
+        datamodule = instantiate(cfg.data)
+    module = build_module(cfg, Path(cfg.model.path), conditioner)
+    if ckpt_file is not None:
+        check_checkpoint_file(ckpt_file, module)
+    callbacks = build_callbacks(cfg)
+    trainer = fit(cfg, module, datamodule, callbacks, run_dir, ckpt_file)
+
+    stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
     metrics = {
         key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
     }
-    lora_path = next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None)
     checkpoint = run_dir / CHECKPOINT_DIR / LAST
     result = {
         "run_dir": run_dir,
-        "lora_path": lora_path,
+        "lora_path": next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None),
         "checkpoint": checkpoint if checkpoint.is_file() else None,
         "metrics": metrics,
         "stopped_by": stop.stopped_by if stop else None,

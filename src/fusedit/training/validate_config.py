@@ -53,10 +53,8 @@ def _check_model(path: str, problems: list[str]) -> None:
         )
 
 
-def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
-    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at model.path / data.metadata."""
-    problems: list[str] = []
-
+def _lora_problems(cfg: DictConfig) -> list[str]:
+    problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         problems.append(f"lora.rank must be an integer >= 1, got {rank!r}")
@@ -73,12 +71,12 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
         resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
     except ValueError as error:
         problems.append(f"lora.targets: {error}")
+    return problems
 
-    try:  # the one-field checks of the typed configs (fusedit.step.config), before anything is built
-        typed_configs(cfg)
-    except (ValueError, TypeError) as error:
-        problems.append(str(error))
 
+def _loop_problems(cfg: DictConfig) -> list[str]:
+    """The optimizer, the trainer's loop, the batch size and the fault budget."""
+    problems = []
     lr = _number(cfg, "optim.lr")
     if lr is None or not (math.isfinite(lr) and lr > 0):
         problems.append(f"optim.lr must be a finite number > 0, got {OmegaConf.select(cfg, 'optim.lr')!r}")
@@ -88,7 +86,6 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     clip = OmegaConf.select(cfg, "optim.grad_clip")
     if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
         problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
-
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
         problems.append(f"trainer.max_steps must be >= 1 (or -1 with trainer.max_epochs), got {max_steps!r}")
@@ -101,20 +98,34 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     streak = OmegaConf.select(cfg, "faults.max_consecutive_nonfinite")
     if streak is not None and (not isinstance(streak, int) or streak < 1):
         problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
+    return problems
 
+
+def _path_problems(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
+    model_path = OmegaConf.select(cfg, "model.path")
+    if model_path is not None:
+        _check_model(str(model_path), problems)
+    metadata = OmegaConf.select(cfg, "data.metadata")
+    if metadata is not None:
+        location = Path(str(metadata)).expanduser()
+        if not location.is_file():
+            problems.append(
+                f"data.metadata={metadata} " + ("is a directory, not a file" if location.is_dir() else "does not exist")
+            )
+    return problems
+
+
+def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
+    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at model.path / data.metadata."""
+    problems = _lora_problems(cfg)
+    try:  # the one-field checks of the typed configs (fusedit.step.config), before anything is built
+        typed_configs(cfg)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error))
+    problems += _loop_problems(cfg)
     if check_paths:
-        model_path = OmegaConf.select(cfg, "model.path")
-        if model_path is not None:
-            _check_model(str(model_path), problems)
-        metadata = OmegaConf.select(cfg, "data.metadata")
-        if metadata is not None:
-            location = Path(str(metadata)).expanduser()
-            if not location.is_file():
-                problems.append(
-                    f"data.metadata={metadata} "
-                    + ("is a directory, not a file" if location.is_dir() else "does not exist")
-                )
-
+        problems += _path_problems(cfg)
     if problems:
         head = "invalid training config" if len(problems) > 1 else "invalid training config:"
         raise ConfigError(head + ("\n  " if len(problems) > 1 else " ") + "\n  ".join(problems))
