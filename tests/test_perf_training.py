@@ -3,6 +3,7 @@ compute stage, and LoRA inputs that follow autocast instead of round-tripping th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -144,7 +145,7 @@ def test_fp8_compute_is_the_fp8_stage_before_lora(tiny_edit_path, monkeypatch):
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in module.trainable_parameters().values())
 
-    late = build.lora(build.load(tiny_edit_path, "merged_qkv"), **LORA)
+    late = build.lora(build.load(tiny_edit_path, "merged_qkv"), **dataclasses.asdict(LORA))
     with pytest.raises(RuntimeError, match="must run before"):
         build.float8_compute(late, device="cpu")
 
