@@ -91,6 +91,17 @@ def _describe(layout: str, compile: bool, fp8: str, every: int, offload: bool, m
     return ", ".join(parts)
 
 
+def _canonical_name(layout: str, compile: bool, fp8: str, every: int, offload: bool, mask: bool) -> str:
+    """The name a variant is reported under: its modifiers in the order of the module docstring's table."""
+    canonical = [layout]
+    canonical += ["compile"] if compile else []
+    canonical += {"storage": ["fp8"], "float8": ["float8"]}.get(fp8, [])
+    canonical += ["ckpt" if every == 1 else f"ckpt{every}"] if every else []
+    canonical += ["offload"] if offload else []
+    canonical += ["mask"] if mask else []
+    return "+".join(canonical)
+
+
 def parse_variant(name: str) -> Variant:
     """One variant from its name (see the module docstring); a ValueError names the bad token."""
     tokens = [token.strip() for token in name.strip().split("+")]
@@ -138,14 +149,8 @@ def parse_variant(name: str) -> Variant:
             f"benchmark variant {name!r}: 'offload' moves activation checkpoints to the CPU and needs 'ckpt' or "
             "'ckptN' in the same variant"
         )
-    canonical = [tokens[0]]
-    canonical += ["compile"] if compile else []
-    canonical += {"storage": ["fp8"], "float8": ["float8"]}.get(fp8, [])
-    canonical += ["ckpt" if every == 1 else f"ckpt{every}"] if every else []
-    canonical += ["offload"] if offload else []
-    canonical += ["mask"] if mask else []
     return Variant(
-        name="+".join(canonical),
+        name=_canonical_name(tokens[0], compile, fp8, every, offload, mask),
         layout=layout,
         compile=compile,
         fp8=fp8,
