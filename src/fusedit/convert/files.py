@@ -26,8 +26,17 @@ from fusedit.errors import OutputExistsError
 from fusedit.io import atomic_write_path, read_safetensors_header, save_safetensors_atomic, write_json_atomic
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
-from .layout import DIRECTION_TO, DIRECTIONS, LAYOUTS, TARGET_LAYOUT, TensorPlan, model_layout, plan_model_conversion
-from .lora_formats import FORMATS, LoraWeights, lora_to_state_dict, read_lora
+from .layout import (
+    DIRECTION_TO,
+    DIRECTIONS,
+    LAYOUTS,
+    TARGET_LAYOUT,
+    TO_STANDARD,
+    TensorPlan,
+    model_layout,
+    plan_model_conversion,
+)
+from .lora_formats import FORMATS, STANDARD_ONLY_FORMATS, LoraWeights, lora_to_state_dict, read_lora
 from .lora_qkv import convert_lora_layout
 from .state_dict import classify_keys
 
@@ -251,10 +260,12 @@ def convert_checkpoint(
             raise ValueError(f"output {dst}: a LoRA is written to one .safetensors file")
         lora = read_lora(src)
         layout_in, format_in = lora.layout, lora.format
+        out_format = format or lora.format
+        if direction is None and out_format in STANDARD_ONLY_FORMATS:
+            direction = TO_STANDARD  # its readers know only q/k/v names; the split is exact
         if direction is not None:
             lora = convert_lora_layout(lora, direction)
-        out_format = format or lora.format
-        write_lora(lora, dst, out_format)
+        write_lora(lora, dst, out_format, TARGET_LAYOUT[direction] if direction is not None else None)
         return {
             "kind": "lora",
             "input_format": format_in,
@@ -302,9 +313,15 @@ def _public(report: dict) -> dict:
 def write_lora(
     lora: LoraWeights, path: str | os.PathLike, format: str = "diffusers", layout: str | None = None
 ) -> Path:
-    """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`."""
+    """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`.
+
+    `STANDARD_ONLY_FORMATS` are always written in the standard layout (a merged LoRA is split exactly); asking
+    for them in the merged layout raises ValueError.
+    """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if format in STANDARD_ONLY_FORMATS:
+        layout = layout or "standard"  # "merged_qkv" is refused by lora_to_state_dict
     if layout is not None and layout != lora.layout and lora.layout is not None:
         lora = convert_lora_layout(lora, DIRECTION_TO[layout])
     tensors, metadata = lora_to_state_dict(lora, format)

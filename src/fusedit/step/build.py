@@ -1,13 +1,15 @@
 """Build the trainable transformer as an ordered list of transforms (torchtitan style).
 
-    load -> fuse (q/k/v layout) -> fp8 (storage or float8 compute) -> LoRA -> activation checkpointing
+    load -> fuse (q/k/v layout) -> fp8 (storage or float8 compute) -> LoRA -> stream -> activation checkpointing
     (+ CPU offload) -> compile
 
 Each stage is a separate function that records itself on the model (`model._fusedit_stages`) and refuses to run
 after a later stage (LoRA after compile, fp8 after LoRA, ...) or twice: quantising after LoRA would quantise the
-adapters, checkpointing must wrap the LoRA-carrying blocks, and compile must see the final modules. New stages
-(fp8 storage, other compile modes) slot in by name in `STAGES`. The trainer (fusedit.training) and the benchmark
-(fusedit.bench, on a random base model) build through `build_transformer`, so both run the same model.
+adapters, streaming must see which tensors are frozen (LoRA exists) and sit inside the checkpoint (so the backward's
+recompute copies the block in again), checkpointing must wrap the LoRA-carrying blocks, and compile must see the
+final modules. New stages (fp8 storage, other compile modes) slot in by name in `STAGES`. The trainer
+(fusedit.training) and the benchmark (fusedit.bench, on a random base model) build through `build_transformer`, so
+both run the same model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fusedit.model.loading import load_transformer
 from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.precision import Precision
 
-STAGES = ("load", "fuse", "fp8", "lora", "activation_checkpointing", "compile")
+STAGES = ("load", "fuse", "fp8", "lora", "stream", "activation_checkpointing", "compile")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
@@ -112,6 +114,16 @@ def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
     return model
 
 
+def stream(model: nn.Module, resident_blocks: int = 0) -> nn.Module:
+    """Frozen tensors of all blocks but the last `resident_blocks` kept in (pinned) host memory and copied in per
+    use, one block ahead on a side CUDA stream (fusedit.model.streaming). Needs checkpointing of every block."""
+    from fusedit.model.streaming import stream_blocks
+
+    _enter_stage(model, "stream")
+    stream_blocks(model, resident_blocks)
+    return model
+
+
 def activation_checkpointing(model: nn.Module, every: int = 1, offload: bool = False) -> nn.Module:
     """Recompute every `every`-th transformer block in the backward pass (1 = all blocks, 0 = off); `offload` keeps
     the saved block inputs in CPU memory until backward (fusedit.model.checkpointing)."""
@@ -153,6 +165,8 @@ def build_transformer(
     elif precision.fp8 == "storage":
         transformer = fp8_storage(transformer, precision.fp8_granularity, precision.compute_dtype)
     transformer = lora(transformer, **dataclasses.asdict(lora_spec), dtype=precision.lora_dtype)
+    if model.resident_blocks is not None:
+        transformer = stream(transformer, model.resident_blocks)
     if model.activation_checkpointing or model.checkpoint_offload:
         transformer = activation_checkpointing(
             transformer, model.activation_checkpointing, offload=model.checkpoint_offload

@@ -22,7 +22,9 @@ class ModelConfig:
     path: a diffusers pipeline folder (None: the tiny random pipeline). layout: `merged_qkv` (one q/k/v GEMM per
     stream) or `standard` (diffusers' separate projections). activation_checkpointing: recompute every k-th block
     in backward (0 = off, 1 = every block). checkpoint_offload: keep the checkpointed blocks' saved inputs in CPU
-    memory until backward. compile: regional torch.compile of the repeated block (True, or torch.compile kwargs).
+    memory until backward. resident_blocks: None keeps every block on the device; N streams the frozen weights of
+    all blocks but the last N from host memory (fusedit.model.streaming; needs activation_checkpointing=1, not with
+    compile). compile: regional torch.compile of the repeated block (True, or torch.compile kwargs).
     attention: SDPA backend preference (fusedit.model.attention.ATTENTION_BACKENDS).
     """
 
@@ -30,6 +32,7 @@ class ModelConfig:
     layout: str = "merged_qkv"
     activation_checkpointing: int = 0
     checkpoint_offload: bool = False
+    resident_blocks: int | None = None
     compile: bool | dict = False
     attention: str = "auto"
 
@@ -43,6 +46,19 @@ class ModelConfig:
             raise ValueError(f"model.activation_checkpointing must be an integer >= 0, got {every!r}")
         if self.checkpoint_offload and not every:
             raise ValueError("model.checkpoint_offload=true needs model.activation_checkpointing >= 1")
+        resident = self.resident_blocks
+        if resident is not None:
+            if not isinstance(resident, int) or isinstance(resident, bool) or resident < 0:
+                raise ValueError(f"model.resident_blocks must be null or an integer >= 0, got {resident!r}")
+            if every != 1:
+                raise ValueError(
+                    "model.resident_blocks (streaming blocks from host memory) needs model.activation_checkpointing=1:"
+                    " the backward pass must recompute each streamed block to copy it in again"
+                )
+            if self.compile:
+                raise ValueError(
+                    "model.resident_blocks (streaming blocks from host memory) cannot be used with model.compile"
+                )
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention must be one of {' | '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
 

@@ -30,7 +30,8 @@ from torch import nn
 from fusedit.cache.training import cache_enabled, prepare_cached_training
 from fusedit.data.sample import default_metadata
 from fusedit.errors import UserInputError
-from fusedit.io import write_text_atomic
+from fusedit.io import write_json_atomic, write_text_atomic
+from fusedit.plan.config import resolve_training_plan
 from fusedit.step.build import build_transformer, to_dtype
 from fusedit.step.conditioning import EditConditioner
 from fusedit.step.config import typed_configs
@@ -51,6 +52,7 @@ from fusedit.training.validate_config import refuse_subprocess_launch_in_multiru
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
+PLAN_FILE = "plan.json"  # the training plan and its predicted memory (fusedit.plan), when checked on a GPU
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -248,6 +250,10 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
         if cfg.data.metadata is None:
             cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
+    # Before any weight loads: trainer=auto chooses the plan; a plan predicted not to fit the GPU is refused here.
+    plan_record = resolve_training_plan(cfg)
+    if plan_record is not None and rank_zero_only.rank == 0:
+        write_json_atomic(run_dir / PLAN_FILE, plan_record)
     return cfg, run_dir, ckpt_file
 
 

@@ -86,6 +86,13 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     clip = OmegaConf.select(cfg, "optim.grad_clip")
     if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
         problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
+
+    if OmegaConf.select(cfg, "optim.name") == "adamw8bit":
+        from fusedit.optim import BITSANDBYTES_HINT, bitsandbytes_available
+
+        if not bitsandbytes_available():
+            problems.append(BITSANDBYTES_HINT)
+
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
         problems.append(f"trainer.max_steps must be >= 1 (or -1 with trainer.max_epochs), got {max_steps!r}")
