@@ -20,22 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fusedit.devices import to_dtype
 from fusedit.lora.adapter import add_lora, lora_inputs_follow_autocast
 from fusedit.model.loading import load_transformer
 from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.precision import Precision
 
 STAGES = ("load", "fuse", "fp8", "lora", "stream", "activation_checkpointing", "compile")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-
-
-def to_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def stages_applied(model: nn.Module) -> list[str]:

@@ -29,10 +29,11 @@ from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
 from fusedit.data.sample import default_metadata
+from fusedit.devices import to_dtype
 from fusedit.errors import UserInputError
 from fusedit.io import write_json_atomic, write_text_atomic
 from fusedit.plan.config import resolve_training_plan
-from fusedit.step.build import build_transformer, to_dtype
+from fusedit.step.build import build_transformer
 from fusedit.step.conditioning import EditConditioner
 from fusedit.step.config import typed_configs
 from fusedit.tiny import default_model_path
