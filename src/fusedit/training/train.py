@@ -242,6 +242,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
             "init": lora.init,
             "use_rslora": lora.use_rslora,
             "dtype": precision.lora_dtype,
+            "init_from": lora.get("init_from"),
         },
         fp8={"granularity": precision.fp8_granularity, "compute_dtype": precision.compute_dtype}
         if precision.fp8_storage
