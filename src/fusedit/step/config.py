@@ -69,7 +69,8 @@ class LoraSpec:
 
     targets: a named set (attn, attn_mlp, full: fusedit.lora.targets) or module names of either layout. rank: r.
     alpha: lora_alpha (None: alpha = rank); strength = alpha / rank (alpha / sqrt(rank) with use_rslora).
-    dropout: lora_dropout. init: `default` (A kaiming, B zero) or `gaussian`.
+    dropout: lora_dropout. init: `default` (A kaiming, B zero) or `gaussian`. init_from: a LoRA file to start from
+    (fusedit.lora.init_from: read and checked against rank and targets by the lora stage).
     """
 
     targets: str | list[str] = field(default="attn_mlp")
@@ -78,6 +79,7 @@ class LoraSpec:
     dropout: float = 0.0
     init: str = "default"
     use_rslora: bool = False
+    init_from: str | None = None
 
 
 def typed_configs(cfg) -> tuple[ModelConfig, LoraSpec, Precision]:

@@ -108,7 +108,8 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _path_problems(cfg: DictConfig) -> list[str]:
+def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
+    """model.path, data.metadata and lora.init_from (not read when `earlier` problems already name lora.*)."""
     problems: list[str] = []
     model_path = OmegaConf.select(cfg, "model.path")
     if model_path is not None:
@@ -120,6 +121,22 @@ def _path_problems(cfg: DictConfig) -> list[str]:
             problems.append(
                 f"data.metadata={metadata} " + ("is a directory, not a file" if location.is_dir() else "does not exist")
             )
+    init_from = OmegaConf.select(cfg, "lora.init_from")
+    rank = OmegaConf.select(cfg, "lora.rank")
+    if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in earlier):
+        # read and checked against lora.rank / lora.targets before the model loads (values included)
+        from fusedit.lora.init_from import read_init_lora
+
+        targets = OmegaConf.select(cfg, "lora.targets")
+        try:
+            read_init_lora(
+                str(init_from),
+                rank,
+                OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
+                cfg.model.layout,
+            )
+        except ValueError as error:
+            problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
     return problems
 
 
@@ -132,7 +149,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
         problems.append(str(error))
     problems += _loop_problems(cfg)
     if check_paths:
-        problems += _path_problems(cfg)
+        problems += _path_problems(cfg, problems)
     if problems:
         head = "invalid training config" if len(problems) > 1 else "invalid training config:"
         raise ConfigError(head + ("\n  " if len(problems) > 1 else " ") + "\n  ".join(problems))
