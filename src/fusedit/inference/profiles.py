@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fusedit.devices import resolve_device, to_dtype
 from fusedit.errors import UserInputError
 
 OFFLOADS = ("none", "model", "sequential", "group")
@@ -26,27 +27,10 @@ OFFLOADS = ("none", "model", "sequential", "group")
 # (the ~20 GB transformer); 12gb streams one block at a time; 8gb one layer at a time. Not measured (docs/inference.md).
 AUTO_PROFILES = ((70.0, "high_vram"), (20.0, "24gb"), (10.0, "12gb"), (0.0, "8gb"))
 PROFILE_DIR = Path(__file__).resolve().parents[3] / "conf" / "profile"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise UserInputError(f"profile.dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def resolve_device(requested: str) -> torch.device:
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError) as error:
-        raise UserInputError(f"profile.device={requested!r} is not a device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(
-            f"profile.device={requested} but no CUDA GPU is available; use profile=cpu (or profile.device=cpu)"
-        )
-    return device
+    return to_dtype(name, "profile.dtype")
 
 
 def auto_profile_name(gpu_gb: float | None) -> str:
@@ -81,7 +65,7 @@ def check_profile(profile) -> tuple[str, torch.device]:
         raise UserInputError(f"profile.offload must be one of {OFFLOADS}, got {offload!r}")
     if profile.get("dtype") is not None:
         torch_dtype(profile.get("dtype"))
-    device = resolve_device(profile.get("device", "cuda"))
+    device = resolve_device(profile.get("device", "cuda"), "profile.device", "profile=cpu (or profile.device=cpu)")
     if offload in ("model", "sequential") and device.type == "cpu":
         raise UserInputError(
             f"profile.offload={offload} moves weights between the CPU and a GPU; it needs a GPU device"

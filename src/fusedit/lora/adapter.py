@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from fusedit.convert import LoraModule, LoraWeights, write_lora
@@ -91,18 +90,6 @@ def add_lora(
 def lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> parameter for every LoRA weight (the trainable set)."""
     return {name: parameter for name, parameter in transformer.named_parameters() if "lora_" in name}
-
-
-def lora_config(transformer: nn.Module) -> LoraConfig:
-    configs = getattr(transformer, "peft_config", None)
-    if not configs:
-        raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
-    return next(iter(configs.values()))
-
-
-def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights keyed `<module>.lora_A.weight` (PEFT's adapter-name-free keys), detached."""
-    return {key: value.detach() for key, value in get_peft_model_state_dict(transformer).items()}
 
 
 def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:

@@ -18,20 +18,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fusedit.devices import to_dtype
 from fusedit.lora.adapter import add_lora
 from fusedit.model.loading import load_transformer
 
 STAGES = ("load", "fp8", "lora", "stream", "activation_checkpointing", "compile")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-
-
-def to_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def stages_applied(model: nn.Module) -> list[str]:
