@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from fusedit.convert import LoraWeights, convert_lora_layout, read_lora
-from fusedit.convert.layout import DIRECTION_TO, key_examples
+from fusedit.convert.layout import DIRECTION_TO
+from fusedit.errors import UserInputError, examples
 from fusedit.lora.targets import resolve_targets
 
 
@@ -24,19 +25,19 @@ def _targeted(module: str, target_modules: list[str]) -> bool:
 
 
 def read_init_lora(path: str | os.PathLike, rank: int, targets, layout: str) -> LoraWeights:
-    """The LoRA at `path` in `layout`, checked against `lora.rank` / `lora.targets`. Raises ValueError (one line).
+    """The LoRA at `path` in `layout`, checked against `lora.rank` / `lora.targets`. Raises UserInputError (one line).
 
     The file's most common rank, in the standard layout (how `lora.rank` is counted), must equal `rank`: the memory
     estimate and the run's record use it. Other per-module ranks and every module's scale are taken from the file.
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"lora.init_from={path} does not exist")
+        raise UserInputError(f"lora.init_from={path} does not exist")
     weights = read_lora(path)
     standard = convert_lora_layout(weights, DIRECTION_TO["standard"])
     file_rank = collections.Counter(mod.rank for mod in standard.modules.values()).most_common(1)[0][0]
     if file_rank != rank:
-        raise ValueError(
+        raise UserInputError(
             f"lora.init_from={path} has rank {file_rank}, but lora.rank={rank}: set lora.rank={file_rank} to continue "
             "from it"
         )
@@ -44,8 +45,8 @@ def read_init_lora(path: str | os.PathLike, rank: int, targets, layout: str) -> 
     target_modules = resolve_targets(targets, layout)
     untargeted = [m for m in converted.modules if not _targeted(m, target_modules)]
     if untargeted:
-        raise ValueError(
-            f"lora.init_from={path} has modules lora.targets does not train: {key_examples(untargeted, 3)}; "
+        raise UserInputError(
+            f"lora.init_from={path} has modules lora.targets does not train: {examples(untargeted, 3)}; "
             "add them to lora.targets (e.g. lora=full)"
         )
     return converted
