@@ -12,7 +12,9 @@ assumes alpha = rank).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -53,8 +55,13 @@ def add_lora(
     init: str = "default",
     use_rslora: bool = False,
     dtype: torch.dtype | None = torch.float32,
+    init_from: LoraWeights | None = None,
 ) -> nn.Module:
-    """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place."""
+    """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place.
+
+    `init_from`: a LoRA in the model's layout (fusedit.lora.init_from.read_init_lora): its modules get its own
+    ranks and scales and start from its factors; the other targeted modules start as `init` says.
+    """
     if int(rank) < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
     if alpha is not None and float(alpha) <= 0:
@@ -67,6 +74,13 @@ def add_lora(
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
     target_modules = resolve_targets(targets, model_layout(transformer))
+    rank_pattern, alpha_pattern = {}, {}
+    if init_from is not None:
+        # PEFT's scaling is alpha / r (alpha / sqrt(r) with rsLoRA): choose each module's alpha so that it equals
+        # the file's scale, and its r the file's rank
+        for module, mod in init_from.modules.items():
+            rank_pattern[re.escape(module)] = mod.rank
+            alpha_pattern[re.escape(module)] = mod.scale * (math.sqrt(mod.rank) if use_rslora else mod.rank)
     config = LoraConfig(
         r=int(rank),
         lora_alpha=float(alpha if alpha is not None else rank),
@@ -75,6 +89,8 @@ def add_lora(
         exclude_modules=unused_modules(transformer, target_modules) or None,
         init_lora_weights=True if init == "default" else init,
         use_rslora=bool(use_rslora),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
     transformer.add_adapter(config)
     if not has_lora(transformer):
@@ -84,7 +100,20 @@ def add_lora(
             if dtype is not None:
                 parameter.data = parameter.data.to(dtype)
             parameter.requires_grad_(True)
+    if init_from is not None:
+        _copy_factors(transformer, init_from)
     return transformer
+
+
+def _copy_factors(transformer: nn.Module, weights: LoraWeights) -> None:
+    layers = dict(transformer.named_modules())
+    with torch.no_grad():
+        for module, mod in weights.modules.items():
+            layer = layers.get(module)
+            if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A:
+                raise ValueError(f"lora.init_from: {module} got no LoRA layer (excluded from training?)")
+            layer.lora_A["default"].weight.copy_(mod.A)
+            layer.lora_B["default"].weight.copy_(mod.B)
 
 
 def lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
@@ -119,3 +148,32 @@ def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA inputs under autocast
+
+
+def _cast_unless_autocast(self, x, dtype):
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(self)._cast_input_dtype(self, x, dtype)
+
+
+def lora_inputs_follow_autocast(model: nn.Module) -> int:
+    """Skip PEFT's cast of a LoRA layer's input to the adapter dtype while autocast is on; returns the layer count.
+
+    With fp32 adapters on a bf16 model PEFT runs `x.to(float32)` before `lora_A`: an fp32 copy of every adapted
+    activation, which autocast casts straight back to bf16 for the GEMM. Under autocast that round trip is pure
+    memory traffic and changes no value (bf16 -> fp32 -> bf16 is exact; `lora.dropout` > 0 scales in bf16 instead
+    of fp32), so it is skipped; without autocast (fp32 training, inference) the cast stays, as fp32 weights need
+    fp32 inputs there. The check runs per call, so checkpoint recomputation and compiled code agree with eager.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "_cast_input_dtype"):
+            module._cast_input_dtype = _cast_unless_autocast.__get__(module)
+            count += 1
+    return count
