@@ -233,6 +233,16 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
     )
 
 
+def _run_dir_of(cfg: DictConfig) -> Path:
+    """The dir `cfg` trains in (a resumed run's own dir), created."""
+    run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("ckpt_path"):
+        resumed_run = resolve_checkpoint(cfg.ckpt_path)[1]
+        run_dir = resumed_run if resumed_run is not None else run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
     """(a validated copy of `cfg` with the defaults filled in, the run dir, the checkpoint to resume or None).
 
@@ -251,8 +261,7 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
                 cfg.paths.output_dir = str(resumed_run)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunDirLock(run_dir):  # one process trains in a run dir at a time (fusedit.training.run_dir)
-        return _train_in_run_dir(cfg, run_dir, ckpt_file)
+    return _prepare_in_run_dir(cfg, run_dir, ckpt_file)
 
 
 def _callback_dirs(cfg: DictConfig) -> dict[str, str]:
@@ -263,7 +272,7 @@ def _callback_dirs(cfg: DictConfig) -> dict[str, str]:
     return dirs
 
 
-def _train_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt_file: Path | None) -> dict:
+def _prepare_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt_file: Path | None) -> tuple[DictConfig, Path, Path | None]:
     # Every directory a callback writes to, checked now: not at the first export (step 500 by default).
     check_writable(_callback_dirs(cfg))
     if ckpt_file is None and cfg.get("auto_resume", True):
@@ -274,11 +283,6 @@ def _train_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt_file: Path | None) ->
             log.info("run dir %s holds %s: continuing from it", run_dir, ckpt_file)
     if is_first_process():
         write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg))  # what the checkpoints are trained with
-    if ckpt_file is not None:
-        finished = _finished_result(cfg, run_dir, ckpt_file)
-        if finished is not None:
-            return finished
-
     with open_dict(cfg):
         if cfg.model.path is None:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
@@ -327,36 +331,42 @@ def train(cfg: DictConfig) -> dict:
     # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
-    cfg, run_dir, ckpt_file = prepare_run(cfg)
-    seed_everything(cfg.seed, workers=True)
+    # One process trains in a run dir at a time (fusedit.training.run_dir): the lock is taken before anything is
+    # written there and held until the run ends.
+    with RunDirLock(_run_dir_of(cfg)):
+        cfg, run_dir, ckpt_file = prepare_run(cfg)
+        finished = _finished_result(cfg, run_dir, ckpt_file) if ckpt_file is not None else None
+        if finished is not None:
+            return finished
+        seed_everything(cfg.seed, workers=True)
 
-    conditioner = None
-    if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
-        datamodule, conditioner = prepare_cached_training(cfg)
-    else:
-        datamodule = instantiate(cfg.data)
-    module = build_module(cfg, Path(cfg.model.path), conditioner)
-    if ckpt_file is not None:
-        check_checkpoint_file(ckpt_file, module)
-    callbacks = build_callbacks(cfg)
-    trainer = fit(cfg, module, datamodule, callbacks, run_dir, ckpt_file)
+        conditioner = None
+        if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
+            datamodule, conditioner = prepare_cached_training(cfg)
+        else:
+            datamodule = instantiate(cfg.data)
+        module = build_module(cfg, Path(cfg.model.path), conditioner)
+        if ckpt_file is not None:
+            check_checkpoint_file(ckpt_file, module)
+        callbacks = build_callbacks(cfg)
+        trainer = fit(cfg, module, datamodule, callbacks, run_dir, ckpt_file)
 
-    stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
-    metrics = {
-        key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
-    }
-    checkpoint = run_dir / CHECKPOINT_DIR / LAST
-    result = {
-        "run_dir": run_dir,
-        "lora_path": next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None),
-        "checkpoint": checkpoint if checkpoint.is_file() else None,
-        "metrics": metrics,
-        "stopped_by": stop.stopped_by if stop else None,
-        "exit_code": stop.exit_code if stop else None,
-    }
-    if trainer.is_global_zero:
-        _report(result, trainer)
-    return result
+        stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
+        metrics = {
+            key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
+        }
+        checkpoint = run_dir / CHECKPOINT_DIR / LAST
+        result = {
+            "run_dir": run_dir,
+            "lora_path": next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None),
+            "checkpoint": checkpoint if checkpoint.is_file() else None,
+            "metrics": metrics,
+            "stopped_by": stop.stopped_by if stop else None,
+            "exit_code": stop.exit_code if stop else None,
+        }
+        if trainer.is_global_zero:
+            _report(result, trainer)
+        return result
 
 
 def _finished_result(cfg: DictConfig, run_dir: Path, ckpt_file: Path) -> dict | None:
