@@ -21,6 +21,7 @@ from fusedit.convert.layout import model_layout
 from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
 from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
+from fusedit.families import pipeline_family
 from fusedit.io import read_safetensors_header
 
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
@@ -108,16 +109,6 @@ def _transformer_family(config: dict) -> tuple[str, str]:
     return "qwen-image", "transformer config only (Qwen-Image, -Edit and -Edit-2509 share one transformer config)"
 
 
-def _pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:
-    if not pipeline_class.startswith("QwenImage"):
-        raise ValueError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
-    if "EditPlus" in pipeline_class:
-        return "qwen-image-edit-2511" if zero_cond_t else "qwen-image-edit-2509"
-    if "Edit" in pipeline_class:
-        return "qwen-image-edit"
-    return "qwen-image"
-
-
 def _detect_transformer(directory: Path) -> dict:
     config = _load_json(directory / "config.json")
     cls = config.get("_class_name")
@@ -134,7 +125,7 @@ def _detect_pipeline(directory: Path) -> dict:
     if not (directory / "transformer" / "config.json").is_file():
         raise ValueError(f"{directory}: pipeline ({cls}) without transformer/config.json")
     transformer = _detect_transformer(directory / "transformer")
-    family = _pipeline_family(cls, transformer.get("zero_cond_t", False))
+    family = pipeline_family(cls, transformer.get("zero_cond_t", False))
     transformer.pop("family_source")
     return {
         **transformer,

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from fusedit.data.buckets import BucketBatchSampler
 from fusedit.data.dataset import EditDataset, collate
+from fusedit.data.errors import DataValidationError
 from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
 from fusedit.data.records import Columns, read_records
 from fusedit.data.validation import ON_ERROR_CHOICES, Sample, validate_records
@@ -31,7 +32,10 @@ def split_train_val(
     if count == 0:
         return list(samples), []
     if count >= len(samples):
-        raise ValueError(f"validation split of {count} leaves no training data (only {len(samples)} valid samples)")
+        raise DataValidationError(
+            f"data.val_count/val_fraction hold out {count} of {len(samples)} valid samples, which leaves no training "
+            "data; lower data.val_count or data.val_fraction"
+        )
     held_out = set(random.Random(seed).sample(range(len(samples)), count))
     train = [sample for index, sample in enumerate(samples) if index not in held_out]
     val = [sample for index, sample in enumerate(samples) if index in held_out]
@@ -75,7 +79,10 @@ class EditDataModule(LightningDataModule):
         drop_last: bool = False,
         pin_memory: bool = False,
         validation_threads: int | None = None,
+        model_family: str | None = None,
     ):
+        """`model_family` (`fusedit.families`; train() reads it from the pipeline's JSON files): every row's
+        number of edit images is judged against what that pipeline takes. None: one or more."""
         super().__init__()
         # Config errors surface at construction (Hydra instantiate), before any file is read.
         if on_error not in ON_ERROR_CHOICES:
@@ -125,6 +132,7 @@ class EditDataModule(LightningDataModule):
             allow_absolute_paths=hp.allow_absolute_paths,
             on_error=hp.on_error,
             num_threads=hp.validation_threads,
+            family=hp.model_family,
         )
 
     # -- setup --------------------------------------------------------------------------------------------------
@@ -137,7 +145,20 @@ class EditDataModule(LightningDataModule):
         sizes = (hp.max_pixels, hp.edit_max_pixels, hp.max_image_pixels)
         self.train_dataset = EditDataset(train, *sizes)
         self.val_dataset = EditDataset(val, *sizes) if val else None
+        self._refuse_empty_epoch(self.train_dataset.sizes)
         log.info("data: %d training and %d validation samples from %s", len(train), len(val), self.metadata)
+
+    def _refuse_empty_epoch(self, sizes) -> None:
+        """With drop_last, a bucket smaller than data.batch_size yields no batch; all of them would train 0 steps."""
+        hp = self.hparams
+        _, world = self._rank_and_world()
+        batches = len(BucketBatchSampler(sizes, hp.batch_size, shuffle=False, drop_last=hp.drop_last, world_size=world))
+        if batches == 0:
+            raise DataValidationError(
+                f"{self.metadata}: data.batch_size={hp.batch_size} with data.drop_last=true leaves no full batch "
+                f"({len(sizes)} training samples, grouped by aspect-ratio bucket, on {world} device(s)): an epoch "
+                "would train 0 steps. Lower data.batch_size or set data.drop_last=false"
+            )
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

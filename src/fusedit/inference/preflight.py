@@ -24,23 +24,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fusedit.families import PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem
 from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_types
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 
-# fusedit.detect family -> the diffusers pipeline class that runs it.
-PIPELINE_CLASSES = {
-    "qwen-image": "QwenImagePipeline",
-    "qwen-image-edit": "QwenImageEditPipeline",
-    "qwen-image-edit-2509": "QwenImageEditPlusPipeline",
-    "qwen-image-edit-2511": "QwenImageEditPlusPipeline",
-}
-TEXT_TO_IMAGE = "qwen-image"
 TRANSFORMER_KINDS = ("pipeline", "transformer", "model_file")  # what fusedit.model.load_transformer reads
-
-
-def is_edit_family(family: str) -> bool:
-    return family != TEXT_TO_IMAGE
 
 
 @dataclass(frozen=True)
@@ -172,16 +161,11 @@ def _check_lora_kind(spec: LoraSpec, file: Path) -> None:
 
 def check_jobs_fit(jobs: list[Job], family: str) -> None:
     for job in jobs:
-        if job.images and not is_edit_family(family):
-            raise UserInputError(
-                f"{job.source}: the model is Qwen-Image (text-to-image) and takes no input image; drop input= or "
-                "use a Qwen-Image-Edit model"
-            )
-        if len(job.images) > 1 and family == "qwen-image-edit":
-            raise UserInputError(
-                f"{job.source}: {len(job.images)} input images, but Qwen-Image-Edit takes one; several images need "
-                "Qwen-Image-Edit-2509 or -2511"
-            )
+        # No input image with an edit model is a text-to-image job (the edit pipelines run without one).
+        problem = edit_image_count_problem(len(job.images), family) if job.images else None
+        if problem:
+            hint = "; drop input= or use a Qwen-Image-Edit model" if family == TEXT_TO_IMAGE else ""
+            raise UserInputError(f"{job.source}: {problem}{hint}")
 
 
 class _Problems:
