@@ -44,7 +44,10 @@ def test_empty_edit_image_list_is_refused_naming_the_row(tmp_path):
     _images(tmp_path, "t.png", "e.png")
     metadata = _jsonl(
         tmp_path / "m.jsonl",
-        [{"image": "t.png", "edit_image": "e.png", "prompt": "ok"}, {"image": "t.png", "edit_image": [], "prompt": "x"}],
+        [
+            {"image": "t.png", "edit_image": "e.png", "prompt": "ok"},
+            {"image": "t.png", "edit_image": [], "prompt": "x"},
+        ],
     )
     assert "row 2, column 'edit_image': no edit image" in refused(EditDataModule(metadata))
 

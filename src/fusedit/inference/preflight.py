@@ -24,8 +24,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fusedit.families import PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem
 from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_types
+from fusedit.families import PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 
