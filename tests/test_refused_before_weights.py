@@ -65,3 +65,62 @@ def test_train_py_missing_ckpt_path_is_one_line_before_lightning(tmp_path):
     ]
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "lightning" not in imported and "torch" not in imported
+
+
+# -- inference: only regular files are opened, and rows are judged against the family ------------------------------
+
+
+def _within(seconds, function, *args):
+    import threading
+
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*args)
+        except Exception as error:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} blocked on a file that is not a regular file"
+    return outcome
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+def test_infer_inputs_that_are_fifos_or_devices_are_refused_without_blocking(tmp_path):
+    import os
+
+    from fusedit.inference.inputs import collect_jobs
+
+    os.mkfifo(tmp_path / "pipe.png")
+    os.mkfifo(tmp_path / "rows.csv")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    save_image(tmp_path / "a.png")
+    table = write_csv(tmp_path / "t.csv", [["", "pipe.png", "x"], ["", "a.png|", "y"]])
+    cases = {
+        str(tmp_path / "pipe.png"): f"input={tmp_path / 'pipe.png'} is a FIFO (named pipe), not a regular file",
+        str(tmp_path / "rows.csv"): f"input={tmp_path / 'rows.csv'} is a FIFO (named pipe)",
+        str(tmp_path / "zero.png"): "is a character device, not a regular file",
+        str(table): "row 2 column 'edit_image': image",
+    }
+    for source, expected in cases.items():
+        outcome = _within(20, collect_jobs, source, "prompt")
+        assert isinstance(outcome.get("error"), UserInputError) and expected in str(outcome["error"]), outcome
+    message = str(_within(20, collect_jobs, str(table), "p")["error"])
+    assert "is a FIFO (named pipe), not a regular file" in message
+    assert "row 3 column 'edit_image': 'a.png|' has an empty entry" in message
+    outcome = _within(20, collect_jobs, [str(tmp_path / "a.png"), str(tmp_path / "pipe.png")], "p")
+    assert "input image" in str(outcome["error"]) and "is a FIFO" in str(outcome["error"])
+
+
+def test_infer_jobs_are_judged_against_the_family(tmp_path):
+    from fusedit.inference.inputs import Job
+    from fusedit.inference.preflight import check_jobs_fit
+
+    two = [Job("j", "p", (tmp_path / "a.png", tmp_path / "b.png"), source="rows.csv row 2")]
+    with pytest.raises(UserInputError, match="rows.csv row 2: 2 edit images, but qwen-image-edit takes one"):
+        check_jobs_fit(two, "qwen-image-edit")
+    check_jobs_fit(two, "qwen-image-edit-2509")
+    check_jobs_fit([Job("t", "p")], "qwen-image-edit")  # no input image with an edit model: text-to-image
