@@ -19,6 +19,7 @@ from safetensors import safe_open
 from fusedit.convert.files import INDEX_SUFFIX
 from fusedit.convert.layout import model_layout
 from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
+from fusedit.convert.single_file import MARKER_2511, WEIGHT_SCALE, has_2511_marker, is_scaled_fp8, weight_keys
 from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
 from fusedit.families import pipeline_family
@@ -195,7 +196,21 @@ def detect(path: str | os.PathLike) -> dict:
     specs, metadata = _header_specs(path)
     if classify_keys(specs, str(path)) == "lora":
         return _detect_lora(path, specs, metadata, None)
-    return {"kind": "model_file", "path": str(path), **_model_report(specs, None, str(path))}
+    return _detect_model_file(path, specs)
+
+
+def _detect_model_file(path: Path, specs: dict) -> dict:
+    """A single model file, ComfyUI's repackagings included (`fusedit.convert.single_file`): the 2511 marker gives
+    the family; in an "fp8 scaled" file the dtypes and parameter count are those of the weights (no scales)."""
+    weights = {key: specs[key] for key in weight_keys(specs)}
+    report = {"kind": "model_file", "path": str(path), **_model_report(weights, None, str(path))}
+    if has_2511_marker(specs):
+        report["family"] = "qwen-image-edit-2511"
+        report["family_source"] = f"{MARKER_2511} marker tensor (ComfyUI's Edit-2511 single files)"
+    if is_scaled_fp8(specs):
+        report["quantization"] = "fp8_scaled"
+        report["scaled_weights"] = sum(1 for key in specs if key.endswith("." + WEIGHT_SCALE))
+    return report
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:

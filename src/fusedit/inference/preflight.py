@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_types
-from fusedit.families import PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem
+from fusedit.families import EDIT_2511, PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 
@@ -141,12 +141,25 @@ def model_family(path: str | os.PathLike) -> str:
     return family
 
 
-def _check_transformer(path: Path) -> None:
+def _check_transformer(path: Path, family: str | None) -> None:
+    """`model.transformer` holds transformer weights, and of the pipeline's family where the file says one."""
     report = _detect(path, "model.transformer")
     if report["kind"] not in TRANSFORMER_KINDS:
         raise UserInputError(
             f"model.transformer={path} is a {report['kind']}, not transformer weights"
             + (" (pass a LoRA as lora.path)" if report["kind"] == "lora" else "")
+        )
+    # Only Edit-2511 is visible in a transformer's own files (zero_cond_t in a folder's config, ComfyUI's marker
+    # tensor in a single file); the other families share one transformer. A single file without the marker may
+    # still be 2511 (not every tool writes it), so only a folder's config can say "not 2511".
+    is_2511 = report.get("family") == EDIT_2511
+    says_not_2511 = report["kind"] != "model_file" and not is_2511
+    if family is not None and ((is_2511 and family != EDIT_2511) or (says_not_2511 and family == EDIT_2511)):
+        source = report.get("family_source", "its config")
+        raise UserInputError(
+            f"model.transformer={path} is a {report.get('family') or 'pre-2511'} transformer ({source}), but "
+            f"model.path is a {family} pipeline; use the matching pipeline (Qwen-Image-Edit-2511 for a 2511 "
+            "transformer)"
         )
 
 
@@ -219,7 +232,7 @@ def preflight(cfg: DictConfig) -> Plan:
     # Second stage: fusedit.detect (imports torch) on what the first stage found.
     family = problems.check(model_family, cfg.model.path) if model_ok else None
     if transformer is not None:
-        problems.check(_check_transformer, Path(str(transformer)).expanduser())
+        problems.check(_check_transformer, Path(str(transformer)).expanduser(), family)
     for spec, file in zip(specs, lora_files, strict=True):
         problems.check(_check_lora_kind, spec, file)
     if family is not None:
