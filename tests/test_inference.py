@@ -490,3 +490,31 @@ def test_infer_checks_before_loading_and_takes_a_checked_plan(tiny_t2i_path, tmp
     monkeypatch.setattr(run, "preflight", lambda cfg: pytest.fail("infer() checked a config that came with its plan"))
     record = infer(cfg, plan)
     assert record["family"] == plan.family == "qwen-image" and (tmp_path / "o.png").is_file()
+
+
+def test_pickled_loras_are_refused_in_one_line_and_no_lora_keys_is_an_error(tmp_path):
+    import struct
+
+    from fusedit.convert import read_lora
+    from fusedit.convert.lora_formats import lora_from_state_dict
+    from fusedit.inference.preflight import LoraSpec, lora_file
+    from fusedit.pickle_files import pickle_refusal
+
+    tensors = {"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": torch.zeros(2, 8)}
+    for name in ("lora.bin", "lora.safetensors"):  # a pickle is refused by its content, whatever its name
+        torch.save(tensors, tmp_path / name)
+        with pytest.raises(ValueError, match="is a pickle file") as refused:
+            lora_file(LoraSpec(str(tmp_path / name)))
+        assert len(str(refused.value).splitlines()) == 1 and "unpickling runs arbitrary code" in str(refused.value)
+        with pytest.raises(ValueError, match="is a pickle file"):
+            read_lora(tmp_path / name)
+    # A safetensors header length may begin with the pickle byte 0x80 (here 384 = 0x180): still read.
+    header = json.dumps({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode().ljust(384)
+    (tmp_path / "ok.safetensors").write_bytes(struct.pack("<Q", 384) + header + b"\0\0\0\0")
+    assert pickle_refusal(tmp_path / "ok.safetensors") is None
+
+    # No LoRA keys: an error naming them (diffusers logs and loads nothing; see docs/inference.md).
+    with pytest.raises(ValueError, match="no tensors"):
+        lora_from_state_dict({})
+    with pytest.raises(ValueError, match=r"unknown keys .*transformer_blocks\.0\.attn\.to_out\.0\.weight"):
+        lora_from_state_dict({"transformer_blocks.0.attn.to_out.0.weight": torch.zeros(8, 8)})

@@ -43,3 +43,36 @@ def test_no_remote_code():
 def test_sources_are_scanned():
     # The checks above must be looking at the real package, not an empty list.
     assert any(path.name == "merged_qkv.py" for path in python_sources())
+
+
+def test_a_shard_index_cannot_point_outside_the_model_folder(tmp_path):
+    """A `*.safetensors.index.json` is someone else's file: its shard names must stay inside the folder, for
+    loading, conversion and detect alike (one reader), and the refusal is one line naming the index."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from fusedit.convert import convert_checkpoint
+    from fusedit.detect import detect
+    from fusedit.model.loading import load_transformer
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_file({"img_in.weight": torch.zeros(2, 2)}, outside / "x.safetensors")
+    model = tmp_path / "models" / "transformer"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    index = model / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"img_in.weight": "../../outside/x.safetensors"}}))
+    for read in (detect, load_transformer, lambda path: convert_checkpoint(path, tmp_path / "out", "to_merged")):
+        with pytest.raises(ValueError, match=r"index\.json: shard '\.\./\.\./outside/x\.safetensors' is outside"):
+            read(model)
+    result = subprocess.run(
+        [sys.executable, "-m", "fusedit.cli", "detect", str(model)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "is outside" in result.stderr, result.stderr

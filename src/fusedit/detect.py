@@ -11,29 +11,22 @@ import collections
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 from safetensors import safe_open
 
-from fusedit.convert.files import INDEX_SUFFIX
-from fusedit.convert.layout import model_layout
+from fusedit.convert.layout import key_examples, model_layout
 from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
 from fusedit.convert.single_file import MARKER_2511, WEIGHT_SCALE, has_2511_marker, is_scaled_fp8, weight_keys
 from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
+from fusedit.errors import UserInputError
 from fusedit.families import pipeline_family
 from fusedit.io import read_safetensors_header
+from fusedit.model.module_map import BLOCKS, block_index
+from fusedit.model.weight_files import read_json, transformer_weight_files
 
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
-_BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.")
-
-
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def _dtype_summary(specs: dict) -> dict:
@@ -53,27 +46,20 @@ def _header_specs(path: Path) -> tuple[dict, dict]:
 
 
 def _transformer_specs(directory: Path) -> dict:
-    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
-    if indexes:
-        weight_map = _load_json(indexes[0]).get("weight_map") or {}
-        specs = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (directory / shard).is_file():
-                raise ValueError(f"{indexes[0]}: shard {shard} is missing")
-            specs.update(_header_specs(directory / shard)[0])
-        missing = sorted(set(weight_map) - set(specs))
+    weights = transformer_weight_files(directory)
+    specs = {}
+    for file in weights.files:
+        specs.update(_header_specs(file)[0])
+    if weights.index is not None:
+        missing = sorted(set(read_json(weights.index)["weight_map"]) - set(specs))
         if missing:
-            raise ValueError(f"{indexes[0]}: keys in weight_map but in no shard: {', '.join(missing[:5])}")
-        return specs
-    files = sorted(directory.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ValueError(f"{directory}: expected one .safetensors file or a *{INDEX_SUFFIX}, found {len(files)} files")
-    return _header_specs(files[0])[0]
+            raise UserInputError(f"{weights.index}: keys in weight_map but in no shard: {key_examples(missing)}")
+    return specs
 
 
 def _model_report(specs: dict, config: dict | None, what: str) -> dict:
     img_in = [k for k in specs if k.endswith("img_in.weight")]
-    blocks = {int(m[1]) for k in specs if (m := _BLOCK_RE.search(k))}
+    blocks = {index for key in specs if (index := block_index(key)) is not None}
     if len(img_in) != 1 or not blocks:
         raise ValueError(
             f"{what}: not a Qwen-Image transformer (no img_in.weight / transformer_blocks.N keys); "
@@ -81,7 +67,7 @@ def _model_report(specs: dict, config: dict | None, what: str) -> dict:
         )
     prefix = img_in[0][: -len("img_in.weight")]
     hidden, in_channels = specs[img_in[0]][1]
-    norm_q = specs.get(f"{prefix}transformer_blocks.{min(blocks)}.attn.norm_q.weight")
+    norm_q = specs.get(f"{prefix}{BLOCKS}.{min(blocks)}.attn.norm_q.weight")
     head_dim = norm_q[1][0] if norm_q else None
     config = config or {}
     heads = config.get("num_attention_heads") or (hidden // head_dim if head_dim else None)
@@ -111,7 +97,7 @@ def _transformer_family(config: dict) -> tuple[str, str]:
 
 
 def _detect_transformer(directory: Path) -> dict:
-    config = _load_json(directory / "config.json")
+    config = read_json(directory / "config.json")
     cls = config.get("_class_name")
     if cls is not None and cls != TRANSFORMER_CLASS:
         raise ValueError(f"{directory}/config.json: _class_name is {cls!r}, not {TRANSFORMER_CLASS}")
@@ -121,7 +107,7 @@ def _detect_transformer(directory: Path) -> dict:
 
 
 def _detect_pipeline(directory: Path) -> dict:
-    index = _load_json(directory / "model_index.json")
+    index = read_json(directory / "model_index.json")
     cls = index.get("_class_name", "")
     if not (directory / "transformer" / "config.json").is_file():
         raise ValueError(f"{directory}: pipeline ({cls}) without transformer/config.json")
@@ -148,7 +134,7 @@ def _detect_lora(path: Path, specs: dict, metadata: dict, adapter_config: dict |
             alpha_values = {m: handle.get_tensor(k).item() for m, k in alpha_keys.items()}
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, str(path))
     layout = model_layout((f"{m}.weight" for m in parsed.modules), str(path))
-    blocks = sorted({int(m[1]) for name in parsed.modules if (m := _BLOCK_RE.search(name + "."))})
+    blocks = sorted({index for name in parsed.modules if (index := block_index(name + ".")) is not None})
     report = {
         "kind": "lora",
         "path": str(path),
@@ -183,7 +169,7 @@ def detect(path: str | os.PathLike) -> dict:
             if len(files) != 1:
                 raise ValueError(f"{path}: PEFT LoRA folder must hold one .safetensors file, found {len(files)}")
             specs, metadata = _header_specs(files[0])
-            return _detect_lora(files[0], specs, metadata, _load_json(path / "adapter_config.json"))
+            return _detect_lora(files[0], specs, metadata, read_json(path / "adapter_config.json"))
         if (path / "config.json").is_file():
             return _detect_transformer(path)
         found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"

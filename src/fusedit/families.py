@@ -11,7 +11,6 @@ one or more.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 TEXT_TO_IMAGE = "qwen-image"
@@ -54,15 +53,15 @@ def pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:
 def folder_family(pipeline_dir: str | Path) -> str:
     """The family of the diffusers pipeline folder `pipeline_dir`, from its JSON files only.
 
-    Raises ValueError (or OSError) when `model_index.json` or `transformer/config.json` is missing or not JSON.
+    Raises ValueError (UserInputError, naming the file) when `model_index.json` is missing or not a JSON object,
+    or names no Qwen-Image pipeline.
     """
+    from fusedit.model.weight_files import read_json  # pure stdlib, like this module
+
     pipeline_dir = Path(pipeline_dir)
-    try:
-        index = json.loads((pipeline_dir / "model_index.json").read_text(encoding="utf-8"))
-        config_file = pipeline_dir / "transformer" / "config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{pipeline_dir}: a JSON config is not valid JSON ({error})") from None
+    index = read_json(pipeline_dir / "model_index.json")
+    config_file = pipeline_dir / "transformer" / "config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
     return pipeline_family(str(index.get("_class_name", "")), bool(config.get("zero_cond_t", False)))
 
 

@@ -29,8 +29,8 @@ projection 2 r (d + 3d).
 from __future__ import annotations
 
 from fusedit.bench.shapes import LATENT_CHANNELS, PATCH, BenchShape
-from fusedit.convert.layout import QKV_GROUPS
 from fusedit.lora.targets import resolve_targets
+from fusedit.model.module_map import LAST_BLOCK_UNUSED, QKV_GROUPS, STANDARD_QKV
 
 IMAGE_MERGED, TEXT_MERGED = QKV_GROUPS  # to_qkv, add_qkv_proj
 IMAGE_QKV, TEXT_QKV = QKV_GROUPS[IMAGE_MERGED], QKV_GROUPS[TEXT_MERGED]
@@ -87,7 +87,7 @@ def _block_linears(d: int) -> dict[str, tuple[int, int, str]]:
 
 
 _MERGED_ONLY = set(QKV_GROUPS)
-_STANDARD_ONLY = {name for names in QKV_GROUPS.values() for name in names}
+_STANDARD_ONLY = set(STANDARD_QKV)
 _QKV = _MERGED_ONLY | _STANDARD_ONLY
 
 
@@ -102,7 +102,7 @@ def step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True)
     # the timestep embedding), and not for block 0's q/k/v unless the modulation itself carries LoRA.
     first_qkv_frozen_input = not any(linears[name][2] == "sample" for name in targets)
     # The last block's text stream after attention feeds nothing the loss reads: autograd skips it entirely.
-    dead = {"to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"}
+    dead = {leaf.removeprefix("attn.") for leaf in LAST_BLOCK_UNUSED}
     block_forward = sum(2 * i * o * rows[stream] for name, (i, o, stream) in linears.items() if name not in skip)
     block_backward = sum(
         2 * i * o * rows[stream] for name, (i, o, stream) in linears.items() if name not in skip and stream != "sample"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusedit.model.merged_qkv import MERGED_TO_STANDARD
+from fusedit.model.module_map import QKV_GROUPS
 from fusedit.model.perf import sdpa_backends
 
 # Leaf GEMM ops (aten::linear / aten::matmul are wrappers that call these); the profiler names them aten::<op>, and
@@ -151,9 +151,9 @@ class _GemmCounter(TorchDispatchMode):
 
 def _qkv_projections(block: nn.Module) -> list[nn.Module]:
     attn = block.attn
-    names = [name for name in MERGED_TO_STANDARD if hasattr(attn, name)]
+    names = [name for name in QKV_GROUPS if hasattr(attn, name)]
     if not names:
-        names = [name for group in MERGED_TO_STANDARD.values() for name in group]
+        names = [name for group in QKV_GROUPS.values() for name in group]
     return [getattr(attn, name) for name in names]
 
 

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from fusedit.io import atomic_write_path, read_safetensors_header, write_json_atomic
+from fusedit.model.weight_files import read_json, transformer_weight_files
 
 from .layout import DIRECTIONS, TARGET_LAYOUT, TensorPlan, model_layout, plan_model_conversion
 from .lora_formats import FORMATS, read_lora, write_lora
@@ -46,7 +47,6 @@ DTYPE_TO_ST = {
     torch.bool: "BOOL",
 }
 ST_SIZES = {name: dtype.itemsize for dtype, name in DTYPE_TO_ST.items()}
-INDEX_SUFFIX = ".safetensors.index.json"
 # Bytes read through one memory map before it is dropped, so mapped pages do not pile up in a big single file.
 REMAP_BYTES = 1 << 30
 
@@ -187,32 +187,13 @@ def _convert_model_shards(targets: Mapping[Path, Path], direction: str, what: st
     }
 
 
-def _transformer_weights(directory: Path) -> tuple[list[Path], Path | None]:
-    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
-    if len(indexes) > 1:
-        raise ValueError(f"{directory}: more than one shard index: {', '.join(p.name for p in indexes)}")
-    if indexes:
-        index = json.loads(indexes[0].read_text(encoding="utf-8"))
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{indexes[0]}: no weight_map")
-        shards = sorted({directory / name for name in weight_map.values()})
-        missing = [str(p) for p in shards if not p.is_file()]
-        if missing:
-            raise ValueError(f"{indexes[0]}: shards listed in weight_map are missing: {', '.join(missing)}")
-        return shards, indexes[0]
-    files = sorted(directory.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ValueError(f"{directory}: expected one .safetensors file or a *{INDEX_SUFFIX}, found {len(files)} files")
-    return files, None
-
-
 def _convert_transformer_dir(src: Path, dst: Path, direction: str) -> dict:
-    shards, index_path = _transformer_weights(src)
+    weights = transformer_weight_files(src)
+    shards, index_path = weights.files, weights.index
     dst.mkdir(parents=True, exist_ok=True)
     report = _convert_model_shards({shard: dst / shard.name for shard in shards}, direction, str(src))
     if index_path is not None:
-        old = json.loads(index_path.read_text(encoding="utf-8"))
+        old = read_json(index_path)
         weight_map = {key: name for name, keys in report["written"].items() for key in keys}
         meta = dict(old.get("metadata") or {})
         meta["total_size"] = report["total_size"]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fusedit.model.module_map import ATTENTION, QKV_GROUPS
+
 from .single_file import INPUT_SCALE, WEIGHT_SCALE
 
 STANDARD = "standard"
@@ -28,18 +30,13 @@ LAYOUTS = (STANDARD, MERGED)
 TARGET_LAYOUT = {TO_MERGED: MERGED, TO_STANDARD: STANDARD}
 DIRECTION_TO = {layout: direction for direction, layout in TARGET_LAYOUT.items()}
 
-# merged projection -> its q, k, v parts, in concatenation order
-QKV_GROUPS: dict[str, tuple[str, str, str]] = {
-    "to_qkv": ("to_q", "to_k", "to_v"),
-    "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj"),
-}
 PART_TO_MERGED: dict[str, tuple[str, int]] = {
     part: (merged, index) for merged, parts in QKV_GROUPS.items() for index, part in enumerate(parts)
 }
 
 _PROJ_NAMES = "|".join(sorted([*QKV_GROUPS, *PART_TO_MERGED], key=len, reverse=True))
 # A module path ending in one of the projections; the attention prefix (checkpoint prefix included) is kept verbatim.
-_PROJ_MODULE_RE = re.compile(rf"^(?P<attn>(?:.*\.)?attn\.)(?P<proj>{_PROJ_NAMES})$")
+_PROJ_MODULE_RE = re.compile(rf"^(?P<attn>(?:.*\.)?{ATTENTION}\.)(?P<proj>{_PROJ_NAMES})$")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from fusedit.io import load_safetensors, save_safetensors_atomic
+from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
+from fusedit.pickle_files import pickle_refusal
 
 from .layout import DIRECTION_TO, LAYOUTS, key_examples, layout_of_modules
 
@@ -37,49 +39,22 @@ FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 FUSEDIT_METADATA_KEY = "fusedit_lora"
 
-# Every Linear of QwenImageTransformer2DModel (either layout): top-level modules and the leaves inside a block.
-TOP_LEVEL_MODULES = (
-    "img_in",
-    "txt_in",
-    "proj_out",
-    "norm_out.linear",
-    "time_text_embed.timestep_embedder.linear_1",
-    "time_text_embed.timestep_embedder.linear_2",
-)
-BLOCK_LEAVES = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_qkv",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.add_qkv_proj",
-    "attn.to_out.0",
-    "attn.to_add_out",
-    "img_mod.1",
-    "txt_mod.1",
-    "img_mlp.net.0.proj",
-    "img_mlp.net.2",
-    "txt_mlp.net.0.proj",
-    "txt_mlp.net.2",
-)
-_BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_KOHYA_BLOCK_RE = re.compile(r"^transformer_blocks_(\d+)_(.+)$")
-_KOHYA_LEAVES = {leaf.replace(".", "_"): leaf for leaf in BLOCK_LEAVES}
-_KOHYA_TOP = {name.replace(".", "_"): name for name in TOP_LEVEL_MODULES}
+_KOHYA_BLOCK_RE = re.compile(rf"^{BLOCKS}_(\d+)_(.+)$")
+_KOHYA_LEAVES = {leaf.replace(".", "_"): leaf for leaf in BLOCK_LINEARS}
+_KOHYA_TOP = {name.replace(".", "_"): name for name in TOP_LEVEL_LINEARS}
 
 
 def is_qwen_module(module: str) -> bool:
-    if module in TOP_LEVEL_MODULES:
+    """Whether `module` is a Linear of QwenImageTransformer2DModel (either layout)."""
+    if module in TOP_LEVEL_LINEARS:
         return True
-    match = _BLOCK_RE.match(module)
-    return bool(match) and match[2] in BLOCK_LEAVES
+    match = BLOCK_MODULE_RE.match(module)
+    return bool(match) and match[2] in BLOCK_LINEARS
 
 
 def module_leaf(module: str) -> str:
     """`transformer_blocks.7.attn.to_out.0` -> `attn.to_out.0`; top-level names unchanged."""
-    match = _BLOCK_RE.match(module)
+    match = BLOCK_MODULE_RE.match(module)
     return match[2] if match else module
 
 
@@ -94,7 +69,7 @@ def module_from_kohya(name: str) -> str | None:
         return _KOHYA_TOP[body]
     match = _KOHYA_BLOCK_RE.match(body)
     if match and match[2] in _KOHYA_LEAVES:
-        return f"transformer_blocks.{match[1]}.{_KOHYA_LEAVES[match[2]]}"
+        return block_module(int(match[1]), _KOHYA_LEAVES[match[2]])
     return None
 
 
@@ -340,6 +315,9 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
                 f"{path}: a LoRA directory must hold exactly one .safetensors file, found {len(candidates)}"
             )
         path = candidates[0]
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise ValueError(refusal)
     tensors, metadata = load_safetensors(path)
     adapter_config = None
     config_path = path.parent / "adapter_config.json"

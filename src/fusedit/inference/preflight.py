@@ -28,6 +28,7 @@ from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_typ
 from fusedit.families import EDIT_2511, PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
+from fusedit.pickle_files import pickle_refusal
 
 TRANSFORMER_KINDS = ("pipeline", "transformer", "model_file")  # what fusedit.model.load_transformer reads
 
@@ -90,6 +91,9 @@ def lora_file(spec: LoraSpec) -> Path:
                 f"{len(files)}"
             )
         path = files[0]
+    refusal = pickle_refusal(path)
+    if refusal:
+        raise UserInputError(f"{spec.key}={refusal}")
     try:
         # The numpy reader parses and checks the header (tensor offsets against the file size) without torch.
         with safe_open(str(path), framework="numpy") as handle:

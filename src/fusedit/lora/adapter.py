@@ -25,6 +25,7 @@ from fusedit.convert import LoraModule, LoraWeights, write_lora
 from fusedit.convert.layout import LAYOUTS
 from fusedit.lora.targets import resolve_targets
 from fusedit.model.merged_qkv import is_merged
+from fusedit.model.module_map import ATTENTION, BLOCKS, LAST_BLOCK_UNUSED, block_module
 
 INIT_CHOICES = ("default", "gaussian")
 
@@ -37,16 +38,11 @@ def has_lora(transformer: nn.Module) -> bool:
     return any("lora_" in name for name, _ in transformer.named_parameters())
 
 
-# The model returns only the image stream, so in the last block nothing after the text-stream attention output
-# reaches the loss: LoRA there would never get a gradient (and DDP would need find_unused_parameters).
-_LAST_BLOCK_DEAD = ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-
-
 def unused_modules(transformer: nn.Module, targets: list[str]) -> list[str]:
-    """Targeted modules whose output cannot influence the transformer's output (left without LoRA)."""
-    last = len(transformer.transformer_blocks) - 1
-    leaves = {leaf for leaf in _LAST_BLOCK_DEAD if leaf.removeprefix("attn.") in targets}
-    return [f"transformer_blocks.{last}.{leaf}" for leaf in _LAST_BLOCK_DEAD if leaf in leaves]
+    """Targeted modules whose output cannot influence the transformer's output (left without LoRA: it would never
+    get a gradient, see fusedit.model.module_map.LAST_BLOCK_UNUSED)."""
+    last = len(getattr(transformer, BLOCKS)) - 1
+    return [block_module(last, leaf) for leaf in LAST_BLOCK_UNUSED if leaf.removeprefix(f"{ATTENTION}.") in targets]
 
 
 def add_lora(

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# The merged -> standard names from the key layouts (fusedit.convert.layout): importing fusedit.model would load
-# diffusers, and config validation resolves targets before anything heavy is loaded.
-from fusedit.convert.layout import LAYOUTS, QKV_GROUPS
+# Config validation resolves targets before anything heavy is loaded: both imports below are pure data.
+from fusedit.convert.layout import LAYOUTS
+from fusedit.model.module_map import (
+    ATTENTION,
+    BLOCK_LINEARS,
+    BLOCKS,
+    QKV_GROUPS,
+    TIMESTEP_LINEARS,
+    TOP_LEVEL_LINEARS,
+)
 
 # Named layouts, written in the merged naming (translated on use).
 ATTN = ("to_qkv", "add_qkv_proj")
@@ -27,12 +34,13 @@ ATTN_MLP = (
 )
 FULL = (*ATTN_MLP, "img_mod.1", "txt_mod.1")
 
-# Every Linear inside a block, in both layouts: the largest layout plus the standard names of the merged ones.
-BLOCK_LINEARS = (*FULL, *(name for names in QKV_GROUPS.values() for name in names))
+# Every Linear inside a block, both layouts, as PEFT suffixes (`attn.` dropped: the leaf names are unique).
+BLOCK_TARGETS = tuple(name.removeprefix(f"{ATTENTION}.") for name in BLOCK_LINEARS)
 
-# Linears outside the blocks, for targets lists that want them (no named layout uses them).
-TOP_LEVEL_LINEARS = ("img_in", "txt_in", "proj_out", "norm_out.linear")
-VALID_TARGETS = (*BLOCK_LINEARS, *TOP_LEVEL_LINEARS)
+# Linears outside the blocks, for targets lists that want them (no named layout uses them). The timestep MLP is
+# not offered: its `linear_1` / `linear_2` suffixes are not names a user would recognise as Qwen-Image modules.
+TOP_LEVEL_TARGETS = tuple(name for name in TOP_LEVEL_LINEARS if name not in TIMESTEP_LINEARS)
+VALID_TARGETS = (*BLOCK_TARGETS, *TOP_LEVEL_TARGETS)
 
 NAMED_TARGETS = {"attn": ATTN, "attn_mlp": ATTN_MLP, "full": FULL}
 
@@ -42,9 +50,9 @@ _STANDARD_TO_MERGED = {name: merged for merged, names in QKV_GROUPS.items() for 
 def _normalise(target: str) -> str:
     # Accept the dotted forms people copy from state dicts (`attn.to_qkv`, `transformer_blocks.0.attn.to_q`).
     name = target.strip()
-    if name.startswith("transformer_blocks."):
+    if name.startswith(f"{BLOCKS}."):
         name = name.split(".", 2)[2] if name.count(".") >= 2 else name
-    return name.removeprefix("attn.")
+    return name.removeprefix(f"{ATTENTION}.")
 
 
 def resolve_targets(targets: str | Iterable[str], layout: str) -> list[str]:
@@ -76,8 +84,3 @@ def resolve_targets(targets: str | Iterable[str], layout: str) -> list[str]:
             translated = list(QKV_GROUPS.get(name, (name,)))
         resolved.extend(translated)
     return list(dict.fromkeys(resolved))
-
-
-def translate_targets(targets: Iterable[str], to_layout: str) -> list[str]:
-    """Translate already-resolved target names to `to_layout` (e.g. for an exported LoRA's metadata)."""
-    return resolve_targets(list(targets), to_layout)

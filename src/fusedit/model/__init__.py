@@ -1,6 +1,19 @@
-"""The merged-QKV Qwen-Image transformer and its loading."""
+"""The merged-QKV Qwen-Image transformer (merged_qkv), its loading (loading) and its module map (module_map).
 
-from fusedit.model.loading import load_transformer
-from fusedit.model.merged_qkv import MergedQKVAttnProcessor, fuse_qkv, is_merged, unfuse_qkv
+The names below are imported on first use: `fusedit.model.module_map` is pure data, and reading it (config
+validation, `fusedit detect`) must not load diffusers.
+"""
 
-__all__ = ["MergedQKVAttnProcessor", "fuse_qkv", "is_merged", "load_transformer", "unfuse_qkv"]
+from fusedit._lazy import lazy_getattr
+
+_EXPORTS = {
+    "MergedQKVAttnProcessor": "fusedit.model.merged_qkv",
+    "fuse_qkv": "fusedit.model.merged_qkv",
+    "is_merged": "fusedit.model.merged_qkv",
+    "unfuse_qkv": "fusedit.model.merged_qkv",
+    "load_transformer": "fusedit.model.loading",
+}
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

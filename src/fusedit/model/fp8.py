@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusedit.model.module_map import ENTRY_EXIT_LAYERS
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 GRANULARITIES = ("tensor", "row")
@@ -100,9 +102,6 @@ class Fp8StorageLinear(FrozenFp8Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, storage=float8_e4m3fn, scale={self.granularity}"
-
-
-ENTRY_EXIT_LAYERS = ("img_in", "txt_in", "proj_out", "norm_out", "time_text_embed")
 
 
 def swap_frozen_linears(

@@ -9,7 +9,6 @@ then read from the tensor shapes). Standard checkpoints go through diffusers' `f
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -28,9 +27,10 @@ from fusedit.convert.single_file import (
 )
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
+from fusedit.model.module_map import block_index
+from fusedit.model.weight_files import transformer_weight_files
 
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-_BLOCK_INDEX = re.compile(r"transformer_blocks\.(\d+)\.")
 
 
 def resolve_transformer_dir(path: str | Path) -> Path:
@@ -44,20 +44,6 @@ def resolve_transformer_dir(path: str | Path) -> Path:
             raise FileNotFoundError(f"{path} is a pipeline directory without a transformer/ subfolder")
         return transformer
     return path
-
-
-def weight_files(transformer_path: Path) -> list[Path]:
-    """The safetensors files holding a transformer's weights (shards in index order, or the single file)."""
-    if transformer_path.is_file():
-        return [transformer_path]
-    index_files = sorted(transformer_path.glob("*.safetensors.index.json"))
-    if index_files:
-        weight_map = json.loads(index_files[0].read_text())["weight_map"]
-        return [transformer_path / name for name in dict.fromkeys(weight_map.values())]
-    files = sorted(transformer_path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{transformer_path}: no safetensors weights found (pickled .bin files are refused)")
-    return files
 
 
 def checkpoint_keys(files: list[Path]) -> list[str]:
@@ -96,7 +82,7 @@ def config_from_header(header: dict[str, dict]) -> dict:
         proj_out_features = shapes["proj_out.weight"][0]
     except KeyError as error:
         raise ValueError(f"not a Qwen-Image transformer checkpoint: missing tensor {error}") from None
-    num_layers = 1 + max(int(match.group(1)) for key in shapes if (match := _BLOCK_INDEX.match(key)))
+    num_layers = 1 + max(index for key in shapes if (index := block_index(key)) is not None)
     return {
         "in_channels": in_channels,
         "out_channels": proj_out_features // 4,
@@ -169,7 +155,7 @@ def load_transformer(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     transformer_path = resolve_transformer_dir(path)
-    files = weight_files(transformer_path)
+    files = list(transformer_weight_files(transformer_path).files)
     stored = checkpoint_layout(checkpoint_keys(files), str(transformer_path))
 
     if transformer_path.is_file():
