@@ -124,3 +124,15 @@ def test_infer_jobs_are_judged_against_the_family(tmp_path):
         check_jobs_fit(two, "qwen-image-edit")
     check_jobs_fit(two, "qwen-image-edit-2509")
     check_jobs_fit([Job("t", "p")], "qwen-image-edit")  # no input image with an edit model: text-to-image
+
+
+def test_infer_preflight_refuses_a_prompt_over_the_text_positions(tmp_path, tiny_edit_path):
+    from fusedit.inference.inputs import Job
+    from fusedit.inference.preflight import check_prompt_lengths
+
+    save_image(tmp_path / "a.png", size=(96, 64))
+    long_job = Job("long", "z" * 5000, (tmp_path / "a.png",), source="input a.png")
+    with pytest.raises(UserInputError, match=r"input a.png: the prompt is \d+ text tokens .* text positions left"):
+        check_prompt_lengths([long_job], tiny_edit_path, "qwen-image-edit")
+    check_prompt_lengths([Job("ok", "make it blue", (tmp_path / "a.png",))], tiny_edit_path, "qwen-image-edit")
+    check_prompt_lengths([Job("t2i", "z" * 5000)], tiny_edit_path, "qwen-image-edit")  # T2I cuts prompts itself

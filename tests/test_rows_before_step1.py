@@ -60,19 +60,21 @@ def test_empty_entry_in_a_pipe_list_is_refused(tmp_path):
     assert "row 3, column 'edit_image', path '|e.png': entry 1 of 2 is empty" in message
 
 
-def test_edit_image_count_is_judged_against_the_pipeline(tmp_path):
+def test_edit_image_count_is_judged_against_the_pipeline(
+    tmp_path, tiny_edit_path, tiny_edit_plus_path, tiny_edit_2511_path
+):
     _images(tmp_path, "t.png", "a.png", "b.png")
     metadata = write_csv(tmp_path / "m.csv", [["t.png", "a.png", "one"], ["t.png", "a.png|b.png", "two"]])
-    message = refused(EditDataModule(metadata, model_family=EDIT))
+    message = refused(EditDataModule(metadata, model_path=tiny_edit_path))
     assert "row 3, column 'edit_image', path 'a.png|b.png': 2 edit images, but qwen-image-edit takes one" in message
     assert "row 2" not in message
-    for family in (EDIT_2509, EDIT_2511):
-        module = EditDataModule(metadata, model_family=family)
+    for pipeline in (tiny_edit_plus_path, tiny_edit_2511_path):
+        module = EditDataModule(metadata, model_path=pipeline)
         module.setup()
         assert len(module.train_dataset) == 2
 
 
-def test_on_error_skip_skips_every_new_row_kind(tmp_path, caplog):
+def test_on_error_skip_skips_every_new_row_kind(tmp_path, caplog, tiny_edit_path):
     _images(tmp_path, "t.png", "a.png", "b.png")
     metadata = _jsonl(
         tmp_path / "m.jsonl",
@@ -81,13 +83,14 @@ def test_on_error_skip_skips_every_new_row_kind(tmp_path, caplog):
             {"image": "t.png", "edit_image": [], "prompt": "no edit image"},
             {"image": "t.png", "edit_image": "a.png|", "prompt": "empty entry"},
             {"image": "t.png", "edit_image": ["a.png", "b.png"], "prompt": "two under Edit"},
+            {"image": "t.png", "edit_image": "a.png", "prompt": "long " * 1000},
         ],
     )
-    module = EditDataModule(metadata, model_family=EDIT, on_error="skip")
+    module = EditDataModule(metadata, model_path=tiny_edit_path, on_error="skip")
     with caplog.at_level(logging.WARNING, logger="fusedit.data"):
         module.setup()
     assert [sample.row for sample in module.train_dataset.samples] == [1]
-    assert "skipped 3 of 4 rows" in caplog.text
+    assert "skipped 3 of 5 rows" in caplog.text and "skipped 1 of 2 rows" in caplog.text  # the long prompt last
 
 
 def test_family_from_the_pipeline_json_alone(tiny_edit_path, tiny_edit_plus_path, tiny_edit_2511_path, tiny_t2i_path):
@@ -95,6 +98,47 @@ def test_family_from_the_pipeline_json_alone(tiny_edit_path, tiny_edit_plus_path
     assert folder_family(tiny_edit_plus_path) == EDIT_2509
     assert folder_family(tiny_edit_2511_path) == EDIT_2511
     assert folder_family(tiny_t2i_path) == TEXT_TO_IMAGE
+
+
+# -- prompts longer than the transformer's text positions ----------------------------------------------------------
+
+
+def test_prompt_count_is_the_pipelines_own_embedding_length(tiny_edit_path, tiny_edit_plus_path):
+    """The counter (tokenizer + processor, no weights) agrees with the real text encoder's output length."""
+    from fusedit.data.images import to_tensor
+    from fusedit.data.prompt_length import PromptCounter
+    from fusedit.training.conditioning import EditConditioner
+
+    prompt = "turn the sky purple and add three small boats " * 3
+    for pipeline, sizes in ((tiny_edit_path, [(96, 64)]), (tiny_edit_plus_path, [(96, 64), (32, 64)])):
+        counter = PromptCounter(pipeline)
+        edits = [to_tensor(Image.new("RGB", size))[None] for size in sizes]
+        embeds, _ = EditConditioner.from_pretrained(pipeline).encode_prompts([prompt], edits)
+        assert counter.count(prompt, sizes) == embeds.shape[1]
+
+
+def test_a_prompt_over_the_text_positions_is_refused_naming_row_and_count(tmp_path, tiny_edit_path):
+    _images(tmp_path, "t.png", "e.png")
+    metadata = write_csv(tmp_path / "m.csv", [["t.png", "e.png", "short"], ["t.png", "e.png", "x" * 5000]])
+    message = refused(EditDataModule(metadata, model_path=tiny_edit_path))
+    assert "row 3, column 'prompt': prompt is " in message and "text positions left beside this row's images" in message
+    assert "data.long_prompt=truncate" in message and "row 2" not in message
+
+
+def test_long_prompt_truncate_fits_it_with_a_warning(tmp_path, tiny_edit_path, caplog):
+    from fusedit.data.prompt_length import PromptCounter, text_positions_left
+
+    _images(tmp_path, "t.png", "e.png")
+    metadata = write_csv(tmp_path / "m.csv", [["t.png", "e.png", "y" * 5000]])
+    module = EditDataModule(metadata, model_path=tiny_edit_path, long_prompt="truncate")
+    with caplog.at_level(logging.WARNING, logger="fusedit.data"):
+        module.setup()
+    (sample,) = module.train_dataset.samples
+    target, edits = module.train_dataset.sizes[0]
+    limit = text_positions_left([target, *edits])
+    length = PromptCounter(tiny_edit_path).count(sample.prompt, list(edits))
+    assert limit - 2 <= length <= limit and sample.prompt == "y" * len(sample.prompt)
+    assert "row 2: prompt of" in caplog.text and "truncated to" in caplog.text
 
 
 # -- splits and batches that leave nothing to train ---------------------------------------------------------------

@@ -29,6 +29,7 @@ from fusedit.data.dataset import EditDataset, collate
 from fusedit.data.errors import DataValidationError
 from fusedit.data.records import Record, read_records
 from fusedit.data.validation import PathRefused, Sample, record_problems, resolve_path
+from fusedit.families import folder_family
 from fusedit.regular_files import not_regular_reason
 from fusedit.training.conditioning import EditInputs
 
@@ -271,7 +272,7 @@ class CachedEditDataModule(EditDataModule):
         shard_mb: int = 512,
         **data_kwargs,
     ):
-        super().__init__(**data_kwargs)
+        super().__init__(model_path=model_path, **data_kwargs)
         if build_batch_size < 1:
             raise ValueError(f"cache.batch_size must be >= 1, got {build_batch_size}")
         self.cache_dir = Path(cache_dir)
@@ -329,7 +330,8 @@ class CachedEditDataModule(EditDataModule):
         }
         # A row whose own content is wrong (too many edit images for this pipeline, an empty prompt) goes through
         # validation even when its files are cached, so that it is refused (or skipped) the same way.
-        wrong = {record.row for record in records if record_problems(record, self.columns, hp.model_family)}
+        family = folder_family(self.model_path)
+        wrong = {record.row for record in records if record_problems(record, self.columns, family)}
         hits = {row for row, key in keys.items() if key in cache.entries and row not in wrong}
         missing = [record for record in records if record.row not in hits]
         encoded = 0

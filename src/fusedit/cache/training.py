@@ -7,7 +7,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.cache.data import CachedConditioner, CachedEditDataModule
-from fusedit.families import folder_family
 
 
 def cache_enabled(cfg: DictConfig) -> bool:
@@ -28,7 +27,6 @@ def cached_datamodule(cfg: DictConfig) -> CachedEditDataModule:
         build_device=cache.device,
         verify=cache.verify,
         shard_mb=cache.shard_mb,
-        model_family=folder_family(cfg.model.path),
         **data,
     )
 

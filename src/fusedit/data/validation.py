@@ -143,7 +143,7 @@ def record_problems(record: Record, columns: Columns, family: str | None = None)
     return problems
 
 
-def _format(metadata: Path | str, problems: list[Problem], total: int) -> str:
+def format_problems(metadata: Path | str, problems: list[Problem], total: int) -> str:
     rows = sorted({problem.row for problem in problems})
     lines = [f"{metadata}: {len(rows)} of {total} rows are bad:"]
     lines += [f"  {problem}" for problem in problems]
@@ -248,7 +248,7 @@ def validate_records(
 
     if problems:
         problems.sort(key=lambda problem: problem.row)
-        message = _format(metadata, problems, len(records))
+        message = format_problems(metadata, problems, len(records))
         if on_error == "raise" or not samples:
             if on_error == "skip":
                 message += "\n(data.on_error=skip, but no valid row is left)"

@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_types
-from fusedit.families import EDIT_2511, PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem
+from fusedit.families import EDIT_2511, PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem, is_edit_family
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 from fusedit.pickle_files import pickle_refusal
@@ -185,6 +185,43 @@ def check_jobs_fit(jobs: list[Job], family: str) -> None:
             raise UserInputError(f"{job.source}: {problem}{hint}")
 
 
+def check_prompt_lengths(jobs: list[Job], model_path, family: str, width=None, height=None) -> None:
+    """Refuse edit jobs whose prompt does not fit the transformer's text positions (`fusedit.data.prompt_length`).
+
+    Counted with the pipeline's tokenizer and processor (no weights). The image sizes are the edit pipelines':
+    each input at about 1 MP in its own aspect (`calculate_dimensions(1024 * 1024, ...)`), the output at
+    `width` x `height` or the first input's size. Text-to-image jobs are skipped: that pipeline cuts the prompt
+    at `max_sequence_length` itself.
+    """
+    edit_jobs = [job for job in jobs if job.images]
+    if not is_edit_family(family) or not edit_jobs:
+        return
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+    from PIL import Image
+
+    from fusedit.data.prompt_length import TEXT_POSITIONS, PromptCounter, text_positions_left
+
+    counter = PromptCounter(model_path)
+    problems = []
+    for job in edit_jobs:
+        sizes = []
+        for image in job.images:
+            with Image.open(image) as header:  # the header only; a regular file (checked in the first stage)
+                sizes.append(header.size)
+        condition = [calculate_dimensions(1024 * 1024, w / h)[:2] for w, h in sizes]
+        output = (width, height) if width and height else condition[0]
+        limit = text_positions_left([tuple(map(int, output)), *condition])
+        length = counter.count(job.prompt, sizes)
+        if length > limit:
+            problems.append(
+                f"{job.source}: the prompt is {length} text tokens (template and input images' vision tokens "
+                f"included), but the transformer has {limit} text positions left beside the images "
+                f"({TEXT_POSITIONS} in all); shorten it"
+            )
+    if problems:
+        raise UserInputError("\n  ".join(problems))
+
+
 class _Problems:
     """Refusals collected from independent checks, raised together."""
 
@@ -241,6 +278,10 @@ def preflight(cfg: DictConfig) -> Plan:
         problems.check(_check_lora_kind, spec, file)
     if family is not None:
         problems.check(check_jobs_fit, jobs, family)
+        sampling = cfg.get("sampling") or {}
+        problems.check(
+            check_prompt_lengths, jobs, cfg.model.path, family, sampling.get("width"), sampling.get("height")
+        )
     from fusedit.inference.profiles import check_profile  # torch, already imported by detect
 
     problems.check(check_profile, cfg.profile)

@@ -29,7 +29,6 @@ from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
 from fusedit.errors import UserInputError
-from fusedit.families import folder_family
 from fusedit.io import write_text_atomic
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
@@ -310,8 +309,9 @@ def train(cfg: DictConfig) -> dict:
     if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
         datamodule, conditioner = prepare_cached_training(cfg)
     else:
-        datamodule = instantiate(cfg.data, model_family=folder_family(cfg.model.path))
-    # Every row is checked (files decoded, edit images counted against the pipeline) before any weight is read:
+        datamodule = instantiate(cfg.data, model_path=cfg.model.path)
+    # Every row is checked (files decoded, edit images and prompt tokens counted against the pipeline's JSON files,
+    # tokenizer and processor) before any weight is read:
     # a bad row must cost seconds, not a 20B load. Lightning's own setup call then finds the data ready.
     datamodule.setup("fit")
     module = build_module(cfg, Path(cfg.model.path), conditioner)
