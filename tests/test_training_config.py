@@ -22,7 +22,7 @@ GROUPS = [group for group in GROUPS if group != "hydra"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF / group).glob("*.yaml") if path.stem != "default" or group != "trainer")
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
@@ -135,3 +135,24 @@ def test_two_job_multirun_writes_two_loras_with_their_ranks(tmp_path, tiny_edit_
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # each job its own run
     assert ranks == {"0": (2, {2}), "1": (4, {4})}
     assert len(wandb_runs) == 2
+
+
+@pytest.mark.parametrize("layout", options("lora"))
+def test_alpha_follows_rank_so_a_rank_sweep_changes_only_the_rank(layout):
+    for rank in (16, 32, 64):
+        lora = compose_train([f"lora={layout}", f"lora.rank={rank}"]).lora
+        assert lora.alpha == rank and not lora.use_rslora  # scale alpha / rank = 1 at every rank
+    assert compose_train([f"lora={layout}", "lora.rank=64", "lora.alpha=32"]).lora.alpha == 32
+
+
+def test_multi_node_ddp_composes():
+    cfg = compose_train(["trainer=ddp", "trainer.num_nodes=2"])
+    assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy._target_.endswith("DDPStrategy")
+    assert compose_train().trainer.num_nodes == 1
+
+
+def test_the_trainer_base_is_not_offered_as_a_choice():
+    assert "default" not in options("trainer")
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train(["trainer=defualt"])
+    assert "default" not in str(error.value).split("Available options", 1)[1]

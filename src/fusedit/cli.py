@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from fusedit.errors import OutputExistsError
 
 # Modules that define `add_cli(subparsers)`; each adds one or more subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
@@ -29,6 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
+        sys.stdout.flush()  # a reader that went away (`fusedit detect ... | head`) shows here, not at exit
+    except BrokenPipeError:
+        # The reader has what it wanted. Point stdout at /dev/null so the interpreter's own flush at exit does not
+        # raise again, and exit as a command stopped by SIGPIPE does (128 + 13), without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OutputExistsError as error:
+        print(f"fusedit {args.command}: error: {error.cli_message()}", file=sys.stderr)  # --overwrite, not overwrite=
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as error:
         # Bad input is the user's to fix: one clear line, no stack trace wall.
         print(f"fusedit {args.command}: error: {error}", file=sys.stderr)

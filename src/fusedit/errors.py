@@ -20,6 +20,21 @@ class UserFileNotFoundError(UserInputError, FileNotFoundError):
     """A path the user gave does not exist."""
 
 
+class OutputExistsError(UserInputError, FileExistsError):
+    """An output path already holds something the call would replace.
+
+    The way to allow it depends on who called: the message names the Python argument (`overwrite=True`);
+    `fusedit` commands print `cli_message()`, which names their `--overwrite` flag instead.
+    """
+
+    def __init__(self, path, reason: str = "exists") -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}; choose a new path or pass overwrite=True to replace it")
+
+    def cli_message(self) -> str:
+        return f"{self.path}: {self.reason}; choose a new path or pass --overwrite to replace it"
+
+
 # fusedit's other refusal classes, by defining module. An exception of a class exists only once its module was
 # imported, so they are looked up in sys.modules: printing a config error must not import Lightning or torch first
 # (`python train.py lora.rank=0` answers before either is loaded).

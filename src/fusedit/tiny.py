@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from fusedit.errors import OutputExistsError
 from fusedit.io import current_umask, fsync_dir
 
 VARIANTS = ("edit", "edit-plus", "edit-2511", "t2i")
@@ -350,7 +351,7 @@ def make_tiny(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
     if _is_nonempty_dir(out) and not overwrite:
-        raise FileExistsError(f"{out}: directory exists and is not empty (pass overwrite=True to replace it)")
+        raise OutputExistsError(out, "directory exists and is not empty")
     tmp = _build_into_temp(out, variant, seed, num_layers)
     if _is_nonempty_dir(out):
         # A directory cannot be renamed over a non-empty one: move the old one aside first, so `out` is only

@@ -17,6 +17,7 @@ from pathlib import Path
 from fusedit.cache.data import CachedConditioner, CachedEditDataModule, CachedEditDataset, collate_cached
 from fusedit.cache.keys import CACHE_FORMAT, encoder_fingerprint, row_key
 from fusedit.cache.store import CacheCorruptError, LatentCache
+from fusedit.errors import UserInputError
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 
@@ -24,23 +25,39 @@ DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 def compose_cache_config(overrides: list[str], config_dir: str | Path = DEFAULT_CONFIG_DIR):
     """The train config for `overrides`, with the defaults train() fills in (tiny model, sample data)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import open_dict
-
-    from fusedit.training.train import default_metadata, default_model_path
+    from omegaconf.errors import OmegaConfBaseException
 
     config_dir = Path(config_dir)
     if not (config_dir / "train.yaml").is_file():
         raise FileNotFoundError(f"{config_dir} has no train.yaml; pass --config-dir <repo>/conf")
     if not any(item.startswith("paths.root_dir=") for item in overrides):
         overrides = [f"paths.root_dir={os.getcwd()}", *overrides]
-    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, as train.py
+        # prints it, instead of the traceback of the compose call.
+        raise UserInputError(_one_line(error)) from None
+    from fusedit.training.train import default_metadata, default_model_path  # Lightning: after the config is known
+
     with open_dict(cfg):
         if cfg.model.path is None:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
         if cfg.data.metadata is None:
             cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
     return cfg
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's message and the OmegaConf reason under it (first line of each), joined."""
+    message = str(error).split("Config search path:")[0]  # the search path listing is Hydra's debugging aid
+    parts = [" ".join(line.strip() for line in message.splitlines() if line.strip())]
+    if error.__cause__ is not None:
+        parts.append(str(error.__cause__).splitlines()[0])
+    return ": ".join(parts)
 
 
 def run_cache(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from fusedit.errors import OutputExistsError
 from fusedit.io import atomic_write_path, read_safetensors_header, write_json_atomic
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
@@ -215,7 +216,7 @@ def _check_output(output: Path, input: Path, overwrite: bool) -> None:
     if output.resolve() == input.resolve():
         raise ValueError(f"output {output} is the input; write the conversion somewhere else")
     if output.exists() and not overwrite and not (output.is_dir() and not any(output.iterdir())):
-        raise ValueError(f"output {output} exists; choose a new path or pass overwrite=True (--overwrite)")
+        raise OutputExistsError(output, "the output exists")
 
 
 def convert_checkpoint(
