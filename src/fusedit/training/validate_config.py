@@ -81,7 +81,8 @@ def _check_accelerator(cfg: DictConfig, problems: list[str]) -> None:
 
 
 def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
-    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at model.path / data.metadata."""
+    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at this machine's files and devices
+    (model.path, data.metadata, ckpt_path; a CUDA GPU for a GPU trainer profile)."""
     problems: list[str] = []
 
     rank = OmegaConf.select(cfg, "lora.rank")
@@ -150,7 +151,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
         if ckpt_problem:
             problems.append(ckpt_problem)
 
-    if not problems:
+    if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
     if problems:
