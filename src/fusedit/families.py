@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusedit.errors import UserInputError
+
 TEXT_TO_IMAGE = "qwen-image"
 EDIT = "qwen-image-edit"
 EDIT_2509 = "qwen-image-edit-2509"
@@ -40,9 +42,9 @@ def is_edit_family(family: str) -> bool:
 
 
 def pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:
-    """The family of a pipeline class name (model_index.json `_class_name`). Raises ValueError if not Qwen-Image."""
+    """The family of a pipeline class name (model_index.json `_class_name`). Raises UserInputError if not Qwen-Image."""
     if not pipeline_class.startswith("QwenImage"):
-        raise ValueError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
+        raise UserInputError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
     if "EditPlus" in pipeline_class:
         return EDIT_2511 if zero_cond_t else EDIT_2509
     if "Edit" in pipeline_class:

@@ -25,6 +25,7 @@ from fusedit.convert.single_file import (
     is_marker,
     is_scaled_fp8,
 )
+from fusedit.errors import UserFileNotFoundError, UserInputError
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
 from fusedit.model.module_map import block_index
@@ -37,11 +38,11 @@ def resolve_transformer_dir(path: str | Path) -> Path:
     """The transformer directory of a pipeline dir, or the path itself when it is a transformer dir or a file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+        raise UserFileNotFoundError(f"model path {path} does not exist")
     if path.is_dir() and (path / "model_index.json").is_file():
         transformer = path / "transformer"
         if not transformer.is_dir():
-            raise FileNotFoundError(f"{path} is a pipeline directory without a transformer/ subfolder")
+            raise UserFileNotFoundError(f"{path} is a pipeline directory without a transformer/ subfolder")
         return transformer
     return path
 
@@ -58,7 +59,7 @@ def checkpoint_keys(files: list[Path]) -> list[str]:
 def checkpoint_layout(keys: list[str], what: str = "checkpoint") -> str:
     layout = model_layout(keys, what)  # raises on a mix of layouts, naming the keys
     if layout is None:
-        raise ValueError(f"{what} has no Qwen-Image attention projections (no attn.to_q / attn.to_qkv keys)")
+        raise UserInputError(f"{what} has no Qwen-Image attention projections (no attn.to_q / attn.to_qkv keys)")
     return layout
 
 
@@ -81,7 +82,7 @@ def config_from_header(header: dict[str, dict]) -> dict:
         _, joint_attention_dim = shapes["txt_in.weight"]
         proj_out_features = shapes["proj_out.weight"][0]
     except KeyError as error:
-        raise ValueError(f"not a Qwen-Image transformer checkpoint: missing tensor {error}") from None
+        raise UserInputError(f"not a Qwen-Image transformer checkpoint: missing tensor {error}") from None
     num_layers = 1 + max(index for key in shapes if (index := block_index(key)) is not None)
     return {
         "in_channels": in_channels,
@@ -97,10 +98,10 @@ def _single_file_config(file: Path, zero_cond_t: bool | None) -> dict:
     shapes = config_from_header(header)
     head_dim = int(metadata.get("attention_head_dim", 128))
     if shapes["inner_dim"] % head_dim:
-        raise ValueError(f"{file}: hidden size {shapes['inner_dim']} is not a multiple of the head size {head_dim}")
+        raise UserInputError(f"{file}: hidden size {shapes['inner_dim']} is not a multiple of the head size {head_dim}")
     marked_2511 = has_2511_marker(header)
     if marked_2511 and zero_cond_t is False:
-        raise ValueError(
+        raise UserInputError(
             f"{file} is a Qwen-Image-Edit-2511 transformer (it carries the {MARKER_2511} marker), but the pipeline it "
             "is loaded into is not Edit-2511; use it with the Qwen-Image-Edit-2511 pipeline"
         )
@@ -132,7 +133,7 @@ def _load_by_assignment(config: dict, files: list[Path], merged: bool, dtype: to
         state_dict = {key: tensor.to(dtype) for key, tensor in state_dict.items()}
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
-        raise ValueError(
+        raise UserInputError(
             f"checkpoint {files[0].parent} does not match the model: missing {sorted(missing)[:8]}, "
             f"unexpected {sorted(unexpected)[:8]}"
         )
@@ -153,7 +154,7 @@ def load_transformer(
     "fp8 scaled" single files are dequantized (weight * scale_weight) to `dtype`, bfloat16 when None.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UserInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     transformer_path = resolve_transformer_dir(path)
     files = list(transformer_weight_files(transformer_path).files)
     stored = checkpoint_layout(checkpoint_keys(files), str(transformer_path))

@@ -169,6 +169,20 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
         ckpt_problem = _ckpt_path_problem(OmegaConf.select(cfg, "ckpt_path", default=None))
         if ckpt_problem:
             problems.append(ckpt_problem)
+        init_from = OmegaConf.select(cfg, "lora.init_from")
+        if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in problems):
+            # read and checked against lora.rank / lora.targets before the model loads (values included)
+            from fusedit.lora.init_from import read_init_lora
+
+            try:
+                read_init_lora(
+                    str(init_from),
+                    rank,
+                    OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
+                    cfg.model.layout,
+                )
+            except ValueError as error:
+                problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
 
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
