@@ -107,7 +107,7 @@ def test_prompt_count_is_the_pipelines_own_embedding_length(tiny_edit_path, tiny
     """The counter (tokenizer + processor, no weights) agrees with the real text encoder's output length."""
     from fusedit.data.images import to_tensor
     from fusedit.data.prompt_length import PromptCounter
-    from fusedit.training.conditioning import EditConditioner
+    from fusedit.step.conditioning import EditConditioner
 
     prompt = "turn the sky purple and add three small boats " * 3
     for pipeline, sizes in ((tiny_edit_path, [(96, 64)]), (tiny_edit_plus_path, [(96, 64), (32, 64)])):

@@ -10,7 +10,7 @@ shape error inside the transformer, at its batch.
 `L` is counted by the pipeline's own `_get_qwen_prompt_embeds` (its template, image prompt, processor and
 `prompt_template_encode_start_idx`), built from the folder's tokenizer and processor only: a stand-in text encoder
 returns an empty hidden state per token, so no weight is read. The edit images' vision tokens depend only on the
-size the VLM is shown (`vlm_size`, as `EditConditioner._vlm_images` computes it); they are counted once per size on
+size the VLM is shown (`vlm_size`, as `fusedit.step.conditioning.EditConditioner._vlm_images` computes it); they are counted once per size on
 a blank image and added to the count of the prompt with the smallest image the processor accepts.
 """
 
@@ -75,7 +75,7 @@ class PromptCounter:
         self._small = max(factor, math.ceil(math.sqrt(getattr(image_processor, "min_pixels", 0) or 0)))
 
     def vlm_size(self, width: int, height: int) -> tuple[int, int]:
-        """The size an edit image of `width` x `height` is shown to the VLM (`EditConditioner._vlm_images`)."""
+        """The size an edit image of `width` x `height` is shown to the VLM (`fusedit.step.conditioning.EditConditioner._vlm_images`)."""
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
         if self.multi_image:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
 from fusedit.regular_files import not_regular_reason
+from fusedit.step.config import typed_configs
 
 
 class ConfigError(UserInputError):
@@ -53,6 +54,107 @@ def _check_model(path: str, problems: list[str]) -> None:
         )
 
 
+def _lora_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    rank = OmegaConf.select(cfg, "lora.rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        problems.append(f"lora.rank must be an integer >= 1, got {rank!r}")
+    alpha = _number(cfg, "lora.alpha")
+    if alpha is None or not (math.isfinite(alpha) and alpha > 0):
+        problems.append(f"lora.alpha must be a finite number > 0, got {OmegaConf.select(cfg, 'lora.alpha')!r}")
+    dropout = _number(cfg, "lora.dropout")
+    if dropout is None or not 0.0 <= dropout < 1.0:
+        problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
+    try:
+        from fusedit.lora.targets import resolve_targets
+
+        targets = OmegaConf.select(cfg, "lora.targets")
+        resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
+    except ValueError as error:
+        problems.append(f"lora.targets: {error}")
+    return problems
+
+
+def _loop_problems(cfg: DictConfig) -> list[str]:
+    """The optimizer, the trainer's loop, the batch size and the fault budget."""
+    problems = []
+    lr = _number(cfg, "optim.lr")
+    if lr is None or not (math.isfinite(lr) and lr > 0):
+        problems.append(f"optim.lr must be a finite number > 0, got {OmegaConf.select(cfg, 'optim.lr')!r}")
+    weight_decay = _number(cfg, "optim.weight_decay")
+    if weight_decay is None or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        problems.append(
+            f"optim.weight_decay must be a finite number >= 0, got {OmegaConf.select(cfg, 'optim.weight_decay')!r}"
+        )
+    clip = OmegaConf.select(cfg, "optim.grad_clip")
+    if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
+        problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
+
+    if OmegaConf.select(cfg, "optim.name") == "adamw8bit":
+        from fusedit.optim import BITSANDBYTES_HINT, bitsandbytes_available
+
+        if not bitsandbytes_available():
+            problems.append(BITSANDBYTES_HINT)
+
+    seed = OmegaConf.select(cfg, "seed")
+    # numpy's and torch's generators take seeds in [0, 2**32): Lightning's seed_everything warns and replaces
+    # anything else with a random seed, so the run would not be reproducible from its config.
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        problems.append(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    if not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
+        problems.append(f"trainer.max_steps must be >= 1 (or -1 with trainer.max_epochs), got {max_steps!r}")
+    elif max_steps == -1 and not (isinstance(max_epochs, int) and max_epochs >= 1):
+        problems.append(
+            f"trainer.max_steps=-1 needs trainer.max_epochs >= 1 (got {max_epochs!r}): with both unbounded the run "
+            "never ends"
+        )
+    batch_size = OmegaConf.select(cfg, "data.batch_size")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
+    if accumulate is not None and (not isinstance(accumulate, int) or accumulate < 1):
+        problems.append(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    streak = OmegaConf.select(cfg, "faults.max_consecutive_nonfinite")
+    if streak is not None and (not isinstance(streak, int) or streak < 1):
+        problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
+    return problems
+
+
+def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
+    """model.path, data.metadata, ckpt_path and lora.init_from (not read when `earlier` problems name lora.*)."""
+    problems: list[str] = []
+    model_path = OmegaConf.select(cfg, "model.path")
+    if model_path is not None:
+        _check_model(str(model_path), problems)
+    metadata = OmegaConf.select(cfg, "data.metadata")
+    if metadata is not None:
+        reason = not_regular_reason(Path(str(metadata)).expanduser())  # never opened: a FIFO would block
+        if reason is not None:
+            problems.append(f"data.metadata={metadata} {reason.replace('file not found', 'does not exist')}")
+    ckpt_problem = _ckpt_path_problem(OmegaConf.select(cfg, "ckpt_path", default=None))
+    if ckpt_problem:
+        problems.append(ckpt_problem)
+    init_from = OmegaConf.select(cfg, "lora.init_from")
+    rank = OmegaConf.select(cfg, "lora.rank")
+    if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in earlier):
+        # read and checked against lora.rank / lora.targets before the model loads (values included)
+        from fusedit.lora.init_from import read_init_lora
+
+        targets = OmegaConf.select(cfg, "lora.targets")
+        try:
+            read_init_lora(
+                str(init_from),
+                rank,
+                OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
+                cfg.model.layout,
+            )
+        except ValueError as error:
+            problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
+    return problems
+
+
 def _ckpt_path_problem(ckpt_path) -> str | None:
     if ckpt_path and not Path(str(ckpt_path)).expanduser().exists():
         return f"ckpt_path={ckpt_path} does not exist; give a run directory (outputs/train/runs/<time>) or a .ckpt file"
@@ -82,108 +184,15 @@ def _check_accelerator(cfg: DictConfig, problems: list[str]) -> None:
 
 def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at this machine's files and devices
-    (model.path, data.metadata, ckpt_path; a CUDA GPU for a GPU trainer profile)."""
-    problems: list[str] = []
-
-    rank = OmegaConf.select(cfg, "lora.rank")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        problems.append(f"lora.rank must be an integer >= 1, got {rank!r}")
-    alpha = _number(cfg, "lora.alpha")
-    if alpha is None or not (math.isfinite(alpha) and alpha > 0):
-        problems.append(f"lora.alpha must be a finite number > 0, got {OmegaConf.select(cfg, 'lora.alpha')!r}")
-    dropout = _number(cfg, "lora.dropout")
-    if dropout is None or not 0.0 <= dropout < 1.0:
-        problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
-    try:
-        from fusedit.lora.targets import resolve_targets
-
-        targets = OmegaConf.select(cfg, "lora.targets")
-        resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
-    except ValueError as error:
-        problems.append(f"lora.targets: {error}")
-
-    lr = _number(cfg, "optim.lr")
-    if lr is None or not (math.isfinite(lr) and lr > 0):
-        problems.append(f"optim.lr must be a finite number > 0, got {OmegaConf.select(cfg, 'optim.lr')!r}")
-    weight_decay = _number(cfg, "optim.weight_decay")
-    if weight_decay is None or not (math.isfinite(weight_decay) and weight_decay >= 0):
-        problems.append(
-            f"optim.weight_decay must be a finite number >= 0, got {OmegaConf.select(cfg, 'optim.weight_decay')!r}"
-        )
-    clip = OmegaConf.select(cfg, "optim.grad_clip")
-    if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
-        problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
-
-    seed = OmegaConf.select(cfg, "seed")
-    # numpy's and torch's generators take seeds in [0, 2**32): Lightning's seed_everything warns and replaces
-    # anything else with a random seed, so the run would not be reproducible from its config.
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-        problems.append(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    if OmegaConf.select(cfg, "optim.name") == "adamw8bit":
-        from fusedit.optim import BITSANDBYTES_HINT, bitsandbytes_available
-
-        if not bitsandbytes_available():
-            problems.append(BITSANDBYTES_HINT)
-
-    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
-    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
-    if not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
-        problems.append(f"trainer.max_steps must be >= 1 (or -1 with trainer.max_epochs), got {max_steps!r}")
-    elif max_steps == -1 and not (isinstance(max_epochs, int) and max_epochs >= 1):
-        problems.append(
-            f"trainer.max_steps=-1 needs trainer.max_epochs >= 1 (got {max_epochs!r}): with both unbounded the run "
-            "never ends"
-        )
-    batch_size = OmegaConf.select(cfg, "data.batch_size")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
-    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
-    if accumulate is not None and (not isinstance(accumulate, int) or accumulate < 1):
-        problems.append(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
-    streak = OmegaConf.select(cfg, "faults.max_consecutive_nonfinite")
-    if streak is not None and (not isinstance(streak, int) or streak < 1):
-        problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
-
-    resident = OmegaConf.select(cfg, "model.resident_blocks")
-    if resident is not None:
-        if not isinstance(resident, int) or isinstance(resident, bool) or resident < 0:
-            problems.append(f"model.resident_blocks must be null or an integer >= 0, got {resident!r}")
-        elif OmegaConf.select(cfg, "model.activation_checkpointing") != 1:
-            problems.append(
-                "model.resident_blocks (blocks streamed from host memory) needs model.activation_checkpointing=1"
-            )
-        elif OmegaConf.select(cfg, "model.compile"):
-            problems.append(
-                "model.resident_blocks (blocks streamed from host memory) cannot be used with model.compile"
-            )
-
+    (model.path, data.metadata, ckpt_path, lora.init_from; a CUDA GPU for a GPU trainer profile)."""
+    problems = _lora_problems(cfg)
+    try:  # the one-field checks of the typed configs (fusedit.step.config), before anything is built
+        typed_configs(cfg)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error))
+    problems += _loop_problems(cfg)
     if check_paths:
-        model_path = OmegaConf.select(cfg, "model.path")
-        if model_path is not None:
-            _check_model(str(model_path), problems)
-        metadata = OmegaConf.select(cfg, "data.metadata")
-        if metadata is not None:
-            reason = not_regular_reason(Path(str(metadata)).expanduser())
-            if reason is not None:
-                problems.append(f"data.metadata={metadata} {reason.replace('file not found', 'does not exist')}")
-        ckpt_problem = _ckpt_path_problem(OmegaConf.select(cfg, "ckpt_path", default=None))
-        if ckpt_problem:
-            problems.append(ckpt_problem)
-        init_from = OmegaConf.select(cfg, "lora.init_from")
-        if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in problems):
-            # read and checked against lora.rank / lora.targets before the model loads (values included)
-            from fusedit.lora.init_from import read_init_lora
-
-            try:
-                read_init_lora(
-                    str(init_from),
-                    rank,
-                    OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
-                    cfg.model.layout,
-                )
-            except ValueError as error:
-                problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
-
+        problems += _path_problems(cfg, problems)
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
