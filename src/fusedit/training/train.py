@@ -15,7 +15,6 @@ import netrc
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from fusedit.training.checkpoint import (
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.conditioning import EditConditioner
+from fusedit.training.console import quiet_third_party_output, without_wandb_anonymous
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.signals import GracefulStop
 from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
@@ -199,7 +199,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                 kwargs["id"] = id_file.read_text().strip()
                 kwargs["resume"] = "allow"
         log.debug("logger %s: %s", name, logger_cfg._target_)
-        loggers.append(instantiate(logger_cfg, **kwargs))
+        logger = instantiate(logger_cfg, **kwargs)
+        without_wandb_anonymous(logger)
+        loggers.append(logger)
     return loggers
 
 
@@ -266,9 +268,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
 def train(cfg: DictConfig) -> dict:
     """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics"}."""
     cfg = copy.deepcopy(cfg)
-    # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
+    quiet_third_party_output()
     validate_train_config(cfg)
     ckpt_file = None
     if cfg.get("ckpt_path"):
