@@ -125,20 +125,27 @@ def test_lora_file_layout_and_format_change(tmp_path):
         f"transformer_blocks.0.attn.to_{x}": LoraModule(torch.randn(4, D), torch.randn(D, 4), 2.0) for x in "qkv"
     }
     write_lora(LoraWeights(modules), tmp_path / "in.safetensors", "diffusers")
-    report = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "k.safetensors", "to_merged", "kohya")
-    assert report["input_format"] == "diffusers" and report["output_format"] == "kohya"
+    report = convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "m.safetensors", "to_merged", "peft")
+    assert report["input_format"] == "diffusers" and report["output_format"] == "peft"
     assert report["output_layout"] == "merged_qkv"
+    # ComfyUI / kohya readers know only q/k/v: asking for a merged file is refused, nothing written ...
+    with pytest.raises(ValueError, match=r"kohya LoRA cannot be written in the merged_qkv layout"):
+        convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "k.safetensors", "to_merged", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+    # ... and a merged input comes out split (exactly, alpha kept) without being asked
+    report = convert_checkpoint(tmp_path / "m.safetensors", tmp_path / "k.safetensors", format="kohya")
+    assert report["output_layout"] == "standard"
     sd = load_file(tmp_path / "k.safetensors")
-    assert sd["lora_unet_transformer_blocks_0_attn_to_qkv.alpha"].item() == 6.0  # scale 0.5 at rank 12
+    assert sd["lora_unet_transformer_blocks_0_attn_to_q.alpha"].item() == 2.0
     convert_checkpoint(tmp_path / "k.safetensors", tmp_path / "c.safetensors", format="comfyui")
     back = read_lora(tmp_path / "c.safetensors")
-    assert back.format == "comfyui" and back.layout == "merged_qkv"
+    assert back.format == "comfyui" and back.layout == "standard"
     restored = convert_checkpoint(tmp_path / "c.safetensors", tmp_path / "d.safetensors", "to_standard", "diffusers")
     assert restored["output_layout"] == "standard"
-    final = read_lora(tmp_path / "d.safetensors")
-    for name, mod in modules.items():
-        assert torch.equal(final.modules[name].A, mod.A) and torch.equal(final.modules[name].B, mod.B)
-        assert final.modules[name].alpha == 2.0
+    for final in (back, read_lora(tmp_path / "d.safetensors")):
+        for name, mod in modules.items():
+            assert torch.equal(final.modules[name].A, mod.A) and torch.equal(final.modules[name].B, mod.B)
+            assert final.modules[name].alpha == 2.0
 
 
 def test_errors(tmp_path):

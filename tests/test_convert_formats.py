@@ -120,10 +120,15 @@ def test_export_and_reimport_keeps_every_product(tmp_path, fmt, layout):
     lora = LoraWeights({m: LoraModule(A, B, alphas[m]) for m, (A, B) in FACTORS.items()})
     for p in ("to_k", "to_v"):  # complete q/k/v so a merged export has something to merge
         lora.modules[Q.replace("to_q", p)] = LoraModule(*factors(4, D, hash(p) % 97), 1.0)
+    if fmt in ("comfyui", "kohya") and layout == "merged_qkv":
+        with pytest.raises(ValueError, match=r"cannot be written in the merged_qkv layout"):
+            write_lora(lora, tmp_path / f"{fmt}.safetensors", fmt, layout)
+        assert not (tmp_path / f"{fmt}.safetensors").exists()
+        return
     path = write_lora(lora, tmp_path / f"{fmt}.safetensors", fmt, layout)
     keys = load_file(path).keys()
     has_alpha_keys = any(k.endswith(".alpha") for k in keys)
-    assert has_alpha_keys == (fmt in ("comfyui", "kohya"))  # diffusers would apply .alpha AND metadata twice
+    assert has_alpha_keys == (fmt in ("comfyui", "kohya"))  # the others fold the scale into lora_B
     back = read_lora(path)
     assert back.format == fmt and back.layout == layout
     if layout == "merged_qkv":
@@ -131,8 +136,23 @@ def test_export_and_reimport_keeps_every_product(tmp_path, fmt, layout):
     for m, original in lora.modules.items():
         got = back.modules[m]
         assert torch.equal(exact_delta(got.A, got.B, got.scale), exact_delta(original.A, original.B, original.scale))
-        if fmt != "diffsynth":  # DiffSynth has no alpha: the scale is folded into B there
+        # a folded scale that is a power of two is taken back out exactly; 3/2 (TOP) stays folded with alpha = rank
+        if fmt in ("comfyui", "kohya") or m != TOP:
             assert got.alpha == original.alpha and got.rank == original.rank, m
+        else:
+            assert got.alpha == got.rank and torch.equal(got.A, original.A), m
+
+
+def test_comfyui_and_kohya_exports_of_a_merged_lora_come_out_standard(tmp_path):
+    lora = LoraWeights({Q.replace("to_q", "to_qkv"): LoraModule(*factors(4, 3 * D, 3), 8.0)})
+    for fmt in ("comfyui", "kohya"):
+        back = read_lora(write_lora(lora, tmp_path / f"{fmt}.safetensors", fmt))
+        assert back.layout == "standard" and sorted(back.modules) == sorted(
+            Q.replace("to_q", p) for p in ("to_q", "to_k", "to_v")
+        )
+        split = convert_lora_layout(lora, "to_standard")
+        for m, mod in split.modules.items():
+            assert torch.equal(back.modules[m].B, mod.B) and back.modules[m].alpha == 8.0, m
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "comfyui", "kohya", "diffsynth"])
@@ -171,7 +191,7 @@ def test_transformer_load_lora_adapter_reads_peft_export(tmp_path):
     # use_safetensors=True: without it (and without weight_name) diffusers reads the file with no metadata
     model.load_lora_adapter(str(path), prefix=None, adapter_name="p", use_safetensors=True)
     layer = dict(model.named_modules())[OUT]
-    assert layer.scaling["p"] == 5.0 / 8
+    assert layer.scaling["p"] == 1.0  # the scale 5/8 is folded into lora_B: no reader can miss it
     mod = lora.modules[OUT]
     torch.testing.assert_close(
         (layer.lora_B["p"].weight @ layer.lora_A["p"].weight).double() * layer.scaling["p"],

@@ -97,13 +97,16 @@ def test_fold_by_a_non_dyadic_ratio_is_within_one_rounding(dtype, tolerance):
 
 def test_alpha_survives_state_dict_conversion_in_metadata():
     lora = standard_lora({"to_q": (4, 1.0), "to_k": (4, 1.0), "to_v": (4, 1.0)})
+    mlp = lora.modules["transformer_blocks.0.img_mlp.net.0.proj"]
+    # scale 1/2: the diffusers format folds it into lora_B and reading takes it back out exactly (a power of two)
+    lora.modules["transformer_blocks.0.img_mlp.net.0.proj"] = LoraModule(mlp.A, mlp.B, 2.0)
     sd, meta = lora_to_state_dict(lora, "diffusers")
     assert not any(k.endswith(".alpha") for k in sd)
     merged_sd, merged_meta = convert_state_dict(sd, "to_merged", meta)
     assert f"transformer.{ATTN}to_qkv.lora_A.weight" in merged_sd
     merged = lora_from_state_dict(merged_sd, merged_meta)
     assert merged.modules[f"{ATTN}to_qkv"].scale == 0.25  # alpha 1, rank 4 -> scale 1/4, not 1
-    assert merged.modules["transformer_blocks.0.img_mlp.net.0.proj"].alpha == 3.0
+    assert merged.modules["transformer_blocks.0.img_mlp.net.0.proj"].alpha == 2.0
     back_sd, back_meta = convert_state_dict(merged_sd, "to_standard", merged_meta)
     back = lora_from_state_dict(back_sd, back_meta)
     for name, original in lora.modules.items():
@@ -119,7 +122,11 @@ def test_noop_and_errors_name_keys():
 
     bad = dict(sd)
     bad["lora_unet_transformer_blocks_0_attn_to_q.lora_mid.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"unknown keys.*lora_mid\.weight"):
+    with pytest.raises(ValueError, match=r"not LoRA factors \(LoCon mid factor\): .*lora_mid\.weight"):
+        convert_state_dict(bad, "to_merged")
+    bad = dict(sd)
+    bad["lora_unet_transformer_blocks_0_attn_to_q.lora_middle"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"keys in no LoRA key style .*lora_middle"):
         convert_state_dict(bad, "to_merged")
     bad = dict(sd)
     del bad["lora_unet_transformer_blocks_0_attn_to_k.lora_up.weight"]

@@ -76,7 +76,7 @@ def test_model_file_with_prefix_and_real_size_from_header_only(tmp_path, monkeyp
             out_channels=16,
         )
     write_header_only(tmp_path / "big.safetensors", {k: tuple(v.shape) for k, v in full.state_dict().items()})
-    monkeypatch.setattr(detect_module, "safe_open", None)  # any tensor read would fail
+    monkeypatch.setattr(detect_module, "load_safetensors", None)  # any tensor read would fail
     report = detect(tmp_path / "big.safetensors")
     assert (report["layers"], report["hidden_size"], report["heads"]) == (60, 3072, 24)
     assert report["parameter_count"] == sum(v.numel() for v in full.state_dict().values())

@@ -4,6 +4,7 @@ plan, float8 layerwise casting. Equivalence is always against diffusers' own unm
 
 import copy
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,10 @@ def test_save_pretrained_writes_the_standard_layout_stock_diffusers_loads(tmp_pa
 def test_save_pretrained_survives_deepcopy_and_unfuse(tmp_path):
     merged = fuse_qkv(tiny_transformer())
     copy.deepcopy(merged).save_pretrained(tmp_path / "copy")
+    # pickled too (DDP spawn, torch.save of a module): the copy's save_pretrained is bound to the copy
+    unpickled = pickle.loads(pickle.dumps(merged))
+    assert unpickled.save_pretrained.args[0] is unpickled
+    assert unpickled.transformer_blocks[0].attn.set_processor.args[0] is unpickled.transformer_blocks[0].attn
     keys = load_file(tmp_path / "copy" / "diffusion_pytorch_model.safetensors")
     assert "transformer_blocks.0.attn.to_q.weight" in keys and not any("qkv" in key for key in keys)
     unfuse_qkv(merged)

@@ -56,7 +56,8 @@ def test_gpu_profile_composes_for_the_real_model():
 def test_cpu_default_is_the_tiny_run():
     cfg = compose_train()
     assert cfg.model.path is None and cfg.data.metadata is None  # tiny pipeline + generated sample data
-    assert cfg.trainer.accelerator == "cpu" and cfg.precision.name == "fp32"
+    # trainer=auto: the CPU plan without a GPU (fusedit.plan.config.resolve_training_plan), fp32
+    assert cfg.trainer.accelerator == "auto" and cfg.plan.auto and cfg.precision.name == "fp32"
     assert cfg.optim.optimizer._partial_ and cfg.optim.optimizer.lr == cfg.optim.lr
 
 

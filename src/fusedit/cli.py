@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "fusedit.download",
     "fusedit.bench",
     "fusedit.cache",
+    "fusedit.plan",
 )
 
 

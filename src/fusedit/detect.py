@@ -1,7 +1,8 @@
 """What is at a path: a Qwen-Image pipeline, transformer, single model file, or LoRA — from headers and configs.
 
-Only safetensors headers (names, shapes, dtypes) and JSON configs are read; no weight tensor is loaded (a LoRA's
-scalar `.alpha` tensors are the one exception). Every other command uses this instead of guessing.
+Only safetensors headers (names, shapes, dtypes) and JSON configs are read for models; no model weight tensor is
+loaded. A LoRA file is small and is read whole, so its values are checked as every other command checks them.
+Every other command uses this instead of guessing.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import math
 import os
 from pathlib import Path
 
-from safetensors import safe_open
-
 from fusedit.convert.layout import key_examples, model_layout
-from fusedit.convert.lora_formats import module_leaf, parse_lora_keys, resolve_alphas
+from fusedit.convert.lora_formats import (
+    DIFFUSERS_METADATA_KEY,
+    FUSEDIT_METADATA_KEY,
+    lora_from_state_dict,
+    module_leaf,
+    parse_lora_keys,
+)
 from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
 from fusedit.errors import UserInputError
-from fusedit.io import read_safetensors_header
+from fusedit.io import load_safetensors, read_safetensors_header
 from fusedit.model.module_map import BLOCKS, block_index
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
@@ -133,28 +138,32 @@ def _detect_pipeline(directory: Path) -> dict:
 
 
 def _detect_lora(path: Path, specs: dict, metadata: dict, adapter_config: dict | None) -> dict:
+    # A LoRA is read whole (it is small) through the same reader every command uses, so detect refuses exactly
+    # what they refuse (NaN/inf values or alphas, rank 0, patch keys) instead of printing a report (or NaN, which
+    # is not JSON) for a file nothing can use.
     parsed = parse_lora_keys(specs, str(path))
-    ranks = {m: specs[roles["A"]][1][0] for m, roles in parsed.modules.items()}
-    alpha_values = {}
-    alpha_keys = {m: roles["alpha"] for m, roles in parsed.modules.items() if "alpha" in roles}
-    if alpha_keys:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            alpha_values = {m: handle.get_tensor(k).item() for m, k in alpha_keys.items()}
-    alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, str(path))
-    layout = model_layout((f"{m}.weight" for m in parsed.modules), str(path))
-    blocks = sorted({index for name in parsed.modules if (index := block_index(name + ".")) is not None})
+    lora = lora_from_state_dict(load_safetensors(path)[0], metadata, adapter_config, str(path))
+    ranks = {m: mod.rank for m, mod in lora.modules.items()}
+    alphas = {m: mod.alpha for m, mod in lora.modules.items()}
+    has_alpha_tensors = any("alpha" in roles for roles in parsed.modules.values())
+    has_config = adapter_config is not None or any(
+        k in metadata for k in (DIFFUSERS_METADATA_KEY, FUSEDIT_METADATA_KEY)
+    )
+    layout = model_layout((f"{m}.weight" for m in lora.modules), str(path))
+    blocks = sorted({index for name in lora.modules if (index := block_index(name + ".")) is not None})
     report = {
         "kind": "lora",
         "path": str(path),
-        "format": parsed.format,
+        "format": lora.format,
+        "key_style": f"{parsed.prefix or '(no prefix)'} {parsed.style}",
         "layout": layout or "any (no q/k/v modules)",
         "ranks": sorted(set(ranks.values())),
         "alphas": sorted(set(alphas.values())),
-        "scales": sorted({alphas[m] / ranks[m] for m in ranks}),
-        "target_modules": sorted({module_leaf(m) for m in parsed.modules}),
-        "num_modules": len(parsed.modules),
+        "scales": sorted({mod.scale for mod in lora.modules.values()}),
+        "target_modules": sorted({module_leaf(m) for m in lora.modules}),
+        "num_modules": len(lora.modules),
         "blocks": blocks,
-        "alpha_source": "alpha tensors" if alpha_values else ("metadata" if metadata or adapter_config else "rank"),
+        "alpha_source": "alpha tensors" if has_alpha_tensors else ("metadata" if has_config else "rank"),
         **_dtype_summary(specs),
     }
     report["rank"] = report["ranks"][0] if len(report["ranks"]) == 1 else None

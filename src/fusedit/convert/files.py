@@ -26,8 +26,8 @@ from fusedit.errors import OutputExistsError
 from fusedit.io import atomic_write_path, read_safetensors_header, write_json_atomic
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
-from .layout import DIRECTIONS, TARGET_LAYOUT, TensorPlan, model_layout, plan_model_conversion
-from .lora_formats import FORMATS, read_lora, write_lora
+from .layout import DIRECTIONS, TARGET_LAYOUT, TO_STANDARD, TensorPlan, model_layout, plan_model_conversion
+from .lora_formats import FORMATS, STANDARD_ONLY_FORMATS, read_lora, write_lora
 from .lora_qkv import convert_lora_layout
 from .state_dict import classify_keys
 
@@ -251,10 +251,12 @@ def convert_checkpoint(
             raise ValueError(f"output {dst}: a LoRA is written to one .safetensors file")
         lora = read_lora(src)
         layout_in, format_in = lora.layout, lora.format
+        out_format = format or lora.format
+        if direction is None and out_format in STANDARD_ONLY_FORMATS:
+            direction = TO_STANDARD  # its readers know only q/k/v names; the split is exact
         if direction is not None:
             lora = convert_lora_layout(lora, direction)
-        out_format = format or lora.format
-        write_lora(lora, dst, out_format)
+        write_lora(lora, dst, out_format, TARGET_LAYOUT[direction] if direction is not None else None)
         return {
             "kind": "lora",
             "input_format": format_in,

@@ -11,9 +11,13 @@ Formats (how a module `transformer_blocks.0.attn.to_q` is spelled, and where its
 - kohya (sd-scripts, musubi-tuner): `lora_unet_<module with . -> _>.lora_down.weight` / `.lora_up.weight` /
   `.alpha`; a missing alpha means alpha = rank.
 
+Reading also takes every other prefix and factor style ComfyUI's Qwen-Image loader accepts (`KEY_STYLES`).
+
 Everywhere the effective update is `B @ A * alpha / rank` (PEFT's scale). `read_lora` resolves each module's alpha
-once; `write_lora` stores it the way the target format's own loader reads it, and always also as JSON in the
-`fusedit_lora` metadata key.
+once. `write_lora` stores the scale so that diffusers' `load_lora_weights` and ComfyUI (which reads only `.alpha`
+tensors, never metadata) both apply it: `.alpha` tensors in comfyui/kohya, folded into lora_B with alpha = rank in
+diffusers/peft/diffsynth (`fold_scales`); always also as JSON in the `fusedit_lora` metadata key. See
+docs/conversion.md ("Formats") for why.
 """
 
 from __future__ import annotations
@@ -115,83 +119,149 @@ class ParsedKeys:
     prefix: str
     # module -> {"A": key, "B": key, "alpha": key (optional)}
     modules: dict[str, dict[str, str]]
+    style: str = "lora_A/lora_B"  # the factor key style, as found (reported by detect)
 
 
-_PEFT_SUFFIXES = {
-    ".lora_A.weight": ("A", False),
-    ".lora_B.weight": ("B", False),
-    ".lora_A.default.weight": ("A", True),
-    ".lora_B.default.weight": ("B", True),
-    ".alpha": ("alpha", None),
+# Factor key styles ComfyUI's LoRA adapter accepts (comfy/weight_adapter/lora.py), as (A suffix, B suffix, style).
+# Longer suffixes first: `.lora_A.default.weight` must not be read as module `....lora_A.default` + `.weight`.
+_FACTOR_SUFFIXES = (
+    (".lora_A.default.weight", ".lora_B.default.weight", "lora_A/lora_B .default"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", "lora_linear_layer.down/up"),
+    (".lora_down.weight", ".lora_up.weight", "lora_down/lora_up"),
+    (".lora_A.weight", ".lora_B.weight", "lora_A/lora_B"),
+    (".lora.down.weight", ".lora.up.weight", "lora.down/lora.up"),
+    ("_lora.down.weight", "_lora.up.weight", "_lora.down/_lora.up"),
+    (".lora_A", ".lora_B", "lora_A/lora_B (no .weight)"),
+)
+_ALPHA_SUFFIX = ".alpha"
+# Keys ComfyUI applies that are not low-rank factors: full-weight / bias deltas and LoRA variants fusedit does not
+# implement. Refused by name: reading only the factors would apply part of the file silently.
+_PATCH_SUFFIXES = {
+    ".diff": "full-weight delta",
+    ".diff_b": "bias delta",
+    ".set_weight": "weight replacement",
+    ".w_norm": "norm weight",
+    ".b_norm": "norm bias",
+    ".dora_scale": "DoRA magnitude",
+    ".lora_mid.weight": "LoCon mid factor",
+    ".reshape_weight": "reshape instruction",
 }
-_KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
-_PREFIX_FORMAT = {"transformer.": "diffusers", "diffusion_model.": "comfyui", "base_model.model.": "peft", "": "peft"}
+_PATCH_RE = re.compile(r"\.(hada_|lokr_|oft_|boft_|a1\.weight|a2\.weight|b1\.weight|b2\.weight)")
+# Module prefixes ComfyUI's Qwen-Image key map accepts (comfy/lora.py model_lora_keys_unet), with the format a
+# file using them is reported as (and written back in by default). `lora_unet_` / `lycoris_` flatten the module
+# path with underscores; the others keep it dotted.
+_FLAT_PREFIXES = {"lora_unet_": "kohya", "lycoris_": "kohya"}
+_DOTTED_PREFIXES = {"transformer.": "diffusers", "diffusion_model.": "comfyui", "base_model.model.": "peft"}
+KEY_STYLES = (
+    "module prefixes transformer. / diffusion_model. / base_model.model. / none / lora_unet_ / lycoris_; "
+    "factors " + ", ".join(style for _, _, style in _FACTOR_SUFFIXES) + "; optional .alpha"
+)
 
 
 def is_lora_key(key: str) -> bool:
-    return ".lora_" in key or key.startswith("lora_unet_") or key.endswith(".alpha")
+    """Whether a key belongs to a LoRA file rather than to model weights (patch keys included, so that a LoRA
+    carrying them is refused by name instead of being taken for a broken model)."""
+    return (
+        ".lora" in key
+        or "_lora." in key
+        or key.startswith(tuple(_FLAT_PREFIXES))
+        or key.endswith((_ALPHA_SUFFIX, *_PATCH_SUFFIXES))
+        or bool(_PATCH_RE.search(key))
+    )
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """`key` -> (path before the suffix, role "A"/"B"/"alpha", style), or None for a key that is none of those."""
+    for a_suffix, b_suffix, style in _FACTOR_SUFFIXES:
+        if key.endswith(a_suffix):
+            return key[: -len(a_suffix)], "A", style
+        if key.endswith(b_suffix):
+            return key[: -len(b_suffix)], "B", style
+    if key.endswith(_ALPHA_SUFFIX):
+        return key[: -len(_ALPHA_SUFFIX)], "alpha", ""
+    return None
+
+
+def _module_of(path: str) -> tuple[str, str | None]:
+    """A key's path before its suffix -> (prefix, Qwen-Image module or None)."""
+    for prefix in _FLAT_PREFIXES:
+        if path.startswith(prefix):
+            return prefix, module_from_kohya("lora_unet_" + path[len(prefix) :])
+    prefix = next((p for p in _DOTTED_PREFIXES if path.startswith(p)), "")
+    module = path[len(prefix) :]
+    return prefix, (module if is_qwen_module(module) else None)
+
+
+def _format_of(prefix: str, style: str) -> str:
+    if prefix in _FLAT_PREFIXES:
+        return _FLAT_PREFIXES[prefix]
+    if prefix:
+        return _DOTTED_PREFIXES[prefix]
+    if style.endswith(".default"):
+        return "diffsynth"
+    # bare module names: lora_A/lora_B is PEFT's save_lora_adapter; lora_down/lora_up (+ .alpha, as the
+    # "Lightning" LoRAs ship) keeps its alpha tensors when written back as comfyui
+    return "peft" if style.startswith("lora_A") else "comfyui"
 
 
 def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
-    """Recognise the format of LoRA keys and group them per module, from the names alone."""
+    """Recognise the format of LoRA keys and group them per module, from the names alone.
+
+    Accepts every module prefix and factor style ComfyUI's Qwen-Image LoRA loader accepts (`KEY_STYLES`); one
+    style per file. Raises ValueError naming the keys for: patch keys fusedit cannot apply (`.diff`, `.diff_b`,
+    DoRA, LoHa/LoKr ...), unknown keys, keys naming no Qwen-Image Linear, mixed styles, a module missing a factor,
+    and a rank-0 module is caught by `lora_from_state_dict` (shapes are not known here).
+    """
     keys = list(keys)
     if not keys:
         raise ValueError(f"{what}: no tensors")
+    patches = [k for k in keys if k.endswith(tuple(_PATCH_SUFFIXES)) or _PATCH_RE.search(k)]
+    if patches:
+        kinds = sorted({next((v for s, v in _PATCH_SUFFIXES.items() if k.endswith(s)), "LyCORIS") for k in patches})
+        raise ValueError(
+            f"{what}: holds {len(patches)} tensors that are not LoRA factors ({', '.join(kinds)}): "
+            f"{key_examples(patches, 3)}; fusedit applies only low-rank lora_A/lora_B (lora_down/lora_up) pairs. "
+            "Apply this file in ComfyUI, or save a copy without those keys if the LoRA part alone is what you want"
+        )
     styles: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     modules: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    alpha_prefixes: dict[str, str] = {}
     unknown, not_qwen = [], []
     for key in keys:
-        if key.startswith("lora_unet_"):
-            name, dot, suffix = key.partition(".")
-            role = _KOHYA_SUFFIXES.get(dot + suffix)
-            module = module_from_kohya(name) if role else None
-            if role is None:
-                unknown.append(key)
-            elif module is None:
-                not_qwen.append(key)
-            else:
-                styles[("kohya", "lora_unet_")].append(key)
-                modules[module][role] = key
-            continue
-        for suffix, (role, default) in _PEFT_SUFFIXES.items():  # noqa: B007 - used after the loop
-            if key.endswith(suffix):
-                path = key[: -len(suffix)]
-                break
-        else:
+        split = _split_key(key)
+        if split is None:
             unknown.append(key)
             continue
-        prefix = next((p for p in ("transformer.", "diffusion_model.", "base_model.model.") if path.startswith(p)), "")
-        module = path[len(prefix) :]
-        if not is_qwen_module(module):
+        path, role, style = split
+        prefix, module = _module_of(path)
+        if module is None:
             not_qwen.append(key)
             continue
-        fmt = "diffsynth" if default and prefix == "" else _PREFIX_FORMAT[prefix]
-        if role != "alpha":  # an alpha key fits any lora_A/lora_B style with the same prefix
-            styles[(fmt, prefix)].append(key)
+        if role == "alpha":  # an alpha key fits any factor style with the same prefix
+            alpha_prefixes[key] = prefix
+        else:
+            styles[(prefix, style)].append(key)
         modules[module][role] = key
     if unknown:
-        raise ValueError(
-            f"{what}: unknown keys (neither lora_A/lora_B/lora_down/lora_up weights nor .alpha): {key_examples(unknown)}"
-        )
+        raise ValueError(f"{what}: keys in no LoRA key style fusedit reads ({KEY_STYLES}): {key_examples(unknown)}")
     if not_qwen:
         raise ValueError(f"{what}: keys that name no Qwen-Image transformer module: {key_examples(not_qwen)}")
     if len(styles) > 1:
-        found = "; ".join(f"{fmt} ({key_examples(ks, 2)})" for (fmt, _), ks in styles.items())
+        found = "; ".join(
+            f"{prefix or '(no prefix)'} {style} ({key_examples(ks, 2)})" for (prefix, style), ks in styles.items()
+        )
         raise ValueError(f"{what}: mixed LoRA key formats: {found}")
     if not styles:
         raise ValueError(f"{what}: only .alpha keys, no LoRA weights: {key_examples(keys)}")
-    (fmt, prefix), _ = next(iter(styles.items()))
+    (prefix, style), _ = next(iter(styles.items()))
     incomplete = [f"{module} has {sorted(roles)}" for module, roles in modules.items() if not {"A", "B"} <= set(roles)]
     if incomplete:
         raise ValueError(f"{what}: modules without both LoRA factors: {key_examples(incomplete)}")
-    if fmt != "kohya":
-        stray = [
-            roles["alpha"] for roles in modules.values() if "alpha" in roles and not roles["alpha"].startswith(prefix)
-        ]
-        if stray:
-            raise ValueError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {key_examples(stray)}")
+    stray = [key for key, p in alpha_prefixes.items() if p != prefix]
+    if stray:
+        raise ValueError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {key_examples(stray)}")
     layout_of_modules(modules, what)
-    return ParsedKeys(fmt, prefix, dict(modules))
+    return ParsedKeys(_format_of(prefix, style), prefix, dict(modules), style)
 
 
 # --------------------------------------------------------------------------------------------------- alpha values
@@ -259,9 +329,30 @@ def resolve_alphas(
     return alphas
 
 
-def _qkv_split_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict]:
+def _fusedit_metadata_field(metadata: Mapping[str, str], name: str) -> dict:
     raw = metadata.get(FUSEDIT_METADATA_KEY)
-    return dict(json.loads(raw).get("qkv_split") or {}) if raw else {}
+    return dict(json.loads(raw).get(name) or {}) if raw else {}
+
+
+# A LoRA scale (alpha / rank) beyond this is refused as absurd: trained LoRAs use scales around 0.01-100, and at
+# 1e4 the update would already dwarf any Qwen-Image weight (NaN/inf alphas are refused too; see check_alphas).
+MAX_ABS_SCALE = 1e4
+
+
+def check_lora_values(weights: LoraWeights, alpha_keys: Mapping[str, str], what: str = "LoRA") -> None:
+    """Refuse a LoRA whose alpha or scale is NaN, inf or beyond ±MAX_ABS_SCALE, naming the module and where its
+    alpha came from (`alpha_keys`: module -> its `.alpha` key; else the metadata). Factor values are checked
+    where the tensors are read (`lora_from_state_dict`)."""
+    bad = []
+    for module, mod in weights.modules.items():
+        if not (math.isfinite(mod.alpha) and math.isfinite(mod.scale) and abs(mod.scale) <= MAX_ABS_SCALE):
+            source = alpha_keys.get(module, f"metadata alpha of {module}")
+            bad.append(f"{source} = {mod.alpha!r} (rank {mod.rank}, scale {mod.scale!r})")
+    if bad:
+        raise ValueError(
+            f"{what}: alpha or scale NaN, infinite or beyond ±{MAX_ABS_SCALE:g} in {len(bad)} modules: "
+            f"{key_examples(bad, 3)}; this LoRA would produce black or noise images"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -271,6 +362,12 @@ def lora_from_state_dict(
     adapter_config: Mapping | None = None,
     what: str = "LoRA",
 ) -> LoraWeights:
+    """The LoRA in `tensors` (any key style `parse_lora_keys` reads), one alpha per module (`resolve_alphas`).
+
+    Raises ValueError naming the keys for factor shapes that do not pair, a rank-0 module, a non-scalar alpha,
+    NaN/inf factors and NaN/inf/absurd alphas (`check_lora_values`). A scale that fusedit itself folded into
+    lora_B when writing (`folded_scales` in its metadata) is taken back out when that is exact (a power of two).
+    """
     metadata = dict(metadata or {})
     parsed = parse_lora_keys(tensors, what)
     problems, modules = [], {}
@@ -279,6 +376,9 @@ def lora_from_state_dict(
         A, B = tensors[roles["A"]], tensors[roles["B"]]
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
             problems.append(f"{roles['A']} {list(A.shape)} / {roles['B']} {list(B.shape)}: not a [r,in] / [out,r] pair")
+            continue
+        if A.shape[0] == 0:
+            problems.append(f"{roles['A']} {list(A.shape)}: rank 0 (an empty LoRA module)")
             continue
         ranks[module] = A.shape[0]
         if "alpha" in roles:
@@ -289,8 +389,8 @@ def lora_from_state_dict(
             alpha_values[module] = alpha.item()
     if problems:
         raise ValueError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
-    # The one place every LoRA read passes (inference, conversion, detect-and-load): NaN/inf weights would turn
-    # every generated image black or into noise, far from the file that caused it.
+    # The one place every LoRA read passes (training init, inference, conversion, detect): NaN/inf weights would
+    # turn every generated image black or into noise, far from the file that caused it.
     nonfinite = [
         key
         for roles in parsed.modules.values()
@@ -302,7 +402,12 @@ def lora_from_state_dict(
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, what)
     for module, roles in parsed.modules.items():
         modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module])
-    return LoraWeights(modules, parsed.format, metadata, parsed.prefix, _qkv_split_from_metadata(metadata))
+    weights = LoraWeights(
+        modules, parsed.format, metadata, parsed.prefix, _fusedit_metadata_field(metadata, "qkv_split")
+    )
+    alpha_keys = {m: roles["alpha"] for m, roles in parsed.modules.items() if "alpha" in roles}
+    check_lora_values(weights, alpha_keys, what)
+    return _unfold_scales(weights, _fusedit_metadata_field(metadata, "folded_scales"))
 
 
 def read_lora(path: str | os.PathLike) -> LoraWeights:
@@ -353,7 +458,7 @@ def peft_config_dict(lora: LoraWeights) -> dict:
     }
 
 
-def fusedit_metadata(lora: LoraWeights) -> dict:
+def fusedit_metadata(lora: LoraWeights, folded_scales: Mapping[str, float] | None = None) -> dict:
     config = peft_config_dict(lora)
     return {
         "layout": lora.layout,
@@ -362,32 +467,89 @@ def fusedit_metadata(lora: LoraWeights) -> dict:
         "ranks": {m: mod.rank for m, mod in lora.modules.items()},
         "alphas": {m: mod.alpha for m, mod in lora.modules.items()},
         "qkv_split": lora.qkv_split,
+        "folded_scales": dict(folded_scales or {}),
     }
 
 
+def is_power_of_two(x: float) -> bool:
+    """Whether multiplying by `x` is exact in floating point (barring overflow and subnormals)."""
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+def fold_scales(lora: LoraWeights) -> tuple[LoraWeights, dict[str, float]]:
+    """`lora` with every module's scale (alpha / rank) multiplied into lora_B and alpha = rank, and the folded
+    scales (module -> scale, for scales != 1).
+
+    This is how a file keeps its strength in every client without an alpha that both read the same way: diffusers
+    takes alpha from its metadata (or applies `.alpha` tensors itself, and then must not find the metadata), ComfyUI
+    only from `.alpha` tensors; with alpha = rank all of them use scale 1. Exact when the scale is a power of two,
+    otherwise one rounding of each lora_B element (the product differs by at most half an ulp of lora_B's dtype).
+    A merge record's factors are relative to the merged scale, which becomes 1.
+    """
+    folded = {m: mod.scale for m, mod in lora.modules.items() if mod.scale != 1.0}
+    modules = {
+        m: mod if m not in folded else LoraModule(mod.A, (mod.B.float() * mod.scale).to(mod.B.dtype), float(mod.rank))
+        for m, mod in lora.modules.items()
+    }
+    qkv_split = {
+        m: {**record, "factors": [f * folded.get(m, 1.0) for f in record["factors"]]}
+        for m, record in lora.qkv_split.items()
+        if m in lora.modules
+    }
+    return LoraWeights(modules, lora.format, lora.metadata, lora.prefix, qkv_split), folded
+
+
+def _unfold_scales(lora: LoraWeights, folded: Mapping[str, float]) -> LoraWeights:
+    """Undo `fold_scales` where that is exact (a power-of-two scale, file unchanged since: alpha still = rank);
+    other modules keep the folded lora_B with scale 1, the same product."""
+    exact = {
+        m: float(s)
+        for m, s in folded.items()
+        if m in lora.modules and is_power_of_two(float(s)) and lora.modules[m].alpha == lora.modules[m].rank
+    }
+    if not exact:
+        return lora
+    modules = {
+        m: mod if m not in exact else LoraModule(mod.A, (mod.B.float() / exact[m]).to(mod.B.dtype), exact[m] * mod.rank)
+        for m, mod in lora.modules.items()
+    }
+    qkv_split = {
+        m: {**record, "factors": [f / exact.get(m, 1.0) for f in record["factors"]]}
+        for m, record in lora.qkv_split.items()
+    }
+    return LoraWeights(modules, lora.format, lora.metadata, lora.prefix, qkv_split)
+
+
+# Where each written format keeps a module's scale, so that diffusers' load_lora_weights and ComfyUI's loader
+# (scale = `.alpha` tensor / rank, else 1; safetensors metadata never read) both apply the trained strength:
+# `.alpha` tensors for the formats that have them (diffusers folds them into the factors itself), folded into
+# lora_B for the metadata-only formats (see fold_scales; DiffSynth has no alpha at all).
+ALPHA_TENSOR_FORMATS = ("comfyui", "kohya")
+FOLDED_FORMATS = ("diffusers", "peft", "diffsynth")
+# Formats whose readers know only diffusers' module names: a merged-layout LoRA is written split (exactly).
+STANDARD_ONLY_FORMATS = ("comfyui", "kohya")
+
+
 def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Render a LoRA in `format` (default: the format it was read in). Returns (tensors, metadata)."""
+    """Render a LoRA in `format` (default: the format it was read in). Returns (tensors, metadata).
+
+    The scale is stored as `ALPHA_TENSOR_FORMATS` / `FOLDED_FORMATS` say; the original alphas, ranks and folded
+    scales also go into the `fusedit_lora` metadata JSON.
+    """
     fmt = format or lora.format
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
-    modules = dict(lora.modules)
-    if fmt == "diffsynth":
-        # DiffSynth applies B·A with no alpha: bake any scale != 1 into B (exact when the scale is a power of two)
-        modules = {
-            m: mod
-            if mod.scale == 1.0
-            else LoraModule(mod.A, (mod.B.float() * mod.scale).to(mod.B.dtype), float(mod.rank))
-            for m, mod in modules.items()
-        }
-        # a merge record's factors are relative to the merged scale, which is now 1
-        qkv_split = {
-            m: {**record, "factors": [f * lora.modules[m].scale for f in record["factors"]]}
-            for m, record in lora.qkv_split.items()
-            if m in lora.modules
-        }
-        lora = LoraWeights(modules, fmt, lora.metadata, "", qkv_split)
+    if fmt in STANDARD_ONLY_FORMATS and lora.layout == "merged_qkv":
+        raise ValueError(
+            f"a {fmt} LoRA cannot be written in the merged_qkv layout: its loaders (ComfyUI, kohya tools) know only "
+            "the standard to_q/to_k/to_v names and would skip the merged modules; write it standard (the split is "
+            "exact) or choose the diffusers/peft format"
+        )
+    folded: dict[str, float] = {}
+    if fmt in FOLDED_FORMATS:
+        lora, folded = fold_scales(lora)
     tensors: dict[str, torch.Tensor] = {}
-    for module, mod in modules.items():
+    for module, mod in lora.modules.items():
         if fmt == "kohya":
             name = kohya_name(module)
             tensors[f"{name}.lora_down.weight"] = mod.A
@@ -404,9 +566,9 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
             tensors[f"{prefix}{module}.alpha"] = _alpha_tensor(mod.alpha)
     metadata = {k: v for k, v in lora.metadata.items() if k not in (DIFFUSERS_METADATA_KEY, FUSEDIT_METADATA_KEY)}
     metadata.setdefault("format", "pt")
-    metadata[FUSEDIT_METADATA_KEY] = json.dumps(fusedit_metadata(lora), sort_keys=True)
+    metadata[FUSEDIT_METADATA_KEY] = json.dumps(fusedit_metadata(lora, folded), sort_keys=True)
     if fmt in ("diffusers", "peft"):
-        # diffusers builds its LoraConfig straight from this JSON (must not ALSO have .alpha keys, or it scales twice)
+        # ranks per module for diffusers/PEFT to build the adapter; alpha = rank everywhere after the fold
         config = peft_config_dict(lora)
         if fmt == "diffusers":
             config = {f"transformer.{k}": v for k, v in config.items()}
@@ -417,9 +579,15 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
 def write_lora(
     lora: LoraWeights, path: str | os.PathLike, format: str = "diffusers", layout: str | None = None
 ) -> Path:
-    """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`."""
+    """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`.
+
+    `STANDARD_ONLY_FORMATS` are always written in the standard layout (a merged LoRA is split exactly); asking
+    for them in the merged layout raises ValueError.
+    """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if format in STANDARD_ONLY_FORMATS:
+        layout = layout or "standard"  # "merged_qkv" is refused by lora_to_state_dict
     if layout is not None and layout != lora.layout and lora.layout is not None:
         from .lora_qkv import convert_lora_layout
 

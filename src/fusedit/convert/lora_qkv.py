@@ -18,16 +18,11 @@ by a ratio that is not a power of two: it keeps its folded B with the merged sca
 from __future__ import annotations
 
 import collections
-import math
 
 import torch
 
 from .layout import DIRECTIONS, QKV_GROUPS, TO_MERGED, proj_role
-from .lora_formats import LoraModule, LoraWeights
-
-
-def _is_power_of_two(x: float) -> bool:
-    return x > 0 and math.frexp(x)[0] == 0.5
+from .lora_formats import LoraModule, LoraWeights, is_power_of_two
 
 
 def _merged_scale(scales: list[float], total_rank: int) -> float:
@@ -38,7 +33,7 @@ def _merged_scale(scales: list[float], total_rank: int) -> float:
         if candidate <= 0 or (candidate * total_rank) / total_rank != candidate:
             continue  # not expressible as alpha / rank without rounding
         ratios = [s / candidate for s in scales]
-        score = (sum(r == 1.0 for r in ratios), sum(_is_power_of_two(r) for r in ratios))
+        score = (sum(r == 1.0 for r in ratios), sum(is_power_of_two(r) for r in ratios))
         if best_score is None or score > best_score:
             best, best_score = candidate, score
     return best
@@ -66,7 +61,7 @@ def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, 
                 factor = record["factors"][i]
                 if factor == 1.0:
                     alpha = record["alphas"][i]
-                elif _is_power_of_two(factor):  # dividing by a power of two undoes the fold exactly
+                elif is_power_of_two(factor):  # dividing by a power of two undoes the fold exactly
                     B_i, alpha = (B_i.float() / factor).to(B_i.dtype), record["alphas"][i]
                 else:
                     alpha = mod.scale * r_i  # keep the folded B: its scale is the merged one

@@ -21,7 +21,7 @@ answers here, installed by `fuse_qkv` and removed by `unfuse_qkv` (instance attr
   `to_qkv` would hand rank 0 all of q and half of k).
 
 Not reachable from the model: PEFT's own `inject_adapter_in_model` / `get_peft_model` match names without asking
-the model, so standard target names given there still adapt a subset (documented in docs/inference.md).
+the model, so standard target names given there still adapt a subset (documented in docs/conversion.md).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ _INSIDE_MERGED = re.compile(rf"^(.*\.{ATTENTION}\.(?:{'|'.join(QKV_GROUPS)}))\.(
 def standard_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """State-dict post hook: every merged `weight`/`bias` replaced, in place and in order, by its q, k, v thirds.
 
-    The thirds are views (safetensors writes non-overlapping views of one tensor as separate tensors), so saving
-    costs no extra copy. Raises ValueError for anything else stored under a merged projection (a LoRA wrapper's
+    The thirds are views, not copies (safetensors writes non-overlapping views of one tensor as separate tensors).
+    Raises ValueError for anything else stored under a merged projection (a LoRA wrapper's
     `base_layer`, fp8 `weight_scale`): no stock loader could read it back.
     """
     items = list(state_dict.items())

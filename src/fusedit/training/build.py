@@ -1,11 +1,12 @@
 """Build the trainable transformer as an ordered list of transforms (torchtitan style).
 
-    load -> fp8 (storage or float8 compute) -> LoRA -> activation checkpointing (+ CPU offload) -> compile
+    load -> fp8 (storage or float8 compute) -> LoRA -> stream -> activation checkpointing (+ CPU offload) -> compile
 
 Each stage is a separate function that records itself on the model (`model._fusedit_stages`) and refuses to run
 after a later stage (LoRA after compile, fp8 after LoRA, ...) or twice: quantising after LoRA would quantise the
-adapters, checkpointing must wrap the LoRA-carrying blocks, and compile must see the final modules. New stages
-(fp8 storage, other compile modes) slot in by name in `STAGES`.
+adapters, streaming must see which tensors are frozen (LoRA exists) and sit inside the checkpoint (so the backward's
+recompute copies the block in again), checkpointing must wrap the LoRA-carrying blocks, and compile must see the
+final modules. New stages (fp8 storage, other compile modes) slot in by name in `STAGES`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from fusedit.lora.adapter import add_lora
 from fusedit.model.loading import load_transformer
 
-STAGES = ("load", "fp8", "lora", "activation_checkpointing", "compile")
+STAGES = ("load", "fp8", "lora", "stream", "activation_checkpointing", "compile")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
@@ -91,6 +92,16 @@ def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
     return model
 
 
+def stream(model: nn.Module, resident_blocks: int = 0) -> nn.Module:
+    """Frozen tensors of all blocks but the last `resident_blocks` kept in (pinned) host memory and copied in per
+    use, one block ahead on a side CUDA stream (fusedit.model.streaming). Needs checkpointing of every block."""
+    from fusedit.model.streaming import stream_blocks
+
+    _enter_stage(model, "stream")
+    stream_blocks(model, resident_blocks)
+    return model
+
+
 def _checkpointed_forward(forward, *args, **kwargs):
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -140,14 +151,30 @@ def build_transformer(
     compile: bool | dict = False,
     fp8_compute: bool | dict = False,
     checkpoint_offload: bool = False,
+    resident_blocks: int | None = None,
 ) -> nn.Module:
-    """All stages in order, as the config asks for them. `fp8_compute` replaces `fp8` (both fill the fp8 slot)."""
+    """All stages in order, as the config asks for them. `fp8_compute` replaces `fp8` (both fill the fp8 slot).
+
+    `resident_blocks`: None keeps every block on the device; N streams all blocks but the last N from host memory
+    (needs `checkpoint_every=1`, refuses `compile`). Raises ValueError for those combinations before loading."""
+    if resident_blocks is not None:
+        if checkpoint_every != 1:
+            raise ValueError(
+                "model.resident_blocks (streaming blocks from host memory) needs model.activation_checkpointing=1: "
+                "the backward pass must recompute each streamed block to copy it in again"
+            )
+        if compile:
+            raise ValueError(
+                "model.resident_blocks (streaming blocks from host memory) cannot be used with model.compile"
+            )
     model = load(path, layout, dtype)
     if fp8_compute:
         model = float8_compute(model, **(fp8_compute if isinstance(fp8_compute, dict) else {}))
     elif fp8:
         model = fp8_storage(model, **(fp8 if isinstance(fp8, dict) else {}))
     model = lora(model, **lora_kwargs)
+    if resident_blocks is not None:
+        model = stream(model, resident_blocks)
     if checkpoint_every or checkpoint_offload:
         model = activation_checkpointing(model, checkpoint_every, offload=checkpoint_offload)
     if compile:

@@ -28,7 +28,8 @@ from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
 from fusedit.errors import UserInputError
-from fusedit.io import write_text_atomic
+from fusedit.io import write_json_atomic, write_text_atomic
+from fusedit.plan.config import resolve_training_plan
 from fusedit.training.build import build_transformer, to_dtype
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 TINY_DIR = "tiny-edit"
 SAMPLE_DIR = "sample-data"
 WANDB_ID_FILE = "wandb_run_id"
+PLAN_FILE = "plan.json"  # the training plan and its predicted memory (fusedit.plan), when checked on a GPU
 
 
 # ---------------------------------------------------------------------------------------------------- defaults
@@ -249,6 +251,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
         compile=_plain(cfg.model.compile),
         fp8_compute={"compute_dtype": precision.compute_dtype} if precision.get("fp8_compute") else False,
         checkpoint_offload=cfg.model.get("checkpoint_offload", False),
+        resident_blocks=cfg.model.get("resident_blocks"),
     )
     if conditioner is None:
         conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
@@ -289,6 +292,10 @@ def train(cfg: DictConfig) -> dict:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
         if cfg.data.metadata is None:
             cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
+    # Before any weight loads: trainer=auto chooses the plan; a plan predicted not to fit the GPU is refused here.
+    plan_record = resolve_training_plan(cfg)
+    if plan_record is not None and rank_zero_only.rank == 0:
+        write_json_atomic(run_dir / PLAN_FILE, plan_record)
     seed_everything(cfg.seed, workers=True)
 
     conditioner = None

@@ -120,6 +120,12 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
         problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
 
+    if OmegaConf.select(cfg, "optim.name") == "adamw8bit":
+        from fusedit.optim import BITSANDBYTES_HINT, bitsandbytes_available
+
+        if not bitsandbytes_available():
+            problems.append(BITSANDBYTES_HINT)
+
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
         problems.append(f"trainer.max_steps must be >= 1 (or -1 with trainer.max_epochs), got {max_steps!r}")
@@ -132,6 +138,19 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     streak = OmegaConf.select(cfg, "faults.max_consecutive_nonfinite")
     if streak is not None and (not isinstance(streak, int) or streak < 1):
         problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
+
+    resident = OmegaConf.select(cfg, "model.resident_blocks")
+    if resident is not None:
+        if not isinstance(resident, int) or isinstance(resident, bool) or resident < 0:
+            problems.append(f"model.resident_blocks must be null or an integer >= 0, got {resident!r}")
+        elif OmegaConf.select(cfg, "model.activation_checkpointing") != 1:
+            problems.append(
+                "model.resident_blocks (blocks streamed from host memory) needs model.activation_checkpointing=1"
+            )
+        elif OmegaConf.select(cfg, "model.compile"):
+            problems.append(
+                "model.resident_blocks (blocks streamed from host memory) cannot be used with model.compile"
+            )
 
     if check_paths:
         model_path = OmegaConf.select(cfg, "model.path")

@@ -1,0 +1,173 @@
+"""The training plan of a composed `train.py` config: read it, predict it, choose one (`trainer=auto`), refuse one.
+
+`resolve_training_plan(cfg)` runs in `train(cfg)` after the config checks and before any weight is loaded:
+- on a CPU run it does nothing (trainer=auto picks the CPU);
+- with `plan.auto=true` (trainer=auto) on a GPU it chooses the fastest plan predicted to fit (fusedit.plan.choose)
+  and writes its five keys into `cfg`;
+- otherwise it predicts the config's own plan and raises UserInputError when it is predicted not to fit, naming
+  the predicted peak and the overrides of the first plan that fits.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fusedit.errors import UserInputError
+from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate
+from fusedit.plan.predict import FULL, Estimates, ModelFacts, model_facts, pipeline_shape, training_shape
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def config_plan(cfg: DictConfig) -> TrainPlan:
+    """The plan `cfg` asks for (the five switches of fusedit.plan.choose)."""
+    precision = cfg.precision
+    return TrainPlan(
+        checkpoint_every=int(cfg.model.get("activation_checkpointing") or 0),
+        fp8=bool(precision.get("fp8_storage") or precision.get("fp8_compute")),
+        cache=bool(cfg.get("cache") and cfg.cache.get("enabled")),
+        optim=str(cfg.optim.get("name", "adamw")),
+        resident_blocks=cfg.model.get("resident_blocks"),
+        encode_on_cpu=bool(cfg.get("cache") and cfg.cache.get("enabled") and cfg.cache.get("device") == "cpu"),
+    )
+
+
+def _largest_bucket(cfg: DictConfig) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """(target size, edit sizes) of the bucket with the most tokens the data will produce (the data plan: every
+    row's resize, from image headers; nothing is decoded)."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    sizes = datamodule.train_dataset.sizes
+    if not sizes:
+        raise UserInputError(f"data.metadata={cfg.data.metadata}: no training rows to plan for")
+
+    def tokens(key):
+        target, edits = key
+        return sum(width * height for width, height in (target, *edits))
+
+    return max(sizes, key=tokens)
+
+
+def _targets(cfg: DictConfig):
+    targets = cfg.lora.targets
+    return tuple(OmegaConf.to_object(targets)) if OmegaConf.is_config(targets) else str(targets)
+
+
+def config_facts(cfg: DictConfig, size: str | None = None, estimates: Estimates | None = None) -> ModelFacts:
+    """Model facts for `cfg`: `size="full"`: Qwen-Image-Edit's real shapes at 1024x1024 + one 1024x1024 edit image,
+    no files; else the pipeline at `model.path` (configs and safetensors headers) at the data's largest bucket."""
+    layout = cfg.model.layout
+    batch = int(cfg.data.batch_size)
+    if size == "full":
+        shape = training_shape(FULL, FULL.target_size, FULL.edit_sizes, batch, int(cfg.lora.rank), _targets(cfg))
+        return model_facts(shape, layout, None, estimates)
+    target, edits = _largest_bucket(cfg)
+    base = pipeline_shape(cfg.model.path, FULL)
+    shape = training_shape(base, target, edits, batch, int(cfg.lora.rank), _targets(cfg))
+    return model_facts(shape, layout, cfg.model.path, estimates)
+
+
+def apply_plan(cfg: DictConfig, plan: TrainPlan) -> None:
+    """Write `plan`'s switches into `cfg` (the precision and optim groups' YAML files, as `precision=fp8` would)."""
+    with open_dict(cfg):
+        cfg.precision = OmegaConf.load(CONF_DIR / "precision" / ("fp8.yaml" if plan.fp8 else "bf16.yaml"))
+        cfg.model.activation_checkpointing = plan.checkpoint_every
+        cfg.model.resident_blocks = plan.resident_blocks
+        cfg.cache.enabled = plan.cache
+        if plan.encode_on_cpu:
+            cfg.cache.device = "cpu"
+        if plan.optim != cfg.optim.get("name", "adamw"):
+            group = OmegaConf.load(CONF_DIR / "optim" / f"{plan.optim}.yaml")
+            group.pop("defaults", None)
+            cfg.optim = OmegaConf.merge(OmegaConf.load(CONF_DIR / "optim" / "adamw.yaml"), group)
+        cfg.trainer.accelerator = "gpu"
+        cfg.trainer.devices = 1
+
+
+def _gpu_run(cfg: DictConfig) -> bool:
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def detected_gpu_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+
+
+def resolve_training_plan(cfg: DictConfig) -> dict | None:
+    """Choose (trainer=auto) or check the plan of a GPU run before any weight loads; returns the record written to
+    the run log (None on a CPU run or when `plan.check=false`). Raises UserInputError for a plan predicted not to
+    fit."""
+    settings = cfg.get("plan") or {}
+    auto = bool(settings.get("auto", False))
+    if not _gpu_run(cfg):
+        if auto:
+            with open_dict(cfg):
+                cfg.trainer.accelerator = "cpu"
+            print("fusedit: plan: no CUDA GPU, training on the CPU", flush=True)
+        return None
+    if not auto and not settings.get("check", True):
+        return None
+    devices = cfg.trainer.get("devices", 1)
+    if devices not in (1, "1") or cfg.trainer.get("strategy") is not None:
+        log.info("plan: memory is predicted for one GPU; not checked for trainer.devices=%s", devices)
+        return None
+    gpu_gb = settings.get("gpu_gb") or detected_gpu_gb()
+    estimates = Estimates(settings.get("estimates"))
+    facts = config_facts(cfg, estimates=estimates)
+    if auto:
+        choice = choose(facts, estimates, float(gpu_gb))
+        if not choice.fits:
+            raise UserInputError(_no_plan_message(choice))
+        apply_plan(cfg, choice.plan)
+        print(_chosen_message(choice), flush=True)
+    else:
+        choice = evaluate(config_plan(cfg), facts, estimates, float(gpu_gb))
+        if not choice.fits:
+            raise UserInputError(_refusal_message(choice, choose(facts, estimates, float(gpu_gb))))
+    record = {"auto": auto, **choice.to_dict()}
+    log.info("plan: %s", record)
+    return record
+
+
+def _chosen_message(choice: Choice) -> str:
+    return (
+        f"fusedit: plan: {choice.plan.describe()}; predicted peak {choice.prediction.peak_gpu_gb:.1f} GB of "
+        f"{choice.gpu_gb:.1f} GB (budget {MARGIN * choice.gpu_gb:.1f} GB), host {choice.prediction.host_gb:.1f} GB "
+        f"[{' '.join(choice.plan.overrides())}]"
+    )
+
+
+def _no_plan_message(choice: Choice) -> str:
+    return (
+        f"no training plan is predicted to fit this {choice.gpu_gb:.1f} GB GPU: even {choice.plan.describe()} "
+        f"needs {choice.prediction.peak_gpu_gb:.1f} GB (budget {MARGIN * choice.gpu_gb:.1f} GB); lower "
+        "data.max_pixels or lora.rank"
+    )
+
+
+def _refusal_message(choice: Choice, fitting: Choice) -> str:
+    head = (
+        f"this run is predicted to need {choice.prediction.peak_gpu_gb:.1f} GB of GPU memory "
+        f"({choice.plan.describe()}) but the GPU has {choice.gpu_gb:.1f} GB (budget {MARGIN * choice.gpu_gb:.1f} GB)"
+    )
+    if not fitting.fits:
+        return head + "; no plan is predicted to fit: lower data.max_pixels or lora.rank"
+    current = set(choice.plan.overrides())
+    change = [item for item in fitting.plan.overrides() if item not in current]
+    return (
+        f"{head}; predicted to fit ({fitting.prediction.peak_gpu_gb:.1f} GB) with: {' '.join(change)} "
+        "(or trainer=auto; plan.check=false skips this check)"
+    )

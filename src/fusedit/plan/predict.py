@@ -1,0 +1,326 @@
+"""Predicted GPU and host memory of a LoRA training run, from shapes alone (no weights, no GPU).
+
+What a training step holds on the GPU, and where each number comes from:
+
+    transformer  frozen weights in their storage dtype (bf16, or float8 + fp32 scales for fp8 storage), minus the
+                 blocks streamed from host memory plus the 3 blocks in flight (the one computing, the one
+                 prefetched, and in backward the recomputed block whose weights its backward still reads):
+                 byte counts of the model built on the meta device (fusedit.bench.shapes, the real config).
+    lora         LoRA weights (fp32) + their gradients (fp32) + optimizer state (fusedit.optim's bytes per
+                 parameter: AdamW 8, 8-bit AdamW ~2) + the bf16 copies autocast keeps of them during a step.
+    activations  what the step adds on top of the weights (saved activations under the chosen checkpointing,
+                 attention and backward transients) less the LoRA gradients and optimizer state it also holds:
+                 fusedit.bench.memory's fake-tensor run (live storage bytes), at depth k and 2k for a checkpoint
+                 interval k and extrapolated linearly to the real block count (activations are a per-block
+                 pattern of period k; at the full shape this reproduces the 60-block fake-tensor runs to 0.01 GB,
+                 tests/test_plan.py), at the largest bucket the data will produce.
+    encoders     the Qwen2.5-VL text encoder and the VAE in the base dtype when they ride along on the GPU
+                 (cache.enabled=false); 0 when training from the cache (encode-then-train). Their forward's own
+                 activations come before the transformer step, not at its peak, and are not counted.
+
+Host (pinned) memory: the streamed blocks. Host->GPU traffic per step: each streamed block twice (forward, and the
+recompute in backward). GB = 1e9 bytes throughout, as `torch.cuda.max_memory_allocated` / 1e9. Not counted: the
+CUDA context, cuBLAS/attention workspaces and allocator fragmentation; the plan keeps a margin for them
+(fusedit.plan.choose.MARGIN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fusedit.bench.shapes import PIXELS_PER_TOKEN, SHAPES, BenchShape
+from fusedit.optim import STATE_BYTES_PER_PARAMETER
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+IN_FLIGHT_BLOCKS = 3  # streamed blocks on the GPU at once (see the module docstring)
+LORA_BYTES_PER_PARAMETER = 4 + 4 + 2  # fp32 weight, fp32 gradient, autocast's bf16 copy during the step
+# fusedit.bench.memory's step holds LoRA weights in the compute dtype (bf16) with torch AdamW: its gradients (2 B) and
+# moments (2 x 2 B) are part of its `step_gb` and are taken out to leave the activations.
+_BENCH_LORA_STEP_BYTES = 2 + 4
+_ESTIMATE_VERSION = 1  # bump when fusedit.bench.memory's method changes
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the predictor needs to know about the model, all from configs and shapes.
+
+    Bytes are of the frozen transformer by storage ("bf16" or "fp8"): `block_bytes` per transformer block,
+    `other_bytes` for the rest (embeddings, norm_out, proj_out). `lora_parameters`: trainable count at the run's
+    rank and targets. `encoder_parameters`: text encoder + VAE parameter count.
+    """
+
+    shape: BenchShape
+    layout: str
+    block_bytes: dict[str, int]
+    other_bytes: dict[str, int]
+    lora_parameters: int
+    encoder_parameters: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.shape.num_layers
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted memory of one plan (GB) and its host->GPU traffic per step."""
+
+    transformer_gb: float
+    lora_gb: float
+    activations_gb: float
+    encoders_gb: float
+    host_gb: float
+    moved_gb_per_step: float
+
+    @property
+    def peak_gpu_gb(self) -> float:
+        return self.transformer_gb + self.lora_gb + self.activations_gb + self.encoders_gb
+
+    def to_dict(self) -> dict:
+        return {
+            "predicted_peak_gpu_gb": round(self.peak_gpu_gb, 2),
+            "predicted_host_gb": round(self.host_gb, 2),
+            "parts_gb": {
+                name: round(getattr(self, f"{name}_gb"), 2)
+                for name in ("transformer", "lora", "activations", "encoders")
+            },
+            "host_to_gpu_gb_per_step": round(self.moved_gb_per_step, 2),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- model facts
+def _count(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(frozen bytes inside transformer_blocks, frozen bytes elsewhere, trainable parameter count)."""
+    block = other = trainable = 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.requires_grad:
+            trainable += tensor.numel()
+        elif name.startswith("transformer_blocks."):
+            block += tensor.numel() * tensor.element_size()
+        else:
+            other += tensor.numel() * tensor.element_size()
+    return block, other, trainable
+
+
+@functools.lru_cache(maxsize=16)
+def transformer_facts(shape: BenchShape, layout: str) -> tuple[dict[str, int], dict[str, int], int]:
+    """(block_bytes, other_bytes, lora_parameters) of `shape`'s transformer, built on the meta device at 1 and 2
+    blocks (per-block figures are the difference; the last block's text stream carries fewer adapters)."""
+    from fusedit.bench.variants import Variant, build_variant
+
+    block_bytes, other_bytes, lora = {}, {}, {}
+    for storage in ("bf16", "fp8"):
+        variant = Variant(name=storage, layout=layout, fp8="storage" if storage == "fp8" else "none")
+        counts = {
+            depth: _count(build_variant(variant, shape.replace(num_layers=depth), torch.device("meta"), torch.bfloat16))
+            for depth in (1, 2)
+        }
+        block_bytes[storage] = counts[2][0] - counts[1][0]
+        other_bytes[storage] = counts[1][1] + counts[1][0] - block_bytes[storage]
+        lora[storage] = counts[1][2] + (counts[2][2] - counts[1][2]) * (shape.num_layers - 1)
+    return block_bytes, other_bytes, lora["bf16"]
+
+
+# The real Qwen-Image-Edit text encoder (Qwen2.5-VL-7B-Instruct's config.json), for `--size full` without files.
+QWEN25_VL_7B = {
+    "text_config": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    },
+    "tie_word_embeddings": False,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def full_encoder_parameters() -> int:
+    """Parameters of Qwen2.5-VL-7B + Qwen-Image's VAE (diffusers' default AutoencoderKLQwenImage config), built on
+    the meta device: 8.29 B + 0.13 B."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with init_empty_weights():
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B))
+        vae = AutoencoderKLQwenImage()
+    return sum(p.numel() for module in (text_encoder, vae) for p in module.parameters())
+
+
+def _header_parameters(directory: Path) -> int:
+    from fusedit.io import read_safetensors_header
+
+    total = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        header, _ = read_safetensors_header(file)
+        for spec in header.values():
+            count = 1
+            for size in spec["shape"]:
+                count *= size
+            total += count
+    return total
+
+
+def pipeline_shape(model_path: str | os.PathLike, base: BenchShape) -> BenchShape:
+    """`base` with the transformer dimensions of the pipeline at `model_path` (transformer/config.json)."""
+    config = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
+    return base.replace(
+        name=Path(model_path).name,
+        num_layers=config["num_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        attention_head_dim=config["attention_head_dim"],
+        joint_attention_dim=config["joint_attention_dim"],
+        axes_dims_rope=tuple(config["axes_dims_rope"]),
+    )
+
+
+def model_facts(
+    shape: BenchShape, layout: str, model_path: str | os.PathLike | None = None, estimates: Estimates | None = None
+) -> ModelFacts:
+    """Facts of `shape`'s transformer; encoders from `model_path`'s safetensors headers, or the real Qwen-Image-Edit
+    encoders built on the meta device when `model_path` is None (kept in `estimates`, a ~30 s build)."""
+    block_bytes, other_bytes, lora = transformer_facts(shape, layout)
+    if model_path is None:
+        key = json.dumps([_ESTIMATE_VERSION, "full encoder parameters", QWEN25_VL_7B], sort_keys=True)
+        encoders = int(estimates.get(key, full_encoder_parameters) if estimates else full_encoder_parameters())
+    else:
+        encoders = sum(_header_parameters(Path(model_path) / part) for part in ("text_encoder", "vae"))
+    return ModelFacts(shape, layout, block_bytes, other_bytes, lora, encoders)
+
+
+# ---------------------------------------------------------------------------------------------------- activations
+def _estimate_key(shape: BenchShape, layout: str, every: int, depth: int) -> str:
+    import diffusers
+
+    fields = dataclasses.asdict(shape.replace(num_layers=depth, name=""))
+    return json.dumps(
+        [_ESTIMATE_VERSION, torch.__version__, diffusers.__version__, layout, every, fields], sort_keys=True
+    )
+
+
+def _fake_step_gb(shape: BenchShape, layout: str, every: int, depth: int) -> float:
+    from fusedit.bench.memory import estimate_step_memory
+    from fusedit.bench.variants import Variant
+
+    variant = Variant(name=f"ckpt{every}", layout=layout, checkpoint_every=every)
+    return estimate_step_memory(variant, shape.replace(num_layers=depth), torch.bfloat16)["step_gb"]
+
+
+class Estimates:
+    """The slow figures (fake-tensor step runs, ~5-30 s each on 2 cores; the meta-built encoders, ~30 s), kept in a
+    JSON file (`path`, optional) so that a second plan of the same shapes costs nothing."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else None
+        self._cache: dict[str, float] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self._cache = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                log.warning("plan: ignoring unreadable estimate cache %s", self.path)
+
+    def _save(self) -> None:
+        if self.path is not None:
+            from fusedit.io import write_json_atomic
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self._cache)
+
+    def get(self, key: str, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+            self._save()
+        return self._cache[key]
+
+    def activations_gb(self, facts: ModelFacts, every: int) -> float:
+        """Step activations at `facts.shape` (all its blocks) under checkpointing of every `every`-th block."""
+        depth = max(every, 1)
+        low, high = (
+            self.get(
+                _estimate_key(facts.shape, facts.layout, every, d),
+                lambda d=d: _fake_step_gb(facts.shape, facts.layout, every, d),
+            )
+            for d in (depth, 2 * depth)
+        )
+        step_gb = low + (high - low) / depth * (facts.num_blocks - depth)
+        return step_gb - facts.lora_parameters * _BENCH_LORA_STEP_BYTES / GB
+
+
+# ---------------------------------------------------------------------------------------------------- one plan
+def predict(
+    facts: ModelFacts,
+    estimates: Estimates,
+    *,
+    fp8: bool,
+    checkpoint_every: int,
+    cache: bool,
+    optim: str = "adamw",
+    resident_blocks: int | None = None,
+    encoder_bytes_per_parameter: int = 2,
+) -> Prediction:
+    """Predicted memory of a training step with these switches (module docstring for each part)."""
+    storage = "fp8" if fp8 else "bf16"
+    block = facts.block_bytes[storage]
+    streamed = 0 if resident_blocks is None else facts.num_blocks - min(resident_blocks, facts.num_blocks)
+    on_gpu_blocks = facts.num_blocks - streamed + (min(IN_FLIGHT_BLOCKS, streamed) if streamed else 0)
+    if optim not in STATE_BYTES_PER_PARAMETER:
+        raise ValueError(f"unknown optimizer {optim!r}; one of {sorted(STATE_BYTES_PER_PARAMETER)}")
+    lora_bytes = facts.lora_parameters * (LORA_BYTES_PER_PARAMETER + STATE_BYTES_PER_PARAMETER[optim])
+    return Prediction(
+        transformer_gb=(facts.other_bytes[storage] + on_gpu_blocks * block) / GB,
+        lora_gb=lora_bytes / GB,
+        activations_gb=estimates.activations_gb(facts, checkpoint_every),
+        encoders_gb=0.0 if cache else facts.encoder_parameters * encoder_bytes_per_parameter / GB,
+        host_gb=streamed * block / GB,
+        moved_gb_per_step=2 * streamed * block / GB,
+    )
+
+
+def training_shape(
+    base: BenchShape,
+    target_size: tuple[int, int],
+    edit_sizes: tuple[tuple[int, int], ...],
+    batch: int,
+    lora_rank: int,
+    lora_targets: str,
+) -> BenchShape:
+    """`base` at the data's largest bucket (sizes in pixels, multiples of 16) and the run's batch and LoRA."""
+
+    def snap(size):
+        return tuple(max(PIXELS_PER_TOKEN, (side // PIXELS_PER_TOKEN) * PIXELS_PER_TOKEN) for side in size)
+
+    return base.replace(
+        target_size=snap(target_size),
+        edit_sizes=tuple(snap(size) for size in edit_sizes),
+        batch=batch,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+    )
+
+
+FULL = SHAPES["full"]
