@@ -35,17 +35,17 @@ def media_references(run_dir: Path) -> set[str]:
 
 
 def test_wandb_offline_run_holds_every_image_it_refers_to(tmp_path, monkeypatch):
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.finish()  # a run left open by an earlier test would be reused by the logger (and written elsewhere)
     logger = WandbLogger(save_dir=str(tmp_path), project="fusedit-test")
+    run = logger.experiment
     callback = ValidationImages(tmp_path / "samples", num_samples=2)
     sheet_path = callback.write(rows(), step=3, loggers=[logger])
-    logger.experiment  # noqa: B018 - the run exists once the logger's experiment is touched
-    import wandb
-
-    wandb.finish()
+    run.finish()
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     references = media_references(run_dir)
     pngs = {r for r in references if r.endswith(".png")}
