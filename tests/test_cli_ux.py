@@ -63,6 +63,68 @@ def test_validation_and_the_refusal_printer_stay_light():
     assert result.stdout.strip() == "[]"
 
 
+# Start-up budgets (issue 14): `fusedit --help` and a mistyped command < 1 s, `fusedit detect` < 2 s. Wall time on a
+# shared CI machine is noise, so the tests assert the cause instead: what each command imports.
+def _fusedit_imports(args: list[str], cwd) -> tuple[subprocess.CompletedProcess, set[str]]:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fusedit.cli", *args],
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        cwd=cwd,
+        timeout=120,
+    )
+    return result, {module.split(".")[0] for module in _imported(result.stderr)}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["detec", "x"], []], ids=["help", "typo", "no-command"])
+def test_fusedit_help_and_argparse_errors_import_no_torch(tmp_path, args):
+    result, loaded = _fusedit_imports(args, tmp_path)
+    assert result.returncode == (0 if args == ["--help"] else 2), result.stderr[-2000:]
+    assert "COMMAND" in result.stdout + result.stderr  # the usage line is still printed
+    assert "torch" not in loaded and loaded.isdisjoint(HEAVY), sorted(loaded & {"torch", *HEAVY})
+
+
+def test_fusedit_detect_reads_headers_without_lightning_or_diffusers(tmp_path, tiny_edit_path):
+    result, loaded = _fusedit_imports(["detect", str(tiny_edit_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"kind": "pipeline"' in result.stdout
+    assert loaded.isdisjoint({*HEAVY, "accelerate", "torchvision"}), sorted(loaded & {*HEAVY, "accelerate"})
+
+
+def test_bench_data_and_the_command_parsers_do_not_load_lightning():
+    code = (
+        "import sys\n"
+        "import fusedit.bench.data, fusedit.bench, fusedit.cache.cli, fusedit.model.module_map, fusedit.lora.targets\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_fusedit_prints_refusals_as_one_line_and_keeps_tracebacks_for_bugs(monkeypatch, capsys):
+    import fusedit.detect
+    from fusedit.cli import main
+    from fusedit.errors import Refusal, user_error_message
+
+    monkeypatch.setattr(fusedit.detect, "detect", lambda path: (_ for _ in ()).throw(ValueError(f"{path}: refused")))
+    with pytest.raises(ValueError):  # a plain ValueError (a library's, or a bug) is not a refusal
+        main(["detect", "some/path"])
+    for bug in (KeyError("bug"), TypeError("bug")):
+        monkeypatch.setattr(fusedit.detect, "detect", lambda path, bug=bug: (_ for _ in ()).throw(bug))
+        with pytest.raises(type(bug)):
+            main(["detect", "some/path"])
+
+    class SomeModulesRefusal(Refusal):  # any module's refusal class: decided by type, no registry
+        pass
+
+    monkeypatch.setattr(fusedit.detect, "detect", lambda path: (_ for _ in ()).throw(SomeModulesRefusal("no")))
+    assert main(["detect", "some/path"]) == 2
+    assert capsys.readouterr().err == "fusedit detect: error: no\n"
+    assert user_error_message(SomeModulesRefusal("x")) == "x" and user_error_message(ValueError("x")) is None
+
+
 # ---------------------------------------------------------------------------------------------------- progress bar
 class _Tiny(LightningModule):
     def __init__(self):

@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from fusedit.convert.layout import key_examples, model_layout
+from fusedit.convert.layout import model_layout
 from fusedit.convert.lora_formats import (
     DIFFUSERS_METADATA_KEY,
     FUSEDIT_METADATA_KEY,
@@ -24,7 +24,7 @@ from fusedit.convert.lora_formats import (
 )
 from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
-from fusedit.errors import UserInputError
+from fusedit.errors import UserFileNotFoundError, UserInputError, examples
 from fusedit.io import load_safetensors, read_safetensors_header
 from fusedit.model.module_map import BLOCKS, block_index
 from fusedit.model.weight_files import read_json, transformer_weight_files
@@ -56,7 +56,7 @@ def _transformer_specs(directory: Path) -> dict:
     if weights.index is not None:
         missing = sorted(set(read_json(weights.index)["weight_map"]) - set(specs))
         if missing:
-            raise UserInputError(f"{weights.index}: keys in weight_map but in no shard: {key_examples(missing)}")
+            raise UserInputError(f"{weights.index}: keys in weight_map but in no shard: {examples(missing)}")
     return specs
 
 
@@ -64,7 +64,7 @@ def _model_report(specs: dict, config: dict | None, what: str) -> dict:
     img_in = [k for k in specs if k.endswith("img_in.weight")]
     blocks = {index for key in specs if (index := block_index(key)) is not None}
     if len(img_in) != 1 or not blocks:
-        raise ValueError(
+        raise UserInputError(
             f"{what}: not a Qwen-Image transformer (no img_in.weight / transformer_blocks.N keys); "
             f"found {len(specs)} tensors like {', '.join(sorted(specs)[:5])}"
         )
@@ -85,11 +85,13 @@ def _model_report(specs: dict, config: dict | None, what: str) -> dict:
         **_dtype_summary(specs),
     }
     if report["layout"] is None:
-        raise ValueError(f"{what}: no attention q/k/v projections found among {len(specs)} tensors")
+        raise UserInputError(f"{what}: no attention q/k/v projections found among {len(specs)} tensors")
     if config:
         report["zero_cond_t"] = bool(config.get("zero_cond_t", False))
         if config.get("num_layers") is not None and config["num_layers"] != len(blocks):
-            raise ValueError(f"{what}: config says {config['num_layers']} layers, weights have {len(blocks)} blocks")
+            raise UserInputError(
+                f"{what}: config says {config['num_layers']} layers, weights have {len(blocks)} blocks"
+            )
     return report
 
 
@@ -101,7 +103,7 @@ def _transformer_family(config: dict) -> tuple[str, str]:
 
 def _pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:
     if not pipeline_class.startswith("QwenImage"):
-        raise ValueError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
+        raise UserInputError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
     if "EditPlus" in pipeline_class:
         return "qwen-image-edit-2511" if zero_cond_t else "qwen-image-edit-2509"
     if "Edit" in pipeline_class:
@@ -113,7 +115,7 @@ def _detect_transformer(directory: Path) -> dict:
     config = read_json(directory / "config.json")
     cls = config.get("_class_name")
     if cls is not None and cls != TRANSFORMER_CLASS:
-        raise ValueError(f"{directory}/config.json: _class_name is {cls!r}, not {TRANSFORMER_CLASS}")
+        raise UserInputError(f"{directory}/config.json: _class_name is {cls!r}, not {TRANSFORMER_CLASS}")
     report = _model_report(_transformer_specs(directory), config, str(directory))
     family, source = _transformer_family(config)
     return {"kind": "transformer", "path": str(directory), "family": family, "family_source": source, **report}
@@ -123,7 +125,7 @@ def _detect_pipeline(directory: Path) -> dict:
     index = read_json(directory / "model_index.json")
     cls = index.get("_class_name", "")
     if not (directory / "transformer" / "config.json").is_file():
-        raise ValueError(f"{directory}: pipeline ({cls}) without transformer/config.json")
+        raise UserInputError(f"{directory}: pipeline ({cls}) without transformer/config.json")
     transformer = _detect_transformer(directory / "transformer")
     family = _pipeline_family(cls, transformer.get("zero_cond_t", False))
     transformer.pop("family_source")
@@ -177,25 +179,25 @@ def detect(path: str | os.PathLike) -> dict:
     """Describe the checkpoint at `path` (see module docstring). Raises ValueError for anything not Qwen-Image."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UserFileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return _detect_pipeline(path)
         if (path / "adapter_config.json").is_file():
             files = sorted(path.glob("*.safetensors"))
             if len(files) != 1:
-                raise ValueError(f"{path}: PEFT LoRA folder must hold one .safetensors file, found {len(files)}")
+                raise UserInputError(f"{path}: PEFT LoRA folder must hold one .safetensors file, found {len(files)}")
             specs, metadata = _header_specs(files[0])
             return _detect_lora(files[0], specs, metadata, read_json(path / "adapter_config.json"))
         if (path / "config.json").is_file():
             return _detect_transformer(path)
         found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-        raise ValueError(
+        raise UserInputError(
             f"{path}: not a Qwen-Image pipeline (model_index.json), transformer (config.json) or LoRA folder "
             f"(adapter_config.json); found {found}"
         )
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: not a .safetensors file, a pipeline folder or a transformer folder")
+        raise UserInputError(f"{path}: not a .safetensors file, a pipeline folder or a transformer folder")
     specs, metadata = _header_specs(path)
     if classify_keys(specs, str(path)) == "lora":
         return _detect_lora(path, specs, metadata, None)
@@ -205,7 +207,6 @@ def detect(path: str | os.PathLike) -> dict:
 def add_cli(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "detect",
-        help="describe a Qwen-Image pipeline, transformer, model file or LoRA (JSON)",
         description="Print a JSON report: kind, family, layout, layers, hidden size, heads, dtype, parameter count; "
         "for a LoRA its format, layout, ranks, alphas and target modules. Reads headers and configs only.",
     )

@@ -117,7 +117,6 @@ def add_cli(subparsers) -> None:
     """Register `fusedit download REPO --to DIR [--components a b] [--revision REV]`."""
     parser = subparsers.add_parser(
         "download",
-        help="fetch a Qwen-Image pipeline (only the components it needs) from the Hugging Face Hub",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("repo_id", help="e.g. Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509, Qwen/Qwen-Image")

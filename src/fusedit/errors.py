@@ -1,18 +1,27 @@
-"""Which exceptions are fusedit's own refusals of bad input, and how the entry points print them.
+"""fusedit's refusals: one base class, and how the entry points print them.
 
 A refusal carries a complete message naming the key, file, row or tensor at fault; a stack trace would only bury
-it, so `python train.py` / `python infer.py` print it as one line and exit with status 2. Anything else (a bug, an
-out-of-memory error) keeps its full traceback.
+it, so `python train.py`, `python infer.py` and `fusedit` print it as one line and exit with status 2. Anything
+else (a bug, an out-of-memory error, a library's own ValueError) keeps its full traceback. The printer decides by
+type alone: every refusal class derives from `Refusal`, wherever it is defined.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 
-class UserInputError(ValueError):
+class Refusal(Exception):
+    """fusedit refuses to go on; the message says what is wrong and, where it can, how to fix it."""
+
+    def cli_message(self) -> str:
+        """The message as a `fusedit` command prints it (where the fix is a flag rather than an argument)."""
+        return str(self)
+
+
+class UserInputError(Refusal, ValueError):
     """Bad input (a path, a CSV row, a config value) described well enough for the user to fix it."""
 
 
@@ -35,33 +44,18 @@ class OutputExistsError(UserInputError, FileExistsError):
         return f"{self.path}: {self.reason}; choose a new path or pass --overwrite to replace it"
 
 
-# fusedit's other refusal classes, by defining module. An exception of a class exists only once its module was
-# imported, so they are looked up in sys.modules: printing a config error must not import Lightning or torch first
-# (`python train.py lora.rank=0` answers before either is loaded).
-_REFUSALS = {
-    "fusedit.data.errors": ("MetadataError", "DataValidationError"),
-    "fusedit.training.checkpoint_checks": ("CheckpointError",),
-    "fusedit.training.faults": ("NonFiniteTrainingError",),
-}
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The refusal classes among the modules imported so far (UserInputError always)."""
-    types: list[type[BaseException]] = [UserInputError]
-    for module_name, names in _REFUSALS.items():
-        module = sys.modules.get(module_name)
-        if module is not None:
-            types.extend(getattr(module, name) for name in names)
-    return tuple(types)
+def examples(items: Iterable[object], limit: int = 5, *, sort: bool = True) -> str:
+    """`a, b, c (and 7 more)`: the first `limit` of `items` (sorted unless `sort=False`), for a one-line refusal
+    that names what is at fault without printing thousands of keys."""
+    items = [str(item) for item in items]
+    if sort:
+        items.sort()
+    return ", ".join(items[:limit]) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
 def user_error_message(error: BaseException) -> str | None:
     """The message to print for a refusal, or None when `error` should keep its traceback."""
-    if isinstance(error, user_error_types()):
-        return str(error)
-    if isinstance(error, FileNotFoundError) and str(error).startswith("ckpt_path="):
-        return str(error)  # fusedit.training.checkpoint.resolve_checkpoint: a wrong resume path
-    return None
+    return str(error) if isinstance(error, Refusal) else None
 
 
 @contextlib.contextmanager
@@ -69,9 +63,6 @@ def refusals_as_one_line() -> Iterator[None]:
     """Print fusedit's refusals as `fusedit: error: ...` and exit 2; let every other exception through."""
     try:
         yield
-    except Exception as error:
-        message = user_error_message(error)
-        if message is None:
-            raise
-        print(f"fusedit: error: {message}", file=sys.stderr, flush=True)
+    except Refusal as error:
+        print(f"fusedit: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

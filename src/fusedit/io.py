@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fusedit.errors import UserInputError
+
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -97,13 +99,13 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
     with open(path, "rb") as handle:
         raw_len = handle.read(8)
         if len(raw_len) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            raise UserInputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
         header_len = int.from_bytes(raw_len, "little")
         if header_len <= 0 or header_len > 100 * 1024 * 1024 or header_len + 8 > path.stat().st_size:
-            raise ValueError(f"{path}: not a safetensors file (implausible header length {header_len})")
+            raise UserInputError(f"{path}: not a safetensors file (implausible header length {header_len})")
         try:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {error})") from None
+            raise UserInputError(f"{path}: not a safetensors file (header is not JSON: {error})") from None
     metadata = header.pop("__metadata__", None) or {}
     return header, metadata

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from fusedit.errors import OutputExistsError
+from fusedit.errors import OutputExistsError, UserInputError
 from fusedit.io import current_umask, fsync_dir
 
 VARIANTS = ("edit", "edit-plus", "edit-2511", "t2i")
@@ -281,9 +281,9 @@ def build_tiny_pipeline(variant: str = "edit", seed: int = 0, num_layers: int = 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if variant not in VARIANTS:
-        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        raise UserInputError(f"unknown tiny variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        raise UserInputError(f"num_layers must be >= 1, got {num_layers}")
     tokenizer = build_tokenizer()
     # Each component gets its own seeded stream so adding or resizing one does not reshuffle the others,
     # and fork_rng leaves the caller's global RNG state untouched.
@@ -347,9 +347,9 @@ def make_tiny(
     """Write a tiny random `variant` pipeline to `out` (built in a temp dir next to it, then renamed in)."""
     out = Path(out)
     if variant not in VARIANTS:
-        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        raise UserInputError(f"unknown tiny variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a directory")
+        raise OutputExistsError(out, "exists and is not a directory")
     if _is_nonempty_dir(out) and not overwrite:
         raise OutputExistsError(out, "directory exists and is not empty")
     tmp = _build_into_temp(out, variant, seed, num_layers)
@@ -373,11 +373,11 @@ def tiny_variant(path: str | os.PathLike) -> str:
         class_name = json.loads(index_file.read_text())["_class_name"]
         zero_cond_t = json.loads((path / "transformer" / "config.json").read_text()).get("zero_cond_t", False)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{path}: not a diffusers pipeline directory ({error})") from None
+        raise UserInputError(f"{path}: not a diffusers pipeline directory ({error})") from None
     for variant, name in _PIPELINE_CLASS.items():
         if name == class_name and (variant == "edit-2511") == bool(zero_cond_t):
             return variant
-    raise ValueError(f"{index_file}: pipeline class {class_name!r} is not a Qwen-Image variant fusedit knows")
+    raise UserInputError(f"{index_file}: pipeline class {class_name!r} is not a Qwen-Image variant fusedit knows")
 
 
 def ensure_tiny(path: str | os.PathLike, variant: str = "edit", seed: int = 0, num_layers: int = 2) -> Path:
@@ -398,7 +398,7 @@ def ensure_tiny(path: str | os.PathLike, variant: str = "edit", seed: int = 0, n
             shutil.rmtree(tmp, ignore_errors=True)
     found = tiny_variant(path)
     if found != variant:
-        raise ValueError(f"{path}: holds a {found!r} pipeline, but a {variant!r} one was asked for")
+        raise UserInputError(f"{path}: holds a {found!r} pipeline, but a {variant!r} one was asked for")
     return path
 
 
@@ -406,7 +406,6 @@ def add_cli(subparsers) -> None:
     """Register `fusedit make-tiny OUT [--variant ...] [--seed N] [--layers N] [--overwrite]`."""
     parser = subparsers.add_parser(
         "make-tiny",
-        help="write a tiny random Qwen-Image pipeline (diffusers layout) for tests and demos",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("out", type=Path, help="output directory")

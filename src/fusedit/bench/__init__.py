@@ -12,223 +12,28 @@ are rewritten after every variant, so a run that is stopped keeps what it measur
 
 Modules: shapes (sizes, random model, inputs), variants (build stages and training step per variant), flops (the FLOPs formula and
 device peaks), measure (timing, memory, GEMM counts, SDPA backend), data (data-pipeline throughput), run (the
-runner and the report). See docs/performance.md.
+runner and the report), cli (this command's parser). See docs/performance.md.
 """
 
-from __future__ import annotations
+from fusedit._lazy import lazy_getattr
 
-import argparse
-import shlex
-import sys
+# Imported on first use: `import fusedit.bench` (for its docstring, or `fusedit bench`'s parser) loads no torch.
+_EXPORTS = {
+    "SCHEMA": "fusedit.bench.run",
+    "SHAPES": "fusedit.bench.shapes",
+    "VARIANTS": "fusedit.bench.variants",
+    "BenchShape": "fusedit.bench.shapes",
+    "Variant": "fusedit.bench.variants",
+    "add_cli": "fusedit.bench.cli",
+    "build_parser": "fusedit.bench.cli",
+    "main": "fusedit.bench.cli",
+    "markdown_table": "fusedit.bench.run",
+    "measure_data": "fusedit.bench.data",
+    "parse_variant": "fusedit.bench.variants",
+    "parse_variants": "fusedit.bench.variants",
+    "run_bench": "fusedit.bench.run",
+}
 
-import torch
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
-from fusedit.bench.data import measure_data
-from fusedit.bench.run import SCHEMA, markdown_table, run_bench
-from fusedit.bench.shapes import SHAPES, BenchShape
-from fusedit.bench.variants import (
-    CATALOGUE,
-    DEFAULT_VARIANTS,
-    MODIFIERS,
-    VARIANTS,
-    Variant,
-    parse_variant,
-    parse_variants,
-)
-from fusedit.io import write_json_atomic, write_text_atomic
-from fusedit.model.perf import ATTENTION_BACKENDS
-
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-__all__ = [
-    "SCHEMA",
-    "SHAPES",
-    "VARIANTS",
-    "BenchShape",
-    "Variant",
-    "add_cli",
-    "main",
-    "markdown_table",
-    "measure_data",
-    "parse_variant",
-    "parse_variants",
-    "run_bench",
-]
-
-
-def _workers(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--data-workers takes comma-separated integers, got {text!r}") from None
-    if any(value < 0 for value in values):
-        raise argparse.ArgumentTypeError(f"--data-workers must be >= 0, got {text!r}")
-    return values
-
-
-def _minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--time-budget takes minutes as a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--time-budget must be > 0 minutes, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with only the bench subcommand (for `python -m fusedit.bench` and tests)."""
-    parser = argparse.ArgumentParser(prog="fusedit")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="time the LoRA training step of each optimisation variant side by side",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--size", choices=sorted(SHAPES), default="tiny", help="model and input shape")
-    parser.add_argument("--layers", type=int, default=None, help="number of transformer blocks (partial model)")
-    parser.add_argument("--text-tokens", type=int, default=None, help="prompt length (default: the size's)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
-    defaults = "; ".join(f"{size}: {','.join(names)}" for size, names in DEFAULT_VARIANTS.items())
-    parser.add_argument(
-        "--variants",
-        default=None,
-        help="comma-separated variants, each a layout (standard | merged) followed by '+'-joined modifiers from "
-        f"{{{', '.join(MODIFIERS)}}}; 'all' = {','.join(CATALOGUE)}. Default per size: {defaults}",
-    )
-    parser.add_argument(
-        "--time-budget",
-        type=_minutes,
-        default=None,
-        metavar="MINUTES",
-        help="start no variant that is expected to end past this many minutes from the start (the slowest finished "
-        "variant of its kind is the estimate); the rest are reported as skipped",
-    )
-    parser.add_argument(
-        "--estimate-memory",
-        action="store_true",
-        help="also predict each variant's peak memory on fake tensors (column 'est. peak GB')",
-    )
-    parser.add_argument(
-        "--estimate-only",
-        action="store_true",
-        help="only predict peak memory, time nothing: needs no GPU and no memory, also at --size full",
-    )
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile happens here)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="SDPA backend preference")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON (atomically)")
-    parser.add_argument("--markdown", dest="markdown_path", default=None, help="write the markdown table too")
-    parser.add_argument("--data", action="store_true", help="also measure the data pipeline (images/s)")
-    parser.add_argument("--data-only", action="store_true", help="measure only the data pipeline")
-    parser.add_argument("--data-metadata", default=None, help="dataset CSV/JSONL (default: synthetic JPEGs)")
-    parser.add_argument("--data-samples", type=int, default=32, help="synthetic dataset size")
-    parser.add_argument("--data-image-size", type=int, default=1328, help="synthetic image side in pixels")
-    parser.add_argument("--data-workers", type=_workers, default=(0, 2), help="loader worker counts, e.g. 0,2,4")
-    parser.set_defaults(func=main)
-
-
-def shape_from_args(args) -> BenchShape:
-    shape = SHAPES[args.size]
-    changes = {}
-    if args.layers is not None:
-        changes["num_layers"] = args.layers
-    if args.text_tokens is not None:
-        changes["text_tokens"] = args.text_tokens
-    if args.batch is not None:
-        changes["batch"] = args.batch
-    return shape.replace(**changes) if changes else shape
-
-
-def main(args) -> int:
-    # Names first: a typo in --variants should stop the run before anything is built.
-    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
-    timed = not args.estimate_only
-    if args.size == "full" and device.type == "cpu" and args.layers is None and timed and not args.data_only:
-        # 60 blocks x 3072 wide in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
-        raise ValueError(
-            "--size full is the real 20B shape and needs a GPU to time; on CPU use --size tiny, a partial model with "
-            "--layers N, or --estimate-only for its predicted peak memory"
-        )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    # A memory prediction is for the GPU run: bf16 unless told otherwise, also when predicted on a CPU.
-    on_gpu_dtype = device.type == "cuda" or not timed
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
-    command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
-
-    def write_reports(report: dict) -> str:
-        table = markdown_table(report)
-        if args.json_path:
-            write_json_atomic(args.json_path, report)
-        if args.markdown_path:
-            write_text_atomic(args.markdown_path, table)
-        return table
-
-    def progress(report: dict) -> None:
-        write_reports(report)
-        finished = [r for r in report["variants"] if r["status"] != "pending"]
-        if not finished:
-            names = ", ".join(r["name"] for r in report["variants"])
-            budget = "" if args.time_budget is None else f", time budget {args.time_budget:g} min"
-            print(f"fusedit bench: {report['shape']['name']} on {device}: {names}{budget}", file=sys.stderr, flush=True)
-        else:
-            last, detail = finished[-1], ""
-            if last["status"] == "ok":
-                detail = f"{last['step_s']:.4g} s/step, "
-            elif last.get("est_peak_mem_gb") is not None:
-                detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
-            elif last["reason"]:
-                detail = f"{last['reason'].splitlines()[0][:200]}, "
-            wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
-            print(
-                f"fusedit bench: [{len(finished)}/{len(report['variants'])}] {last['name']}: {last['status']} "
-                f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    if args.data_only:
-        report = {"schema": SCHEMA, "command": command, "variants": []}
-    else:
-        report = run_bench(
-            shape_from_args(args),
-            variants,
-            device,
-            dtype,
-            warmup=args.warmup,
-            steps=args.steps,
-            seed=args.seed,
-            attention=args.attention,
-            command=command,
-            time_budget_s=None if args.time_budget is None else args.time_budget * 60,
-            on_progress=progress,
-            estimate_memory=args.estimate_memory,
-            timed=timed,
-        )
-    if args.data or args.data_only:
-        side = args.data_image_size
-        report["data"] = measure_data(
-            args.data_metadata, args.data_samples, (side, side), workers=args.data_workers, seed=args.seed
-        )
-    table = write_reports(report)
-    print(table, end="")
-    failed = [v["name"] for v in report["variants"] if v["status"] == "failed"]
-    if failed:
-        print(f"fusedit bench: variant(s) failed: {', '.join(failed)} (see the JSON report)", file=sys.stderr)
-        return 1
-    return 0
+__all__ = sorted(_EXPORTS)

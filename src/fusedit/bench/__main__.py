@@ -2,6 +2,6 @@
 
 import sys
 
-from fusedit.bench import build_parser, main
+from fusedit.bench.cli import build_parser, main
 
 raise SystemExit(main(build_parser().parse_args(["bench", *sys.argv[1:]])))

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fusedit.data.datamodule import EditDataModule
 from fusedit.data.images import load_image, resize_edit, resize_target, to_tensor
 from fusedit.data.records import write_metadata_csv
 from fusedit.io import atomic_write_path
@@ -73,6 +72,9 @@ def measure_data(
     seed: int = 0,
 ) -> dict:
     """Images/s of the training data path for each worker count (whole pass, worker start-up included)."""
+    # Imported here: the data module is a LightningDataModule, and importing this module must not load Lightning.
+    from fusedit.data.datamodule import EditDataModule
+
     with tempfile.TemporaryDirectory(prefix="fusedit-bench-data-") as tmp:
         source = "user dataset" if metadata else f"synthetic {image_size[0]}x{image_size[1]} JPEG q90"
         if metadata is None:

@@ -18,6 +18,8 @@ from accelerate import init_empty_weights
 from diffusers import QwenImageTransformer2DModel
 from torch import nn
 
+from fusedit.errors import UserInputError
+
 LATENT_CHANNELS = 16
 PATCH = 2
 PIXELS_PER_TOKEN = 8 * PATCH  # VAE 8x, then 2x2 patches
@@ -40,12 +42,12 @@ class BenchShape:
 
     def __post_init__(self):
         if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim")
+            raise UserInputError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim")
         for height, width in (self.target_size, *self.edit_sizes):
             if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
-                raise ValueError(f"image size {height}x{width} is not a multiple of {PIXELS_PER_TOKEN}")
+                raise UserInputError(f"image size {height}x{width} is not a multiple of {PIXELS_PER_TOKEN}")
         if min(self.num_layers, self.text_tokens, self.batch, self.lora_rank) < 1:
-            raise ValueError("layers, text tokens, batch and LoRA rank must all be >= 1")
+            raise UserInputError("layers, text tokens, batch and LoRA rank must all be >= 1")
 
     @property
     def inner_dim(self) -> int:

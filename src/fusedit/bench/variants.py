@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fusedit.bench.shapes import BenchShape, build_random_transformer
+from fusedit.errors import UserInputError
 from fusedit.model.merged_qkv import fuse_qkv
 from fusedit.model.perf import apply_float8_compute, float8_compute_support, trim_prompt_padding
 from fusedit.training import build
@@ -89,33 +90,35 @@ def parse_variant(name: str) -> Variant:
     """One variant from its name (see the module docstring); a ValueError names the bad token."""
     tokens = [token.strip() for token in name.strip().split("+")]
     if tokens[0] not in LAYOUTS:
-        raise ValueError(f"benchmark variant {name!r}: it must start with a layout, got {tokens[0]!r}; {_grammar()}")
+        raise UserInputError(
+            f"benchmark variant {name!r}: it must start with a layout, got {tokens[0]!r}; {_grammar()}"
+        )
     layout = LAYOUTS[tokens[0]]
     compile = offload = mask = False
     fp8, every, checkpoint_token, seen = "none", 0, None, set()
     for token in tokens[1:]:
         if token in seen:
-            raise ValueError(f"benchmark variant {name!r}: modifier {token!r} given twice")
+            raise UserInputError(f"benchmark variant {name!r}: modifier {token!r} given twice")
         seen.add(token)
         ckpt = _CKPT.fullmatch(token)
         if token == "compile":
             compile = True
         elif token in ("fp8", "float8"):
             if fp8 != "none":
-                raise ValueError(
+                raise UserInputError(
                     f"benchmark variant {name!r}: 'fp8' (fp8 storage, bf16 GEMMs) and 'float8' (float8 GEMMs, "
                     "which store the weights in fp8 too) both fill the fp8 slot; choose one"
                 )
             fp8 = "storage" if token == "fp8" else "float8"
         elif ckpt:
             if checkpoint_token is not None:
-                raise ValueError(
+                raise UserInputError(
                     f"benchmark variant {name!r}: {checkpoint_token!r} and {token!r} both set the checkpoint "
                     "interval; choose one"
                 )
             every = int(ckpt.group(1) or 1)
             if every < 1:
-                raise ValueError(
+                raise UserInputError(
                     f"benchmark variant {name!r}: {token!r} checkpoints no block; leave the ckpt modifier out instead"
                 )
             checkpoint_token = token
@@ -124,11 +127,11 @@ def parse_variant(name: str) -> Variant:
         elif token == "mask":
             mask = True
         elif not token:
-            raise ValueError(f"benchmark variant {name!r}: empty modifier (a '+' too many); {_grammar()}")
+            raise UserInputError(f"benchmark variant {name!r}: empty modifier (a '+' too many); {_grammar()}")
         else:
-            raise ValueError(f"benchmark variant {name!r}: unknown modifier {token!r}; {_grammar()}")
+            raise UserInputError(f"benchmark variant {name!r}: unknown modifier {token!r}; {_grammar()}")
     if offload and not every:
-        raise ValueError(
+        raise UserInputError(
             f"benchmark variant {name!r}: 'offload' moves activation checkpoints to the CPU and needs 'ckpt' or "
             "'ckptN' in the same variant"
         )
@@ -202,7 +205,7 @@ def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[Variant]:
     spelled differently, e.g. `merged+ckpt+compile` and `merged+compile+ckpt`) run once."""
     names = [name.strip() for name in (text.split(",") if isinstance(text, str) else text) if name.strip()]
     if not names:
-        raise ValueError(f"no benchmark variant given; {_grammar()}, or 'all' (= {', '.join(CATALOGUE)})")
+        raise UserInputError(f"no benchmark variant given; {_grammar()}, or 'all' (= {', '.join(CATALOGUE)})")
     variants = {}
     for name in names:
         for variant in VARIANTS.values() if name == "all" else [parse_variant(name)]:

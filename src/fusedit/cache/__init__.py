@@ -3,104 +3,27 @@
 keys (what a cached row depends on) -> store (safetensors shards + JSON index, per encoder fingerprint) ->
 data (CachedEditDataModule: hash rows, encode only the missing ones, serve cached batches; CachedConditioner) ->
 training (`cache.enabled=true` in train.py); validation (validation images from cached rows, VAE decoder only).
-`fusedit cache [overrides]` fills the cache with the settings a `python train.py [overrides]` run would use, so
-that run finds every row already encoded.
+`fusedit cache [overrides]` (cli) fills the cache with the settings a `python train.py [overrides]` run would use,
+so that run finds every row already encoded.
 """
 
-from __future__ import annotations
+from fusedit._lazy import lazy_getattr
 
-import argparse
-import json
-import os
-from pathlib import Path
+# Imported on first use: `fusedit cache`'s parser must not load Lightning.
+_EXPORTS = {
+    "CACHE_FORMAT": "fusedit.cache.keys",
+    "CacheCorruptError": "fusedit.cache.store",
+    "CachedConditioner": "fusedit.cache.data",
+    "CachedEditDataModule": "fusedit.cache.data",
+    "CachedEditDataset": "fusedit.cache.data",
+    "LatentCache": "fusedit.cache.store",
+    "add_cli": "fusedit.cache.cli",
+    "collate_cached": "fusedit.cache.data",
+    "compose_cache_config": "fusedit.cache.cli",
+    "encoder_fingerprint": "fusedit.cache.keys",
+    "row_key": "fusedit.cache.keys",
+}
 
-from fusedit.cache.data import CachedConditioner, CachedEditDataModule, CachedEditDataset, collate_cached
-from fusedit.cache.keys import CACHE_FORMAT, encoder_fingerprint, row_key
-from fusedit.cache.store import CacheCorruptError, LatentCache
-from fusedit.errors import UserInputError
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
-
-
-def compose_cache_config(overrides: list[str], config_dir: str | Path = DEFAULT_CONFIG_DIR):
-    """The train config for `overrides`, with the defaults train() fills in (tiny model, sample data)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    config_dir = Path(config_dir)
-    if not (config_dir / "train.yaml").is_file():
-        raise FileNotFoundError(f"{config_dir} has no train.yaml; pass --config-dir <repo>/conf")
-    if not any(item.startswith("paths.root_dir=") for item in overrides):
-        overrides = [f"paths.root_dir={os.getcwd()}", *overrides]
-    try:
-        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as error:
-        # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, as train.py
-        # prints it, instead of the traceback of the compose call.
-        raise UserInputError(_one_line(error)) from None
-    from fusedit.training.train import default_metadata, default_model_path  # Lightning: after the config is known
-
-    with open_dict(cfg):
-        if cfg.model.path is None:
-            cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
-        if cfg.data.metadata is None:
-            cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
-    return cfg
-
-
-def _one_line(error: BaseException) -> str:
-    """Hydra's message and the OmegaConf reason under it (first line of each), joined."""
-    message = str(error).split("Config search path:")[0]  # the search path listing is Hydra's debugging aid
-    parts = [" ".join(line.strip() for line in message.splitlines() if line.strip())]
-    if error.__cause__ is not None:
-        parts.append(str(error.__cause__).splitlines()[0])
-    return ": ".join(parts)
-
-
-def run_cache(args: argparse.Namespace) -> int:
-    from fusedit.cache.training import cached_datamodule
-
-    cfg = compose_cache_config(args.overrides, args.config_dir)
-    datamodule = cached_datamodule(cfg)
-    rows = datamodule.resolve()
-    if args.verify:
-        for row in rows:
-            datamodule.cache.read(row.key, verify=True)
-    stats = dict(datamodule.stats, verified=len(rows) if args.verify else 0)
-    print(json.dumps(stats, indent=2))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "cache",
-        help="encode a dataset's VAE latents and prompt embeddings into the training cache",
-        description="Encode every row of data.metadata missing from cache.dir, with the settings `python train.py` "
-        "would use for the same overrides (e.g. `fusedit cache model.path=/models/Qwen-Image-Edit "
-        "data.metadata=my.csv precision=bf16`). Train from it with `python train.py <same overrides> "
-        "cache.enabled=true`.",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml (model.*, data.*, cache.*)")
-    parser.add_argument(
-        "--config-dir", default=str(DEFAULT_CONFIG_DIR), help="the conf/ directory (default: %(default)s)"
-    )
-    parser.add_argument("--verify", action="store_true", help="also read back every row and check its sha256")
-    parser.set_defaults(func=run_cache)
-
-
-__all__ = [
-    "CACHE_FORMAT",
-    "CacheCorruptError",
-    "CachedConditioner",
-    "CachedEditDataModule",
-    "CachedEditDataset",
-    "LatentCache",
-    "add_cli",
-    "collate_cached",
-    "compose_cache_config",
-    "encoder_fingerprint",
-    "row_key",
-]
+__all__ = sorted(_EXPORTS)

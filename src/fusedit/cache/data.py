@@ -29,6 +29,7 @@ from fusedit.data.dataset import EditDataset, collate
 from fusedit.data.errors import DataValidationError
 from fusedit.data.records import Record, read_records
 from fusedit.data.validation import PathRefused, Sample, resolve_path
+from fusedit.devices import resolve_device, to_dtype
 from fusedit.training.conditioning import EditInputs
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,6 @@ def _bucket(entry: dict) -> tuple:
 
 
 # -------------------------------------------------------------------------------------------------- encoding
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
 def encode_into_cache(
     samples: list[Sample],
     keys: dict[int, str],
@@ -288,14 +283,13 @@ class CachedEditDataModule(EditDataModule):
         return self.cache
 
     def _load_conditioner(self, device: torch.device) -> nn.Module:
-        from fusedit.training.build import to_dtype
         from fusedit.training.conditioning import EditConditioner
 
         return EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype)).to(device)
 
     def _encode(self, samples: list[Sample], keys: dict[int, str], cache: LatentCache) -> int:
         hp = self.hparams
-        device = resolve_device(self.build_device)
+        device = resolve_device(self.build_device, "cache.device")
         log.info("cache: encoding %d rows on %s into %s", len(samples), device, cache.dir)
         conditioner = self._load_conditioner(device)
         try:

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from fusedit.cache.keys import CACHE_FORMAT, fingerprint_hash
+from fusedit.errors import Refusal
 from fusedit.io import read_safetensors_header, save_safetensors_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ INDEX = "index.json"
 ENCODER = "encoder.json"
 
 
-class CacheCorruptError(RuntimeError):
+class CacheCorruptError(Refusal, RuntimeError):
     """A cache shard or index that cannot be trusted; the message names the file and how to recover."""
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.cache.data import CachedConditioner, CachedEditDataModule
+from fusedit.devices import to_dtype
 
 
 def cache_enabled(cfg: DictConfig) -> bool:
@@ -34,7 +35,5 @@ def cached_datamodule(cfg: DictConfig) -> CachedEditDataModule:
 def prepare_cached_training(cfg: DictConfig) -> tuple[CachedEditDataModule, CachedConditioner]:
     """(data module, conditioner) for training from the cache; neither holds the VAE or text encoder. Validation
     images work: the conditioner loads the VAE decoder at the first round (fusedit.cache.validation)."""
-    from fusedit.training.build import to_dtype
-
     conditioner = CachedConditioner(Path(cfg.model.path), dtype=to_dtype(cfg.precision.base_dtype))
     return cached_datamodule(cfg), conditioner

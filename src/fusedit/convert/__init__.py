@@ -1,6 +1,7 @@
 """Lossless conversion of Qwen-Image checkpoints and LoRAs between the standard and the merged-QKV layout,
 and between LoRA file formats. See docs/conversion.md."""
 
+from .cli import add_cli
 from .files import convert_checkpoint
 from .layout import DIRECTIONS, MERGED, STANDARD, TO_MERGED, TO_STANDARD
 from .lora_formats import FORMATS, LoraModule, LoraWeights, read_lora, write_lora
@@ -23,9 +24,3 @@ __all__ = [
     "read_lora",
     "write_lora",
 ]
-
-
-def add_cli(subparsers):
-    from .cli import add_cli as _add_cli
-
-    return _add_cli(subparsers)

@@ -13,7 +13,6 @@ from .lora_formats import FORMATS
 def add_cli(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a model or LoRA between the standard and merged-QKV layouts, or between LoRA formats",
         description=(
             "Lossless conversion. IN may be a .safetensors file (model or LoRA), a transformer folder (sharded or "
             "not), a pipeline folder (its transformer/ is converted, the rest copied) or a PEFT LoRA folder. "

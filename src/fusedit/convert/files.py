@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fusedit.errors import OutputExistsError
+from fusedit.errors import OutputExistsError, UserFileNotFoundError, UserInputError
 from fusedit.io import atomic_write_path, read_safetensors_header, write_json_atomic
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
@@ -54,7 +54,7 @@ REMAP_BYTES = 1 << 30
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     if dtype not in ST_SIZES:
-        raise ValueError(f"unsupported safetensors dtype {dtype}")
+        raise UserInputError(f"unsupported safetensors dtype {dtype}")
     return math.prod(shape) * ST_SIZES[dtype]
 
 
@@ -155,15 +155,15 @@ def _convert_model_shards(targets: Mapping[Path, Path], direction: str, what: st
         shard_specs, shard_meta[shard] = _ordered_specs(shard)
         duplicate = sorted(set(shard_specs) & set(specs))
         if duplicate:
-            raise ValueError(f"{what}: tensors present in more than one shard: {', '.join(duplicate[:5])}")
+            raise UserInputError(f"{what}: tensors present in more than one shard: {', '.join(duplicate[:5])}")
         specs.update(shard_specs)
         shard_of.update(dict.fromkeys(shard_specs, shard))
     kind = classify_keys(specs, what)
     if kind != "model":
-        raise ValueError(f"{what}: holds LoRA weights, not a model")
+        raise UserInputError(f"{what}: holds LoRA weights, not a model")
     layout = model_layout(specs, what)
     if layout is None:
-        raise ValueError(f"{what}: no Qwen-Image attention projections (…attn.to_q / …attn.to_qkv) among its keys")
+        raise UserInputError(f"{what}: no Qwen-Image attention projections (…attn.to_q / …attn.to_qkv) among its keys")
     noop = layout == TARGET_LAYOUT[direction]
     plan = plan_model_conversion(specs, direction, what)
     source = _TensorSource(shard_of)
@@ -214,7 +214,7 @@ def _copy_tree_atomic(src: Path, dst: Path) -> None:
 
 def _check_output(output: Path, input: Path, overwrite: bool) -> None:
     if output.resolve() == input.resolve():
-        raise ValueError(f"output {output} is the input; write the conversion somewhere else")
+        raise UserInputError(f"output {output} is the input; write the conversion somewhere else")
     if output.exists() and not overwrite and not (output.is_dir() and not any(output.iterdir())):
         raise OutputExistsError(output, "the output exists")
 
@@ -236,11 +236,11 @@ def convert_checkpoint(
     """
     src, dst = Path(input), Path(output)
     if not src.exists():
-        raise FileNotFoundError(f"input {src} does not exist")
+        raise UserFileNotFoundError(f"input {src} does not exist")
     if direction is not None and direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise UserInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if format is not None and format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise UserInputError(f"format must be one of {FORMATS}, got {format!r}")
     _check_output(dst, src, overwrite)
 
     is_lora = (src.is_dir() and (src / "adapter_config.json").is_file()) or (
@@ -248,7 +248,7 @@ def convert_checkpoint(
     )
     if is_lora:
         if dst.suffix != ".safetensors":
-            raise ValueError(f"output {dst}: a LoRA is written to one .safetensors file")
+            raise UserInputError(f"output {dst}: a LoRA is written to one .safetensors file")
         lora = read_lora(src)
         layout_in, format_in = lora.layout, lora.format
         out_format = format or lora.format
@@ -269,17 +269,17 @@ def convert_checkpoint(
         }
 
     if format is not None:
-        raise ValueError("--format applies to LoRAs only; this input holds model weights")
+        raise UserInputError("--format applies to LoRAs only; this input holds model weights")
     if direction is None:
-        raise ValueError("converting model weights needs a direction (to_merged or to_standard)")
+        raise UserInputError("converting model weights needs a direction (to_merged or to_standard)")
     if src.is_file():
         if dst.suffix != ".safetensors":
-            raise ValueError(f"output {dst}: a single-file checkpoint is written to a .safetensors file")
+            raise UserInputError(f"output {dst}: a single-file checkpoint is written to a .safetensors file")
         report = _convert_model_shards({src: dst}, direction, str(src))
         return {"kind": "model_file", **_public(report), "output": str(dst)}
     if (src / "model_index.json").is_file():
         if not (src / "transformer").is_dir():
-            raise ValueError(f"{src}: pipeline folder without a transformer/ subfolder")
+            raise UserInputError(f"{src}: pipeline folder without a transformer/ subfolder")
         report = _convert_transformer_dir(src / "transformer", dst / "transformer", direction)
         for item in sorted(src.iterdir()):
             if item.name == "transformer":
@@ -291,7 +291,7 @@ def convert_checkpoint(
         return {"kind": "pipeline", **_public(report), "output": str(dst)}
     if (src / "config.json").is_file():
         return {"kind": "transformer", **_public(_convert_transformer_dir(src, dst, direction)), "output": str(dst)}
-    raise ValueError(
+    raise UserInputError(
         f"{src}: not a checkpoint fusedit can convert (expected a .safetensors file, a transformer folder with "
         "config.json, a pipeline folder with model_index.json, or a PEFT LoRA folder with adapter_config.json)"
     )

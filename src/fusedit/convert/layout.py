@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fusedit.errors import UserInputError, examples
 from fusedit.model.module_map import ATTENTION, QKV_GROUPS
 
 STANDARD = "standard"
@@ -62,12 +63,6 @@ def proj_role(module: str) -> ProjRole | None:
     return ProjRole(match["attn"], match["proj"]) if match else None
 
 
-def key_examples(keys: Iterable[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def layout_of_modules(names: Iterable[str], what: str = "state dict", module_of=lambda name: name) -> str | None:
     """The layout: "standard", "merged_qkv", or None when no q/k/v projection appears. Both at once is an error
     naming the keys (`names` are module paths, or keys mapped to their module by `module_of`)."""
@@ -77,9 +72,9 @@ def layout_of_modules(names: Iterable[str], what: str = "state dict", module_of=
         if role is not None:
             (merged if role.merged else standard).append(name)
     if standard and merged:
-        raise ValueError(
-            f"{what} mixes layouts: separate q/k/v projections ({key_examples(standard)}) and merged ones "
-            f"({key_examples(merged)}); a checkpoint must use one layout"
+        raise UserInputError(
+            f"{what} mixes layouts: separate q/k/v projections ({examples(standard)}) and merged ones "
+            f"({examples(merged)}); a checkpoint must use one layout"
         )
     if merged:
         return MERGED
@@ -128,7 +123,7 @@ def plan_model_conversion(
     projection that is not a weight or bias.
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise UserInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     plan: list[TensorPlan] = []
     problems: list[str] = []
     for key, (dtype, shape) in tensors.items():
@@ -172,5 +167,5 @@ def plan_model_conversion(
                 if q_key not in tensors:
                     problems.append(f"{key}: missing q/k/v sibling {q_key}")
     if problems:
-        raise ValueError(f"cannot convert {what} {direction}:\n  " + "\n  ".join(problems))
+        raise UserInputError(f"cannot convert {what} {direction}:\n  " + "\n  ".join(problems))
     return plan

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
+from fusedit.errors import UserInputError, examples
 from fusedit.io import load_safetensors, save_safetensors_atomic
 from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
 from fusedit.pickle_files import pickle_refusal
 
-from .layout import DIRECTION_TO, LAYOUTS, key_examples, layout_of_modules
+from .layout import DIRECTION_TO, LAYOUTS, layout_of_modules
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -214,13 +215,13 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     """
     keys = list(keys)
     if not keys:
-        raise ValueError(f"{what}: no tensors")
+        raise UserInputError(f"{what}: no tensors")
     patches = [k for k in keys if k.endswith(tuple(_PATCH_SUFFIXES)) or _PATCH_RE.search(k)]
     if patches:
         kinds = sorted({next((v for s, v in _PATCH_SUFFIXES.items() if k.endswith(s)), "LyCORIS") for k in patches})
-        raise ValueError(
+        raise UserInputError(
             f"{what}: holds {len(patches)} tensors that are not LoRA factors ({', '.join(kinds)}): "
-            f"{key_examples(patches, 3)}; fusedit applies only low-rank lora_A/lora_B (lora_down/lora_up) pairs. "
+            f"{examples(patches, 3)}; fusedit applies only low-rank lora_A/lora_B (lora_down/lora_up) pairs. "
             "Apply this file in ComfyUI, or save a copy without those keys if the LoRA part alone is what you want"
         )
     styles: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
@@ -243,23 +244,23 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
             styles[(prefix, style)].append(key)
         modules[module][role] = key
     if unknown:
-        raise ValueError(f"{what}: keys in no LoRA key style fusedit reads ({KEY_STYLES}): {key_examples(unknown)}")
+        raise UserInputError(f"{what}: keys in no LoRA key style fusedit reads ({KEY_STYLES}): {examples(unknown)}")
     if not_qwen:
-        raise ValueError(f"{what}: keys that name no Qwen-Image transformer module: {key_examples(not_qwen)}")
+        raise UserInputError(f"{what}: keys that name no Qwen-Image transformer module: {examples(not_qwen)}")
     if len(styles) > 1:
         found = "; ".join(
-            f"{prefix or '(no prefix)'} {style} ({key_examples(ks, 2)})" for (prefix, style), ks in styles.items()
+            f"{prefix or '(no prefix)'} {style} ({examples(ks, 2)})" for (prefix, style), ks in styles.items()
         )
-        raise ValueError(f"{what}: mixed LoRA key formats: {found}")
+        raise UserInputError(f"{what}: mixed LoRA key formats: {found}")
     if not styles:
-        raise ValueError(f"{what}: only .alpha keys, no LoRA weights: {key_examples(keys)}")
+        raise UserInputError(f"{what}: only .alpha keys, no LoRA weights: {examples(keys)}")
     (prefix, style), _ = next(iter(styles.items()))
     incomplete = [f"{module} has {sorted(roles)}" for module, roles in modules.items() if not {"A", "B"} <= set(roles)]
     if incomplete:
-        raise ValueError(f"{what}: modules without both LoRA factors: {key_examples(incomplete)}")
+        raise UserInputError(f"{what}: modules without both LoRA factors: {examples(incomplete)}")
     stray = [key for key, p in alpha_prefixes.items() if p != prefix]
     if stray:
-        raise ValueError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {key_examples(stray)}")
+        raise UserInputError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {examples(stray)}")
     layout_of_modules(modules, what)
     return ParsedKeys(_format_of(prefix, style), prefix, dict(modules), style)
 
@@ -280,7 +281,7 @@ def _peft_config_alphas(config: Mapping, ranks: Mapping[str, int], what: str) ->
         expected_rank = _pattern_value(config.get("rank_pattern") or {}, module)
         expected_rank = expected_rank if expected_rank is not None else r_default
         if expected_rank is not None and int(expected_rank) != rank:
-            raise ValueError(f"{what}: {module} has rank {rank} but its LoRA config says {expected_rank}")
+            raise UserInputError(f"{what}: {module} has rank {rank} but its LoRA config says {expected_rank}")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
         alpha = float(alpha if alpha is not None else config.get("lora_alpha", rank))
         if config.get("use_rslora"):
@@ -296,7 +297,7 @@ def _diffusers_config(metadata: Mapping[str, str], what: str) -> dict | None:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{what}: metadata {DIFFUSERS_METADATA_KEY} is not JSON: {error}") from None
+        raise UserInputError(f"{what}: metadata {DIFFUSERS_METADATA_KEY} is not JSON: {error}") from None
     if any(key.startswith("transformer.") for key in config):
         config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
     return config
@@ -349,9 +350,9 @@ def check_lora_values(weights: LoraWeights, alpha_keys: Mapping[str, str], what:
             source = alpha_keys.get(module, f"metadata alpha of {module}")
             bad.append(f"{source} = {mod.alpha!r} (rank {mod.rank}, scale {mod.scale!r})")
     if bad:
-        raise ValueError(
+        raise UserInputError(
             f"{what}: alpha or scale NaN, infinite or beyond ±{MAX_ABS_SCALE:g} in {len(bad)} modules: "
-            f"{key_examples(bad, 3)}; this LoRA would produce black or noise images"
+            f"{examples(bad, 3)}; this LoRA would produce black or noise images"
         )
 
 
@@ -388,7 +389,7 @@ def lora_from_state_dict(
                 continue
             alpha_values[module] = alpha.item()
     if problems:
-        raise ValueError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
+        raise UserInputError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
     # The one place every LoRA read passes (training init, inference, conversion, detect): NaN/inf weights would
     # turn every generated image black or into noise, far from the file that caused it.
     nonfinite = [
@@ -398,7 +399,7 @@ def lora_from_state_dict(
         if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all())
     ]
     if nonfinite:
-        raise ValueError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {key_examples(nonfinite)}")
+        raise UserInputError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {examples(nonfinite)}")
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, what)
     for module, roles in parsed.modules.items():
         modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module])
@@ -416,13 +417,13 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: a LoRA directory must hold exactly one .safetensors file, found {len(candidates)}"
             )
         path = candidates[0]
     refusal = pickle_refusal(path)
     if refusal:
-        raise ValueError(refusal)
+        raise UserInputError(refusal)
     tensors, metadata = load_safetensors(path)
     adapter_config = None
     config_path = path.parent / "adapter_config.json"
@@ -538,9 +539,9 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
     """
     fmt = format or lora.format
     if fmt not in FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+        raise UserInputError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
     if fmt in STANDARD_ONLY_FORMATS and lora.layout == "merged_qkv":
-        raise ValueError(
+        raise UserInputError(
             f"a {fmt} LoRA cannot be written in the merged_qkv layout: its loaders (ComfyUI, kohya tools) know only "
             "the standard to_q/to_k/to_v names and would skip the merged modules; write it standard (the split is "
             "exact) or choose the diffusers/peft format"
@@ -585,7 +586,7 @@ def write_lora(
     for them in the merged layout raises ValueError.
     """
     if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UserInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if format in STANDARD_ONLY_FORMATS:
         layout = layout or "standard"  # "merged_qkv" is refused by lora_to_state_dict
     if layout is not None and layout != lora.layout and lora.layout is not None:

@@ -21,6 +21,8 @@ import collections
 
 import torch
 
+from fusedit.errors import UserInputError
+
 from .layout import DIRECTIONS, QKV_GROUPS, TO_MERGED, proj_role
 from .lora_formats import LoraModule, LoraWeights, is_power_of_two
 
@@ -43,7 +45,7 @@ def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, 
     role = proj_role(name)
     rows = mod.B.shape[0]
     if rows % 3:
-        raise ValueError(f"LoRA {name}: lora_B has {rows} output rows, not divisible by 3 for q/k/v")
+        raise UserInputError(f"LoRA {name}: lora_B has {rows} output rows, not divisible by 3 for q/k/v")
     out = rows // 3
     parts = [f"{role.attn_prefix}{part}" for part in QKV_GROUPS[role.proj]]
     if record is not None and sum(record["ranks"]) == mod.rank:
@@ -85,7 +87,7 @@ def _merge_group(parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, 
         or len({m.A.dtype for m in mods.values()}) != 1
         or len({m.B.dtype for m in mods.values()}) != 1
     ):
-        raise ValueError(f"LoRA q/k/v modules differ in in/out features or dtype, cannot merge: {described}")
+        raise UserInputError(f"LoRA q/k/v modules differ in in/out features or dtype, cannot merge: {described}")
     first = next(iter(mods.values()))
     out, in_features = first.B.shape[0], first.A.shape[1]
     if (
@@ -124,7 +126,7 @@ def _merge_group(parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, 
 def convert_lora_layout(lora: LoraWeights, direction: str) -> LoraWeights:
     """Return `lora` converted to the layout `direction` names; a LoRA already there is returned unchanged."""
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise UserInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     to_merged = direction == TO_MERGED
     lora.layout  # noqa: B018 -- raises on a LoRA that mixes layouts
     modules: dict[str, LoraModule] = {}

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
+from fusedit.errors import UserInputError, examples
+
 from .layout import DIRECTIONS, TARGET_LAYOUT, model_layout, plan_model_conversion
 from .lora_formats import is_lora_key, lora_from_state_dict, lora_to_state_dict
 from .lora_qkv import convert_lora_layout
@@ -20,10 +22,7 @@ def classify_keys(keys, what: str = "state dict") -> str:
     lora = [k for k in keys if is_lora_key(k)]
     if lora and len(lora) != len(keys):
         others = sorted(set(keys) - set(lora))
-        raise ValueError(
-            f"{what} mixes LoRA keys ({', '.join(sorted(lora)[:3])}) with other keys: {', '.join(others[:5])}"
-            + (f" (and {len(others) - 5} more)" if len(others) > 5 else "")
-        )
+        raise UserInputError(f"{what} mixes LoRA keys ({examples(lora, 3)}) with other keys: {examples(others)}")
     return "lora" if lora else "model"
 
 
@@ -38,7 +37,7 @@ def convert_state_dict(
     with the tensors). Already in the target layout: returned unchanged (logged).
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise UserInputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     metadata = dict(metadata or {})
     target = TARGET_LAYOUT[direction]
     if classify_keys(state_dict) == "lora":
@@ -49,7 +48,7 @@ def convert_state_dict(
         return lora_to_state_dict(convert_lora_layout(lora, direction))
     layout = model_layout(state_dict)
     if layout is None:
-        raise ValueError(
+        raise UserInputError(
             "state dict has no Qwen-Image attention projections (…attn.to_q / …attn.to_qkv); keys look like: "
             + ", ".join(list(state_dict)[:5])
         )

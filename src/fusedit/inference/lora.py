@@ -13,7 +13,6 @@ training). Nobody has to know or guess the alpha a file was trained with.
 
 from __future__ import annotations
 
-import collections
 import re
 from pathlib import Path
 
@@ -21,17 +20,14 @@ import torch
 from torch import nn
 
 from fusedit.convert import TO_MERGED, TO_STANDARD, LoraWeights, convert_lora_layout, read_lora
-from fusedit.errors import UserInputError
+from fusedit.convert.lora_formats import peft_config_dict
+from fusedit.errors import UserInputError, examples
 from fusedit.inference.inputs import unique_name
 from fusedit.inference.preflight import LoraSpec, lora_file, lora_specs
 from fusedit.model import is_merged
 
 # LoraSpec / lora_specs live in the preflight (checked before torch is imported) and are offered here too.
 __all__ = ["LoraSpec", "load_loras", "lora_specs", "peft_adapter"]
-
-
-def _most_common(values):
-    return collections.Counter(values).most_common(1)[0][0]
 
 
 def peft_adapter(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,18 +41,11 @@ def peft_adapter(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict]:
     for module, mod in weights.modules.items():
         state_dict[f"{module}.lora_A.weight"] = mod.A
         state_dict[f"{module}.lora_B.weight"] = mod.B
-    ranks = {module: mod.rank for module, mod in weights.modules.items()}
-    alphas = {module: mod.alpha for module, mod in weights.modules.items()}
-    rank, alpha = _most_common(ranks.values()), _most_common(alphas.values())
-    config = {
-        "r": rank,
-        "lora_alpha": alpha,
-        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
-        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
-        "target_modules": sorted(weights.modules),
-        "lora_dropout": 0.0,
-        "init_lora_weights": False,
-    }
+    config = peft_config_dict(weights)  # the fields a LoRA file's metadata carries too
+    # PEFT matches pattern keys as regular expressions: a module path's dots must match only dots.
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        config[pattern] = {re.escape(module): value for module, value in config[pattern].items()}
+    config.update(lora_dropout=0.0, init_lora_weights=False)  # inference: no dropout, the weights come from the file
     return state_dict, config
 
 
@@ -84,16 +73,14 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
         missing = [m for m in converted.modules if not _has_module(transformer, m)]
         if missing:
             raise UserInputError(
-                f"LoRA {path} targets modules the {target_layout} transformer does not have: {missing[:5]}"
-                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-                + " — is it a LoRA for a different model?"
+                f"LoRA {path} targets modules the {target_layout} transformer does not have: "
+                f"{examples(missing, sort=False)} — is it a LoRA for a different model?"
             )
         mismatched = _shape_mismatches(transformer, converted)
         if mismatched:
             raise UserInputError(
                 f"LoRA {path} does not fit the {target_layout} transformer (another hidden size?): "
-                + "; ".join(mismatched[:5])
-                + (f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else "")
+                + examples(mismatched, sort=False)
             )
         name = _adapter_name(spec, taken)
         transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=config)

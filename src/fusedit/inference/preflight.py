@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fusedit.errors import UserFileNotFoundError, UserInputError, user_error_types
+from fusedit.errors import Refusal, UserFileNotFoundError, UserInputError
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 from fusedit.pickle_files import pickle_refusal
@@ -198,7 +198,7 @@ class _Problems:
         """`function(*args)`, or None with its refusal recorded."""
         try:
             return function(*args)
-        except user_error_types() as error:
+        except Refusal as error:
             self.errors.append(error)
             return None
 

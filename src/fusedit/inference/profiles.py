@@ -16,30 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from fusedit.devices import resolve_device, to_dtype
 from fusedit.errors import UserInputError
 
 OFFLOADS = ("none", "model", "sequential", "group")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise UserInputError(f"profile.dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def resolve_device(requested: str) -> torch.device:
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError) as error:
-        raise UserInputError(f"profile.device={requested!r} is not a device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(
-            f"profile.device={requested} but no CUDA GPU is available; use profile=cpu (or profile.device=cpu)"
-        )
-    return device
+    return to_dtype(name, "profile.dtype")
 
 
 def check_profile(profile) -> tuple[str, torch.device]:
@@ -52,7 +36,7 @@ def check_profile(profile) -> tuple[str, torch.device]:
         raise UserInputError(f"profile.offload must be one of {OFFLOADS}, got {offload!r}")
     if profile.get("dtype") is not None:
         torch_dtype(profile.get("dtype"))
-    device = resolve_device(profile.get("device", "cuda"))
+    device = resolve_device(profile.get("device", "cuda"), "profile.device", "profile=cpu (or profile.device=cpu)")
     if offload in ("model", "sequential") and device.type == "cpu":
         raise UserInputError(
             f"profile.offload={offload} moves weights between the CPU and a GPU; it needs a GPU device"

@@ -8,13 +8,10 @@ from fusedit._lazy import lazy_getattr
 _EXPORTS = {
     "add_lora": "fusedit.lora.adapter",
     "export_lora": "fusedit.lora.adapter",
-    "lora_config": "fusedit.lora.adapter",
     "lora_parameters": "fusedit.lora.adapter",
-    "lora_state_dict": "fusedit.lora.adapter",
     "lora_weights": "fusedit.lora.adapter",
     "NAMED_TARGETS": "fusedit.lora.targets",
     "resolve_targets": "fusedit.lora.targets",
-    "translate_targets": "fusedit.lora.targets",
 }
 
 

@@ -12,13 +12,14 @@ assumes alpha = rank).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from fusedit.convert import LoraModule, LoraWeights, write_lora
@@ -54,8 +55,13 @@ def add_lora(
     init: str = "default",
     use_rslora: bool = False,
     dtype: torch.dtype | None = torch.float32,
+    init_from: LoraWeights | None = None,
 ) -> nn.Module:
-    """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place."""
+    """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place.
+
+    `init_from`: a LoRA in the model's layout (fusedit.lora.init_from.read_init_lora): its modules get its own
+    ranks and scales and start from its factors; the other targeted modules start as `init` says.
+    """
     if int(rank) < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
     if alpha is not None and float(alpha) <= 0:
@@ -68,6 +74,13 @@ def add_lora(
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
     target_modules = resolve_targets(targets, model_layout(transformer))
+    rank_pattern, alpha_pattern = {}, {}
+    if init_from is not None:
+        # PEFT's scaling is alpha / r (alpha / sqrt(r) with rsLoRA): choose each module's alpha so that it equals
+        # the file's scale, and its r the file's rank
+        for module, mod in init_from.modules.items():
+            rank_pattern[re.escape(module)] = mod.rank
+            alpha_pattern[re.escape(module)] = mod.scale * (math.sqrt(mod.rank) if use_rslora else mod.rank)
     config = LoraConfig(
         r=int(rank),
         lora_alpha=float(alpha if alpha is not None else rank),
@@ -76,6 +89,8 @@ def add_lora(
         exclude_modules=unused_modules(transformer, target_modules) or None,
         init_lora_weights=True if init == "default" else init,
         use_rslora=bool(use_rslora),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
     transformer.add_adapter(config)
     if not has_lora(transformer):
@@ -85,24 +100,25 @@ def add_lora(
             if dtype is not None:
                 parameter.data = parameter.data.to(dtype)
             parameter.requires_grad_(True)
+    if init_from is not None:
+        _copy_factors(transformer, init_from)
     return transformer
+
+
+def _copy_factors(transformer: nn.Module, weights: LoraWeights) -> None:
+    layers = dict(transformer.named_modules())
+    with torch.no_grad():
+        for module, mod in weights.modules.items():
+            layer = layers.get(module)
+            if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A:
+                raise ValueError(f"lora.init_from: {module} got no LoRA layer (excluded from training?)")
+            layer.lora_A["default"].weight.copy_(mod.A)
+            layer.lora_B["default"].weight.copy_(mod.B)
 
 
 def lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> parameter for every LoRA weight (the trainable set)."""
     return {name: parameter for name, parameter in transformer.named_parameters() if "lora_" in name}
-
-
-def lora_config(transformer: nn.Module) -> LoraConfig:
-    configs = getattr(transformer, "peft_config", None)
-    if not configs:
-        raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
-    return next(iter(configs.values()))
-
-
-def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights keyed `<module>.lora_A.weight` (PEFT's adapter-name-free keys), detached."""
-    return {key: value.detach() for key, value in get_peft_model_state_dict(transformer).items()}
 
 
 def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:

@@ -17,6 +17,7 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
 from fusedit.convert.layout import LAYOUTS, model_layout
+from fusedit.errors import UserFileNotFoundError, UserInputError
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
 from fusedit.model.module_map import block_index
@@ -29,11 +30,11 @@ def resolve_transformer_dir(path: str | Path) -> Path:
     """The transformer directory of a pipeline dir, or the path itself when it is a transformer dir or a file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+        raise UserFileNotFoundError(f"model path {path} does not exist")
     if path.is_dir() and (path / "model_index.json").is_file():
         transformer = path / "transformer"
         if not transformer.is_dir():
-            raise FileNotFoundError(f"{path} is a pipeline directory without a transformer/ subfolder")
+            raise UserFileNotFoundError(f"{path} is a pipeline directory without a transformer/ subfolder")
         return transformer
     return path
 
@@ -50,7 +51,7 @@ def checkpoint_keys(files: list[Path]) -> list[str]:
 def checkpoint_layout(keys: list[str], what: str = "checkpoint") -> str:
     layout = model_layout(keys, what)  # raises on a mix of layouts, naming the keys
     if layout is None:
-        raise ValueError(f"{what} has no Qwen-Image attention projections (no attn.to_q / attn.to_qkv keys)")
+        raise UserInputError(f"{what} has no Qwen-Image attention projections (no attn.to_q / attn.to_qkv keys)")
     return layout
 
 
@@ -73,7 +74,7 @@ def config_from_header(header: dict[str, dict]) -> dict:
         _, joint_attention_dim = shapes["txt_in.weight"]
         proj_out_features = shapes["proj_out.weight"][0]
     except KeyError as error:
-        raise ValueError(f"not a Qwen-Image transformer checkpoint: missing tensor {error}") from None
+        raise UserInputError(f"not a Qwen-Image transformer checkpoint: missing tensor {error}") from None
     num_layers = 1 + max(index for key in shapes if (index := block_index(key)) is not None)
     return {
         "in_channels": in_channels,
@@ -89,7 +90,7 @@ def _single_file_config(file: Path, zero_cond_t: bool) -> dict:
     shapes = config_from_header(header)
     head_dim = int(metadata.get("attention_head_dim", 128))
     if shapes["inner_dim"] % head_dim:
-        raise ValueError(f"{file}: hidden size {shapes['inner_dim']} is not a multiple of the head size {head_dim}")
+        raise UserInputError(f"{file}: hidden size {shapes['inner_dim']} is not a multiple of the head size {head_dim}")
     config = json.loads(metadata["config"]) if "config" in metadata else {}
     config.update({key: value for key, value in shapes.items() if key != "inner_dim"})
     config.setdefault("attention_head_dim", head_dim)
@@ -111,7 +112,7 @@ def _load_by_assignment(config: dict, files: list[Path], merged: bool, dtype: to
                 state_dict[_strip_prefix(key)] = tensor.to(dtype) if dtype is not None else tensor
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
-        raise ValueError(
+        raise UserInputError(
             f"checkpoint {files[0].parent} does not match the model: missing {sorted(missing)[:8]}, "
             f"unexpected {sorted(unexpected)[:8]}"
         )
@@ -126,7 +127,7 @@ def load_transformer(
 ) -> QwenImageTransformer2DModel:
     """Load the transformer at `path` (pipeline dir, transformer dir or safetensors file) in `layout`."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UserInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     transformer_path = resolve_transformer_dir(path)
     files = list(transformer_weight_files(transformer_path).files)
     stored = checkpoint_layout(checkpoint_keys(files), str(transformer_path))

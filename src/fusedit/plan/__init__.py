@@ -103,7 +103,6 @@ def run_plan(args: argparse.Namespace) -> int:
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "plan",
-        help="predict a training run's peak GPU memory and choose the plan that fits a GPU",
         description="Compose the same config as `python train.py [overrides]` and predict, without loading weights, "
         "the peak GPU memory of its training step and the host memory it needs. With trainer=auto it shows the plan "
         "that train.py would choose. Exit 0 when the plan fits, 1 when it does not.",

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from fusedit.bench.shapes import PIXELS_PER_TOKEN, SHAPES, BenchShape
+from fusedit.errors import UserInputError
 from fusedit.optim import STATE_BYTES_PER_PARAMETER
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def predict(
     streamed = 0 if resident_blocks is None else facts.num_blocks - min(resident_blocks, facts.num_blocks)
     on_gpu_blocks = facts.num_blocks - streamed + (min(IN_FLIGHT_BLOCKS, streamed) if streamed else 0)
     if optim not in STATE_BYTES_PER_PARAMETER:
-        raise ValueError(f"unknown optimizer {optim!r}; one of {sorted(STATE_BYTES_PER_PARAMETER)}")
+        raise UserInputError(f"unknown optimizer {optim!r}; one of {sorted(STATE_BYTES_PER_PARAMETER)}")
     lora_bytes = facts.lora_parameters * (LORA_BYTES_PER_PARAMETER + STATE_BYTES_PER_PARAMETER[optim])
     return Prediction(
         transformer_gb=(facts.other_bytes[storage] + on_gpu_blocks * block) / GB,

@@ -18,20 +18,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fusedit.devices import to_dtype
 from fusedit.lora.adapter import add_lora
 from fusedit.model.loading import load_transformer
 
 STAGES = ("load", "fp8", "lora", "stream", "activation_checkpointing", "compile")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-
-
-def to_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def stages_applied(model: nn.Module) -> list[str]:
@@ -87,6 +78,13 @@ def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
 
     _enter_stage(model, "lora")
     lora_kwargs["dtype"] = to_dtype(lora_kwargs.get("dtype", torch.float32))
+    if lora_kwargs.get("init_from") is not None:  # a path: read (and checked) in the model's layout
+        from fusedit.lora.adapter import model_layout
+        from fusedit.lora.init_from import read_init_lora
+
+        lora_kwargs["init_from"] = read_init_lora(
+            lora_kwargs["init_from"], lora_kwargs["rank"], lora_kwargs.get("targets", "attn_mlp"), model_layout(model)
+        )
     model = add_lora(model, **lora_kwargs)
     lora_inputs_follow_autocast(model)
     return model

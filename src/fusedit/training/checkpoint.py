@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fusedit.errors import UserFileNotFoundError
 from fusedit.io import atomic_write_path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -45,13 +46,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
         candidates = [path / CHECKPOINT_DIR / LAST, path / LAST]
         found = [candidate for candidate in candidates if candidate.is_file()]
         if not found:
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"ckpt_path={path} is a directory without {CHECKPOINT_DIR}/{LAST}: is it a fusedit run directory "
                 "that saved a checkpoint (callbacks.model_checkpoint.every_n_train_steps)?"
             )
         path = found[0]
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist")
+        raise UserFileNotFoundError(f"ckpt_path={path} does not exist")
     run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
     return path, run_dir
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fusedit.errors import UserInputError, examples
+
 SHOW = 8
 OTHER_RUN_HINT = (
     "\nWas it saved by a run with another model (model.path, model.layout) or other LoRA settings "
@@ -21,12 +23,8 @@ OTHER_RUN_HINT = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """The checkpoint does not fit this model or holds non-finite values; the message names the keys."""
-
-
-def _examples(items: list[str]) -> str:
-    return ", ".join(items[:SHOW]) + (f" (and {len(items) - SHOW} more)" if len(items) > SHOW else "")
 
 
 def nonfinite_tensors(tensors: Mapping[str, object], prefix: str = "") -> list[str]:
@@ -64,16 +62,16 @@ def check_state_dict(
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} LoRA tensors of the model are missing: {_examples(missing)}")
+        problems.append(f"{len(missing)} LoRA tensors of the model are missing: {examples(missing, SHOW, sort=False)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} tensors the model does not have: {_examples(unexpected)}")
+        problems.append(f"{len(unexpected)} tensors the model does not have: {examples(unexpected, SHOW, sort=False)}")
     if shapes:
-        problems.append(f"{len(shapes)} tensors have the wrong shape: {_examples(shapes)}")
+        problems.append(f"{len(shapes)} tensors have the wrong shape: {examples(shapes, SHOW, sort=False)}")
     if problems:
         raise CheckpointError(f"{what} does not fit this model:\n  " + "\n  ".join(problems) + hint)
     bad = nonfinite_tensors(state_dict)
     if bad:
-        raise CheckpointError(f"{what} holds non-finite weights: {_examples(bad)}")
+        raise CheckpointError(f"{what} holds non-finite weights: {examples(bad, SHOW, sort=False)}")
 
 
 def check_checkpoint_file(path: str | Path, module: torch.nn.Module) -> None:
@@ -89,4 +87,4 @@ def check_checkpoint_file(path: str | Path, module: torch.nn.Module) -> None:
     check_state_dict(checkpoint["state_dict"], expected, f"checkpoint {path}", OTHER_RUN_HINT)
     bad = nonfinite_tensors(checkpoint.get("optimizer_states") or [], "optimizer_states")
     if bad:
-        raise CheckpointError(f"checkpoint {path} holds non-finite optimizer state: {_examples(bad)}")
+        raise CheckpointError(f"checkpoint {path} holds non-finite optimizer state: {examples(bad, SHOW, sort=False)}")

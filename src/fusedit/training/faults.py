@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from fusedit.errors import Refusal
+
 log = logging.getLogger(__name__)
 
 LAST_GOOD = "last-good"
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(Refusal, RuntimeError):
     """Too many consecutive non-finite steps: the run stopped, keeping the last good LoRA."""
 
 

@@ -27,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
+from fusedit.devices import to_dtype
 from fusedit.errors import UserInputError
 from fusedit.io import write_json_atomic, write_text_atomic
 from fusedit.plan.config import resolve_training_plan
-from fusedit.training.build import build_transformer, to_dtype
+from fusedit.training.build import build_transformer
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -243,6 +244,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
             "init": lora.init,
             "use_rslora": lora.use_rslora,
             "dtype": precision.lora_dtype,
+            "init_from": lora.get("init_from"),
         },
         fp8={"granularity": precision.fp8_granularity, "compute_dtype": precision.compute_dtype}
         if precision.fp8_storage

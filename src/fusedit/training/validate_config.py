@@ -164,6 +164,20 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
                     f"data.metadata={metadata} "
                     + ("is a directory, not a file" if location.is_dir() else "does not exist")
                 )
+        init_from = OmegaConf.select(cfg, "lora.init_from")
+        if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in problems):
+            # read and checked against lora.rank / lora.targets before the model loads (values included)
+            from fusedit.lora.init_from import read_init_lora
+
+            try:
+                read_init_lora(
+                    str(init_from),
+                    rank,
+                    OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
+                    cfg.model.layout,
+                )
+            except ValueError as error:
+                problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
 
     _check_validation_samples(cfg, check_paths, problems)
 
