@@ -94,7 +94,7 @@ for name in ("diffusers", "transformers", "peft", "accelerate", "lightning", "sa
 print("packages: " + ", ".join(versions))
 try:
     import fusedit.bench  # noqa: F401  (diffusers, accelerate, peft, lightning: what the bench needs at import)
-    import fusedit.model.perf  # noqa: F401
+    import fusedit.model.attention  # noqa: F401
 except Exception as error:
     print(f"cannot import fusedit.bench: {type(error).__name__}: {error}")
     raise SystemExit(4) from None

@@ -24,8 +24,8 @@ from fusedit.bench.run import VARIANT_FIELDS, finalize_report
 from fusedit.bench.shapes import SHAPES, BenchShape, build_random_transformer, make_inputs
 from fusedit.bench.variants import CATALOGUE, DEFAULT_VARIANTS, VARIANTS, build_variant
 from fusedit.lora.adapter import add_lora
+from fusedit.model.attention import attention_backend
 from fusedit.model.merged_qkv import fuse_qkv
-from fusedit.model.perf import attention_backend
 
 # Small enough that a compiled variant builds in seconds on two cores.
 MICRO = SHAPES["tiny"].replace(
@@ -78,10 +78,10 @@ def test_flops_formula_equals_torch_flop_counter_on_the_real_model(layout, targe
     with attention_backend("math"):
         with FlopCounterMode(display=False) as forward:
             out = model(
-                hidden_states=torch.cat([inputs["noise"], inputs["condition"]], 1),
-                timestep=inputs["sigmas"],
-                encoder_hidden_states=inputs["prompt_embeds"],
-                img_shapes=inputs["img_shapes"],
+                hidden_states=torch.cat([inputs.target, inputs.condition], 1),
+                timestep=torch.full((shape.batch,), 0.5),
+                encoder_hidden_states=inputs.prompt_embeds,
+                img_shapes=inputs.img_shapes,
                 return_dict=False,
             )[0]
         with FlopCounterMode(display=False) as backward:

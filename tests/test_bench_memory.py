@@ -13,7 +13,7 @@ from fusedit.bench.memory import LiveStorageBytes, _storage_bytes, estimate_step
 from fusedit.bench.shapes import SHAPES, make_inputs
 from fusedit.bench.variants import build_variant, make_step, parse_variants
 from fusedit.lora.adapter import lora_parameters
-from fusedit.training.objective import FlowMatchObjective
+from fusedit.step.objective import FlowMatchObjective
 
 # Enough tokens that activations outweigh the weights, so checkpointing shows in the estimate.
 SHAPE = SHAPES["tiny"].replace(num_layers=3, target_size=(256, 256), edit_sizes=((256, 256),), text_tokens=32)
@@ -39,14 +39,16 @@ def _real_peak(name: str) -> tuple[float, float]:
     torch.manual_seed(0)
     model = build_variant(variant, SHAPE, torch.device("cpu"), torch.float32)
     optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=1e-5)
-    inputs = {**make_inputs(SHAPE, "cpu", torch.float32), "prompt_mask": None}  # as the estimate trims it
-    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"))
+    inputs = dataclasses.replace(make_inputs(SHAPE, "cpu", torch.float32), prompt_mask=None)  # as the estimate trims
+    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"), torch.float32)
     rope = [value for module in model.modules() for value in vars(module).values() if isinstance(value, torch.Tensor)]
     resident = [
         *model.parameters(),
         *model.buffers(),
         *rope,
-        *(v for v in inputs.values() if isinstance(v, torch.Tensor)),
+        inputs.target,
+        inputs.condition,
+        inputs.prompt_embeds,
     ]
     with LiveStorageBytes(resident) as tracker:
         step()

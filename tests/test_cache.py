@@ -19,11 +19,13 @@ from fusedit.cache import CacheCorruptError, CachedConditioner, CachedEditDataMo
 from fusedit.cache.keys import fingerprint_hash
 from fusedit.data import EditDataModule, make_sample_dataset
 from fusedit.io import read_safetensors_header
-from fusedit.training import conditioning
-from fusedit.training.build import build_transformer
-from fusedit.training.conditioning import EditConditioner
+from fusedit.step import conditioning
+from fusedit.step.build import build_transformer
+from fusedit.step.conditioning import EditConditioner
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.objective import FlowMatchObjective
+from fusedit.step.precision import Precision
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.objective import FlowMatchObjective
 
 
 class EncoderCalls:
@@ -255,7 +257,7 @@ def test_training_from_the_cache_gives_the_live_loss(tmp_path, tiny_edit_path, d
     cached_data = datamodule(data, tmp_path / "cache", tiny_edit_path, batch_size=2, build_batch_size=2)
     cached_data.setup()
     torch.manual_seed(0)
-    transformer = build_transformer(tiny_edit_path, "merged_qkv", "float32", {"rank": 4, "alpha": 8, "targets": "attn"})
+    transformer = build_transformer(tiny_edit_path, ModelConfig(), LoraSpec("attn", rank=4, alpha=8), Precision())
     with torch.no_grad():  # non-zero LoRA, as after some training
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
@@ -343,7 +345,9 @@ def test_cached_validation_generates_what_the_pipeline_generates(tiny_edit_path,
     sample = {"target": torch.zeros_like(condition[0]), "edits": [condition[0]], "prompt_embeds": embeds[0]}
     sample |= {"img_shapes": [shape, shape], "prompt": "make it blue", "row": 2}
 
-    transformer = build_transformer(tiny_edit_path, "standard", "float32", {"rank": 4, "alpha": 8, "targets": "attn"})
+    transformer = build_transformer(
+        tiny_edit_path, ModelConfig(layout="standard"), LoraSpec("attn", rank=4, alpha=8), Precision()
+    )
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
     cached = CachedConditioner(tiny_edit_path)
     module = EditLoRAModule(transformer, cached, FlowMatchObjective(), optimizer)  # LoRA B = 0: the base model

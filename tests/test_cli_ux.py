@@ -193,7 +193,7 @@ def test_the_progress_bar_keeps_lightnings_epochs_for_epoch_bounded_runs(tmp_pat
 def test_fusedit_loads_models_without_dtype_deprecation_warnings(tiny_edit_path):
     from fusedit.inference.pipeline import build_pipeline
     from fusedit.model import load_transformer
-    from fusedit.training.conditioning import EditConditioner
+    from fusedit.step.conditioning import EditConditioner
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -13,7 +13,7 @@ from fusedit.convert import read_lora
 from fusedit.lora import add_lora, export_lora, lora_parameters, resolve_targets
 from fusedit.lora.targets import ATTN_MLP, VALID_TARGETS
 from fusedit.model import load_transformer
-from fusedit.training.build import (
+from fusedit.step.build import (
     STAGES,
     activation_checkpointing,
     build_transformer,
@@ -21,6 +21,8 @@ from fusedit.training.build import (
     fp8_storage,
     load,
 )
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.precision import Precision
 
 
 def test_named_layouts_translate_to_each_model_layout():
@@ -62,12 +64,12 @@ def test_add_lora_validates_its_arguments(tiny_edit_path):
 
 
 def test_build_order_is_enforced(tiny_edit_path):
-    assert STAGES == ("load", "fp8", "lora", "activation_checkpointing", "compile")
-    model = build_transformer(tiny_edit_path, "merged_qkv", "float32", {"rank": 2, "targets": "attn"})
+    assert STAGES == ("load", "fuse", "fp8", "lora", "activation_checkpointing", "compile")
+    model = build_transformer(tiny_edit_path, ModelConfig(), LoraSpec("attn", rank=2), Precision())
     with pytest.raises(RuntimeError, match="must run before"):
         fp8_storage(model)  # quantising after LoRA would swap the base layer under PEFT's wrapper
     model = activation_checkpointing(load(tiny_edit_path, "merged_qkv"), every=2)
-    from fusedit.training.build import lora
+    from fusedit.step.build import lora
 
     with pytest.raises(RuntimeError, match="must run before"):
         lora(model, rank=2)
@@ -79,9 +81,8 @@ def test_build_order_is_enforced(tiny_edit_path):
 def test_fp8_storage_then_lora_trains_only_the_lora(tiny_edit_path):
     from fusedit.model.fp8 import FP8_DTYPE
 
-    model = build_transformer(
-        tiny_edit_path, "merged_qkv", "bfloat16", {"rank": 2, "targets": "attn_mlp"}, fp8={"granularity": "row"}
-    )
+    precision = Precision(base_dtype="bfloat16", fp8="storage", fp8_granularity="row", compute_dtype="bfloat16")
+    model = build_transformer(tiny_edit_path, ModelConfig(), LoraSpec("attn_mlp", rank=2), precision)
     base = model.transformer_blocks[0].attn.to_qkv.base_layer
     assert base.weight.dtype == FP8_DTYPE
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -117,7 +118,9 @@ def _inputs(seed=0):
     ],
 )
 def test_exported_lora_loads_in_diffusers_with_the_trained_strength(tmp_path, tiny_edit_path, layout, lora_kwargs):
-    trained = build_transformer(tiny_edit_path, layout, "float32", {"targets": "attn_mlp", **lora_kwargs})
+    trained = build_transformer(
+        tiny_edit_path, ModelConfig(layout=layout), LoraSpec("attn_mlp", **lora_kwargs), Precision()
+    )
     _randomise(trained)
     path = export_lora(trained, tmp_path / "final.safetensors", step="7")
 
@@ -151,7 +154,9 @@ def test_exported_lora_loads_in_diffusers_with_the_trained_strength(tmp_path, ti
 
 def test_merged_layout_copy_is_the_same_update(tmp_path, tiny_edit_path):
     for source in ("merged_qkv", "standard"):
-        trained = build_transformer(tiny_edit_path, source, "float32", {"rank": 2, "alpha": 4, "targets": "attn"})
+        trained = build_transformer(
+            tiny_edit_path, ModelConfig(layout=source), LoraSpec("attn", rank=2, alpha=4), Precision()
+        )
         _randomise(trained, seed=3)
         standard = read_lora(export_lora(trained, tmp_path / f"{source}.safetensors", "standard"))
         merged = read_lora(export_lora(trained, tmp_path / f"{source}.merged.safetensors", "merged_qkv"))

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from fusedit.lora.init_from import read_init_lora
-from fusedit.training.build import build_transformer, load
+from fusedit.step.build import build_transformer, load
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.precision import Precision
 from fusedit.training.validate_config import ConfigError, validate_train_config
 from tests.convert_utils import bf16_valued
 from tests.training_utils import compose_train
@@ -54,7 +56,7 @@ def test_step_0_equals_diffusers_with_the_file(tmp_path, tiny_edit_path, layout,
 
     path = kohya_file(tmp_path / "start.safetensors")
     lora = {"rank": 4, "alpha": 4, "targets": "attn_mlp", "use_rslora": use_rslora, "init_from": str(path)}
-    started = build_transformer(tiny_edit_path, layout, "float32", lora)
+    started = build_transformer(tiny_edit_path, ModelConfig(layout=layout), LoraSpec(**lora), Precision())
     reference = load(tiny_edit_path, "standard", "float32")
     pipe = QwenImageEditPipeline(
         scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=reference

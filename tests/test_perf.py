@@ -8,30 +8,24 @@ from torch import nn
 
 from fusedit.bench.measure import profile_step
 from fusedit.bench.shapes import SHAPES, build_random_transformer, make_inputs
+from fusedit.model.attention import attention_backend, sdpa_backends
+from fusedit.model.checkpointing import offloaded_checkpoint, use_offloaded_checkpoints
+from fusedit.model.fp8 import Float8ComputeLinear, apply_float8_compute, float8_compute_support
 from fusedit.model.merged_qkv import fuse_qkv
-from fusedit.model.perf import (
-    Float8ComputeLinear,
-    apply_float8_compute,
-    attention_backend,
-    float8_compute_support,
-    offloaded_checkpoint,
-    sdpa_backends,
-    trim_prompt_padding,
-    use_offloaded_checkpoints,
-)
-from fusedit.training import build
+from fusedit.step import build
+from fusedit.step.conditioning import trim_prompt_padding
 
 SMALL = SHAPES["tiny"].replace(num_layers=2, target_size=(64, 64), edit_sizes=((64, 64),), text_tokens=12)
 
 
 def _forward(model, inputs, prompt_embeds, prompt_mask):
-    hidden = torch.cat([inputs["noise"], inputs["condition"]], dim=1)
+    hidden = torch.cat([inputs.target, inputs.condition], dim=1)
     return model(
         hidden_states=hidden,
-        timestep=inputs["sigmas"],
+        timestep=torch.full((hidden.shape[0],), 0.5, device=hidden.device),
         encoder_hidden_states=prompt_embeds,
         encoder_hidden_states_mask=prompt_mask,
-        img_shapes=inputs["img_shapes"],
+        img_shapes=inputs.img_shapes,
         return_dict=False,
     )[0]
 
@@ -76,7 +70,7 @@ def test_trimmed_prompt_gives_the_masked_models_output(merged):
     if merged:
         fuse_qkv(model)
     inputs = make_inputs(SMALL, "cpu", torch.float32, seed=3)
-    padded = torch.cat([inputs["prompt_embeds"], torch.randn(1, 5, SMALL.joint_attention_dim)], dim=1)
+    padded = torch.cat([inputs.prompt_embeds, torch.randn(1, 5, SMALL.joint_attention_dim)], dim=1)
     mask = torch.cat([torch.ones(1, SMALL.text_tokens), torch.zeros(1, 5)], dim=1).long()
     with torch.no_grad():
         masked = _forward(model, inputs, padded, mask)
@@ -106,7 +100,7 @@ def test_attention_backend_selects_what_the_profiler_then_reports():
 
     def step():
         with torch.no_grad():
-            _forward(model, inputs, inputs["prompt_embeds"], None)
+            _forward(model, inputs, inputs.prompt_embeds, None)
         return 0.0
 
     device = torch.device("cpu")
@@ -134,7 +128,7 @@ def _lora_model(checkpoint_every=0, offload=False):
 
 def _grads(model):
     inputs = make_inputs(SMALL, "cpu", torch.float32, seed=5)
-    _forward(model, inputs, inputs["prompt_embeds"], None).square().mean().backward()
+    _forward(model, inputs, inputs.prompt_embeds, None).square().mean().backward()
     # The last block's text stream after attention feeds nothing: its adapters get no gradient at all.
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -240,8 +234,8 @@ def test_float8_compute_on_gpu_trains_lora_close_to_bf16():
     assert any(isinstance(m, Float8ComputeLinear) for m in fast.modules())
     inputs = make_inputs(shape, "cuda", torch.bfloat16, seed=1)
     with torch.no_grad():
-        expected = _forward(reference, inputs, inputs["prompt_embeds"], None).float()
-    out = _forward(fast, inputs, inputs["prompt_embeds"], None)
+        expected = _forward(reference, inputs, inputs.prompt_embeds, None).float()
+    out = _forward(fast, inputs, inputs.prompt_embeds, None)
     assert ((out.float() - expected).norm() / expected.norm()) < 0.1
     out.float().square().mean().backward()
     grads = [p.grad for p in fast.parameters() if p.requires_grad]

@@ -3,22 +3,27 @@ compute stage, and LoRA inputs that follow autocast instead of round-tripping th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
 
-from fusedit.model import perf
-from fusedit.model.perf import Float8ComputeLinear, lora_inputs_follow_autocast, sdpa_backends
-from fusedit.training import build
-from fusedit.training import module as module_lib
-from fusedit.training.build import build_transformer, stages_applied
-from fusedit.training.conditioning import EditInputs
+from fusedit.lora.adapter import lora_inputs_follow_autocast
+from fusedit.model import checkpointing, fp8
+from fusedit.model.attention import sdpa_backends
+from fusedit.model.fp8 import Float8ComputeLinear
+from fusedit.step import build
+from fusedit.step import loss as loss_lib
+from fusedit.step.build import build_transformer, stages_applied
+from fusedit.step.conditioning import EditInputs
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.objective import FlowMatchObjective
+from fusedit.step.precision import Precision
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.objective import FlowMatchObjective
 from tests.training_utils import compose_train
 
-LORA = {"rank": 4, "alpha": 8, "targets": "attn_mlp"}
+LORA = LoraSpec("attn_mlp", rank=4, alpha=8)
 
 
 def tiny_inputs(lengths=(7, 5), extra_padding=3, seed=0) -> EditInputs:
@@ -38,9 +43,9 @@ def tiny_inputs(lengths=(7, 5), extra_padding=3, seed=0) -> EditInputs:
     )
 
 
-def make_module(path, attention="auto", **build_kwargs) -> EditLoRAModule:
+def make_module(path, attention="auto", **model_fields) -> EditLoRAModule:
     torch.manual_seed(0)
-    transformer = build_transformer(path, "merged_qkv", "float32", LORA, **build_kwargs)
+    transformer = build_transformer(path, ModelConfig(**model_fields), LORA, Precision())
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
@@ -64,7 +69,7 @@ def test_trimmed_prompt_padding_gives_the_masked_loss(tiny_edit_path, monkeypatc
     trimmed = module.compute_loss(inputs, seed=3)[0]
     assert seen[-1][0] == 7 and seen[-1][1] is not None  # shared padding cut, the shorter prompt still masked
     with monkeypatch.context() as patch:
-        patch.setattr(module_lib, "trim_prompt_padding", lambda embeds, mask: (embeds, mask))
+        patch.setattr(loss_lib, "trim_prompt_padding", lambda embeds, mask: (embeds, mask))
         masked = module.compute_loss(inputs, seed=3)[0]
     assert seen[-1][0] == 10
     assert trimmed.item() == pytest.approx(masked.item(), rel=1e-5)
@@ -94,46 +99,44 @@ def test_checkpoint_offload_gives_the_same_gradients(tiny_edit_path, every):
     inputs = tiny_inputs()
     grads = []
     for offload in (False, True):
-        module = make_module(tiny_edit_path, checkpoint_every=every, checkpoint_offload=offload)
+        module = make_module(tiny_edit_path, activation_checkpointing=every, checkpoint_offload=offload)
         module.compute_loss(inputs, seed=2)[0].backward()
         grads.append({name: p.grad.clone() for name, p in module.trainable_parameters().items()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
     with pytest.raises(ValueError, match="checkpoint_offload=true needs model.activation_checkpointing"):
-        build_transformer(tiny_edit_path, "merged_qkv", "float32", LORA, checkpoint_offload=True)
+        ModelConfig(checkpoint_offload=True)
 
 
 def test_checkpoint_offload_moves_saved_inputs_to_cpu(tiny_edit_path, monkeypatch):
     calls = []
-    original = perf.offloaded_checkpoint
+    original = checkpointing.offloaded_checkpoint
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(perf, "offloaded_checkpoint", counting)
-    module = make_module(tiny_edit_path, checkpoint_every=1, checkpoint_offload=True)
+    monkeypatch.setattr(checkpointing, "offloaded_checkpoint", counting)
+    module = make_module(tiny_edit_path, activation_checkpointing=1, checkpoint_offload=True)
     module.compute_loss(tiny_inputs(), seed=2)[0].backward()
     assert len(calls) == len(module.transformer.transformer_blocks)
 
 
 def test_fp8_compute_is_refused_off_sm89_with_a_clear_error(tiny_edit_path):
-    if perf.float8_compute_support("cuda" if torch.cuda.is_available() else "cpu")[0]:
+    if fp8.float8_compute_support("cuda" if torch.cuda.is_available() else "cpu")[0]:
         pytest.skip("this machine supports float8 GEMMs")
-    with pytest.raises(RuntimeError, match=r"precision.fp8_compute=true: float8 GEMMs need .*fp8_storage=true"):
-        build_transformer(tiny_edit_path, "merged_qkv", "float32", LORA, fp8_compute=True)
-    cfg = compose_train(["precision=fp8", "precision.fp8_compute=true"])
-    assert cfg.precision.fp8_compute is True
+    with pytest.raises(RuntimeError, match=r"precision.fp8=float8: float8 GEMMs need .*fp8=storage"):
+        build_transformer(tiny_edit_path, ModelConfig(), LORA, Precision(fp8="float8"))
+    cfg = compose_train(["precision=fp8", "precision.fp8=float8"])
+    assert cfg.precision.fp8 == "float8"
 
 
 def test_fp8_compute_is_the_fp8_stage_before_lora(tiny_edit_path, monkeypatch):
     # The stage wiring on CPU, where PyTorch emulates _scaled_mm: only the device check is bypassed.
-    monkeypatch.setattr(perf, "float8_compute_support", lambda device: (True, "ok"))
-    model = build_transformer(
-        tiny_edit_path, "merged_qkv", "float32", LORA, fp8_compute={"compute_dtype": "float32", "device": "cpu"}
-    )
-    assert stages_applied(model) == ["load", "fp8", "lora"]
+    monkeypatch.setattr(fp8, "float8_compute_support", lambda device: (True, "ok"))
+    model = build_transformer(tiny_edit_path, ModelConfig(), LORA, Precision(fp8="float8"), device="cpu")
+    assert stages_applied(model) == ["load", "fuse", "fp8", "lora"]
     block = model.transformer_blocks[0]
     assert isinstance(block.attn.to_qkv.base_layer, Float8ComputeLinear)
     assert block.attn.to_qkv.lora_A["default"].weight.dtype == torch.float32
@@ -142,7 +145,7 @@ def test_fp8_compute_is_the_fp8_stage_before_lora(tiny_edit_path, monkeypatch):
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in module.trainable_parameters().values())
 
-    late = build.lora(build.load(tiny_edit_path, "merged_qkv"), **LORA)
+    late = build.lora(build.load(tiny_edit_path, "merged_qkv"), **dataclasses.asdict(LORA))
     with pytest.raises(RuntimeError, match="must run before"):
         build.float8_compute(late, device="cpu")
 
@@ -171,7 +174,7 @@ def test_lora_inputs_skip_the_fp32_round_trip_under_autocast(tiny_edit_path):
     outputs, copies = {}, {}
     for follow in (False, True):
         torch.manual_seed(0)
-        model = build_transformer(tiny_edit_path, "merged_qkv", "bfloat16", {**LORA, "dtype": "float32"})
+        model = build_transformer(tiny_edit_path, ModelConfig(), LORA, Precision(base_dtype="bfloat16"))
         if not follow:  # undo the build stage's patch: PEFT's own cast
             for module in model.modules():
                 module.__dict__.pop("_cast_input_dtype", None)

@@ -14,7 +14,7 @@ from fusedit.bench.shapes import SHAPES
 from fusedit.bench.variants import Variant
 from fusedit.errors import UserInputError
 from fusedit.plan import TrainPlan, choose, plan_report
-from fusedit.plan.predict import Estimates, ModelFacts, model_facts, transformer_facts
+from fusedit.plan.predict import _BENCH_LORA_STEP_BYTES, Estimates, ModelFacts, model_facts, transformer_facts
 from tests.training_utils import compose_train
 
 # Issue 11's targets: predicted peak at the full shape per profile (GB), on the card it names.
@@ -40,7 +40,7 @@ def test_depth_extrapolation_reproduces_the_full_depth_fake_run():
     estimates = Estimates()
     for every in (1, 2):
         real = estimate_step_memory(Variant(name="v", checkpoint_every=every), shape, torch.bfloat16)["step_gb"]
-        predicted = estimates.activations_gb(facts, every) + facts.lora_parameters * 6 / 1e9
+        predicted = estimates.activations_gb(facts, every) + facts.lora_parameters * _BENCH_LORA_STEP_BYTES / 1e9
         # At the tiny width a few KB of per-step constants do not scale with depth (0.1 %).
         assert predicted == pytest.approx(real, rel=5e-3), every
 

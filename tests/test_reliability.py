@@ -135,6 +135,11 @@ def _problems(overrides):
         ("optim.grad_clip=0", "optim.grad_clip must be > 0 or null"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1"),
         ("lora.dropout=1.0", "lora.dropout must be in [0, 1)"),
+        ("precision.fp8=yes", "precision.fp8 must be one of none | storage | float8, got 'yes'"),
+        ("model.layout=fused", "model.layout must be one of merged_qkv | standard, got 'fused'"),
+        ("model.activation_checkpointing=-1", "model.activation_checkpointing must be an integer >= 0, got -1"),
+        ("model.checkpoint_offload=true", "model.checkpoint_offload=true needs model.activation_checkpointing >= 1"),
+        ("model.attention=flash2", "model.attention must be one of auto | cudnn | flash | efficient | math"),
     ],
 )
 def test_bad_config_values_are_named(override, expected):

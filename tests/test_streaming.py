@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from fusedit.model.streaming import block_streamer
-from fusedit.training.build import build_transformer, stages_applied
+from fusedit.step.build import build_transformer, stages_applied
+from fusedit.step.config import ModelConfig
+from fusedit.step.objective import FlowMatchObjective
+from fusedit.step.precision import Precision
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.objective import FlowMatchObjective
 from fusedit.training.validate_config import validate_train_config
 from tests.test_perf_training import LORA, tiny_inputs
 from tests.training_utils import compose_train
@@ -24,12 +26,9 @@ def loss_and_grads(path, resident_blocks=None, fp8=False, spy=None):
     torch.manual_seed(0)
     transformer = build_transformer(
         path,
-        "merged_qkv",
-        "float32",
+        ModelConfig(activation_checkpointing=1, resident_blocks=resident_blocks),
         LORA,
-        checkpoint_every=1,
-        resident_blocks=resident_blocks,
-        fp8={"compute_dtype": "float32"} if fp8 else False,
+        Precision(fp8="storage" if fp8 else "none"),
     )
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
@@ -91,11 +90,9 @@ def test_blocks_are_loaded_for_their_forward_and_dropped_after(tiny_edit_path):
 
 def test_streaming_needs_checkpointing_of_every_block_and_no_compile(tiny_edit_path):
     with pytest.raises(ValueError, match="activation_checkpointing=1"):
-        build_transformer(tiny_edit_path, "merged_qkv", "float32", LORA, checkpoint_every=2, resident_blocks=0)
+        ModelConfig(activation_checkpointing=2, resident_blocks=0)
     with pytest.raises(ValueError, match="compile"):
-        build_transformer(
-            tiny_edit_path, "merged_qkv", "float32", LORA, checkpoint_every=1, compile=True, resident_blocks=0
-        )
+        ModelConfig(activation_checkpointing=1, compile=True, resident_blocks=0)
     with pytest.raises(Exception, match="activation_checkpointing=1"):
         validate_train_config(compose_train(["model.resident_blocks=0"]), check_paths=False)
     with pytest.raises(Exception, match="resident_blocks must be null or an integer"):
@@ -115,7 +112,7 @@ def test_streaming_on_cuda_matches_and_holds_fewer_blocks(tiny_edit_path):
     def on_cuda(resident):
         torch.manual_seed(0)
         model = build_transformer(
-            tiny_edit_path, "merged_qkv", "float32", LORA, checkpoint_every=1, resident_blocks=resident
+            tiny_edit_path, ModelConfig(activation_checkpointing=1, resident_blocks=resident), LORA, Precision()
         )
         model.to("cuda")
         streamer = block_streamer(model)

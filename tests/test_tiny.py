@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fusedit.tiny import SCHEDULER_CONFIG, VARIANTS, add_cli, build_tokenizer, ensure_tiny, make_tiny, tiny_variant
+from fusedit.step.objective import QWEN_SCHEDULER_CONFIG as SCHEDULER_CONFIG
+from fusedit.tiny import VARIANTS, add_cli, build_tokenizer, ensure_tiny, make_tiny, tiny_variant
 
 PIPELINES = {
     "edit": diffusers.QwenImageEditPipeline,

@@ -11,10 +11,12 @@ import torch
 from safetensors import safe_open
 
 from fusedit.data import EditDataModule, make_sample_dataset
-from fusedit.training.build import build_transformer
-from fusedit.training.conditioning import EditConditioner
+from fusedit.step.build import build_transformer
+from fusedit.step.conditioning import EditConditioner
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.objective import FlowMatchObjective
+from fusedit.step.precision import Precision
 from fusedit.training.module import EditLoRAModule
-from fusedit.training.objective import FlowMatchObjective
 from fusedit.training.train import train
 from tests.training_utils import train_cfg, train_with_callbacks
 
@@ -38,7 +40,7 @@ def batch(sample_metadata) -> dict:
 
 def make_module(path, conditioner, layout="merged_qkv", targets="attn_mlp", rank=4, alpha=8.0, lr=1e-3, seed=0):
     torch.manual_seed(seed)
-    transformer = build_transformer(path, layout, "float32", {"rank": rank, "alpha": alpha, "targets": targets})
+    transformer = build_transformer(path, ModelConfig(layout=layout), LoraSpec(targets, rank, alpha), Precision())
     return EditLoRAModule(
         transformer, conditioner, FlowMatchObjective(), functools.partial(torch.optim.AdamW, lr=lr), seed=seed
     )

@@ -45,7 +45,7 @@ def test_gpu_profile_composes_for_the_real_model():
     assert cfg.precision.name == "bf16" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     small = compose_train(["trainer=rtx4090"])
-    assert small.precision.fp8_storage and small.model.activation_checkpointing == 1
+    assert small.precision.fp8 == "storage" and small.model.activation_checkpointing == 1
     assert small.trainer.accumulate_grad_batches == 4
     assert compose_train(["trainer=h100"]).model.compile is True
     # The user overrides any part of a profile.

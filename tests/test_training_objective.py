@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fusedit.tiny import SCHEDULER_CONFIG
-from fusedit.training.objective import FlowMatchObjective, calculate_shift
+from fusedit.step.objective import QWEN_SCHEDULER_CONFIG as SCHEDULER_CONFIG
+from fusedit.step.objective import FlowMatchObjective, calculate_shift
 
 
 def diffsynth_table(mu: float, shift_terminal: float = 0.02) -> torch.Tensor:

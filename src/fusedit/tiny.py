@@ -98,24 +98,6 @@ _TEMPLATE_TEXTS = (
     "Picture 1: Picture 2: Picture 3: ",
 )
 
-# Qwen-Image's scheduler_config.json.
-SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
-
 # Qwen-Image VAE latent statistics (vae/config.json of the real checkpoints).
 _LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                  0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
@@ -280,6 +262,8 @@ def build_tiny_pipeline(variant: str = "edit", seed: int = 0, num_layers: int = 
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from fusedit.step.objective import QWEN_SCHEDULER_CONFIG
+
     if variant not in VARIANTS:
         raise UserInputError(f"unknown tiny variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if num_layers < 1:
@@ -299,7 +283,7 @@ def build_tiny_pipeline(variant: str = "edit", seed: int = 0, num_layers: int = 
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG),
     }
     if variant != "t2i":
         components["processor"] = _build_processor(tokenizer)
@@ -400,6 +384,14 @@ def ensure_tiny(path: str | os.PathLike, variant: str = "edit", seed: int = 0, n
     if found != variant:
         raise UserInputError(f"{path}: holds a {found!r} pipeline, but a {variant!r} one was asked for")
     return path
+
+
+TINY_DIR = "tiny-edit"
+
+
+def default_model_path(cache_dir: str | os.PathLike) -> Path:
+    """The tiny Qwen-Image-Edit pipeline used when `model.path` is null (created under `cache_dir` on first use)."""
+    return ensure_tiny(Path(cache_dir) / TINY_DIR, "edit")
 
 
 def add_cli(subparsers) -> None:

@@ -21,7 +21,7 @@ from fusedit.bench.variants import (
 from fusedit.devices import DTYPES, resolve_device
 from fusedit.errors import UserInputError
 from fusedit.io import write_json_atomic, write_text_atomic
-from fusedit.model.perf import ATTENTION_BACKENDS
+from fusedit.model.attention import ATTENTION_BACKENDS
 
 
 def _workers(text: str) -> tuple[int, ...]:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fusedit.model.attention import sdpa_backends
 from fusedit.model.module_map import QKV_GROUPS
-from fusedit.model.perf import sdpa_backends
 
 # Leaf GEMM ops (aten::linear / aten::matmul are wrappers that call these); the profiler names them aten::<op>, and
 # also counts the mkldnn/mkl CPU linear ops.

@@ -34,7 +34,8 @@ from torch.utils._pytree import tree_flatten
 from fusedit.bench.shapes import BenchShape, make_inputs
 from fusedit.bench.variants import Variant, build_variant, make_step
 from fusedit.lora.adapter import lora_parameters
-from fusedit.training.objective import FlowMatchObjective
+from fusedit.step.conditioning import trim_prompt_padding
+from fusedit.step.objective import FlowMatchObjective
 
 METHOD = "fake-tensor live bytes"
 
@@ -131,18 +132,26 @@ def estimate_step_memory(variant: Variant, shape: BenchShape, dtype: torch.dtype
     objective = FlowMatchObjective(weighting="none")  # builds its schedule with real tensors: outside fake mode
     # Real inputs, the prompt mask trimmed while its values are still known (fake tensors have none).
     real_inputs = make_inputs(shape, "cpu", dtype, seed)
-    real_inputs["prompt_mask"] = None if not estimated.keep_mask else real_inputs["prompt_mask"]
+    if not estimated.keep_mask:
+        real_inputs.prompt_embeds, real_inputs.prompt_mask = trim_prompt_padding(
+            real_inputs.prompt_embeds, real_inputs.prompt_mask
+        )
     model = build_variant(estimated, shape, torch.device("meta"), dtype, seed)
-    fake_mode = FakeTensorMode()
+    # Real tensors may meet fake ones: the noise-level table the step indexes is built once, outside fake mode.
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     attributes = _fake_on_cpu(model, fake_mode)
     with fake_mode:
         optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=1e-5)
-        inputs = {
-            name: fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
-            for name, value in real_inputs.items()
-        }
-        step = make_step(model, inputs, estimated, optimizer, objective)
-        tensor_inputs = [value for value in inputs.values() if isinstance(value, torch.Tensor)]
+        tensor_fields = ("target", "condition", "prompt_embeds", "prompt_mask")
+        inputs = dataclasses.replace(
+            real_inputs,
+            **{
+                name: None if getattr(real_inputs, name) is None else fake_mode.from_tensor(getattr(real_inputs, name))
+                for name in tensor_fields
+            },
+        )
+        step = make_step(model, inputs, estimated, optimizer, objective, dtype, seed)
+        tensor_inputs = [getattr(inputs, name) for name in tensor_fields if getattr(inputs, name) is not None]
         resident = [*model.parameters(), *model.buffers(), *attributes, *tensor_inputs]
         resident_bytes = _storage_bytes(resident)
         with LiveStorageBytes(resident) as tracker:

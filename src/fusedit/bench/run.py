@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import os
@@ -16,10 +17,10 @@ from fusedit.bench.flops import peak_tflops, step_flops
 from fusedit.bench.measure import PeakMemory, count_qkv_matmuls, profile_step, summarize, synchronize, time_steps
 from fusedit.bench.memory import estimate_step_memory
 from fusedit.bench.shapes import BenchShape, make_inputs
-from fusedit.bench.variants import BASELINES, Variant, build_variant, make_step
+from fusedit.bench.variants import BASELINES, BENCH_PRECISIONS, Variant, build_variant, make_step
 from fusedit.lora.adapter import lora_parameters
-from fusedit.model.perf import attention_backend
-from fusedit.training.objective import FlowMatchObjective
+from fusedit.model.attention import attention_backend
+from fusedit.step.objective import FlowMatchObjective
 
 SCHEMA = "fusedit.bench/1"
 VARIANT_FIELDS = (
@@ -77,7 +78,7 @@ def _measure(
     parameters = list(lora_parameters(model).values())
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type == "cuda")
     inputs = make_inputs(shape, device, dtype, seed)
-    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"))
+    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"), dtype, seed)
     memory = PeakMemory(device)
     with attention_backend(attention):
         synchronize(device)
@@ -227,29 +228,8 @@ def run_bench(
     if time_budget_s is not None and time_budget_s <= 0:
         raise ValueError(f"the time budget must be > 0, got {time_budget_s} s")
     start = _now()
-    report = {
-        "schema": SCHEMA,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "complete": not variants,
-        "elapsed_s": 0.0,
-        "time_budget_s": time_budget_s,
-        "machine": machine_info(device),
-        "shape": shape.to_dict(),
-        "settings": {
-            "dtype": str(dtype).removeprefix("torch."),
-            "warmup_steps": warmup,
-            "timed_steps": steps,
-            "seed": seed,
-            "attention": attention,
-            "optimizer": "AdamW over the LoRA parameters",
-            "timed": timed,
-            "memory_estimate": estimate_memory or not timed,
-        },
-        "flops": step_flops(shape, "merged_qkv"),
-        "baseline": None,
-        "variants": [_pending(variant) for variant in variants],
-    }
+    report = _new_report(shape, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s)
+    report["settings"].update(timed=timed, memory_estimate=estimate_memory or not timed)
     finalize_report(report)
     if on_progress is not None:
         on_progress(report)
@@ -294,6 +274,34 @@ def _speedup_uncertainty(result: dict, base: dict | None) -> None:
     result["speedup_range"] = [low, high]
     noisy = max(result.get("spread") or 1.0, base.get("spread") or 1.0) > MAX_SPREAD
     result["speedup_unclear"] = noisy or low <= 1.0 <= high
+
+
+def _new_report(shape, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s) -> dict:
+    """The report before any variant ran: every variant `pending`."""
+    return {
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "complete": not variants,
+        "elapsed_s": 0.0,
+        "time_budget_s": time_budget_s,
+        "machine": machine_info(device),
+        "shape": shape.to_dict(),
+        "settings": {
+            "dtype": str(dtype).removeprefix("torch."),
+            # The trainer's precision config the dtype stands for (a variant's fp8 modifier sets precision.fp8).
+            "precision": dataclasses.asdict(BENCH_PRECISIONS[dtype]),
+            "warmup_steps": warmup,
+            "timed_steps": steps,
+            "seed": seed,
+            "attention": attention,
+            "optimizer": "AdamW over the LoRA parameters",
+            "step": "fusedit.step.loss.EditLoss under the precision's autocast, as EditLoRAModule.training_step",
+        },
+        "flops": step_flops(shape, "merged_qkv"),
+        "baseline": None,
+        "variants": [_pending(variant) for variant in variants],
+    }
 
 
 def _fmt(value, spec: str) -> str:
@@ -343,22 +351,31 @@ def _estimate_table(report: dict) -> list[str]:
     return lines
 
 
+def _shape_line(report: dict) -> str:
+    """What was stepped: the shape, the LoRA, the precision config, the steps and the FLOPs of one step."""
+    shape, settings = report["shape"], report["settings"]
+    steps = (
+        f"{settings['warmup_steps']} warm-up + {settings['timed_steps']} timed steps; "
+        if settings.get("timed", True)
+        else ""
+    )
+    precision = settings.get("precision")  # reports from before the bench stepped through fusedit.step lack it
+    dtype = settings["dtype"]
+    if precision:
+        dtype += f" (precision={precision['name']}: {precision['lora_dtype']} LoRA, {precision['lightning']})"
+    return (
+        f"shape `{shape['name']}`: {shape['num_layers']} blocks, width {shape['inner_dim']}, "
+        f"{shape['image_tokens']} image + {shape['text_tokens']} text tokens, batch {shape['batch']}, "
+        f"LoRA r{shape['lora_rank']} on {shape['lora_targets']}; {dtype}, {steps}"
+        f"{report['flops']['step'] / 1e12:.4g} TFLOP/step (merged)"
+    )
+
+
 def markdown_table(report: dict) -> str:
     """The report as a markdown table (plus the data-pipeline table when measured)."""
     lines = []
     if report.get("variants"):
-        shape, settings = report["shape"], report["settings"]
-        steps = (
-            f"{settings['warmup_steps']} warm-up + {settings['timed_steps']} timed steps; "
-            if settings.get("timed", True)
-            else ""
-        )
-        lines.append(
-            f"shape `{shape['name']}`: {shape['num_layers']} blocks, width {shape['inner_dim']}, "
-            f"{shape['image_tokens']} image + {shape['text_tokens']} text tokens, batch {shape['batch']}, "
-            f"LoRA r{shape['lora_rank']} on {shape['lora_targets']}; {settings['dtype']}, {steps}"
-            f"{report['flops']['step'] / 1e12:.4g} TFLOP/step (merged)"
-        )
+        lines.append(_shape_line(report))
         baseline = report.get("baseline")
         if baseline is not None and baseline != "standard":
             lines.append("")

@@ -19,6 +19,7 @@ from diffusers import QwenImageTransformer2DModel
 from torch import nn
 
 from fusedit.errors import UserInputError
+from fusedit.step.conditioning import EditInputs
 
 LATENT_CHANNELS = 16
 PATCH = 2
@@ -159,8 +160,9 @@ def build_random_transformer(
     return model.eval()
 
 
-def make_inputs(shape: BenchShape, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Synthetic packed latents, prompt embeddings and the fixed noise/noise level of the timed step."""
+def make_inputs(shape: BenchShape, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> EditInputs:
+    """Synthetic conditioning for the timed step: packed latents and prompt embeddings in `dtype` on `device`, as
+    the conditioner (or the cache) hands them to the training step; the step draws its noise from its seed."""
     generator = torch.Generator(device="cpu").manual_seed(seed + 1)
     channels = LATENT_CHANNELS * PATCH * PATCH
     condition_tokens = shape.image_tokens - shape.target_tokens
@@ -168,13 +170,11 @@ def make_inputs(shape: BenchShape, device: torch.device | str, dtype: torch.dtyp
     def randn(*size):
         return torch.randn(*size, generator=generator).to(device=device, dtype=dtype)
 
-    return {
-        "target": randn(shape.batch, shape.target_tokens, channels),
-        "noise": randn(shape.batch, shape.target_tokens, channels),
-        "condition": randn(shape.batch, condition_tokens, channels),
-        "prompt_embeds": randn(shape.batch, shape.text_tokens, shape.joint_attention_dim),
+    return EditInputs(
+        target=randn(shape.batch, shape.target_tokens, channels),
+        condition=randn(shape.batch, condition_tokens, channels),
+        prompt_embeds=randn(shape.batch, shape.text_tokens, shape.joint_attention_dim),
         # What a text encoder hands over for unpadded prompts; trimmed to None unless a variant keeps it.
-        "prompt_mask": torch.ones(shape.batch, shape.text_tokens, dtype=torch.long, device=device),
-        "sigmas": torch.rand(shape.batch, generator=generator).clamp(0.05, 0.95).to(device),
-        "img_shapes": [shape.img_shapes] * shape.batch,
-    }
+        prompt_mask=torch.ones(shape.batch, shape.text_tokens, dtype=torch.long, device=device),
+        img_shapes=[shape.img_shapes] * shape.batch,
+    )

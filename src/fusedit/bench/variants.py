@@ -12,25 +12,32 @@ A variant's name is its recipe: a layout followed by `+`-joined modifiers, e.g. 
                mask       the all-ones prompt mask is passed to the model instead of trimmed to None
 
 Modifiers may come in any order; the name is reported in the order above (`merged+ckpt+compile` is
-`merged+compile+ckpt`, `ckpt1` is `ckpt`). Stages come from fusedit.training.build in its order
-(load -> fp8 -> LoRA -> activation checkpointing -> compile); the perf switches from fusedit.model.perf.
-`make_step` is the LoRA training step a variant is timed (fusedit.bench.run) and predicted (fusedit.bench.memory) on.
+`merged+compile+ckpt`, `ckpt1` is `ckpt`). The model is built by the trainer's build stages (fusedit.step.build:
+load -> fuse -> fp8 -> LoRA -> activation checkpointing -> compile) in the trainer's precision config for the
+bench's dtype, and `make_step` is the trainer's step (fusedit.step.loss under the same autocast): what a variant is
+timed (fusedit.bench.run) and predicted (fusedit.bench.memory) on is what `train.py` runs with that config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fusedit.bench.shapes import BenchShape, build_random_transformer
+from fusedit.devices import to_dtype
 from fusedit.errors import UserInputError
-from fusedit.model.merged_qkv import fuse_qkv
-from fusedit.model.perf import apply_float8_compute, float8_compute_support, trim_prompt_padding
-from fusedit.training import build
-from fusedit.training.objective import FlowMatchObjective
+from fusedit.model.fp8 import float8_compute_support
+from fusedit.step.build import build_transformer
+from fusedit.step.conditioning import EditInputs
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.loss import EditLoss
+from fusedit.step.objective import FlowMatchObjective
+from fusedit.step.precision import PRESETS, Precision
 
 LAYOUTS = {"standard": "standard", "merged": "merged_qkv"}  # name token -> fusedit layout
 MODIFIERS = ("compile", "fp8", "float8", "ckpt", "ckptN", "offload", "mask")
@@ -86,6 +93,17 @@ def _describe(layout: str, compile: bool, fp8: str, every: int, offload: bool, m
     return ", ".join(parts)
 
 
+def _canonical_name(layout: str, compile: bool, fp8: str, every: int, offload: bool, mask: bool) -> str:
+    """The name a variant is reported under: its modifiers in the order of the module docstring's table."""
+    canonical = [layout]
+    canonical += ["compile"] if compile else []
+    canonical += {"storage": ["fp8"], "float8": ["float8"]}.get(fp8, [])
+    canonical += ["ckpt" if every == 1 else f"ckpt{every}"] if every else []
+    canonical += ["offload"] if offload else []
+    canonical += ["mask"] if mask else []
+    return "+".join(canonical)
+
+
 def parse_variant(name: str) -> Variant:
     """One variant from its name (see the module docstring); a ValueError names the bad token."""
     tokens = [token.strip() for token in name.strip().split("+")]
@@ -135,14 +153,8 @@ def parse_variant(name: str) -> Variant:
             f"benchmark variant {name!r}: 'offload' moves activation checkpoints to the CPU and needs 'ckpt' or "
             "'ckptN' in the same variant"
         )
-    canonical = [tokens[0]]
-    canonical += ["compile"] if compile else []
-    canonical += {"storage": ["fp8"], "float8": ["float8"]}.get(fp8, [])
-    canonical += ["ckpt" if every == 1 else f"ckpt{every}"] if every else []
-    canonical += ["offload"] if offload else []
-    canonical += ["mask"] if mask else []
     return Variant(
-        name="+".join(canonical),
+        name=_canonical_name(tokens[0], compile, fp8, every, offload, mask),
         layout=layout,
         compile=compile,
         fp8=fp8,
@@ -213,48 +225,57 @@ def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[Variant]:
     return list(variants.values())
 
 
+# The trainer's precision configs a bench `--dtype` stands for: bf16 is `precision=bf16` (fp32 adapters under bf16
+# autocast), fp32 is `precision=fp32`; fp16 has no preset and runs as Lightning's `16-true` would (all fp16).
+BENCH_PRECISIONS = {
+    torch.float32: PRESETS["fp32"],
+    torch.bfloat16: PRESETS["bf16"],
+    torch.float16: Precision(
+        name="fp16", base_dtype="float16", lora_dtype="float16", lightning="16-true", compute_dtype="float16"
+    ),
+}
+
+
+def variant_precision(variant: Variant, dtype: torch.dtype) -> Precision:
+    """The precision config `train.py` would run `variant` in at `dtype` (the variant's fp8 choice included)."""
+    return dataclasses.replace(BENCH_PRECISIONS[dtype], fp8=variant.fp8)
+
+
 def build_variant(
     variant: Variant, shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> nn.Module:
-    """The trainable model for `variant`: random base (same for every variant), then the build stages in order."""
-    model = build_random_transformer(shape, device, dtype, seed)
-    if variant.layout == "merged_qkv":
-        fuse_qkv(model)
-    if variant.fp8 == "storage":
-        build.fp8_storage(model, compute_dtype=dtype)
-    elif variant.fp8 == "float8":
-        apply_float8_compute(model, compute_dtype=dtype)
-    # LoRA weights in the compute dtype: PEFT casts a layer's input to the adapter's dtype, so fp32 adapters on a
-    # bf16 model would round-trip every adapted activation through fp32.
-    build.lora(model, rank=shape.lora_rank, targets=shape.lora_targets, dtype=dtype)
-    if variant.checkpoint_every:
-        build.activation_checkpointing(model, variant.checkpoint_every, offload=variant.offload)
-    if variant.compile:
-        build.compile_blocks(model)
-    return model
+    """The trainable model for `variant`: random base (same for every variant) in `dtype`, then the trainer's build
+    stages (fusedit.step.build) with the trainer's precision config for `dtype` (`variant_precision`)."""
+    precision = variant_precision(variant, dtype)
+    base = build_random_transformer(shape, device, to_dtype(precision.base_dtype), seed)
+    model = ModelConfig(
+        layout=variant.layout,
+        activation_checkpointing=variant.checkpoint_every,
+        checkpoint_offload=variant.offload,
+        compile=variant.compile,
+    )
+    return build_transformer(base, model, LoraSpec(shape.lora_targets, rank=shape.lora_rank), precision, device)
 
 
-def make_step(model, inputs: dict, variant: Variant, optimizer, objective: FlowMatchObjective):
-    """The LoRA training step: forward, flow-matching loss on the target tokens, backward, optimizer step."""
-    prompt_embeds, prompt_mask = inputs["prompt_embeds"], inputs["prompt_mask"]
-    if not variant.keep_mask:
-        prompt_embeds, prompt_mask = trim_prompt_padding(prompt_embeds, prompt_mask)
-    target_tokens = inputs["target"].shape[1]
-    noisy = objective.noisy(inputs["target"], inputs["noise"], inputs["sigmas"])
-    flow_target = objective.target(inputs["target"], inputs["noise"])
-    hidden_states = torch.cat([noisy, inputs["condition"]], dim=1)
-    timestep = inputs["sigmas"].to(hidden_states.dtype)
+def make_step(
+    model: nn.Module,
+    inputs: EditInputs,
+    variant: Variant,
+    optimizer: torch.optim.Optimizer,
+    objective: FlowMatchObjective,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> Callable[[], torch.Tensor]:
+    """The trainer's optimizer step on `inputs` (what Lightning runs for `EditLoRAModule.training_step`): the
+    loss (fusedit.step.loss.EditLoss, noise drawn from `seed`) under the precision config's autocast, backward
+    outside it, optimizer step, gradients set to None. Returns a function that runs one step and returns the loss."""
+    edit_loss = EditLoss(objective, trim_padding=not variant.keep_mask)
+    autocast = variant_precision(variant, dtype).autocast
+    device = inputs.target.device
 
-    def step() -> float:
-        prediction = model(
-            hidden_states=hidden_states,
-            timestep=timestep,
-            encoder_hidden_states=prompt_embeds,
-            encoder_hidden_states_mask=prompt_mask,
-            img_shapes=inputs["img_shapes"],
-            return_dict=False,
-        )[0][:, :target_tokens]
-        loss = objective.loss(prediction, flow_target, inputs["sigmas"])
+    def step() -> torch.Tensor:
+        with autocast(device):
+            loss, _ = edit_loss.loss(model, inputs, seed)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

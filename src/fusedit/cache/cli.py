@@ -31,7 +31,8 @@ def compose_cache_config(overrides: list[str], config_dir: str | Path = DEFAULT_
         # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, as train.py
         # prints it, instead of the traceback of the compose call.
         raise UserInputError(_one_line(error)) from None
-    from fusedit.training.train import default_metadata, default_model_path  # Lightning: after the config is known
+    from fusedit.data.sample import default_metadata
+    from fusedit.tiny import default_model_path
 
     with open_dict(cfg):
         if cfg.model.path is None:

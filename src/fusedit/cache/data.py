@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fusedit.cache.batches import collate_cached
 from fusedit.cache.keys import encoder_fingerprint, file_sha256, row_key
 from fusedit.cache.store import LatentCache, shard_bytes_of
 from fusedit.data.buckets import BucketBatchSampler
@@ -30,7 +31,7 @@ from fusedit.data.errors import DataValidationError
 from fusedit.data.records import Record, read_records
 from fusedit.data.validation import PathRefused, Sample, resolve_path
 from fusedit.devices import resolve_device, to_dtype
-from fusedit.training.conditioning import EditInputs
+from fusedit.step.conditioning import EditInputs
 
 log = logging.getLogger(__name__)
 
@@ -127,36 +128,6 @@ def encode_into_cache(
     if pending:
         cache.add(pending)
     return len(samples)
-
-
-# -------------------------------------------------------------------------------------------------- batches
-def collate_cached(items: list[dict]) -> dict:
-    """One bucket's cached rows -> {"target", "condition", "prompt_embeds", "prompt_mask", "img_shapes", "prompt",
-    "row"}; prompts padded with zeros after their last token and masked, as EditConditioner.encode_prompts does."""
-    shapes = {tuple(map(tuple, item["img_shapes"])) for item in items}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"batch of rows {[item['row'] for item in items]} mixes latent shapes {sorted(shapes)}; batches must "
-            "come from BucketBatchSampler"
-        )
-    lengths = [item["prompt_embeds"].shape[0] for item in items]
-    longest = max(lengths)
-    embeds = torch.stack(
-        [torch.cat([e, e.new_zeros(longest - len(e), e.shape[1])]) for e in (item["prompt_embeds"] for item in items)]
-    )
-    mask = None
-    if min(lengths) != longest:
-        mask = torch.stack([torch.arange(longest) < length for length in lengths]).long()
-    slots = len(items[0]["edits"])
-    return {
-        "target": torch.stack([item["target"] for item in items]),
-        "condition": torch.cat([torch.stack([item["edits"][s] for item in items]) for s in range(slots)], dim=1),
-        "prompt_embeds": embeds,
-        "prompt_mask": mask,
-        "img_shapes": [[tuple(shape) for shape in item["img_shapes"]] for item in items],
-        "prompt": [item["prompt"] for item in items],
-        "row": [item["row"] for item in items],
-    }
 
 
 class CachedEditDataset(Dataset):
@@ -283,7 +254,7 @@ class CachedEditDataModule(EditDataModule):
         return self.cache
 
     def _load_conditioner(self, device: torch.device) -> nn.Module:
-        from fusedit.training.conditioning import EditConditioner
+        from fusedit.step.conditioning import EditConditioner
 
         return EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype)).to(device)
 

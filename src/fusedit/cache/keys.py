@@ -152,7 +152,7 @@ def _template(pipeline_class: str) -> dict:
     """The prompt template and VLM image sizes of `pipeline_class`, from diffusers itself (no weights loaded)."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 
-    from fusedit.training.conditioning import EDIT_VLM_AREA
+    from fusedit.step.conditioning import EDIT_VLM_AREA
 
     cls = getattr(diffusers, pipeline_class, None)
     if cls is None:

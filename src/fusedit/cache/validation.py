@@ -34,25 +34,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
-from fusedit.training.conditioning import EditInputs
-from fusedit.training.objective import calculate_shift
+from fusedit.cache.batches import cached_inputs
+from fusedit.step.conditioning import EditInputs
+from fusedit.step.objective import calculate_shift
 
 log = logging.getLogger(__name__)
-
-
-def cached_inputs(samples: list[dict], device: torch.device) -> EditInputs:
-    """Items of a CachedEditDataset (one bucket) -> `EditInputs` on `device`, as training gets them."""
-    from fusedit.cache.data import collate_cached
-
-    batch = collate_cached(samples)
-    mask = batch["prompt_mask"]
-    return EditInputs(
-        target=batch["target"].to(device),
-        condition=batch["condition"].to(device),
-        prompt_embeds=batch["prompt_embeds"].to(device),
-        prompt_mask=None if mask is None else mask.to(device),
-        img_shapes=batch["img_shapes"],
-    )
 
 
 @torch.no_grad()

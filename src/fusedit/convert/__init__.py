@@ -2,9 +2,9 @@
 and between LoRA file formats. See docs/conversion.md."""
 
 from .cli import add_cli
-from .files import convert_checkpoint
+from .files import convert_checkpoint, write_lora
 from .layout import DIRECTIONS, MERGED, STANDARD, TO_MERGED, TO_STANDARD
-from .lora_formats import FORMATS, LoraModule, LoraWeights, read_lora, write_lora
+from .lora_formats import FORMATS, LoraModule, LoraWeights, read_lora
 from .lora_qkv import convert_lora_layout
 from .state_dict import convert_state_dict
 

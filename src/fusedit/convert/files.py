@@ -23,11 +23,20 @@ import torch
 from safetensors import safe_open
 
 from fusedit.errors import OutputExistsError, UserFileNotFoundError, UserInputError
-from fusedit.io import atomic_write_path, read_safetensors_header, write_json_atomic
+from fusedit.io import atomic_write_path, read_safetensors_header, save_safetensors_atomic, write_json_atomic
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
-from .layout import DIRECTIONS, TARGET_LAYOUT, TO_STANDARD, TensorPlan, model_layout, plan_model_conversion
-from .lora_formats import FORMATS, STANDARD_ONLY_FORMATS, read_lora, write_lora
+from .layout import (
+    DIRECTION_TO,
+    DIRECTIONS,
+    LAYOUTS,
+    TARGET_LAYOUT,
+    TO_STANDARD,
+    TensorPlan,
+    model_layout,
+    plan_model_conversion,
+)
+from .lora_formats import FORMATS, STANDARD_ONLY_FORMATS, LoraWeights, lora_to_state_dict, read_lora
 from .lora_qkv import convert_lora_layout
 from .state_dict import classify_keys
 
@@ -299,3 +308,22 @@ def convert_checkpoint(
 
 def _public(report: dict) -> dict:
     return {k: report[k] for k in ("input_layout", "output_layout", "noop")} | {"files": sorted(report["written"])}
+
+
+def write_lora(
+    lora: LoraWeights, path: str | os.PathLike, format: str = "diffusers", layout: str | None = None
+) -> Path:
+    """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`.
+
+    `STANDARD_ONLY_FORMATS` are always written in the standard layout (a merged LoRA is split exactly); asking
+    for them in the merged layout raises ValueError.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise UserInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if format in STANDARD_ONLY_FORMATS:
+        layout = layout or "standard"  # "merged_qkv" is refused by lora_to_state_dict
+    if layout is not None and layout != lora.layout and lora.layout is not None:
+        lora = convert_lora_layout(lora, DIRECTION_TO[layout])
+    tensors, metadata = lora_to_state_dict(lora, format)
+    save_safetensors_atomic(tensors, path, metadata)
+    return Path(path)

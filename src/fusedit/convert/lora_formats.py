@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from fusedit.errors import UserInputError, examples
-from fusedit.io import load_safetensors, save_safetensors_atomic
+from fusedit.io import load_safetensors
 from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
 from fusedit.pickle_files import pickle_refusal
 
-from .layout import DIRECTION_TO, LAYOUTS, layout_of_modules
+from .layout import layout_of_modules
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -575,24 +575,3 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
             config = {f"transformer.{k}": v for k, v in config.items()}
         metadata[DIFFUSERS_METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
     return tensors, metadata
-
-
-def write_lora(
-    lora: LoraWeights, path: str | os.PathLike, format: str = "diffusers", layout: str | None = None
-) -> Path:
-    """Write `lora` to one safetensors file, atomically, in `format` and (optionally converted to) `layout`.
-
-    `STANDARD_ONLY_FORMATS` are always written in the standard layout (a merged LoRA is split exactly); asking
-    for them in the merged layout raises ValueError.
-    """
-    if layout is not None and layout not in LAYOUTS:
-        raise UserInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if format in STANDARD_ONLY_FORMATS:
-        layout = layout or "standard"  # "merged_qkv" is refused by lora_to_state_dict
-    if layout is not None and layout != lora.layout and lora.layout is not None:
-        from .lora_qkv import convert_lora_layout
-
-        lora = convert_lora_layout(lora, DIRECTION_TO[layout])
-    tensors, metadata = lora_to_state_dict(lora, format)
-    save_safetensors_atomic(tensors, path, metadata)
-    return Path(path)

@@ -11,6 +11,7 @@ _EXPORTS = {
     "BucketBatchSampler": "fusedit.data.buckets",
     "DataValidationError": "fusedit.data.errors",
     "EditDataModule": "fusedit.data.datamodule",
+    "default_metadata": "fusedit.data.sample",
     "MetadataError": "fusedit.data.errors",
     "make_sample_dataset": "fusedit.data.sample",
     "split_train_val": "fusedit.data.datamodule",

@@ -71,3 +71,14 @@ def make_sample_dataset(out_dir: str | Path, n: int = 12, size: int = 64, seed: 
         rows.append((image_name, edit_name, PROMPTS[target_shape]))
 
     return write_metadata_csv(out / "metadata.csv", rows)
+
+
+SAMPLE_DIR = "sample-data"
+
+
+def default_metadata(cache_dir: str | Path) -> Path:
+    """The generated sample dataset used when `data.metadata` is null (created under `cache_dir` on first use)."""
+    metadata = Path(cache_dir) / SAMPLE_DIR / "metadata.csv"
+    if metadata.is_file():
+        return metadata
+    return make_sample_dataset(metadata.parent)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fusedit.errors import Refusal, UserFileNotFoundError, UserInputError
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
@@ -244,8 +244,10 @@ def preflight(cfg: DictConfig) -> Plan:
         problems.check(_check_lora_kind, spec, file)
     if family is not None:
         problems.check(check_jobs_fit, jobs, family)
-    from fusedit.inference.profiles import check_profile  # torch, already imported by detect
+    from fusedit.inference.profiles import check_profile, resolve_auto_profile  # torch, imported by detect already
 
+    with open_dict(cfg):  # profile=auto: the detected GPU's profile from here on (infer() reads cfg.profile)
+        cfg.profile = resolve_auto_profile(cfg.profile)
     problems.check(check_profile, cfg.profile)
     problems.raise_if_any()
     return Plan(jobs=jobs, paths=paths, loras=specs, family=family)

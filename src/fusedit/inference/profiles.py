@@ -14,16 +14,45 @@ adapter layers to skip them), casting before offloading (the offload hooks move 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fusedit.devices import resolve_device, to_dtype
 from fusedit.errors import UserInputError
 
 OFFLOADS = ("none", "model", "sequential", "group")
+# profile=auto: (minimum detected GPU memory in GB = 1e9 bytes, profile), first match wins. Each profile's own need:
+# high_vram holds the bf16 transformer (~41 GB) and text encoder (~17 GB) at once; 24gb one fp8 component at a time
+# (the ~20 GB transformer); 12gb streams one block at a time; 8gb one layer at a time. Not measured (docs/inference.md).
+AUTO_PROFILES = ((70.0, "high_vram"), (20.0, "24gb"), (10.0, "12gb"), (0.0, "8gb"))
+PROFILE_DIR = Path(__file__).resolve().parents[3] / "conf" / "profile"
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return to_dtype(name, "profile.dtype")
+
+
+def auto_profile_name(gpu_gb: float | None) -> str:
+    """The profile `profile=auto` picks for a GPU of `gpu_gb` GB (None: no CUDA GPU -> cpu)."""
+    if gpu_gb is None:
+        return "cpu"
+    return next(name for minimum, name in AUTO_PROFILES if gpu_gb >= minimum)
+
+
+def resolve_auto_profile(profile):
+    """`profile` itself, or for `profile=auto` the profile file for the detected GPU (keys set next to `auto` on the
+    command line, e.g. `profile.dtype=float32`, are kept on top; conf/profile/auto.yaml lists them as null)."""
+    from omegaconf import OmegaConf
+
+    if profile.get("name") != "auto":
+        return profile
+    gpu_gb = None
+    if torch.cuda.is_available():
+        gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+    chosen = OmegaConf.load(PROFILE_DIR / f"{auto_profile_name(gpu_gb)}.yaml")
+    extra = {key: value for key, value in profile.items() if key != "name" and value is not None}
+    return OmegaConf.merge(chosen, extra)
 
 
 def check_profile(profile) -> tuple[str, torch.device]:

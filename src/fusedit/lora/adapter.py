@@ -148,3 +148,32 @@ def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA inputs under autocast
+
+
+def _cast_unless_autocast(self, x, dtype):
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(self)._cast_input_dtype(self, x, dtype)
+
+
+def lora_inputs_follow_autocast(model: nn.Module) -> int:
+    """Skip PEFT's cast of a LoRA layer's input to the adapter dtype while autocast is on; returns the layer count.
+
+    With fp32 adapters on a bf16 model PEFT runs `x.to(float32)` before `lora_A`: an fp32 copy of every adapted
+    activation, which autocast casts straight back to bf16 for the GEMM. Under autocast that round trip is pure
+    memory traffic and changes no value (bf16 -> fp32 -> bf16 is exact; `lora.dropout` > 0 scales in bf16 instead
+    of fp32), so it is skipped; without autocast (fp32 training, inference) the cast stays, as fp32 weights need
+    fp32 inputs there. The check runs per call, so checkpoint recomputation and compiled code agree with eager.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "_cast_input_dtype"):
+            module._cast_input_dtype = _cast_unless_autocast.__get__(module)
+            count += 1
+    return count

@@ -240,10 +240,8 @@ def _load_lora_adapter(model: nn.Module, source, prefix: str | None = "transform
 
 
 # ------------------------------------------------------------------------------------------ attention processors
-def _set_processor(attn: nn.Module, processor) -> None:
-    from fusedit.model.merged_qkv import MergedQKVAttnProcessor  # merged_qkv imports this module
-
-    if not isinstance(processor, MergedQKVAttnProcessor):
+def _set_processor(attn: nn.Module, merged_processor: type, processor) -> None:
+    if not isinstance(processor, merged_processor):
         raise TypeError(
             f"{type(processor).__name__} reads attn.to_q/to_k/to_v, which this merged model does not have "
             f"({MERGED_NAMES_HELP}). Keep fusedit's MergedQKVAttnProcessor (attention backends still switch with "
@@ -276,25 +274,23 @@ def merged_tp_plan(class_plan: dict | None) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------- install
-def install_merged_api(model: nn.Module) -> None:
-    """Give the merged `model` the instance-level answers above (idempotent)."""
-    from fusedit.model.merged_qkv import attention_modules  # merged_qkv imports this module
-
+def install_merged_api(model: nn.Module, attention: list[nn.Module], merged_processor: type) -> None:
+    """Give the merged `model` the instance-level answers above (idempotent). `attention`: its attention modules;
+    `merged_processor`: the processor class they must keep (both from fusedit.model.merged_qkv, which calls this;
+    passed in so that this module does not import it back)."""
     model.save_pretrained = functools.partial(_save_pretrained, model)
     model.add_adapter = functools.partial(_add_adapter, model)
     model.load_lora_adapter = functools.partial(_load_lora_adapter, model)
     model._tp_plan = merged_tp_plan(type(model)._tp_plan)
-    for attn in attention_modules(model):
-        setattr(attn, SET_PROCESSOR, functools.partial(_set_processor, attn))
+    for attn in attention:
+        setattr(attn, SET_PROCESSOR, functools.partial(_set_processor, attn, merged_processor))
 
 
-def uninstall_merged_api(model: nn.Module) -> None:
+def uninstall_merged_api(model: nn.Module, attention: list[nn.Module]) -> None:
     """Remove what `install_merged_api` set: the class's own methods and plan apply again."""
-    from fusedit.model.merged_qkv import attention_modules
-
     for name in MODEL_OVERRIDES:
         model.__dict__.pop(name, None)
-    for attn in attention_modules(model):
+    for attn in attention:
         attn.__dict__.pop(SET_PROCESSOR, None)
 
 

@@ -1,4 +1,7 @@
-"""FP8 storage for the frozen base weights: float8_e4m3fn in memory, upcast per layer for the matmul.
+"""FP8 for the frozen base weights: stored as float8_e4m3fn (fp8 storage), or also computing in float8 GEMMs.
+
+Storage: `apply_fp8_storage` keeps the weights as float8_e4m3fn in memory and upcasts them per layer for the
+matmul.
 
 This halves the memory of the frozen 20B base against bf16 on any device (CPU included) without changing the
 compute dtype. The weight is upcast inside a custom autograd function that saves the *fp8* weight for backward and
@@ -7,7 +10,14 @@ backward and give the memory back. Frozen weights get no weight-gradient GEMM at
 
 Scales: `tensor` (one fp32 scale per matrix) or `row` (one per output row, which tracks outlier rows better).
 The module subclasses `nn.Linear` so PEFT wraps it like any Linear; it advertises `compute_dtype` so PEFT keeps
-LoRA weights in the compute dtype instead of casting them to fp8. Apply it before LoRA (build order: fusedit.training.build).
+LoRA weights in the compute dtype instead of casting them to fp8. Apply it before LoRA (build order: fusedit.step.build).
+
+Float8 GEMMs: `apply_float8_compute` swaps the frozen base Linears of the transformer blocks for
+`Float8ComputeLinear`: weights stored once in float8_e4m3fn, activations cast per call, forward and input-gradient
+GEMMs in float8 through `torch._scaled_mm` (the kernel torchao's float8 training runs). Unlike torchao's
+`Float8Linear`, which always computes the weight-gradient GEMM (torchao/float8/float8_linear.py), the frozen base
+here never does: a LoRA step needs only the input gradient. sm89+ GPUs (Ada, Hopper, Blackwell) only; whether a
+device qualifies is `float8_compute_support`'s answer, the one place that rule lives.
 """
 
 from __future__ import annotations
@@ -142,4 +152,118 @@ def apply_fp8_storage(
     """
     return swap_frozen_linears(
         module, lambda linear: Fp8StorageLinear(linear, granularity, compute_dtype), skip, "fp8 storage"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Float8 GEMMs for the frozen base
+
+E4M3, E5M2 = FP8_DTYPE, torch.float8_e5m2
+FLOAT8_MIN_CAPABILITY = (8, 9)
+
+
+def float8_compute_support(device: torch.device | str) -> tuple[bool, str]:
+    """(supported, reason): float8 GEMMs need a CUDA device of compute capability 8.9 or newer."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"float8 GEMMs need a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); got {device.type}"
+    if not torch.cuda.is_available():
+        return False, "float8 GEMMs need a CUDA GPU, and CUDA is not available"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLOAT8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return False, f"float8 GEMMs need compute capability >= 8.9; {name} has {capability[0]}.{capability[1]}"
+    return True, "ok"
+
+
+def _to_float8(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Per-tensor dynamic scaling: the scale maps amax to the format's largest finite value.
+    amax = tensor.detach().abs().amax().float()
+    scale = (amax / torch.finfo(dtype).max).clamp(min=torch.finfo(torch.float32).tiny)
+    return (tensor.float() / scale).to(dtype), scale
+
+
+class _Float8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_fp8, weight_scale, bias, out_dtype):
+        flat = x.reshape(-1, x.shape[-1])
+        x_fp8, x_scale = _to_float8(flat, E4M3)
+        # _scaled_mm wants its second operand column-major: the transpose of a row-major [out, in] weight is.
+        out = torch._scaled_mm(
+            x_fp8,
+            weight_fp8.t(),
+            scale_a=x_scale,
+            scale_b=weight_scale,
+            bias=None if bias is None else bias.to(out_dtype),
+            out_dtype=out_dtype,
+        )
+        ctx.save_for_backward(weight_fp8, weight_scale)
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        ctx.out_dtype = out_dtype
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight_fp8, weight_scale = ctx.saved_tensors
+        flat = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            # Gradients need range more than precision: e5m2. The weight is needed as [out, in] column-major here.
+            grad_fp8, grad_scale = _to_float8(flat, E5M2)
+            grad_input = torch._scaled_mm(
+                grad_fp8,
+                weight_fp8.t().contiguous().t(),
+                scale_a=grad_scale,
+                scale_b=weight_scale,
+                out_dtype=ctx.out_dtype,
+            ).reshape(*grad_output.shape[:-1], weight_fp8.shape[1])
+        # The frozen weight gets no gradient, so its GEMM is never run.
+        grad_bias = flat.sum(0) if ctx.bias_needs_grad else None
+        return grad_input, None, None, grad_bias, None
+
+
+class Float8ComputeLinear(FrozenFp8Linear):
+    """A frozen Linear computing in float8: e4m3 weight (one fp32 scale) kept from construction, per-call
+    dynamically scaled e4m3 inputs and e5m2 gradients. Subclasses nn.Linear so PEFT wraps it like any Linear."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16):
+        if linear.in_features % 16 or linear.out_features % 16:
+            raise ValueError(
+                f"float8 GEMMs need both Linear sizes to be multiples of 16, got {linear.in_features}x{linear.out_features}"
+            )
+        source = linear.dequantized_weight(torch.float32) if isinstance(linear, FrozenFp8Linear) else linear.weight
+        weight_fp8, scale = _to_float8(source.detach(), E4M3)
+        super().__init__(linear, weight_fp8, scale, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Float8Matmul.apply(x, self.weight, self.weight_scale, self.bias, self.forward_dtype(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, compute=float8_e4m3fn"
+
+
+def apply_float8_compute(
+    module: nn.Module,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip: tuple[str, ...] = ENTRY_EXIT_LAYERS,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Replace the frozen Linears inside the transformer blocks with `Float8ComputeLinear`, in place.
+
+    A build stage in the `fp8` slot (before LoRA): it also stores the weights in fp8, so it replaces fp8 storage
+    rather than stacking on it (an Fp8StorageLinear is accepted and re-scaled per tensor). Refused off sm89+
+    GPUs: CPUs and older GPUs either lack the kernel or emulate it far slower than a bf16 GEMM.
+    """
+    if device is None:  # else: the device the model will train on (a model built on the CPU, moved later)
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    supported, reason = float8_compute_support(device)
+    if not supported:
+        raise RuntimeError(f"apply_float8_compute: {reason}. Use fp8 storage (apply_fp8_storage) instead.")
+    return swap_frozen_linears(
+        module,
+        lambda linear: Float8ComputeLinear(linear, compute_dtype),
+        skip,
+        "float8 compute",
+        replaceable=(nn.Linear, Fp8StorageLinear),
     )

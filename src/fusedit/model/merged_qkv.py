@@ -235,7 +235,7 @@ def fuse_qkv(transformer: nn.Module) -> nn.Module:
             setattr(attn, merged_name, _carry_casting_hook(hooks[merged_name], merged))
         attn.set_processor(MergedQKVAttnProcessor())
     _invalidate_hook_caches(transformer)
-    install_merged_api(transformer)
+    install_merged_api(transformer, attention_modules(transformer), MergedQKVAttnProcessor)
     return transformer
 
 
@@ -249,7 +249,7 @@ def unfuse_qkv(transformer: nn.Module) -> nn.Module:
         if hasattr(attn, IMAGE_MERGED):
             hooks = {merged: _checked_casting_hook(attn, block, (merged,)) for merged in QKV_GROUPS}
             todo.append((attn, hooks))
-    uninstall_merged_api(transformer)
+    uninstall_merged_api(transformer, attention_modules(transformer))
     for attn, hooks in todo:
         for merged_name, names in QKV_GROUPS.items():
             for name, linear in zip(names, _split_linear(getattr(attn, merged_name)), strict=True):

@@ -35,7 +35,8 @@ def compose_plan_config(overrides: list[str], size: str | None):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     if size != "full":
-        from fusedit.training.train import default_metadata, default_model_path
+        from fusedit.data.sample import default_metadata
+        from fusedit.tiny import default_model_path
 
         with open_dict(cfg):
             if cfg.model.path is None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fusedit.errors import UserInputError
 from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate
 from fusedit.plan.predict import FULL, Estimates, ModelFacts, model_facts, pipeline_shape, training_shape
+from fusedit.step.precision import PRESETS, Precision
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ def config_plan(cfg: DictConfig) -> TrainPlan:
     precision = cfg.precision
     return TrainPlan(
         checkpoint_every=int(cfg.model.get("activation_checkpointing") or 0),
-        fp8=bool(precision.get("fp8_storage") or precision.get("fp8_compute")),
+        fp8=precision.get("fp8", "none") != "none",
         cache=bool(cfg.get("cache") and cfg.cache.get("enabled")),
         optim=str(cfg.optim.get("name", "adamw")),
         resident_blocks=cfg.model.get("resident_blocks"),
@@ -77,7 +79,11 @@ def config_facts(cfg: DictConfig, size: str | None = None, estimates: Estimates 
 def apply_plan(cfg: DictConfig, plan: TrainPlan) -> None:
     """Write `plan`'s switches into `cfg` (the precision and optim groups' YAML files, as `precision=fp8` would)."""
     with open_dict(cfg):
-        cfg.precision = OmegaConf.load(CONF_DIR / "precision" / ("fp8.yaml" if plan.fp8 else "bf16.yaml"))
+        # The precision=fp8 / precision=bf16 presets (fusedit.step.precision.PRESETS, equal to conf/precision/).
+        preset = PRESETS["fp8" if plan.fp8 else "bf16"]
+        cfg.precision = OmegaConf.create(
+            {"_target_": f"{Precision.__module__}.Precision", **dataclasses.asdict(preset)}
+        )
         cfg.model.activation_checkpointing = plan.checkpoint_every
         cfg.model.resident_blocks = plan.resident_blocks
         cfg.cache.enabled = plan.cache

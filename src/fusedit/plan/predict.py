@@ -45,10 +45,13 @@ log = logging.getLogger(__name__)
 GB = 1e9
 IN_FLIGHT_BLOCKS = 3  # streamed blocks on the GPU at once (see the module docstring)
 LORA_BYTES_PER_PARAMETER = 4 + 4 + 2  # fp32 weight, fp32 gradient, autocast's bf16 copy during the step
-# fusedit.bench.memory's step holds LoRA weights in the compute dtype (bf16) with torch AdamW: its gradients (2 B) and
-# moments (2 x 2 B) are part of its `step_gb` and are taken out to leave the activations.
-_BENCH_LORA_STEP_BYTES = 2 + 4
-_ESTIMATE_VERSION = 1  # bump when fusedit.bench.memory's method changes
+# fusedit.bench.memory steps as the trainer does (fusedit.step: fp32 LoRA weights under bf16 autocast, torch AdamW):
+# its fp32 gradients (4 B), fp32 moments (2 x 4 B) and autocast's bf16 copies of the LoRA weights (2 B) are part of
+# its `step_gb`; they are counted by LORA_BYTES_PER_PARAMETER + STATE_BYTES_PER_PARAMETER and taken out here.
+_BENCH_LORA_STEP_BYTES = 4 + 2 * 4 + 2
+_ESTIMATE_VERSION = (
+    2  # bump when fusedit.bench.memory's method changes (2: the trainer's step, fp32 LoRA under autocast)
+)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,12 @@
 """The LightningModule: LoRA on the Qwen-Image-Edit transformer, trained with the rectified-flow objective.
 
 The module owns three things: the transformer carrying the LoRA (the only trainable parameters), the frozen
-conditioner (VAE + text encoder, see conditioning.py) and the objective (objective.py). Checkpoints hold the LoRA
-weights only (`state_dict` is restricted to the trainable set) plus Lightning's optimizer/scheduler/loop state,
-never the frozen 20B base.
+conditioner (VAE + text encoder, fusedit.step.conditioning) and the loss (fusedit.step.loss, which the benchmark
+times as well). Checkpoints hold the LoRA weights only (`state_dict` is restricted to the trainable set) plus
+Lightning's optimizer/scheduler/loop state, never the frozen 20B base.
 
 Randomness per step (noise levels and noise) comes from generators seeded per sample by (seed, global step,
-dataset row), not from the global RNG: a resumed run draws exactly what an uninterrupted one would have, and a
-sample gets the same draw whichever rank or batch position it lands on (2 ranks x batch 1 = 1 rank x batch 2).
+dataset row); see fusedit.step.loss.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from fusedit.lora.adapter import lora_parameters
-from fusedit.model.perf import ATTENTION_BACKENDS, attention_backend, trim_prompt_padding
+from fusedit.step.conditioning import EditConditioner, EditInputs
+from fusedit.step.loss import EditLoss
+from fusedit.step.objective import FlowMatchObjective
 from fusedit.training.checkpoint_checks import OTHER_RUN_HINT, check_state_dict
-from fusedit.training.conditioning import EditConditioner, EditInputs
-from fusedit.training.objective import FlowMatchObjective
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -72,8 +71,7 @@ class EditLoRAModule(LightningModule):
         attention: str = "auto",
     ):
         super().__init__()
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        self.edit_loss = EditLoss(objective, attention)
         self.attention = attention
         self.transformer = transformer
         self.conditioner = conditioner
@@ -85,7 +83,7 @@ class EditLoRAModule(LightningModule):
         self.fixed_noise = bool(fixed_noise)
         self._trainable = {f"transformer.{name}" for name in lora_parameters(transformer)}
         if not self._trainable:
-            raise ValueError("the transformer has no LoRA parameters: build it with fusedit.training.build")
+            raise ValueError("the transformer has no LoRA parameters: build it with fusedit.step.build")
         extra = {name for name, p in self.named_parameters() if p.requires_grad} - self._trainable
         if extra:
             raise ValueError(f"parameters outside the LoRA are trainable: {sorted(extra)[:5]}")
@@ -114,64 +112,20 @@ class EditLoRAModule(LightningModule):
                 parameters[name].copy_(value)
         return nn.modules.module._IncompatibleKeys([], [])
 
-    # -- the objective -----------------------------------------------------------------------------------------------
-    def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
-        cpu = torch.Generator().manual_seed(seed)
-        device = torch.Generator(device=self.device).manual_seed(seed) if self.device.type != "cpu" else cpu
-        return cpu, device
-
+    # -- the loss (fusedit.step.loss: the same computation the benchmark times) -----------------------------------
     def _step_seed(self) -> int:
         if self.fixed_noise:  # debug=overfit: the same draw every step, so a fixed batch can be memorised
             return self.seed
-        # Distinct per step, identical across restarts (and across ranks: samples_seeds adds the row).
+        # Distinct per step, identical across restarts (and across ranks: sample_seeds adds the row).
         return (self.seed * 1_000_003 + self.global_step * 7919) % (2**63)
 
-    @staticmethod
-    def sample_seeds(seed: int, rows) -> list[int]:
-        """One seed per sample from its dataset row (and its repeat within the batch), independent of the rank."""
-        seen: dict[int, int] = {}
-        seeds = []
-        for row in (int(r) for r in rows):
-            seen[row] = seen.get(row, -1) + 1
-            seeds.append((seed * 1_000_033 + row * 104_729 + seen[row] * 15_485_863 + 1) % (2**63))
-        return seeds
-
     def predict_velocity(self, noisy: torch.Tensor, inputs: EditInputs, sigmas: torch.Tensor) -> torch.Tensor:
-        """Transformer velocity for the target tokens; the edit-image tokens ride along as conditioning."""
-        dtype = inputs.prompt_embeds.dtype
-        hidden = torch.cat([noisy.to(dtype), inputs.condition.to(dtype)], dim=1)
-        # Without the padding every prompt shares (and without a mask when none is left) SDPA may pick its fused
-        # kernels; exact, see fusedit.model.perf. The backend chosen here also runs the backward.
-        prompt_embeds, prompt_mask = trim_prompt_padding(inputs.prompt_embeds, inputs.prompt_mask)
-        with attention_backend(self.attention):
-            output = self.transformer(
-                hidden_states=hidden,
-                timestep=sigmas.to(device=hidden.device, dtype=dtype),
-                encoder_hidden_states=prompt_embeds,
-                encoder_hidden_states_mask=prompt_mask,
-                img_shapes=inputs.img_shapes,
-                return_dict=False,
-            )[0]
-        return output[:, : noisy.shape[1]]
+        """Transformer velocity for the target tokens (EditLoss.predict_velocity)."""
+        return self.edit_loss.predict_velocity(self.transformer, noisy, inputs, sigmas)
 
     def compute_loss(self, inputs: EditInputs, seed: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, sigmas) for one batch with all randomness drawn from `seed` (per sample with `rows`)."""
-        # Noising and the target in float32; the transformer gets its own dtype in predict_velocity.
-        x0 = inputs.target.float()
-        if rows is None:
-            cpu_generator, device_generator = self._generators(seed)
-            sigmas = self.objective.sample_sigmas(x0.shape[0], x0.shape[1], cpu_generator).to(x0.device)
-            noise = torch.randn(x0.shape, generator=device_generator, device=x0.device, dtype=x0.dtype)
-        else:
-            draws = []
-            for sample_seed in self.sample_seeds(seed, rows):
-                cpu_generator, device_generator = self._generators(sample_seed)
-                sigma = self.objective.sample_sigmas(1, x0.shape[1], cpu_generator)
-                draws.append((sigma, torch.randn(x0.shape[1:], generator=device_generator, device=x0.device)))
-            sigmas = torch.cat([sigma for sigma, _ in draws]).to(x0.device)
-            noise = torch.stack([sample for _, sample in draws]).to(x0.dtype)
-        prediction = self.predict_velocity(self.objective.noisy(x0, noise, sigmas), inputs, sigmas)
-        return self.objective.loss(prediction, self.objective.target(x0, noise), sigmas), sigmas
+        return self.edit_loss.loss(self.transformer, inputs, seed, rows)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs = self.conditioner(batch)

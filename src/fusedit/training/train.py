@@ -27,11 +27,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
+from fusedit.data.sample import default_metadata
 from fusedit.devices import to_dtype
 from fusedit.errors import UserInputError
 from fusedit.io import write_json_atomic, write_text_atomic
 from fusedit.plan.config import resolve_training_plan
-from fusedit.training.build import build_transformer
+from fusedit.step.build import build_transformer
+from fusedit.step.conditioning import EditConditioner
+from fusedit.step.config import typed_configs
+from fusedit.tiny import default_model_path
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -41,7 +45,6 @@ from fusedit.training.checkpoint import (
     resolve_checkpoint,
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
-from fusedit.training.conditioning import EditConditioner
 from fusedit.training.console import quiet_third_party_output, without_wandb_anonymous
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.signals import GracefulStop
@@ -49,28 +52,8 @@ from fusedit.training.validate_config import refuse_subprocess_launch_in_multiru
 
 log = logging.getLogger(__name__)
 
-TINY_DIR = "tiny-edit"
-SAMPLE_DIR = "sample-data"
 WANDB_ID_FILE = "wandb_run_id"
 PLAN_FILE = "plan.json"  # the training plan and its predicted memory (fusedit.plan), when checked on a GPU
-
-
-# ---------------------------------------------------------------------------------------------------- defaults
-def default_model_path(cache_dir: str | Path) -> Path:
-    """The tiny Qwen-Image-Edit pipeline used when `model.path` is null (created on first use)."""
-    from fusedit.tiny import ensure_tiny
-
-    return ensure_tiny(Path(cache_dir) / TINY_DIR, "edit")
-
-
-def default_metadata(cache_dir: str | Path) -> Path:
-    """The generated sample dataset used when `data.metadata` is null (created on first use)."""
-    from fusedit.data import make_sample_dataset
-
-    metadata = Path(cache_dir) / SAMPLE_DIR / "metadata.csv"
-    if metadata.is_file():
-        return metadata
-    return make_sample_dataset(metadata.parent)
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -224,37 +207,10 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def _plain(value):
-    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-
-
 def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | None = None) -> EditLoRAModule:
     """Transformer (ordered transforms), frozen conditioner (unless given), objective and optimizer -> the module."""
-    precision = cfg.precision
-    lora = cfg.lora
-    transformer = build_transformer(
-        model_path,
-        layout=cfg.model.layout,
-        dtype=precision.base_dtype,
-        lora_kwargs={
-            "rank": lora.rank,
-            "alpha": lora.alpha,
-            "targets": _plain(lora.targets),
-            "dropout": lora.dropout,
-            "init": lora.init,
-            "use_rslora": lora.use_rslora,
-            "dtype": precision.lora_dtype,
-            "init_from": lora.get("init_from"),
-        },
-        fp8={"granularity": precision.fp8_granularity, "compute_dtype": precision.compute_dtype}
-        if precision.fp8_storage
-        else False,
-        checkpoint_every=cfg.model.activation_checkpointing,
-        compile=_plain(cfg.model.compile),
-        fp8_compute={"compute_dtype": precision.compute_dtype} if precision.get("fp8_compute") else False,
-        checkpoint_offload=cfg.model.get("checkpoint_offload", False),
-        resident_blocks=cfg.model.get("resident_blocks"),
-    )
+    model, lora_spec, precision = typed_configs(cfg)
+    transformer = build_transformer(model_path, model, lora_spec, precision)
     if conditioner is None:
         conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
     objective = instantiate(cfg.objective, scheduler_config=conditioner.scheduler_config)
@@ -266,12 +222,17 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         seed=cfg.seed,
         fixed_noise=cfg.get("fixed_noise", False),
-        attention=cfg.model.get("attention", "auto"),
+        attention=model.attention,
     )
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics"}."""
+def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
+    """(a validated copy of `cfg` with the defaults filled in, the run dir, the checkpoint to resume or None).
+
+    A resumed run (`ckpt_path=<run dir>`) continues in its own dir; a run dir that already holds a checkpoint (a
+    requeued job) continues from it unless `auto_resume=false`. A null `model.path` / `data.metadata` become the tiny
+    pipeline / the generated sample dataset.
+    """
     cfg = copy.deepcopy(cfg)
     quiet_third_party_output()
     validate_train_config(cfg)
@@ -288,7 +249,6 @@ def train(cfg: DictConfig) -> dict:
         ckpt_file = auto_resume_checkpoint(run_dir)  # a requeued job in its own run dir continues
         if ckpt_file is not None:
             log.info("run dir %s holds %s: continuing from it", run_dir, ckpt_file)
-
     with open_dict(cfg):
         if cfg.model.path is None:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
@@ -298,18 +258,14 @@ def train(cfg: DictConfig) -> dict:
     plan_record = resolve_training_plan(cfg)
     if plan_record is not None and rank_zero_only.rank == 0:
         write_json_atomic(run_dir / PLAN_FILE, plan_record)
-    seed_everything(cfg.seed, workers=True)
+    return cfg, run_dir, ckpt_file
 
-    conditioner = None
-    if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
-        datamodule, conditioner = prepare_cached_training(cfg)
-    else:
-        datamodule = instantiate(cfg.data)
-    module = build_module(cfg, Path(cfg.model.path), conditioner)
-    if ckpt_file is not None:
-        check_checkpoint_file(ckpt_file, module)
-    callbacks = build_callbacks(cfg)
-    failed, stop = True, next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
+
+def fit(cfg: DictConfig, module: EditLoRAModule, datamodule, callbacks: list[Callback], run_dir: Path, ckpt_file):
+    """Lightning's fit with the config's trainer and loggers; returns the trainer. A SIGTERM that this run's
+    callbacks did not turn into a checkpointed stop exits with status 143."""
+    stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
+    failed = True
     try:
         loggers = build_loggers(cfg, run_dir)
         trainer: Trainer = instantiate(
@@ -332,15 +288,34 @@ def train(cfg: DictConfig) -> dict:
         failed = False
     finally:
         close_wandb(failed)
+    return trainer
 
+
+def train(cfg: DictConfig) -> dict:
+    """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics", "stopped_by",
+    "exit_code"}."""
+    cfg, run_dir, ckpt_file = prepare_run(cfg)
+    seed_everything(cfg.seed, workers=True)
+
+    conditioner = None
+    if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
+        datamodule, conditioner = prepare_cached_training(cfg)
+    else:
+        datamodule = instantiate(cfg.data)
+    module = build_module(cfg, Path(cfg.model.path), conditioner)
+    if ckpt_file is not None:
+        check_checkpoint_file(ckpt_file, module)
+    callbacks = build_callbacks(cfg)
+    trainer = fit(cfg, module, datamodule, callbacks, run_dir, ckpt_file)
+
+    stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
     metrics = {
         key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
     }
-    lora_path = next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None)
     checkpoint = run_dir / CHECKPOINT_DIR / LAST
     result = {
         "run_dir": run_dir,
-        "lora_path": lora_path,
+        "lora_path": next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None),
         "checkpoint": checkpoint if checkpoint.is_file() else None,
         "metrics": metrics,
         "stopped_by": stop.stopped_by if stop else None,

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
+from fusedit.step.config import typed_configs
 
 
 class ConfigError(UserInputError):
@@ -89,10 +90,8 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
                 problems.append(f"{where}.{field} {base / str(path)}: {error}")
 
 
-def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
-    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at model.path / data.metadata."""
-    problems: list[str] = []
-
+def _lora_problems(cfg: DictConfig) -> list[str]:
+    problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         problems.append(f"lora.rank must be an integer >= 1, got {rank!r}")
@@ -109,7 +108,12 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
         resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
     except ValueError as error:
         problems.append(f"lora.targets: {error}")
+    return problems
 
+
+def _loop_problems(cfg: DictConfig) -> list[str]:
+    """The optimizer, the trainer's loop, the batch size and the fault budget."""
+    problems = []
     lr = _number(cfg, "optim.lr")
     if lr is None or not (math.isfinite(lr) and lr > 0):
         problems.append(f"optim.lr must be a finite number > 0, got {OmegaConf.select(cfg, 'optim.lr')!r}")
@@ -138,49 +142,52 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     streak = OmegaConf.select(cfg, "faults.max_consecutive_nonfinite")
     if streak is not None and (not isinstance(streak, int) or streak < 1):
         problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
+    return problems
 
-    resident = OmegaConf.select(cfg, "model.resident_blocks")
-    if resident is not None:
-        if not isinstance(resident, int) or isinstance(resident, bool) or resident < 0:
-            problems.append(f"model.resident_blocks must be null or an integer >= 0, got {resident!r}")
-        elif OmegaConf.select(cfg, "model.activation_checkpointing") != 1:
-            problems.append(
-                "model.resident_blocks (blocks streamed from host memory) needs model.activation_checkpointing=1"
-            )
-        elif OmegaConf.select(cfg, "model.compile"):
-            problems.append(
-                "model.resident_blocks (blocks streamed from host memory) cannot be used with model.compile"
-            )
 
+def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
+    """model.path, data.metadata and lora.init_from (not read when `earlier` problems already name lora.*)."""
+    problems: list[str] = []
+    model_path = OmegaConf.select(cfg, "model.path")
+    if model_path is not None:
+        _check_model(str(model_path), problems)
+    metadata = OmegaConf.select(cfg, "data.metadata")
+    if metadata is not None:
+        location = Path(str(metadata)).expanduser()
+        if not location.is_file():
+            problems.append(
+                f"data.metadata={metadata} " + ("is a directory, not a file" if location.is_dir() else "does not exist")
+            )
+    init_from = OmegaConf.select(cfg, "lora.init_from")
+    rank = OmegaConf.select(cfg, "lora.rank")
+    if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in earlier):
+        # read and checked against lora.rank / lora.targets before the model loads (values included)
+        from fusedit.lora.init_from import read_init_lora
+
+        targets = OmegaConf.select(cfg, "lora.targets")
+        try:
+            read_init_lora(
+                str(init_from),
+                rank,
+                OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
+                cfg.model.layout,
+            )
+        except ValueError as error:
+            problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
+    return problems
+
+
+def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
+    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at model.path / data.metadata."""
+    problems = _lora_problems(cfg)
+    try:  # the one-field checks of the typed configs (fusedit.step.config), before anything is built
+        typed_configs(cfg)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error))
+    problems += _loop_problems(cfg)
     if check_paths:
-        model_path = OmegaConf.select(cfg, "model.path")
-        if model_path is not None:
-            _check_model(str(model_path), problems)
-        metadata = OmegaConf.select(cfg, "data.metadata")
-        if metadata is not None:
-            location = Path(str(metadata)).expanduser()
-            if not location.is_file():
-                problems.append(
-                    f"data.metadata={metadata} "
-                    + ("is a directory, not a file" if location.is_dir() else "does not exist")
-                )
-        init_from = OmegaConf.select(cfg, "lora.init_from")
-        if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in problems):
-            # read and checked against lora.rank / lora.targets before the model loads (values included)
-            from fusedit.lora.init_from import read_init_lora
-
-            try:
-                read_init_lora(
-                    str(init_from),
-                    rank,
-                    OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
-                    cfg.model.layout,
-                )
-            except ValueError as error:
-                problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
-
+        problems += _path_problems(cfg, problems)
     _check_validation_samples(cfg, check_paths, problems)
-
     if problems:
         head = "invalid training config" if len(problems) > 1 else "invalid training config:"
         raise ConfigError(head + ("\n  " if len(problems) > 1 else " ") + "\n  ".join(problems))

@@ -37,6 +37,45 @@ class EditInputs:
         return self.target.shape[1] + self.condition.shape[1] + self.prompt_embeds.shape[1]
 
 
+def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-prompt embeddings [L_i, D] -> (batch [B, max L_i, D] padded with zeros after each prompt's last token,
+    mask [B, max L_i] int64 1 = token, or None when every prompt has the same length), as the pipelines pad."""
+    lengths = [len(embed) for embed in embeds]
+    longest = max(lengths)
+    batch = torch.stack([torch.cat([e, e.new_zeros(longest - len(e), e.shape[1])]) for e in embeds])
+    if min(lengths) == longest:
+        return batch, None
+    device = batch.device
+    return batch, torch.stack([torch.arange(longest, device=device) < length for length in lengths]).long()
+
+
+def trim_prompt_padding(
+    prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cut the trailing padding every sample shares; return (embeds, mask or None when nothing is padded).
+
+    Only *trailing* columns are cut: text RoPE positions are column indices, so removing a column in the middle
+    would move every later token. For batch 1 with right padding this removes all padding and the mask. Exact:
+    a padded key is masked out of every query, and the padded text queries feed nothing the loss reads.
+    """
+    if prompt_mask is None:
+        return prompt_embeds, None
+    if prompt_mask.shape != prompt_embeds.shape[:2]:
+        raise ValueError(
+            f"prompt mask shape {tuple(prompt_mask.shape)} does not match prompt embeddings {tuple(prompt_embeds.shape)}"
+        )
+    valid = prompt_mask.bool()
+    if not valid.any(dim=1).all():
+        empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"prompt mask of batch item(s) {empty} is all padding; every prompt needs a token")
+    columns = valid.any(dim=0)
+    keep = int(columns.nonzero().max()) + 1
+    prompt_embeds, valid = prompt_embeds[:, :keep], valid[:, :keep]
+    if bool(valid.all()):
+        return prompt_embeds, None
+    return prompt_embeds, prompt_mask[:, :keep]
+
+
 def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """The Qwen-Image-Edit pipeline at `path` without its transformer (VAE, text encoder, processor, scheduler)."""
     path = Path(path)
@@ -110,19 +149,13 @@ class EditConditioner(nn.Module):
         pipeline's own (zeros after each prompt's last token).
         """
         device = next(self.text_encoder.parameters()).device
-        embeds, lengths = [], []
+        embeds = []
         for index, prompt in enumerate(prompts):
             images = self._vlm_images(edit_images, index)
             image = images if self.multi_image else images[0]
             embed, _ = self.pipeline.encode_prompt(prompt=[prompt], image=image, device=device)
             embeds.append(embed[0])
-            lengths.append(embed.shape[1])
-        longest = max(lengths)
-        prompt_embeds = torch.stack([torch.cat([e, e.new_zeros(longest - len(e), e.shape[1])]) for e in embeds])
-        if min(lengths) == longest:
-            return prompt_embeds, None
-        mask = torch.stack([torch.arange(longest, device=device) < length for length in lengths]).long()
-        return prompt_embeds, mask
+        return pad_prompts(embeds)
 
     # -- images ------------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,28 +1,32 @@
 """Build the trainable transformer as an ordered list of transforms (torchtitan style).
 
-    load -> fp8 (storage or float8 compute) -> LoRA -> stream -> activation checkpointing (+ CPU offload) -> compile
+    load -> fuse (q/k/v layout) -> fp8 (storage or float8 compute) -> LoRA -> stream -> activation checkpointing
+    (+ CPU offload) -> compile
 
 Each stage is a separate function that records itself on the model (`model._fusedit_stages`) and refuses to run
 after a later stage (LoRA after compile, fp8 after LoRA, ...) or twice: quantising after LoRA would quantise the
 adapters, streaming must see which tensors are frozen (LoRA exists) and sit inside the checkpoint (so the backward's
 recompute copies the block in again), checkpointing must wrap the LoRA-carrying blocks, and compile must see the
-final modules. New stages (fp8 storage, other compile modes) slot in by name in `STAGES`.
+final modules. New stages (fp8 storage, other compile modes) slot in by name in `STAGES`. The trainer
+(fusedit.training) and the benchmark (fusedit.bench, on a random base model) build through `build_transformer`, so
+both run the same model.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fusedit.devices import to_dtype
-from fusedit.lora.adapter import add_lora
+from fusedit.lora.adapter import add_lora, lora_inputs_follow_autocast
 from fusedit.model.loading import load_transformer
+from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.precision import Precision
 
-STAGES = ("load", "fp8", "lora", "stream", "activation_checkpointing", "compile")
+STAGES = ("load", "fuse", "fp8", "lora", "stream", "activation_checkpointing", "compile")
 
 
 def stages_applied(model: nn.Module) -> list[str]:
@@ -42,10 +46,30 @@ def _enter_stage(model: nn.Module, stage: str) -> None:
 
 
 def load(path: str | Path, layout: str, dtype: str | torch.dtype | None = None) -> nn.Module:
+    """The frozen transformer at `path`, already in `layout` (the loader converts while reading: no second copy)."""
     model = load_transformer(path, layout=layout, dtype=to_dtype(dtype))
     model.requires_grad_(False)
     _enter_stage(model, "load")
+    _enter_stage(model, "fuse")
     return model
+
+
+def adopt(model: nn.Module) -> nn.Module:
+    """The `load` stage for a transformer built elsewhere (the benchmark's random base): frozen, recorded."""
+    model.requires_grad_(False)
+    _enter_stage(model, "load")
+    return model
+
+
+def fuse(model: nn.Module, layout: str) -> nn.Module:
+    """Put the q/k/v projections in `layout`: `merged_qkv` fuses them (fusedit.model.merged_qkv), `standard`
+    splits them; a model already in `layout` is left as it is."""
+    from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
+
+    if layout not in ("merged_qkv", "standard"):
+        raise ValueError(f"layout must be merged_qkv or standard, got {layout!r}")
+    _enter_stage(model, "fuse")
+    return fuse_qkv(model) if layout == "merged_qkv" else unfuse_qkv(model)
 
 
 def fp8_storage(model: nn.Module, granularity: str = "row", compute_dtype: str | torch.dtype = "bfloat16") -> nn.Module:
@@ -59,23 +83,21 @@ def fp8_storage(model: nn.Module, granularity: str = "row", compute_dtype: str |
 def float8_compute(
     model: nn.Module, compute_dtype: str | torch.dtype = "bfloat16", device: str | torch.device | None = None
 ) -> nn.Module:
-    """Frozen block Linears computing in float8 (fusedit.model.perf.apply_float8_compute), in the fp8 slot instead
+    """Frozen block Linears computing in float8 (fusedit.model.fp8.apply_float8_compute), in the fp8 slot instead
     of fp8 storage. `device`: where training will run (default: CUDA when available), which must be sm89+."""
-    from fusedit.model.perf import apply_float8_compute, float8_compute_support
+    from fusedit.model.fp8 import apply_float8_compute, float8_compute_support
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     supported, reason = float8_compute_support(device)
     if not supported:
-        raise RuntimeError(f"precision.fp8_compute=true: {reason}. Use precision.fp8_storage=true instead.")
+        raise RuntimeError(f"precision.fp8=float8: {reason}. Use precision.fp8=storage instead.")
     _enter_stage(model, "fp8")
     return apply_float8_compute(model, compute_dtype=to_dtype(compute_dtype), device=device)
 
 
 def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
     """PEFT LoRA (fusedit.lora.adapter); under autocast the adapters read their bf16 inputs without an fp32 copy
-    (fusedit.model.perf.lora_inputs_follow_autocast)."""
-    from fusedit.model.perf import lora_inputs_follow_autocast
-
+    (fusedit.lora.adapter.lora_inputs_follow_autocast)."""
     _enter_stage(model, "lora")
     lora_kwargs["dtype"] = to_dtype(lora_kwargs.get("dtype", torch.float32))
     if lora_kwargs.get("init_from") is not None:  # a path: read (and checked) in the model's layout
@@ -100,36 +122,17 @@ def stream(model: nn.Module, resident_blocks: int = 0) -> nn.Module:
     return model
 
 
-def _checkpointed_forward(forward, *args, **kwargs):
-    if torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
 def activation_checkpointing(model: nn.Module, every: int = 1, offload: bool = False) -> nn.Module:
-    """Recompute every `every`-th transformer block in the backward pass (1 = all blocks, 0 = off).
-
-    All blocks use diffusers' own switch. Every k-th block patches that block's `forward` on the instance rather
-    than wrapping the module, so parameter names (and thus LoRA keys and checkpoints) do not change. `offload`
-    keeps the checkpointed blocks' saved inputs in (pinned) CPU memory until backward (perf.offloaded_checkpoint).
-    """
-    from fusedit.model.perf import offloaded_checkpoint
+    """Recompute every `every`-th transformer block in the backward pass (1 = all blocks, 0 = off); `offload` keeps
+    the saved block inputs in CPU memory until backward (fusedit.model.checkpointing)."""
+    from fusedit.model.checkpointing import checkpoint_blocks
 
     if every < 0:
         raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
     if offload and every == 0:
         raise ValueError("model.checkpoint_offload=true needs model.activation_checkpointing >= 1")
     _enter_stage(model, "activation_checkpointing")
-    if every == 1:
-        model.enable_gradient_checkpointing(
-            **({"gradient_checkpointing_func": offloaded_checkpoint} if offload else {})
-        )
-    elif every > 1:
-        wrapper = offloaded_checkpoint if offload else _checkpointed_forward
-        for index, block in enumerate(model.transformer_blocks):
-            if index % every == 0:
-                block.forward = functools.partial(wrapper, block.forward)
-    return model
+    return checkpoint_blocks(model, every, offload)
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
@@ -140,44 +143,35 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 def build_transformer(
-    path: str | Path,
-    layout: str,
-    dtype: str | torch.dtype | None,
-    lora_kwargs: dict,
-    fp8: bool | dict = False,
-    checkpoint_every: int = 0,
-    compile: bool | dict = False,
-    fp8_compute: bool | dict = False,
-    checkpoint_offload: bool = False,
-    resident_blocks: int | None = None,
+    source: str | Path | nn.Module,
+    model: ModelConfig,
+    lora_spec: LoraSpec,
+    precision: Precision,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
-    """All stages in order, as the config asks for them. `fp8_compute` replaces `fp8` (both fill the fp8 slot).
+    """All stages in order, as the three configs ask for them (conf/model, conf/lora, conf/precision).
 
-    `resident_blocks`: None keeps every block on the device; N streams all blocks but the last N from host memory
-    (needs `checkpoint_every=1`, refuses `compile`). Raises ValueError for those combinations before loading."""
-    if resident_blocks is not None:
-        if checkpoint_every != 1:
-            raise ValueError(
-                "model.resident_blocks (streaming blocks from host memory) needs model.activation_checkpointing=1: "
-                "the backward pass must recompute each streamed block to copy it in again"
-            )
-        if compile:
-            raise ValueError(
-                "model.resident_blocks (streaming blocks from host memory) cannot be used with model.compile"
-            )
-    model = load(path, layout, dtype)
-    if fp8_compute:
-        model = float8_compute(model, **(fp8_compute if isinstance(fp8_compute, dict) else {}))
-    elif fp8:
-        model = fp8_storage(model, **(fp8 if isinstance(fp8, dict) else {}))
-    model = lora(model, **lora_kwargs)
-    if resident_blocks is not None:
-        model = stream(model, resident_blocks)
-    if checkpoint_every or checkpoint_offload:
-        model = activation_checkpointing(model, checkpoint_every, offload=checkpoint_offload)
-    if compile:
-        model = compile_blocks(model, **(compile if isinstance(compile, dict) else {}))
-    return model
+    `source`: a checkpoint to load (in `precision.base_dtype`), or a transformer already built (the benchmark's
+    random base). `device`: where training will run, checked by float8 compute (default: CUDA when available).
+    """
+    if isinstance(source, nn.Module):
+        transformer = fuse(adopt(source), model.layout)
+    else:
+        transformer = load(source, model.layout, precision.base_dtype)
+    if precision.fp8 == "float8":
+        transformer = float8_compute(transformer, precision.compute_dtype, device)
+    elif precision.fp8 == "storage":
+        transformer = fp8_storage(transformer, precision.fp8_granularity, precision.compute_dtype)
+    transformer = lora(transformer, **dataclasses.asdict(lora_spec), dtype=precision.lora_dtype)
+    if model.resident_blocks is not None:
+        transformer = stream(transformer, model.resident_blocks)
+    if model.activation_checkpointing or model.checkpoint_offload:
+        transformer = activation_checkpointing(
+            transformer, model.activation_checkpointing, offload=model.checkpoint_offload
+        )
+    if model.compile:
+        transformer = compile_blocks(transformer, **(model.compile if isinstance(model.compile, dict) else {}))
+    return transformer
 
 
 def fsdp_wrap_policy() -> set[type[nn.Module]]:

@@ -25,17 +25,23 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 SAMPLING_CHOICES = ("shifted_uniform", "dynamic_shift", "logit_normal")
 WEIGHTING_CHOICES = ("none", "bell")
 
-# Qwen-Image's scheduler_config.json; used when no pipeline scheduler config is given.
+# Qwen-Image's scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler): the objective's default when no
+# pipeline config is given, and the scheduler of the tiny pipelines (fusedit.tiny).
 QWEN_SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
     "base_shift": 0.5,
+    "invert_sigmas": False,
     "max_image_seq_len": 8192,
     "max_shift": 0.9,
     "num_train_timesteps": 1000,
     "shift": 1.0,
     "shift_terminal": 0.02,
+    "stochastic_sampling": False,
     "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
     "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
 }
 
 

@@ -1,0 +1,42 @@
+"""Cached rows -> batches: the collate function of CachedEditDataset and the `EditInputs` validation samples from."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedit.step.conditioning import EditInputs, pad_prompts
+
+
+def collate_cached(items: list[dict]) -> dict:
+    """One bucket's cached rows -> {"target", "condition", "prompt_embeds", "prompt_mask", "img_shapes", "prompt",
+    "row"}; prompts padded as the conditioner pads them (fusedit.step.conditioning.pad_prompts)."""
+    shapes = {tuple(map(tuple, item["img_shapes"])) for item in items}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"batch of rows {[item['row'] for item in items]} mixes latent shapes {sorted(shapes)}; batches must "
+            "come from BucketBatchSampler"
+        )
+    embeds, mask = pad_prompts([item["prompt_embeds"] for item in items])
+    slots = len(items[0]["edits"])
+    return {
+        "target": torch.stack([item["target"] for item in items]),
+        "condition": torch.cat([torch.stack([item["edits"][s] for item in items]) for s in range(slots)], dim=1),
+        "prompt_embeds": embeds,
+        "prompt_mask": mask,
+        "img_shapes": [[tuple(shape) for shape in item["img_shapes"]] for item in items],
+        "prompt": [item["prompt"] for item in items],
+        "row": [item["row"] for item in items],
+    }
+
+
+def cached_inputs(samples: list[dict], device: torch.device) -> EditInputs:
+    """Items of a CachedEditDataset (one bucket) -> `EditInputs` on `device`, as training gets them."""
+    batch = collate_cached(samples)
+    mask = batch["prompt_mask"]
+    return EditInputs(
+        target=batch["target"].to(device),
+        condition=batch["condition"].to(device),
+        prompt_embeds=batch["prompt_embeds"].to(device),
+        prompt_mask=None if mask is None else mask.to(device),
+        img_shapes=batch["img_shapes"],
+    )

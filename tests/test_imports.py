@@ -1,0 +1,108 @@
+"""The package layering: no import cycles, and nothing below the Lightning run imports fusedit.training.
+
+Read from the source with `ast` (every import, also those inside functions, and the parent packages Python imports
+on the way), so a lazy import that would close a cycle counts as much as a top-level one.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fusedit"
+# The layers below the Lightning run: the trainer, the cache and the benchmark all build on them.
+LOWER = ("step", "cache", "bench", "data", "model", "convert", "lora")
+
+
+def _module_name(path: Path, src: Path) -> str:
+    parts = list(path.relative_to(src.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _ancestors(name: str) -> set[str]:
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def import_graph(src: Path = SRC) -> dict[str, set[str]]:
+    """module -> the fusedit modules it imports (with the parent packages each import runs first)."""
+    files = {_module_name(path, src): path for path in src.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                imported.add(base)
+                imported.update(f"{base}.{alias.name}" for alias in node.names)
+        targets = {other for other in imported if other in files and other != name}
+        # Importing a.b.c runs a/__init__ and a/b/__init__ first (the module's own packages are already running).
+        for other in list(targets):
+            targets |= {parent for parent in _ancestors(other) if parent in files and parent not in _ancestors(name)}
+        graph[name] = targets - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_lower_packages_do_not_import_the_lightning_run():
+    upward = {
+        name: sorted(other for other in targets if other == "fusedit.training" or other.startswith("fusedit.training."))
+        for name, targets in import_graph().items()
+        if name.split(".")[1:2] and name.split(".")[1] in LOWER
+    }
+    assert {name: found for name, found in upward.items() if found} == {}
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path):
+    # The walker itself: a lazy import inside a function closes a cycle; a relative import is resolved.
+    package = tmp_path / "fusedit"
+    (package / "cache").mkdir(parents=True)
+    (package / "training").mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "cache" / "__init__.py").write_text("from .data import x\n")
+    (package / "cache" / "data.py").write_text("def f():\n    from fusedit.training.train import y\n")
+    (package / "training" / "__init__.py").write_text("")
+    (package / "training" / "train.py").write_text("from fusedit.cache import x\n")
+    graph = import_graph(package)
+    assert "fusedit.training.train" in graph["fusedit.cache.data"]
+    assert cycles(graph) == [["fusedit.cache", "fusedit.cache.data", "fusedit.training.train"]]
