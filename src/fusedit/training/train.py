@@ -15,7 +15,6 @@ import netrc
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from fusedit.training.checkpoint import (
     resolve_checkpoint,
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
+from fusedit.training.console import quiet_third_party_output, without_wandb_anonymous
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.signals import GracefulStop
 from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
@@ -199,7 +199,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                 kwargs["id"] = id_file.read_text().strip()
                 kwargs["resume"] = "allow"
         log.debug("logger %s: %s", name, logger_cfg._target_)
-        loggers.append(instantiate(logger_cfg, **kwargs))
+        logger = instantiate(logger_cfg, **kwargs)
+        without_wandb_anonymous(logger)
+        loggers.append(logger)
     return loggers
 
 
@@ -246,6 +248,7 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
     pipeline / the generated sample dataset.
     """
     cfg = copy.deepcopy(cfg)
+    quiet_third_party_output()
     validate_train_config(cfg)
     ckpt_file = None
     if cfg.get("ckpt_path"):
@@ -305,9 +308,6 @@ def fit(cfg: DictConfig, module: EditLoRAModule, datamodule, callbacks: list[Cal
 def train(cfg: DictConfig) -> dict:
     """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics", "stopped_by",
     "exit_code"}."""
-    # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     cfg, run_dir, ckpt_file = prepare_run(cfg)
     seed_everything(cfg.seed, workers=True)
 

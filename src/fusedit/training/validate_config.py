@@ -54,6 +54,43 @@ def _check_model(path: str, problems: list[str]) -> None:
         )
 
 
+def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list[str]) -> None:
+    """`callbacks.validation_images.samples`: each {edit_image: path or [paths], prompt, image: optional target}."""
+    key = "callbacks.validation_images"
+    samples = OmegaConf.select(cfg, f"{key}.samples")
+    if not samples:
+        return
+    if OmegaConf.select(cfg, "cache.enabled"):
+        problems.append(f"{key}.samples needs the text encoder, which cache.enabled=true does not load")
+    base = Path(str(OmegaConf.select(cfg, f"{key}.base_path") or ".")).expanduser()
+    for index, sample in enumerate(samples):
+        where = f"{key}.samples[{index}]"
+        if not OmegaConf.is_dict(sample):
+            problems.append(f"{where} must be {{edit_image: ..., prompt: ...}}, got {sample!r}")
+            continue
+        unknown = sorted(set(sample) - {"edit_image", "prompt", "image"})
+        if unknown:
+            problems.append(f"{where} has unknown key(s) {unknown}; use edit_image, prompt and optionally image")
+        if not isinstance(sample.get("prompt"), str) or not sample.get("prompt", "").strip():
+            problems.append(f"{where}.prompt must be a non-empty text")
+        edit = sample.get("edit_image")
+        paths = [edit] if isinstance(edit, str) else list(edit) if OmegaConf.is_list(edit) else None
+        if not paths:
+            problems.append(f"{where}.edit_image must be an image path or a list of them, got {edit!r}")
+            continue
+        if not check_paths:
+            continue
+        from fusedit.data.validation import check_image
+
+        max_pixels = OmegaConf.select(cfg, "data.max_image_pixels") or 50_000_000
+        named = [("edit_image", p) for p in paths] + ([("image", sample["image"])] if sample.get("image") else [])
+        for field, path in named:
+            try:
+                check_image(base / str(path), int(max_pixels))
+            except ValueError as error:
+                problems.append(f"{where}.{field} {base / str(path)}: {error}")
+
+
 def _lora_problems(cfg: DictConfig) -> list[str]:
     problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
@@ -193,6 +230,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     problems += _loop_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg, problems)
+    _check_validation_samples(cfg, check_paths, problems)
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
