@@ -11,10 +11,11 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from fusedit.errors import refusals_as_one_line
-    from fusedit.training.validate_config import validate_train_config
+    from fusedit.training.validate_config import check_ckpt_path, validate_train_config
 
     with refusals_as_one_line():
         if cfg.get("ckpt_path"):
+            check_ckpt_path(cfg.ckpt_path)
             # The config to check is the run's own, recomposed; resume_config validates it before recording it.
             from fusedit.training.train import resume_config
 

@@ -70,13 +70,27 @@ def run_overrides(run_dir: Path) -> list[str]:
     """
     resumes = run_dir / RESUMES_FILE
     if resumes.is_file():
-        entries = OmegaConf.load(resumes)
+        entries = _load_run_yaml(resumes)
         last = entries[-1] if OmegaConf.is_list(entries) and len(entries) else None
         if not OmegaConf.is_dict(last) or not OmegaConf.is_list(last.get("overrides")):
             raise UserInputError(f"{resumes}: expected a list of {{time, command_line, overrides}} entries")
         return [str(item) for item in last.overrides]
     original = run_dir / ".hydra" / "overrides.yaml"
-    return [str(item) for item in OmegaConf.load(original)] if original.is_file() else []
+    if not original.is_file():
+        return []
+    overrides = _load_run_yaml(original)
+    if not OmegaConf.is_list(overrides):
+        raise UserInputError(f"{original}: expected a list of overrides")
+    return [str(item) for item in overrides]
+
+
+def _load_run_yaml(path: Path):
+    # A hand-edited or torn file must be named: YAML's own error says only a line and column.
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 - yaml's scanner and parser errors share no useful base class
+        message = " ".join(str(error).split())
+        raise UserInputError(f"{path}: not a valid YAML file ({message}); fix or remove it to resume") from None
 
 
 @rank_zero_only  # DDP ranks > 0 run train.py again with the same command line: one record per resume
@@ -301,7 +315,11 @@ def train(cfg: DictConfig) -> dict:
     if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
         datamodule, conditioner = prepare_cached_training(cfg)
     else:
-        datamodule = instantiate(cfg.data)
+        datamodule = instantiate(cfg.data, model_path=cfg.model.path)
+    # Every row is checked (files decoded, edit images and prompt tokens counted against the pipeline's JSON files,
+    # tokenizer and processor) before any weight is read: a bad row must cost seconds, not a 20B load. Lightning's
+    # own setup call then finds the data ready.
+    datamodule.setup("fit")
     module = build_module(cfg, Path(cfg.model.path), conditioner)
     if ckpt_file is not None:
         check_checkpoint_file(ckpt_file, module)
