@@ -15,10 +15,11 @@ def main(cfg: DictConfig) -> float | None:
     # Lightning's DDP launcher re-runs this script from sys.argv: as typed, without the resume's additions below.
     sys.argv = list(TYPED_ARGV)
     from fusedit.errors import refusals_as_one_line
-    from fusedit.training.validate_config import validate_train_config
+    from fusedit.training.validate_config import check_ckpt_path, validate_train_config
 
     with refusals_as_one_line():
         if cfg.get("ckpt_path"):
+            check_ckpt_path(cfg.ckpt_path)
             # The config to check is the run's own, recomposed; resume_config validates it before recording it.
             from fusedit.training.train import resume_config
 

@@ -308,6 +308,7 @@ def count_vae_loads(monkeypatch) -> list:
 def test_validation_images_from_the_cache(tmp_path, tiny_edit_path, data, monkeypatch):
     """A cached run with validation images every 2 steps writes them, loads the VAE (decoder) once and never the
     text encoder, and its training steps make no encoder call."""
+    from fusedit.training.callbacks import PROMPT_HEIGHT
     from fusedit.training.train import train
     from tests.training_utils import train_cfg
 
@@ -321,7 +322,8 @@ def test_validation_images_from_the_cache(tmp_path, tiny_edit_path, data, monkey
     samples = result["run_dir"] / "samples"
     assert sorted(path.name for path in samples.iterdir()) == ["step-000002.png", "step-000004.png"]
     sheet = Image.open(samples / "step-000004.png")
-    assert sheet.size == (3 * 32, 32)  # input | edited | target at the cached (training) size
+    # input | output | target at the cached (training) size, under their labels, the prompt below
+    assert sheet.size == (3 * 32, 14 + 32 + PROMPT_HEIGHT)
     assert len(vae_loads) == 1
 
 

@@ -74,8 +74,12 @@ def test_mixed_layout_and_unknown_tensors_are_named():
     mixed = {**sd, "transformer_blocks.1.attn.to_qkv.weight": merged["transformer_blocks.1.attn.to_qkv.weight"]}
     with pytest.raises(ValueError, match=r"mixes layouts.*to_qkv\.weight"):
         convert_state_dict(mixed, "to_merged")
+    unknown = {**sd, "transformer_blocks.0.attn.to_q.running_mean": torch.ones(())}
+    with pytest.raises(ValueError, match=r"to_q\.running_mean: only weight and bias"):
+        convert_state_dict(unknown, "to_merged")
+    # An fp8 scale is converted (test_ecosystem_single_files.py), but only with its k and v siblings.
     sd["transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(())
-    with pytest.raises(ValueError, match=r"to_q\.scale_weight: only weight and bias"):
+    with pytest.raises(ValueError, match=r"to_q\.scale_weight: missing q/k/v sibling"):
         convert_state_dict(sd, "to_merged")
     with pytest.raises(ValueError, match=r"no Qwen-Image attention projections.*conv\.weight"):
         convert_state_dict({"conv.weight": torch.zeros(2)}, "to_merged")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -123,7 +124,12 @@ def _problems(overrides):
     ("override", "expected"),
     [
         ("lora.rank=0", "lora.rank must be an integer >= 1, got 0"),
-        ("lora.alpha=-1", "lora.alpha must be > 0"),
+        ("lora.alpha=-1", "lora.alpha must be a finite number > 0"),
+        ("lora.alpha=inf", "lora.alpha must be a finite number > 0, got inf"),
+        ("optim.weight_decay=nan", "optim.weight_decay must be a finite number >= 0, got nan"),
+        ("seed=-5", "seed must be an integer in [0, 2**32), got -5"),
+        ("trainer.max_steps=-1", "trainer.max_steps=-1 needs trainer.max_epochs >= 1 (got -1)"),
+        ("ckpt_path=/nonexistent/run", "ckpt_path=/nonexistent/run does not exist; give a run directory"),
         ("optim.lr=-1e-4", "optim.lr must be a finite number > 0, got -0.0001"),
         ("optim.lr=nan", "optim.lr must be a finite number > 0"),
         ("lora.targets=[to_qkv,to_kqv]", "unknown LoRA target(s) ['to_kqv']. Valid: a named layout"),
@@ -132,7 +138,7 @@ def _problems(overrides):
         ("faults.max_consecutive_nonfinite=0", "faults.max_consecutive_nonfinite must be an integer >= 1"),
         ("data.metadata=/nonexistent/meta.csv", "data.metadata=/nonexistent/meta.csv does not exist"),
         ("model.path=/nonexistent/model", "model.path=/nonexistent/model does not exist"),
-        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
         ("optim.grad_clip=0", "optim.grad_clip must be > 0 or null"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be an integer >= 1"),
         ("lora.dropout=1.0", "lora.dropout must be in [0, 1)"),
@@ -145,6 +151,29 @@ def _problems(overrides):
 )
 def test_bad_config_values_are_named(override, expected):
     assert expected in _problems([override])
+
+
+def test_max_steps_minus_one_with_max_epochs_is_accepted():
+    validate_train_config(compose_train(["trainer.max_steps=-1", "trainer.max_epochs=2"]), check_paths=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_metadata_that_is_a_fifo_or_dev_zero_says_what_it_is(tmp_path):
+    os.mkfifo(tmp_path / "pipe.csv")
+    (tmp_path / "zero.csv").symlink_to("/dev/zero")
+    assert f"data.metadata={tmp_path / 'pipe.csv'} is a FIFO (named pipe), not a regular file" in _problems(
+        [f"data.metadata={tmp_path / 'pipe.csv'}"]
+    )
+    assert "is a character device, not a regular file" in _problems([f"data.metadata={tmp_path / 'zero.csv'}"])
+
+
+def test_gpu_trainer_on_a_machine_without_cuda_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = _problems(["trainer=h100"])
+    assert "trainer.accelerator=gpu (a GPU trainer profile), but this machine has no CUDA GPU" in message
+    assert "trainer=cpu" in message
 
 
 def test_every_problem_is_listed_at_once():

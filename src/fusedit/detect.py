@@ -22,9 +22,11 @@ from fusedit.convert.lora_formats import (
     module_leaf,
     parse_lora_keys,
 )
+from fusedit.convert.single_file import MARKER_2511, WEIGHT_SCALE, has_2511_marker, is_scaled_fp8, weight_keys
 from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
 from fusedit.errors import UserFileNotFoundError, UserInputError, examples
+from fusedit.families import pipeline_family
 from fusedit.io import load_safetensors, read_safetensors_header
 from fusedit.model.module_map import BLOCKS, block_index
 from fusedit.model.weight_files import read_json, transformer_weight_files
@@ -101,16 +103,6 @@ def _transformer_family(config: dict) -> tuple[str, str]:
     return "qwen-image", "transformer config only (Qwen-Image, -Edit and -Edit-2509 share one transformer config)"
 
 
-def _pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:
-    if not pipeline_class.startswith("QwenImage"):
-        raise UserInputError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
-    if "EditPlus" in pipeline_class:
-        return "qwen-image-edit-2511" if zero_cond_t else "qwen-image-edit-2509"
-    if "Edit" in pipeline_class:
-        return "qwen-image-edit"
-    return "qwen-image"
-
-
 def _detect_transformer(directory: Path) -> dict:
     config = read_json(directory / "config.json")
     cls = config.get("_class_name")
@@ -127,7 +119,7 @@ def _detect_pipeline(directory: Path) -> dict:
     if not (directory / "transformer" / "config.json").is_file():
         raise UserInputError(f"{directory}: pipeline ({cls}) without transformer/config.json")
     transformer = _detect_transformer(directory / "transformer")
-    family = _pipeline_family(cls, transformer.get("zero_cond_t", False))
+    family = pipeline_family(cls, transformer.get("zero_cond_t", False))
     transformer.pop("family_source")
     return {
         **transformer,
@@ -201,7 +193,21 @@ def detect(path: str | os.PathLike) -> dict:
     specs, metadata = _header_specs(path)
     if classify_keys(specs, str(path)) == "lora":
         return _detect_lora(path, specs, metadata, None)
-    return {"kind": "model_file", "path": str(path), **_model_report(specs, None, str(path))}
+    return _detect_model_file(path, specs)
+
+
+def _detect_model_file(path: Path, specs: dict) -> dict:
+    """A single model file, ComfyUI's repackagings included (`fusedit.convert.single_file`): the 2511 marker gives
+    the family; in an "fp8 scaled" file the dtypes and parameter count are those of the weights (no scales)."""
+    weights = {key: specs[key] for key in weight_keys(specs)}
+    report = {"kind": "model_file", "path": str(path), **_model_report(weights, None, str(path))}
+    if has_2511_marker(specs):
+        report["family"] = "qwen-image-edit-2511"
+        report["family_source"] = f"{MARKER_2511} marker tensor (ComfyUI's Edit-2511 single files)"
+    if is_scaled_fp8(specs):
+        report["quantization"] = "fp8_scaled"
+        report["scaled_weights"] = sum(1 for key in specs if key.endswith("." + WEIGHT_SCALE))
+    return report
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:

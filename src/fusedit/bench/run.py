@@ -27,8 +27,12 @@ VARIANT_FIELDS = (
     "name", "status", "reason", "description", "step_s", "step_s_min", "step_s_max", "step_s_q1", "step_s_q3",
     "times_s", "samples_per_s", "tokens_per_s", "step_tflop", "tflops", "mfu", "peak_mem_gb", "peak_mem_kind",
     "matmul_calls", "matmul_calls_by_op", "qkv_matmuls_per_block", "sdpa_backend", "loss", "speedup_vs_standard",
-    "speedup_vs_baseline", "wall_s", "est_peak_mem_gb", "memory_estimate",
+    "speedup_vs_baseline", "wall_s", "est_peak_mem_gb", "memory_estimate", "spread", "speedup_range",
+    "speedup_unclear",
 )  # fmt: skip
+# A variant whose slowest timed step took more than this many times its fastest was measured under changing load
+# (a shared CPU, clocks, another process): a ratio of two such medians says little.
+MAX_SPREAD = 2.0
 
 
 def machine_info(device: torch.device) -> dict:
@@ -189,6 +193,7 @@ def finalize_report(report: dict) -> dict:
             ok["standard"]["step_s"] / result["step_s"] if fine and "standard" in ok else None
         )
         result["speedup_vs_baseline"] = ok[baseline]["step_s"] / result["step_s"] if fine and baseline else None
+        _speedup_uncertainty(result, ok.get(baseline) if fine and baseline else None)
         for field in VARIANT_FIELDS:
             result.setdefault(field, None)
     return report
@@ -257,6 +262,20 @@ def run_bench(
     return report
 
 
+def _speedup_uncertainty(result: dict, base: dict | None) -> None:
+    """`spread` (slowest / fastest timed step), `speedup_range` (the speedup between the two variants' interquartile
+    ranges: base q1 / variant q3 .. base q3 / variant q1) and `speedup_unclear`: the ranges overlap, or either
+    variant's spread is over MAX_SPREAD, so the median ratio cannot be told apart from the noise of the run."""
+    if result.get("step_s_min") and result.get("step_s_max"):
+        result["spread"] = result["step_s_max"] / result["step_s_min"]
+    if base is None or result is base or not all(r.get(k) for r in (result, base) for k in ("step_s_q1", "step_s_q3")):
+        return
+    low, high = base["step_s_q1"] / result["step_s_q3"], base["step_s_q3"] / result["step_s_q1"]
+    result["speedup_range"] = [low, high]
+    noisy = max(result.get("spread") or 1.0, base.get("spread") or 1.0) > MAX_SPREAD
+    result["speedup_unclear"] = noisy or low <= 1.0 <= high
+
+
 def _new_report(shape, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s) -> dict:
     """The report before any variant ran: every variant `pending`."""
     return {
@@ -291,7 +310,24 @@ def _fmt(value, spec: str) -> str:
 
 def _speedup(result: dict) -> str:
     value = result.get("speedup_vs_baseline", result.get("speedup_vs_standard"))
-    return "–" if value is None else f"{value:.2f}x"
+    if value is None:
+        return "–"
+    low_high = result.get("speedup_range")
+    text = f"{value:.2f}x" + (f" ({low_high[0]:.2f}–{low_high[1]:.2f})" if low_high else "")
+    return text + (" ⚠" if result.get("speedup_unclear") else "")
+
+
+def spread_warning(report: dict) -> str | None:
+    """One line naming the variants whose speedup the run's timing spread leaves unclear, or None."""
+    unclear = [r["name"] for r in report.get("variants", []) if r.get("status") == "ok" and r.get("speedup_unclear")]
+    if not unclear:
+        return None
+    spreads = [r["spread"] for r in report["variants"] if r.get("status") == "ok" and r.get("spread")]
+    return (
+        f"⚠ speedups of {', '.join(unclear)} are within the timing noise of this run (steps of one variant differ "
+        f"by up to {max(spreads):.1f}x; a speedup is clear when the interquartile ranges do not overlap and no "
+        f"variant spreads over {MAX_SPREAD:g}x): measure on an idle machine, or with more --steps"
+    )
 
 
 def _estimate_table(report: dict) -> list[str]:
@@ -381,6 +417,9 @@ def markdown_table(report: dict) -> str:
                     f"| {r['tflops']:.3g} | {_fmt(r['mfu'], '.1%')} | {mem} | {_fmt(r['matmul_calls'], 'd')} "
                     f"| {qkv.get('base', '–')}+{qkv.get('lora', '–')} | {r['sdpa_backend'] or '–'} |"
                 )
+            warning = spread_warning(report)
+            if warning:
+                lines.extend(["", warning])
     data = report.get("data")
     if data:
         if lines:

@@ -29,8 +29,10 @@ from fusedit.data.datamodule import EditDataModule, split_train_val
 from fusedit.data.dataset import EditDataset, collate
 from fusedit.data.errors import DataValidationError
 from fusedit.data.records import Record, read_records
-from fusedit.data.validation import PathRefused, Sample, resolve_path
+from fusedit.data.validation import PathRefused, Sample, record_problems, resolve_path
 from fusedit.devices import resolve_device, to_dtype
+from fusedit.families import folder_family
+from fusedit.regular_files import not_regular_reason
 from fusedit.step.conditioning import EditInputs
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ def hash_record_files(records: list[Record], base_path: Path, allow_absolute: bo
             continue
 
     def digest(path: Path) -> tuple[Path, str | None]:
+        # Only regular files are read: a FIFO or a link to /dev/zero would block or never end (validation then
+        # names what the path is).
+        if not_regular_reason(path) is not None:
+            return path, None
         try:
             return path, file_sha256(path)
         except OSError:
@@ -232,7 +238,7 @@ class CachedEditDataModule(EditDataModule):
         shard_mb: int = 512,
         **data_kwargs,
     ):
-        super().__init__(**data_kwargs)
+        super().__init__(model_path=model_path, **data_kwargs)
         if build_batch_size < 1:
             raise ValueError(f"cache.batch_size must be >= 1, got {build_batch_size}")
         self.cache_dir = Path(cache_dir)
@@ -287,7 +293,11 @@ class CachedEditDataModule(EditDataModule):
         keys = {
             row: row_key(cache.hash, record.prompt, *hashes[row]) for record in records if (row := record.row) in hashes
         }
-        hits = {row for row, key in keys.items() if key in cache.entries}
+        # A row whose own content is wrong (too many edit images for this pipeline, an empty prompt) goes through
+        # validation even when its files are cached, so that it is refused (or skipped) the same way.
+        family = folder_family(self.model_path)
+        wrong = {record.row for record in records if record_problems(record, self.columns, family)}
+        hits = {row for row, key in keys.items() if key in cache.entries and row not in wrong}
         missing = [record for record in records if record.row not in hits]
         encoded = 0
         samples: list[Sample] = []
@@ -337,4 +347,5 @@ class CachedEditDataModule(EditDataModule):
         train, val = split_train_val(rows, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
         self.train_dataset = CachedEditDataset(train, self.cache, self.verify)
         self.val_dataset = CachedEditDataset(val, self.cache, self.verify) if val else None
+        self._refuse_empty_epoch(self.train_dataset.sizes)
         log.info("data (cached): %d training and %d validation rows", len(train), len(val))

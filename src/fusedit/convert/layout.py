@@ -20,6 +20,8 @@ import torch
 from fusedit.errors import UserInputError, examples
 from fusedit.model.module_map import ATTENTION, QKV_GROUPS
 
+from .single_file import INPUT_SCALE, WEIGHT_SCALE
+
 STANDARD = "standard"
 MERGED = "merged_qkv"
 TO_MERGED = "to_merged"
@@ -101,8 +103,20 @@ class TensorPlan:
     shape: tuple[int, ...]
     sources: tuple[str, ...]
     part: int | None = None  # which third of sources[0] (split only)
+    # Merging fp8 scales (convert.single_file): each source's weight row count; a per-tensor scale is repeated
+    # once per row of its weight, so the merged weight gets an exact per-row scale.
+    rows: tuple[int, ...] | None = None
+    equal: bool = False  # merging a scale that must be the same in q, k and v (an activation scale): keep one
 
     def build(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        if self.equal:
+            first, *others = (get(name) for name in self.sources)
+            if any(not torch.equal(first, other) for other in others):
+                raise ValueError(f"cannot merge {', '.join(self.sources)}: the three scales differ")
+            return first
+        if self.rows is not None:
+            parts = [get(name).reshape(-1) for name in self.sources]
+            return torch.cat([p.expand(r) if p.numel() == 1 else p for p, r in zip(parts, self.rows, strict=True)])
         if len(self.sources) == 3:
             return torch.cat([get(name) for name in self.sources], dim=0)
         tensor = get(self.sources[0])
@@ -111,6 +125,43 @@ class TensorPlan:
             # clone: a view would keep the whole merged tensor alive and safetensors refuses shared storage
             return tensor[self.part * rows : (self.part + 1) * rows].clone()
         return tensor
+
+
+def _plan_scale(plan: list, tensors: Mapping, key: str, role: ProjRole, param: str, direction: str) -> list[str]:
+    """Plan an "fp8 scaled" file's scale under a q/k/v projection (convert.single_file); returns problems.
+
+    Split: a per-tensor scale is copied to q, k and v (each third of the weight had that scale), a per-row scale
+    is split like the weight. Merge: weight scales become one per-row scale (exact); an input (activation) scale
+    is one number for the shared input and must be equal in q, k and v (checked when the tensors are read).
+    """
+    dtype, shape = tensors[key]
+    numel = 1
+    for size in shape:
+        numel *= size
+    if direction == TO_STANDARD:
+        weight_rows = tensors.get(f"{role.attn_prefix}{role.proj}.weight", (None, (0,)))[1][0]
+        for index, part in enumerate(QKV_GROUPS[role.proj]):
+            name = f"{role.attn_prefix}{part}.{param}"
+            if numel == 1:
+                plan.append(TensorPlan(name, dtype, tuple(shape), (key,)))
+            elif numel == weight_rows and shape[0] % 3 == 0:
+                plan.append(TensorPlan(name, dtype, (shape[0] // 3, *shape[1:]), (key,), index))
+            else:
+                return [f"{key}: scale of shape {list(shape)} fits neither the tensor nor its rows"]
+        return []
+    if role.index != 0:
+        return []
+    names = tuple(f"{role.attn_prefix}{part}.{param}" for part in QKV_GROUPS[role.group])
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        return [f"{key}: missing q/k/v sibling(s) {', '.join(missing)}"]
+    merged = f"{role.attn_prefix}{role.group}.{param}"
+    if param == INPUT_SCALE:
+        plan.append(TensorPlan(merged, dtype, tuple(shape), names, equal=True))
+        return []
+    rows = tuple(tensors.get(f"{role.attn_prefix}{part}.weight", (None, (0,)))[1][0] for part in QKV_GROUPS[role.group])
+    plan.append(TensorPlan(merged, dtype, (sum(rows),), names, rows=rows))
+    return []
 
 
 def plan_model_conversion(
@@ -131,6 +182,9 @@ def plan_model_conversion(
         role = proj_role(module)
         if role is None or (direction == TO_MERGED) == role.merged:
             plan.append(TensorPlan(key, dtype, tuple(shape), (key,)))
+            continue
+        if param in (WEIGHT_SCALE, INPUT_SCALE):
+            problems += _plan_scale(plan, tensors, key, role, param, direction)
             continue
         if param not in ("weight", "bias"):
             problems.append(f"{key}: only weight and bias can be converted under a q/k/v projection")

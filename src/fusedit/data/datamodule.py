@@ -7,6 +7,7 @@ turns an edit-image tensor back into the PIL image Qwen2.5-VL takes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -15,10 +16,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from fusedit.data.buckets import BucketBatchSampler
-from fusedit.data.dataset import EditDataset, collate
+from fusedit.data.dataset import EditDataset, collate, plan_sizes
+from fusedit.data.errors import DataValidationError
 from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
+from fusedit.data.prompt_length import LONG_PROMPT_CHOICES, TEXT_POSITIONS, PromptCounter, text_positions_left
 from fusedit.data.records import Columns, read_records
-from fusedit.data.validation import ON_ERROR_CHOICES, Sample, validate_records
+from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, format_problems, validate_records
+from fusedit.families import folder_family
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,10 @@ def split_train_val(
     if count == 0:
         return list(samples), []
     if count >= len(samples):
-        raise ValueError(f"validation split of {count} leaves no training data (only {len(samples)} valid samples)")
+        raise DataValidationError(
+            f"data.val_count/val_fraction hold out {count} of {len(samples)} valid samples, which leaves no training "
+            "data; lower data.val_count or data.val_fraction"
+        )
     held_out = set(random.Random(seed).sample(range(len(samples)), count))
     train = [sample for index, sample in enumerate(samples) if index not in held_out]
     val = [sample for index, sample in enumerate(samples) if index in held_out]
@@ -75,11 +82,20 @@ class EditDataModule(LightningDataModule):
         drop_last: bool = False,
         pin_memory: bool = False,
         validation_threads: int | None = None,
+        model_path: str | Path | None = None,
+        long_prompt: str = "raise",
     ):
+        """`model_path`: the pipeline folder the rows are judged against (train() passes `model.path`): the number of
+        edit images its family takes (`fusedit.families`) and the prompt length its text positions allow
+        (`fusedit.data.prompt_length`, counted with its tokenizer and processor; no weight is read). None: one or
+        more edit images, prompts not counted. `long_prompt`: "raise" refuses a prompt too long (a bad row, which
+        `on_error=skip` skips), "truncate" shortens it to fit, with a warning naming the row."""
         super().__init__()
         # Config errors surface at construction (Hydra instantiate), before any file is read.
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        if long_prompt not in LONG_PROMPT_CHOICES:
+            raise ValueError(f"data.long_prompt must be one of {LONG_PROMPT_CHOICES}, got {long_prompt!r}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -125,19 +141,67 @@ class EditDataModule(LightningDataModule):
             allow_absolute_paths=hp.allow_absolute_paths,
             on_error=hp.on_error,
             num_threads=hp.validation_threads,
+            family=folder_family(hp.model_path) if hp.model_path is not None else None,
         )
+
+    def check_prompt_lengths(self, samples: list[Sample]) -> list[Sample]:
+        """`samples` whose prompts fit the transformer's text positions beside their images (see `long_prompt`)."""
+        hp = self.hparams
+        if hp.model_path is None or not samples:
+            return samples
+        counter = PromptCounter(hp.model_path)
+        kept, problems = [], []
+        for sample in samples:
+            target, edits = plan_sizes(sample, hp.max_pixels, hp.edit_max_pixels)
+            limit = text_positions_left([target, *edits])
+            length = counter.count(sample.prompt, list(edits))
+            if length <= limit:
+                kept.append(sample)
+            elif hp.long_prompt == "truncate":
+                text, shortened = counter.shorten(sample.prompt, list(edits), limit)
+                log.warning(
+                    "row %d: prompt of %d text tokens truncated to %d to fit the %d text positions left beside its "
+                    "images (data.long_prompt=truncate)", sample.row, length, shortened, limit,
+                )  # fmt: skip
+                kept.append(dataclasses.replace(sample, prompt=text))
+            else:
+                reason = (
+                    f"prompt is {length} text tokens (template and edit images' vision tokens included), but the "
+                    f"transformer has {limit} text positions left beside this row's images ({TEXT_POSITIONS} in "
+                    "all); shorten it, or set data.long_prompt=truncate"
+                )
+                problems.append(Problem(sample.row, self.columns.prompt, "", reason))
+        if problems:
+            message = format_problems(self.metadata, problems, len(samples))
+            if hp.on_error == "raise" or not kept:
+                raise DataValidationError(message, problems)
+            log.warning("data.on_error=skip: skipped %d of %d rows.\n%s", len(problems), len(samples), message)
+        return kept
 
     # -- setup --------------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return  # validated once, however many stages call setup
         hp = self.hparams
-        samples = self.validate(read_records(self.metadata, self.columns))
+        samples = self.check_prompt_lengths(self.validate(read_records(self.metadata, self.columns)))
         train, val = split_train_val(samples, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
         sizes = (hp.max_pixels, hp.edit_max_pixels, hp.max_image_pixels)
         self.train_dataset = EditDataset(train, *sizes)
         self.val_dataset = EditDataset(val, *sizes) if val else None
+        self._refuse_empty_epoch(self.train_dataset.sizes)
         log.info("data: %d training and %d validation samples from %s", len(train), len(val), self.metadata)
+
+    def _refuse_empty_epoch(self, sizes) -> None:
+        """With drop_last, a bucket smaller than data.batch_size yields no batch; all of them would train 0 steps."""
+        hp = self.hparams
+        _, world = self._rank_and_world()
+        batches = len(BucketBatchSampler(sizes, hp.batch_size, shuffle=False, drop_last=hp.drop_last, world_size=world))
+        if batches == 0:
+            raise DataValidationError(
+                f"{self.metadata}: data.batch_size={hp.batch_size} with data.drop_last=true leaves no full batch "
+                f"({len(sizes)} training samples, grouped by aspect-ratio bucket, on {world} device(s)): an epoch "
+                "would train 0 steps. Lower data.batch_size or set data.drop_last=false"
+            )
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -10,8 +10,11 @@ Two resize rules, because the two roles differ:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +28,10 @@ TARGET_MULTIPLE = 16
 EDIT_MULTIPLE = 32
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+# Rows converted per slice in `to_rgb`'s 16-bit path: bounds its temporary arrays to a few MB at any width.
+_SIXTEEN_BIT_ROWS = 256
+# Decoded images validation may hold at once, in bytes (see `DecodeBudget`).
+DEFAULT_DECODE_BUDGET_BYTES = 2 * 1024**3
 
 
 class ImageTooLarge(ValueError):
@@ -40,6 +47,43 @@ def configure_pil_limit(max_image_pixels: int) -> None:
     """
     if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Bytes that decoding a `mode` image of `width` x `height` and converting it to RGB holds at its peak.
+
+    The decoded pixels as PIL stores them (1 byte for "L"/"P"/"1", 2 for 16-bit greyscale, 4 for everything
+    else: PIL keeps 3-band images in 4 bytes, mode "I" is 32-bit) plus the RGB result (4 bytes a pixel). Pixels
+    alone undercount: a 16-bit greyscale PNG of 49 MP is under the default pixel limit and decodes to 98 MB more
+    than an 8-bit one.
+    """
+    per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode in _SIXTEEN_BIT_MODES else 4
+    return width * height * (per_pixel + 4)
+
+
+class DecodeBudget:
+    """Bounds the bytes of the images decoded at the same time by several threads (validation decodes 8 at once).
+
+    `reserve(n)` waits until `n` bytes fit under `capacity`; an image larger than the whole budget waits until it
+    is alone and then runs (never a deadlock, and one image at a time is the least memory a check can take).
+    """
+
+    def __init__(self, capacity: int = DEFAULT_DECODE_BUDGET_BYTES):
+        self.capacity = capacity
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use == 0 or self.in_use + nbytes <= self.capacity)
+            self.in_use += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= nbytes
+                self._changed.notify_all()
 
 
 def open_image(path: str | os.PathLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -67,8 +111,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
         # PIL's convert("RGB") clips 16-bit values at 255, turning most 16-bit images white: rescale instead.
         # Mode "I" is how PIL opens 16-bit greyscale PNG/TIFF, so it gets the 16-bit range too.
-        array = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-        return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+        # In slices of rows with integer arithmetic (round(v * 255 / 65535)): a float64 copy of a whole 49 MP
+        # image took ~1.3 GB; this holds the result and a few MB.
+        out = np.empty((image.height, image.width), dtype=np.uint8)
+        for top in range(0, image.height, _SIXTEEN_BIT_ROWS):
+            rows = image.crop((0, top, image.width, min(image.height, top + _SIXTEEN_BIT_ROWS)))
+            values = np.clip(np.asarray(rows, dtype=np.int64), 0, 65535)
+            out[top : top + rows.height] = (values * 255 + 32767) // 65535
+        return Image.fromarray(out, mode="L").convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusedit.data.errors import MetadataError
+from fusedit.regular_files import not_regular_reason
 
 EDIT_IMAGE_SEPARATOR = "|"
 
@@ -198,6 +199,11 @@ def read_records(path: str | Path, columns: Columns | None = None) -> list[Recor
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise MetadataError(f"{path}: unsupported metadata format {suffix!r}; use .csv or .jsonl")
+    reason = not_regular_reason(path)  # a FIFO would block read_bytes, /dev/zero would never end
+    if reason == "file not found":
+        raise MetadataError(f"{path}: metadata file not found")
+    if reason is not None:
+        raise MetadataError(f"{path}: {reason}; the metadata must be a .csv or .jsonl file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -6,6 +6,7 @@ decoded (the same `load_image` the training loader uses), once per distinct path
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -13,11 +14,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fusedit.data.errors import DataValidationError
-from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, configure_pil_limit, load_image
+from fusedit.data.images import (
+    DEFAULT_DECODE_BUDGET_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodeBudget,
+    ImageTooLarge,
+    configure_pil_limit,
+    decode_bytes,
+    load_image,
+)
 from fusedit.data.records import Columns, Record
+from fusedit.families import edit_image_count_problem
+from fusedit.regular_files import not_regular_reason
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +89,26 @@ def resolve_path(raw: str, base_path: Path, allow_absolute: bool = False) -> Pat
     return Path(candidate)
 
 
-def check_image(path: Path, max_image_pixels: int) -> tuple[int, int]:
-    """Decode `path` fully; return its oriented (width, height) or raise ValueError with a one-line reason."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ValueError("file not found") from None
-    except OSError as error:
-        raise ValueError(f"cannot read file ({error.strerror})") from None
-    if path.is_dir():
-        raise ValueError("is a directory, not an image file")
-    if size == 0:
+def check_image(path: Path, max_image_pixels: int, budget: DecodeBudget | None = None) -> tuple[int, int]:
+    """Decode `path` fully; return its oriented (width, height) or raise ValueError with a one-line reason.
+
+    Only a regular file is opened (a FIFO would block, /dev/zero never ends). With `budget`, the decode waits
+    until its bytes (`decode_bytes`, from the header) fit beside the other threads' decodes.
+    """
+    reason = not_regular_reason(path)
+    if reason is not None:
+        raise ValueError(reason)
+    if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     try:
-        image = load_image(path, max_image_pixels)
+        with Image.open(path) as header:  # the header only: mode and size, no pixel decoded
+            nbytes = decode_bytes(header.mode, *header.size)
+        with budget.reserve(nbytes) if budget is not None else contextlib.nullcontext():
+            image = load_image(path, max_image_pixels)
     except ImageTooLarge as error:
         raise ValueError(str(error)) from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"decompression bomb refused by PIL ({error})") from None
     except UnidentifiedImageError:
         raise ValueError("not an image file PIL can read (unrecognised format or corrupt header)") from None
     except PermissionError:
@@ -103,7 +118,32 @@ def check_image(path: Path, max_image_pixels: int) -> tuple[int, int]:
     return image.size
 
 
-def _format(metadata: Path | str, problems: list[Problem], total: int) -> str:
+def record_problems(record: Record, columns: Columns, family: str | None = None) -> list[Problem]:
+    """What is wrong with `record` itself, without opening a file: its parse problems, an empty prompt, a missing
+    or empty edit image entry, and more or fewer edit images than `family` takes (`fusedit.families`; None: one
+    or more, the edit families' common rule)."""
+    problems = [Problem(record.row, column, "", reason) for column, reason in record.problems]
+    if not record.prompt.strip():
+        problems.append(Problem(record.row, columns.prompt, "", "empty prompt"))
+    edits = record.edit_images
+    if not any(edits):  # `"edit_image": []`, or an empty CSV cell
+        count_problem = edit_image_count_problem(0, family) if family else "no edit image"
+        if count_problem:
+            problems.append(Problem(record.row, columns.edit_image, "", count_problem))
+        return problems
+    raw_cell = "|".join(edits)
+    for position, entry in enumerate(edits, start=1):
+        if not entry:
+            problems.append(
+                Problem(record.row, columns.edit_image, raw_cell, f"entry {position} of {len(edits)} is empty")
+            )
+    count_problem = edit_image_count_problem(len(edits), family) if family else None
+    if count_problem:
+        problems.append(Problem(record.row, columns.edit_image, raw_cell, count_problem))
+    return problems
+
+
+def format_problems(metadata: Path | str, problems: list[Problem], total: int) -> str:
     rows = sorted({problem.row for problem in problems})
     lines = [f"{metadata}: {len(rows)} of {total} rows are bad:"]
     lines += [f"  {problem}" for problem in problems]
@@ -135,8 +175,14 @@ def validate_records(
     allow_absolute_paths: bool = False,
     on_error: str = "raise",
     num_threads: int | None = None,
+    family: str | None = None,
+    decode_budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES,
 ) -> list[Sample]:
     """Validate every record; return the good ones as `Sample`s.
+
+    `family` (`fusedit.families`, e.g. "qwen-image-edit"): judge each row's number of edit images against what
+    that pipeline takes; None accepts one or more. Images are decoded on `num_threads` threads, at most
+    `decode_budget_bytes` of decoded pixels at a time (`DecodeBudget`).
 
     on_error="raise": one `DataValidationError` listing every problem. on_error="skip": drop bad rows and log
     how many (still raises when no row is left).
@@ -151,11 +197,10 @@ def validate_records(
     problems: list[Problem] = []
     resolved: dict[int, tuple[Path | None, list[Path | None]]] = {}
     for record in records:
-        problems += [Problem(record.row, column, "", reason) for column, reason in record.problems]
-        if not record.prompt.strip():
-            problems.append(Problem(record.row, columns.prompt, "", "empty prompt"))
+        problems += record_problems(record, columns, family)
         paths: list[Path | None] = []
-        for column, raw in [(columns.image, record.image)] + [(columns.edit_image, e) for e in record.edit_images]:
+        named = [(columns.image, record.image)] + [(columns.edit_image, e) for e in record.edit_images if e]
+        for column, raw in named:
             try:
                 paths.append(resolve_path(raw, base_path, allow_absolute_paths))
             except PathRefused as error:
@@ -165,9 +210,11 @@ def validate_records(
 
     unique = sorted({path for image, edits in resolved.values() for path in [image, *edits] if path is not None})
 
+    budget = DecodeBudget(decode_budget_bytes)
+
     def check(path: Path) -> tuple[Path, tuple[int, int] | str]:
         try:
-            return path, check_image(path, max_image_pixels)
+            return path, check_image(path, max_image_pixels, budget)
         except ValueError as error:
             return path, str(error)
 
@@ -181,7 +228,7 @@ def validate_records(
         image, edits = resolved[record.row]
         bad = record.row in rows_with_problems
         named = [(columns.image, record.image, image)] + [
-            (columns.edit_image, raw, path) for raw, path in zip(record.edit_images, edits)
+            (columns.edit_image, raw, path) for raw, path in zip([e for e in record.edit_images if e], edits)
         ]
         for column, raw, path in named:
             if path is not None and isinstance(outcome[path], str):
@@ -201,7 +248,7 @@ def validate_records(
 
     if problems:
         problems.sort(key=lambda problem: problem.row)
-        message = _format(metadata, problems, len(records))
+        message = format_problems(metadata, problems, len(records))
         if on_error == "raise" or not samples:
             if on_error == "skip":
                 message += "\n(data.on_error=skip, but no valid row is left)"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusedit.errors import UserFileNotFoundError, UserInputError
+from fusedit.regular_files import not_regular_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 TABLE_SUFFIXES = (".csv", ".jsonl")
@@ -48,6 +49,14 @@ def unique_name(stem: str, taken: set[str]) -> str:
     return name
 
 
+def _require_regular(path: Path, what: str) -> None:
+    reason = not_regular_reason(path)
+    if reason == "file not found":
+        raise UserFileNotFoundError(f"{what} {path} does not exist".replace("= ", "="))
+    if reason is not None:
+        raise UserInputError(f"{what} {path} {reason}".replace("= ", "="))
+
+
 def _need_prompt(prompt: str | None, where: str) -> str:
     if prompt is None or not str(prompt).strip():
         raise UserInputError(f'{where}: no prompt; pass prompt="..."')
@@ -79,17 +88,23 @@ def _table_jobs(path: Path, prompt: str | None, columns) -> list[Job]:
         where = f"{path} row {record.row}"
         for column, message in record.problems:
             problems.append(f"{where}{f' column {column!r}' if column else ''}: {message}")
-        resolved = (inside(value, input_column, where) for value in record.edit_images if value)
+        entries = record.edit_images
+        if any(entries) and not all(entries):  # "a.png|": an empty entry in a list (no entry at all: text-to-image)
+            problems.append(f"{where} column {input_column!r}: {'|'.join(entries)!r} has an empty entry")
+        resolved = (inside(value, input_column, where) for value in entries if value)
         images = tuple(image for image in resolved if image is not None)
         for image in images:
-            if not image.is_file():
-                problems.append(f"{where} column {input_column!r}: image {image} not found")
+            reason = not_regular_reason(image)
+            if reason is not None:
+                what = "not found" if reason == "file not found" else reason
+                problems.append(f"{where} column {input_column!r}: image {image} {what}")
         row_prompt = record.prompt if record.prompt.strip() else prompt
         if row_prompt is None or not str(row_prompt).strip():
             problems.append(f"{where} column {prompt_column!r}: empty prompt and no prompt= given")
         target = inside(record.image, target_column, where) if record.image else None
-        if target is not None and not target.is_file():
-            problems.append(f"{where} column {target_column!r}: target {target} not found")
+        if target is not None and (reason := not_regular_reason(target)) is not None:
+            what = "not found" if reason == "file not found" else reason
+            problems.append(f"{where} column {target_column!r}: target {target} {what}")
         stem = f"row{record.row:04d}" + (f"_{images[0].stem}" if images else "")
         jobs.append(Job(unique_name(stem, taken), str(row_prompt or ""), images, target, where, {"row": record.row}))
     if problems:
@@ -109,8 +124,7 @@ def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: 
         if not images:
             raise UserInputError("input= is an empty list")
         for image in images:
-            if not image.is_file():
-                raise UserFileNotFoundError(f"input image {image} does not exist")
+            _require_regular(image, "input image")
         return [Job(images[0].stem, _need_prompt(prompt, "input"), images, source="input list")]
     path = Path(str(source)).expanduser()
     if not path.exists():
@@ -123,6 +137,8 @@ def collect_jobs(source, prompt: str | None, columns: dict | None = None, name: 
         taken: set[str] = set()
         return [Job(unique_name(file.stem, taken), text, (file,), source=str(file)) for file in files]
     suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES or suffix in TABLE_SUFFIXES:
+        _require_regular(path, "input=")  # only regular files are opened: a FIFO would block the preflight
     if suffix in TABLE_SUFFIXES:
         return _table_jobs(path, prompt, columns)
     if suffix in IMAGE_SUFFIXES:

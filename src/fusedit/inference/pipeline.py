@@ -14,7 +14,8 @@ import os
 import diffusers
 import torch
 
-from fusedit.inference.preflight import PIPELINE_CLASSES, model_family
+from fusedit.families import PIPELINE_CLASSES
+from fusedit.inference.preflight import model_family
 from fusedit.inference.profiles import torch_dtype
 from fusedit.model import load_transformer
 

@@ -25,23 +25,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fusedit.errors import Refusal, UserFileNotFoundError, UserInputError
+from fusedit.families import EDIT_2511, PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem, is_edit_family
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 from fusedit.pickle_files import pickle_refusal
 
-# fusedit.detect family -> the diffusers pipeline class that runs it.
-PIPELINE_CLASSES = {
-    "qwen-image": "QwenImagePipeline",
-    "qwen-image-edit": "QwenImageEditPipeline",
-    "qwen-image-edit-2509": "QwenImageEditPlusPipeline",
-    "qwen-image-edit-2511": "QwenImageEditPlusPipeline",
-}
-TEXT_TO_IMAGE = "qwen-image"
 TRANSFORMER_KINDS = ("pipeline", "transformer", "model_file")  # what fusedit.model.load_transformer reads
-
-
-def is_edit_family(family: str) -> bool:
-    return family != TEXT_TO_IMAGE
 
 
 @dataclass(frozen=True)
@@ -156,12 +145,25 @@ def model_family(path: str | os.PathLike) -> str:
     return family
 
 
-def _check_transformer(path: Path) -> None:
+def _check_transformer(path: Path, family: str | None) -> None:
+    """`model.transformer` holds transformer weights, and of the pipeline's family where the file says one."""
     report = _detect(path, "model.transformer")
     if report["kind"] not in TRANSFORMER_KINDS:
         raise UserInputError(
             f"model.transformer={path} is a {report['kind']}, not transformer weights"
             + (" (pass a LoRA as lora.path)" if report["kind"] == "lora" else "")
+        )
+    # Only Edit-2511 is visible in a transformer's own files (zero_cond_t in a folder's config, ComfyUI's marker
+    # tensor in a single file); the other families share one transformer. A single file without the marker may
+    # still be 2511 (not every tool writes it), so only a folder's config can say "not 2511".
+    is_2511 = report.get("family") == EDIT_2511
+    says_not_2511 = report["kind"] != "model_file" and not is_2511
+    if family is not None and ((is_2511 and family != EDIT_2511) or (says_not_2511 and family == EDIT_2511)):
+        source = report.get("family_source", "its config")
+        raise UserInputError(
+            f"model.transformer={path} is a {report.get('family') or 'pre-2511'} transformer ({source}), but "
+            f"model.path is a {family} pipeline; use the matching pipeline (Qwen-Image-Edit-2511 for a 2511 "
+            "transformer)"
         )
 
 
@@ -176,16 +178,48 @@ def _check_lora_kind(spec: LoraSpec, file: Path) -> None:
 
 def check_jobs_fit(jobs: list[Job], family: str) -> None:
     for job in jobs:
-        if job.images and not is_edit_family(family):
-            raise UserInputError(
-                f"{job.source}: the model is Qwen-Image (text-to-image) and takes no input image; drop input= or "
-                "use a Qwen-Image-Edit model"
+        # No input image with an edit model is a text-to-image job (the edit pipelines run without one).
+        problem = edit_image_count_problem(len(job.images), family) if job.images else None
+        if problem:
+            hint = "; drop input= or use a Qwen-Image-Edit model" if family == TEXT_TO_IMAGE else ""
+            raise UserInputError(f"{job.source}: {problem}{hint}")
+
+
+def check_prompt_lengths(jobs: list[Job], model_path, family: str, width=None, height=None) -> None:
+    """Refuse edit jobs whose prompt does not fit the transformer's text positions (`fusedit.data.prompt_length`).
+
+    Counted with the pipeline's tokenizer and processor (no weights). The image sizes are the edit pipelines':
+    each input at about 1 MP in its own aspect (`calculate_dimensions(1024 * 1024, ...)`), the output at
+    `width` x `height` or the first input's size. Text-to-image jobs are skipped: that pipeline cuts the prompt
+    at `max_sequence_length` itself.
+    """
+    edit_jobs = [job for job in jobs if job.images]
+    if not is_edit_family(family) or not edit_jobs:
+        return
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+    from PIL import Image
+
+    from fusedit.data.prompt_length import TEXT_POSITIONS, PromptCounter, text_positions_left
+
+    counter = PromptCounter(model_path)
+    problems = []
+    for job in edit_jobs:
+        sizes = []
+        for image in job.images:
+            with Image.open(image) as header:  # the header only; a regular file (checked in the first stage)
+                sizes.append(header.size)
+        condition = [calculate_dimensions(1024 * 1024, w / h)[:2] for w, h in sizes]
+        output = (width, height) if width and height else condition[0]
+        limit = text_positions_left([tuple(map(int, output)), *condition])
+        length = counter.count(job.prompt, sizes)
+        if length > limit:
+            problems.append(
+                f"{job.source}: the prompt is {length} text tokens (template and input images' vision tokens "
+                f"included), but the transformer has {limit} text positions left beside the images "
+                f"({TEXT_POSITIONS} in all); shorten it"
             )
-        if len(job.images) > 1 and family == "qwen-image-edit":
-            raise UserInputError(
-                f"{job.source}: {len(job.images)} input images, but Qwen-Image-Edit takes one; several images need "
-                "Qwen-Image-Edit-2509 or -2511"
-            )
+    if problems:
+        raise UserInputError("\n  ".join(problems))
 
 
 class _Problems:
@@ -239,11 +273,15 @@ def preflight(cfg: DictConfig) -> Plan:
     # Second stage: fusedit.detect (imports torch) on what the first stage found.
     family = problems.check(model_family, cfg.model.path) if model_ok else None
     if transformer is not None:
-        problems.check(_check_transformer, Path(str(transformer)).expanduser())
+        problems.check(_check_transformer, Path(str(transformer)).expanduser(), family)
     for spec, file in zip(specs, lora_files, strict=True):
         problems.check(_check_lora_kind, spec, file)
     if family is not None:
         problems.check(check_jobs_fit, jobs, family)
+        sampling = cfg.get("sampling") or {}
+        problems.check(
+            check_prompt_lengths, jobs, cfg.model.path, family, sampling.get("width"), sampling.get("height")
+        )
     from fusedit.inference.profiles import check_profile, resolve_auto_profile  # torch, imported by detect already
 
     with open_dict(cfg):  # profile=auto: the detected GPU's profile from here on (infer() reads cfg.profile)

@@ -10,12 +10,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fusedit
+from fusedit.families import TEXT_TO_IMAGE
 from fusedit.inference.enhance import enhance_prompt
 from fusedit.inference.inputs import load_rgb
 from fusedit.inference.lora import load_loras
 from fusedit.inference.outputs import comparison_sheet, save_image
 from fusedit.inference.pipeline import build_pipeline, text_to_image_pipeline
-from fusedit.inference.preflight import TEXT_TO_IMAGE, Plan, preflight
+from fusedit.inference.preflight import Plan, preflight
 from fusedit.inference.profiles import apply_profile
 from fusedit.io import write_json_atomic
 

@@ -17,6 +17,14 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
 from fusedit.convert.layout import LAYOUTS, model_layout
+from fusedit.convert.single_file import (
+    DEQUANTIZED_DEFAULT,
+    MARKER_2511,
+    dequantize_scaled_fp8,
+    has_2511_marker,
+    is_marker,
+    is_scaled_fp8,
+)
 from fusedit.errors import UserFileNotFoundError, UserInputError
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
@@ -85,17 +93,23 @@ def config_from_header(header: dict[str, dict]) -> dict:
     }
 
 
-def _single_file_config(file: Path, zero_cond_t: bool) -> dict:
+def _single_file_config(file: Path, zero_cond_t: bool | None) -> dict:
     header, metadata = read_safetensors_header(file)
     shapes = config_from_header(header)
     head_dim = int(metadata.get("attention_head_dim", 128))
     if shapes["inner_dim"] % head_dim:
         raise UserInputError(f"{file}: hidden size {shapes['inner_dim']} is not a multiple of the head size {head_dim}")
+    marked_2511 = has_2511_marker(header)
+    if marked_2511 and zero_cond_t is False:
+        raise UserInputError(
+            f"{file} is a Qwen-Image-Edit-2511 transformer (it carries the {MARKER_2511} marker), but the pipeline it "
+            "is loaded into is not Edit-2511; use it with the Qwen-Image-Edit-2511 pipeline"
+        )
     config = json.loads(metadata["config"]) if "config" in metadata else {}
     config.update({key: value for key, value in shapes.items() if key != "inner_dim"})
     config.setdefault("attention_head_dim", head_dim)
     config.setdefault("num_attention_heads", shapes["inner_dim"] // head_dim)
-    config.setdefault("zero_cond_t", zero_cond_t)
+    config.setdefault("zero_cond_t", marked_2511 if zero_cond_t is None else zero_cond_t)
     return config
 
 
@@ -108,8 +122,15 @@ def _load_by_assignment(config: dict, files: list[Path], merged: bool, dtype: to
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                state_dict[_strip_prefix(key)] = tensor.to(dtype) if dtype is not None else tensor
+                state_dict[_strip_prefix(key)] = handle.get_tensor(key)
+    if is_scaled_fp8(state_dict):
+        # The float8 weights are stored divided by their scales: restore them (convert.single_file).
+        dtype = dtype or getattr(torch, DEQUANTIZED_DEFAULT)
+        state_dict = dequantize_scaled_fp8(state_dict, dtype)
+    else:
+        state_dict = {key: tensor for key, tensor in state_dict.items() if not is_marker(key)}
+    if dtype is not None:
+        state_dict = {key: tensor.to(dtype) for key, tensor in state_dict.items()}
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
         raise UserInputError(
@@ -123,9 +144,15 @@ def load_transformer(
     path: str | Path,
     layout: str = "merged_qkv",
     dtype: torch.dtype | None = None,
-    zero_cond_t: bool = False,
+    zero_cond_t: bool | None = None,
 ) -> QwenImageTransformer2DModel:
-    """Load the transformer at `path` (pipeline dir, transformer dir or safetensors file) in `layout`."""
+    """Load the transformer at `path` (pipeline dir, transformer dir or safetensors file) in `layout`.
+
+    `zero_cond_t` matters for a single file only (a folder's config.json says it): True or False is what the
+    pipeline the file goes into needs, None takes it from the file (ComfyUI's Edit-2511 marker,
+    `fusedit.convert.single_file`). A file with the 2511 marker and `zero_cond_t=False` is refused (ValueError).
+    "fp8 scaled" single files are dequantized (weight * scale_weight) to `dtype`, bfloat16 when None.
+    """
     if layout not in LAYOUTS:
         raise UserInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     transformer_path = resolve_transformer_dir(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -107,28 +108,59 @@ class LoRAExport(Callback):
             log.info("LoRA written to %s", path)
 
 
-def _grid(rows: list[list[Image.Image]]) -> Image.Image:
-    width = max(sum(image.width for image in row) for row in rows)
-    height = sum(max(image.height for image in row) for row in rows)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+PROMPT_HEIGHT = 14
+
+
+def sample_sheet(row: ValidationRow) -> Image.Image:
+    """One sample as inference's comparison sheet (labelled input [| input 2] | output [| target]), its prompt below."""
+    from PIL import ImageDraw
+
+    from fusedit.inference.outputs import comparison_sheet
+
+    inputs = [("input" if len(row.inputs) == 1 else f"input {i + 1}", image) for i, image in enumerate(row.inputs)]
+    panels = [*inputs, ("output", row.edited), *([("target", row.target)] if row.target is not None else [])]
+    panels_image = comparison_sheet(panels)
+    sheet = Image.new("RGB", (panels_image.width, panels_image.height + PROMPT_HEIGHT), "white")
+    sheet.paste(panels_image, (0, 0))
+    ImageDraw.Draw(sheet).text((2, panels_image.height + 1), row.prompt, fill="black")
+    return sheet
+
+
+def _stack(sheets: list[Image.Image]) -> Image.Image:
+    canvas = Image.new("RGB", (max(s.width for s in sheets), sum(s.height for s in sheets)), "white")
     y = 0
-    for row in rows:
-        x = 0
-        for image in row:
-            canvas.paste(image, (x, y))
-            x += image.width
-        y += max(image.height for image in row)
+    for sheet in sheets:
+        canvas.paste(sheet, (0, y))
+        y += sheet.height
     return canvas
 
 
-class ValidationImages(Callback):
-    """Every `every_n_steps` steps edit `num_samples` held-out (else training) samples with the current LoRA and log
-    a table input | edited | target: to wandb when it is a logger, and always as `<dirpath>/step-XXXXXX.png`
-    (`keep_last` > 0 keeps only that many of those files).
+@dataclass
+class ValidationRow:
+    """One validation sample: input image(s), the LoRA's edit, the target (None for a user's own sample)."""
 
-    Generation is diffusers' own QwenImageEdit(Plus)Pipeline with the training transformer plugged in (few steps,
-    no CFG), so what is logged is what a user of the LoRA gets. Training from the cache, the conditioner generates
-    from the cached encodings with the VAE decoder alone (fusedit.cache.validation).
+    inputs: list[Image.Image]
+    edited: Image.Image
+    target: Image.Image | None
+    prompt: str
+
+
+class ValidationImages(Callback):
+    """Every `every_n_steps` steps edit a few samples with the current LoRA and save one labelled sheet per round
+    (input | output | target, the prompt below each row) as `<dirpath>/step-XXXXXX.png`; with wandb as a logger
+    also log each sample's sheet, and its input / output / target, as wandb image panels (`val/...`).
+    `keep_last` > 0 keeps only that many of the `step-XXXXXX.png` sheets.
+
+    The samples are the user's own `samples` (each `{edit_image: path or [paths], prompt: str, image: optional
+    target path}`, checked before the model loads by `fusedit.training.validate_config`), else the first
+    `num_samples` held-out (else training) samples. Generation is diffusers' own QwenImageEdit(Plus)Pipeline with
+    the training transformer plugged in (few steps, no CFG), so what is logged is what a user of the LoRA gets.
+    Training from the cache, the conditioner generates from the cached encodings with the VAE decoder alone
+    (fusedit.cache.validation).
+
+    Why panels and not a wandb.Table of images: wandb (0.31) stores a run table's images in its artifact staging
+    directory outside the run dir, so an offline run's table points at PNGs the run dir does not hold. Image panels
+    are written under the run's own `files/media/images/` and travel with `wandb sync`.
     """
 
     def __init__(
@@ -140,6 +172,8 @@ class ValidationImages(Callback):
         true_cfg_scale: float = 1.0,
         seed: int = 0,
         at_end: bool = True,
+        samples: list | None = None,
+        base_path: str | Path | None = None,
         keep_last: int = 0,
     ):
         # One step would divide by zero in the scheduler's stretch to shift_terminal (a NaN image).
@@ -149,7 +183,9 @@ class ValidationImages(Callback):
             )
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
-        self.num_samples = int(num_samples)
+        self.user_samples = [dict(sample) for sample in samples or []]
+        self.base_path = Path(base_path) if base_path else Path.cwd()
+        self.num_samples = len(self.user_samples) or int(num_samples)
         self.num_inference_steps = int(num_inference_steps)
         self.true_cfg_scale = float(true_cfg_scale)
         self.seed = int(seed)
@@ -165,11 +201,32 @@ class ValidationImages(Callback):
             return []
         return [dataset[index] for index in range(min(self.num_samples, len(dataset)))]
 
+    def user_rows(self) -> list[tuple[list[Image.Image], Image.Image | None, str]]:
+        """The user's samples as (input images, target or None, prompt); paths relative to `base_path`."""
+        from fusedit.data.images import load_image
+
+        out = []
+        for sample in self.user_samples:
+            paths = sample["edit_image"]
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            inputs = [load_image(self.base_path / path) for path in paths]
+            target = load_image(self.base_path / sample["image"]) if sample.get("image") else None
+            out.append((inputs, target, str(sample["prompt"])))
+        return out
+
+    def dataset_rows(self, trainer: Trainer, to_pil) -> list[tuple[list[Image.Image], Image.Image | None, str]]:
+        out = []
+        for sample in self._samples(trainer):
+            edits = [to_pil(image[None].float(), output_type="pil")[0] for image in sample["edit_images"]]
+            out.append((edits, to_pil(sample["image"][None].float(), output_type="pil")[0], sample["prompt"]))
+        return out
+
     @torch.no_grad()
-    def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[list[Image.Image]]:
+    def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[ValidationRow]:
         conditioner = pl_module.conditioner
         if hasattr(conditioner, "validation_rows"):  # training from the cache: no text encoder (fusedit.cache)
-            return conditioner.validation_rows(pl_module, self._samples(trainer), self.num_inference_steps, self.seed)
+            rows = conditioner.validation_rows(pl_module, self._samples(trainer), self.num_inference_steps, self.seed)
+            return [ValidationRow(list(row[:-3]), row[-3], row[-2], row[-1]) for row in rows]
         source = conditioner.pipeline
         pipeline = type(source)(
             scheduler=type(source.scheduler).from_config(source.scheduler.config),
@@ -180,26 +237,27 @@ class ValidationImages(Callback):
             transformer=pl_module.transformer,
         )
         pipeline.set_progress_bar_config(disable=True)
-        to_pil = source.image_processor.postprocess
+        samples = (
+            self.user_rows() if self.user_samples else self.dataset_rows(trainer, source.image_processor.postprocess)
+        )
         rows = []
         was_training = pl_module.transformer.training
         pl_module.transformer.eval()
         try:
-            for sample in self._samples(trainer):
-                edits = [to_pil(image[None].float(), output_type="pil")[0] for image in sample["edit_images"]]
-                target = to_pil(sample["image"][None].float(), output_type="pil")[0]
+            for edits, target, prompt in samples:
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+                # A target fixes the size; a user's sample without one gets the pipeline's own size choice.
+                size = {"height": target.height, "width": target.width} if target is not None else {}
                 with torch.autocast(pl_module.device.type, enabled=False):
                     edited = pipeline(
                         image=edits if conditioner.multi_image else edits[0],
-                        prompt=sample["prompt"],
-                        height=target.height,
-                        width=target.width,
+                        prompt=prompt,
                         num_inference_steps=self.num_inference_steps,
                         true_cfg_scale=self.true_cfg_scale,
                         generator=generator,
+                        **size,
                     ).images[0]
-                rows.append([*edits, edited, target, sample["prompt"]])
+                rows.append(ValidationRow(edits, edited, target, prompt))
         finally:
             pl_module.transformer.train(was_training)
         return rows
@@ -208,24 +266,28 @@ class ValidationImages(Callback):
     def log_images(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
         rows = self.generate(trainer, pl_module)
-        if not rows:
-            return
+        if rows:
+            self.write(rows, step, trainer.loggers)
+
+    def write(self, rows: list[ValidationRow], step: int, loggers=()) -> Path:
+        """The sheet file for `rows` at `step`, and the wandb panels for every wandb logger among `loggers`."""
+        sheets = [sample_sheet(row) for row in rows]
         path = self.dirpath / f"step-{step:06d}.png"
         with atomic_write_path(path) as tmp:
-            _grid([row[:-1] for row in rows]).save(tmp, format="PNG")
+            _stack(sheets).save(tmp, format="PNG")
         prune_steps(self.dirpath, "step-*.png", self.keep_last)
         self.last_path = path
         self._last_step = step
-        for logger in trainer.loggers:
+        for logger in loggers:
             if isinstance(logger, WandbLogger):
-                import wandb
-
-                columns = ["input", "edited", "target", "prompt"]
-                data = [
-                    [wandb.Image(_grid([row[:-3]])), wandb.Image(row[-3]), wandb.Image(row[-2]), row[-1]]
-                    for row in rows
-                ]
-                logger.log_table(key="val/images", columns=columns, data=data, step=step)
+                prompts = [row.prompt for row in rows]
+                logger.log_image(key="val/samples", images=sheets, step=step, caption=prompts)
+                logger.log_image(key="val/output", images=[row.edited for row in rows], step=step, caption=prompts)
+                logger.log_image(key="val/input", images=[row.inputs[0] for row in rows], step=step, caption=prompts)
+                targets = [row.target for row in rows if row.target is not None]
+                if targets:
+                    logger.log_image(key="val/target", images=targets, step=step)
+        return path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step

@@ -5,11 +5,16 @@ for `trainer.max_steps` with `max_epochs=-1`, which Lightning shows as "Epoch 3/
 at every epoch (a small dataset has a few batches per epoch) and never tells how far the run is. Bounded by steps,
 this bar runs once over the whole run, from the global step (a resumed run starts where it stopped) to
 `max_steps`, and its label names the epoch. Bounded by epochs it is Lightning's bar.
+
+Lightning also shows the logger's version as `v_num` (`v_num: 0.000` with fast_dev_run's dummy logger); the run
+directory names a fusedit run, so it is left out. Under `debug=fdr` (fast_dev_run: one batch) the label says so
+instead of "Epoch 0/0", and the speed column, which needs two steps to measure, is left out instead of "0.00it/s".
 """
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
 
 
 class StepProgressBar(RichProgressBar):
@@ -24,8 +29,22 @@ class StepProgressBar(RichProgressBar):
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps if self._counts_steps() else super().total_train_batches
 
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def configure_columns(self, trainer) -> list:
+        columns = super().configure_columns(trainer)
+        if trainer.fast_dev_run:
+            columns = [column for column in columns if not isinstance(column, ProcessingSpeedColumn)]
+        return columns
+
     def _get_train_description(self, current_epoch: int) -> str:
-        if self._counts_steps():
+        if self.trainer.fast_dev_run:
+            batches = int(self.trainer.fast_dev_run)
+            description = f"Debug run ({batches} batch{'es' if batches > 1 else ''})"
+        elif self._counts_steps():
             description = f"Steps (epoch {current_epoch})"
         elif self.trainer.max_epochs in (None, -1):
             description = f"Epoch {current_epoch}"  # unbounded: no "/-2"

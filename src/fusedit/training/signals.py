@@ -81,12 +81,21 @@ class GracefulStop(Callback):
         local = self.requested is not None or trainer.received_sigterm
         if not trainer.strategy.reduce_boolean_decision(local, all=False):
             return
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return  # the last step: the run ends now anyway, as a finished run (final LoRA written)
         self.stopped_by = self.requested or "SIGTERM"
         self.step = trainer.global_step
         self.checkpoint = self._checkpoint_path(trainer)
         trainer.save_checkpoint(self.checkpoint)
         log.warning("%s: checkpoint of step %d saved to %s; stopping", self.stopped_by, self.step, self.checkpoint)
-        raise SIGTERMException
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None:
+            raise SIGTERMException
+        # Stop through Lightning's own SIGTERM flag (the one its handler, replaced by ours, would have set): the
+        # loop then ends the step as usual, logging this step's metrics and flushing the loggers, and raises
+        # SIGTERMException right after. Raising here would lose the step's metrics (they are logged after this
+        # hook): every completed step must be logged exactly once across a stop and its resume.
+        connector.received_sigterm = True
 
     @property
     def exit_code(self) -> int | None:

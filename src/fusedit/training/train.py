@@ -15,7 +15,6 @@ import netrc
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ from fusedit.training.checkpoint import (
     resolve_checkpoint,
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
+from fusedit.training.console import quiet_third_party_output, without_wandb_anonymous
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.run_dir import RUN_CONFIG, RunDirLock, check_same_run, check_writable, is_first_process
 from fusedit.training.signals import GracefulStop
@@ -72,7 +72,7 @@ def run_overrides(run_dir: Path) -> list[str]:
     """
     resumes = run_dir / RESUMES_FILE
     if resumes.is_file():
-        entries = OmegaConf.load(resumes)
+        entries = _load_run_yaml(resumes)
         last = entries[-1] if OmegaConf.is_list(entries) and len(entries) else None
         if not OmegaConf.is_dict(last) or not OmegaConf.is_list(last.get("overrides")):
             raise UserInputError(f"{resumes}: expected a list of {{time, command_line, overrides}} entries")
@@ -85,7 +85,19 @@ def run_overrides(run_dir: Path) -> list[str]:
             "with are unknown. Restore its .hydra/ folder (or write .hydra/overrides.yaml: the run's command-line "
             "overrides as a YAML list, [] for none)"
         )
-    return [str(item) for item in OmegaConf.load(original)]
+    overrides = _load_run_yaml(original)
+    if not OmegaConf.is_list(overrides):
+        raise UserInputError(f"{original}: expected a list of overrides")
+    return [str(item) for item in overrides]
+
+
+def _load_run_yaml(path: Path):
+    # A hand-edited or torn file must be named: YAML's own error says only a line and column.
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 - yaml's scanner and parser errors share no useful base class
+        message = " ".join(str(error).split())
+        raise UserInputError(f"{path}: not a valid YAML file ({message}); fix or remove it to resume") from None
 
 
 @rank_zero_only  # DDP ranks > 0 run train.py again with the same command line: one record per resume
@@ -194,7 +206,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                 kwargs["id"] = id_file.read_text().strip()
                 kwargs["resume"] = "allow"
         log.debug("logger %s: %s", name, logger_cfg._target_)
-        loggers.append(instantiate(logger_cfg, **kwargs))
+        logger = instantiate(logger_cfg, **kwargs)
+        without_wandb_anonymous(logger)
+        loggers.append(logger)
     return loggers
 
 
@@ -251,6 +265,7 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
     pipeline / the generated sample dataset.
     """
     cfg = copy.deepcopy(cfg)
+    quiet_third_party_output()
     validate_train_config(cfg)
     ckpt_file = None
     if cfg.get("ckpt_path"):
@@ -328,9 +343,6 @@ def fit(cfg: DictConfig, module: EditLoRAModule, datamodule, callbacks: list[Cal
 def train(cfg: DictConfig) -> dict:
     """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics", "stopped_by",
     "exit_code"}."""
-    # Expected here: the frozen VAE/text encoder sit in eval mode; no validation split means no val batches.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     # One process trains in a run dir at a time (fusedit.training.run_dir): the lock is taken before anything is
     # written there and held until the run ends.
     with RunDirLock(_run_dir_of(cfg)):
@@ -344,7 +356,11 @@ def train(cfg: DictConfig) -> dict:
         if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
             datamodule, conditioner = prepare_cached_training(cfg)
         else:
-            datamodule = instantiate(cfg.data)
+            datamodule = instantiate(cfg.data, model_path=cfg.model.path)
+        # Every row is checked (files decoded, edit images and prompt tokens counted against the pipeline's JSON
+        # files, tokenizer and processor) before any weight is read: a bad row must cost seconds, not a 20B load.
+        # Lightning's own setup call then finds the data ready.
+        datamodule.setup("fit")
         module = build_module(cfg, Path(cfg.model.path), conditioner)
         if ckpt_file is not None:
             check_checkpoint_file(ckpt_file, module)

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
+from fusedit.regular_files import not_regular_reason
 from fusedit.step.config import typed_configs
 
 
@@ -53,14 +54,51 @@ def _check_model(path: str, problems: list[str]) -> None:
         )
 
 
+def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list[str]) -> None:
+    """`callbacks.validation_images.samples`: each {edit_image: path or [paths], prompt, image: optional target}."""
+    key = "callbacks.validation_images"
+    samples = OmegaConf.select(cfg, f"{key}.samples")
+    if not samples:
+        return
+    if OmegaConf.select(cfg, "cache.enabled"):
+        problems.append(f"{key}.samples needs the text encoder, which cache.enabled=true does not load")
+    base = Path(str(OmegaConf.select(cfg, f"{key}.base_path") or ".")).expanduser()
+    for index, sample in enumerate(samples):
+        where = f"{key}.samples[{index}]"
+        if not OmegaConf.is_dict(sample):
+            problems.append(f"{where} must be {{edit_image: ..., prompt: ...}}, got {sample!r}")
+            continue
+        unknown = sorted(set(sample) - {"edit_image", "prompt", "image"})
+        if unknown:
+            problems.append(f"{where} has unknown key(s) {unknown}; use edit_image, prompt and optionally image")
+        if not isinstance(sample.get("prompt"), str) or not sample.get("prompt", "").strip():
+            problems.append(f"{where}.prompt must be a non-empty text")
+        edit = sample.get("edit_image")
+        paths = [edit] if isinstance(edit, str) else list(edit) if OmegaConf.is_list(edit) else None
+        if not paths:
+            problems.append(f"{where}.edit_image must be an image path or a list of them, got {edit!r}")
+            continue
+        if not check_paths:
+            continue
+        from fusedit.data.validation import check_image
+
+        max_pixels = OmegaConf.select(cfg, "data.max_image_pixels") or 50_000_000
+        named = [("edit_image", p) for p in paths] + ([("image", sample["image"])] if sample.get("image") else [])
+        for field, path in named:
+            try:
+                check_image(base / str(path), int(max_pixels))
+            except ValueError as error:
+                problems.append(f"{where}.{field} {base / str(path)}: {error}")
+
+
 def _lora_problems(cfg: DictConfig) -> list[str]:
     problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         problems.append(f"lora.rank must be an integer >= 1, got {rank!r}")
     alpha = _number(cfg, "lora.alpha")
-    if alpha is None or not alpha > 0:
-        problems.append(f"lora.alpha must be > 0, got {OmegaConf.select(cfg, 'lora.alpha')!r}")
+    if alpha is None or not (math.isfinite(alpha) and alpha > 0):
+        problems.append(f"lora.alpha must be a finite number > 0, got {OmegaConf.select(cfg, 'lora.alpha')!r}")
     dropout = _number(cfg, "lora.dropout")
     if dropout is None or not 0.0 <= dropout < 1.0:
         problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
@@ -81,8 +119,10 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     if lr is None or not (math.isfinite(lr) and lr > 0):
         problems.append(f"optim.lr must be a finite number > 0, got {OmegaConf.select(cfg, 'optim.lr')!r}")
     weight_decay = _number(cfg, "optim.weight_decay")
-    if weight_decay is None or weight_decay < 0:
-        problems.append(f"optim.weight_decay must be >= 0, got {OmegaConf.select(cfg, 'optim.weight_decay')!r}")
+    if weight_decay is None or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        problems.append(
+            f"optim.weight_decay must be a finite number >= 0, got {OmegaConf.select(cfg, 'optim.weight_decay')!r}"
+        )
     clip = OmegaConf.select(cfg, "optim.grad_clip")
     if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
         problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
@@ -93,9 +133,20 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
         if not bitsandbytes_available():
             problems.append(BITSANDBYTES_HINT)
 
+    seed = OmegaConf.select(cfg, "seed")
+    # numpy's and torch's generators take seeds in [0, 2**32): Lightning's seed_everything warns and replaces
+    # anything else with a random seed, so the run would not be reproducible from its config.
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        problems.append(f"seed must be an integer in [0, 2**32), got {seed!r}")
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     if not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
         problems.append(f"trainer.max_steps must be >= 1 (or -1 with trainer.max_epochs), got {max_steps!r}")
+    elif max_steps == -1 and not (isinstance(max_epochs, int) and max_epochs >= 1):
+        problems.append(
+            f"trainer.max_steps=-1 needs trainer.max_epochs >= 1 (got {max_epochs!r}): with both unbounded the run "
+            "never ends"
+        )
     batch_size = OmegaConf.select(cfg, "data.batch_size")
     if not isinstance(batch_size, int) or batch_size < 1:
         problems.append(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
@@ -109,18 +160,19 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
 
 
 def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
-    """model.path, data.metadata and lora.init_from (not read when `earlier` problems already name lora.*)."""
+    """model.path, data.metadata, ckpt_path and lora.init_from (not read when `earlier` problems name lora.*)."""
     problems: list[str] = []
     model_path = OmegaConf.select(cfg, "model.path")
     if model_path is not None:
         _check_model(str(model_path), problems)
     metadata = OmegaConf.select(cfg, "data.metadata")
     if metadata is not None:
-        location = Path(str(metadata)).expanduser()
-        if not location.is_file():
-            problems.append(
-                f"data.metadata={metadata} " + ("is a directory, not a file" if location.is_dir() else "does not exist")
-            )
+        reason = not_regular_reason(Path(str(metadata)).expanduser())  # never opened: a FIFO would block
+        if reason is not None:
+            problems.append(f"data.metadata={metadata} {reason.replace('file not found', 'does not exist')}")
+    ckpt_problem = _ckpt_path_problem(OmegaConf.select(cfg, "ckpt_path", default=None))
+    if ckpt_problem:
+        problems.append(ckpt_problem)
     init_from = OmegaConf.select(cfg, "lora.init_from")
     rank = OmegaConf.select(cfg, "lora.rank")
     if init_from is not None and isinstance(rank, int) and not any(p.startswith("lora.") for p in earlier):
@@ -140,8 +192,36 @@ def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
     return problems
 
 
+def _ckpt_path_problem(ckpt_path) -> str | None:
+    if ckpt_path and not Path(str(ckpt_path)).expanduser().exists():
+        return f"ckpt_path={ckpt_path} does not exist; give a run directory (outputs/train/runs/<time>) or a .ckpt file"
+    return None
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """Refuse a `ckpt_path` that does not exist, in milliseconds: train.py checks it before importing the trainer
+    (seconds) and recomposing the run's config."""
+    problem = _ckpt_path_problem(ckpt_path)
+    if problem:
+        raise ConfigError(f"invalid training config: {problem}")
+
+
+def _check_accelerator(cfg: DictConfig, problems: list[str]) -> None:
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu") or "cpu")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        problems.append(
+            f"trainer.accelerator={accelerator} (a GPU trainer profile), but this machine has no CUDA GPU that torch "
+            "can use; train on a GPU machine, or run on the CPU with trainer=cpu"
+        )
+
+
 def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
-    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at model.path / data.metadata."""
+    """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at this machine's files and devices
+    (model.path, data.metadata, ckpt_path, lora.init_from; a CUDA GPU for a GPU trainer profile)."""
     problems = _lora_problems(cfg)
     try:  # the one-field checks of the typed configs (fusedit.step.config), before anything is built
         typed_configs(cfg)
@@ -150,6 +230,10 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     problems += _loop_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg, problems)
+    _check_validation_samples(cfg, check_paths, problems)
+    if check_paths and not problems:
+        # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
+        _check_accelerator(cfg, problems)
     if problems:
         head = "invalid training config" if len(problems) > 1 else "invalid training config:"
         raise ConfigError(head + ("\n  " if len(problems) > 1 else " ") + "\n  ".join(problems))

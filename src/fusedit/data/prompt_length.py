@@ -1,0 +1,119 @@
+"""Prompts that do not fit the transformer's text positions, found before step 1 with the pipeline's own code.
+
+diffusers' Qwen-Image RoPE has a table of `TEXT_POSITIONS` (4,096) positions; the text of a sample takes the
+positions `max_vid_index .. max_vid_index + L` (`QwenEmbedRope.forward`), where `max_vid_index` is the largest
+half side, in latent patches, of the sample's images (target and edit images: RoPE is centred, `scale_rope`) and
+`L` the length of the prompt embedding: the templated prompt with each edit image's `<|image_pad|>` expanded by
+the processor to that image's vision tokens, minus the template prefix the pipeline drops. A longer prompt is a
+shape error inside the transformer, at its batch.
+
+`L` is counted by the pipeline's own `_get_qwen_prompt_embeds` (its template, image prompt, processor and
+`prompt_template_encode_start_idx`), built from the folder's tokenizer and processor only: a stand-in text encoder
+returns an empty hidden state per token, so no weight is read. The edit images' vision tokens depend only on the
+size the VLM is shown (`vlm_size`, as `fusedit.step.conditioning.EditConditioner._vlm_images` computes it); they are counted once per size on
+a blank image and added to the count of the prompt with the smallest image the processor accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+log = logging.getLogger(__name__)
+
+TEXT_POSITIONS = 4096  # diffusers' QwenEmbedRope: pos_freqs over torch.arange(4096)
+LONG_PROMPT_CHOICES = ("raise", "truncate")
+# EditConditioner's VLM area for plain Qwen-Image-Edit (its pipeline's `calculate_dimensions(1024 * 1024, ...)`).
+EDIT_VLM_AREA = 1024 * 1024
+PATCH = 16  # pixels per latent patch: VAE factor 8 x 2x2 packing
+
+
+def text_positions_left(image_sizes: list[tuple[int, int]]) -> int:
+    """Text positions left after the images (width, height in pixels) of one sample take theirs."""
+    max_vid_index = max((max(h // PATCH // 2, w // PATCH // 2) for w, h in image_sizes), default=0)
+    return TEXT_POSITIONS - max_vid_index
+
+
+class _TokenCountingEncoder:
+    """Stands in for Qwen2.5-VL in `_get_qwen_prompt_embeds`: one zero-width hidden state per input token."""
+
+    dtype = None
+
+    def __call__(self, input_ids, attention_mask, **_):
+        import torch
+
+        hidden = torch.zeros(*input_ids.shape, 1)
+        return SimpleNamespace(hidden_states=[hidden])
+
+
+class PromptCounter:
+    """Counts the prompt-embedding length `L` of (prompt, edit image sizes) for the pipeline at `pipeline_dir`."""
+
+    def __init__(self, pipeline_dir: str | Path):
+        import diffusers
+        from transformers import AutoProcessor, AutoTokenizer
+
+        from fusedit.families import PIPELINE_CLASSES, folder_family
+
+        pipeline_dir = Path(pipeline_dir)
+        self.family = folder_family(pipeline_dir)
+        pipeline_class = getattr(diffusers, PIPELINE_CLASSES[self.family])
+        self.tokenizer = AutoTokenizer.from_pretrained(pipeline_dir / "tokenizer")
+        self.processor = AutoProcessor.from_pretrained(pipeline_dir / "processor")
+        # Only the text side of the pipeline: its template, image prompt and prefix length, with our stand-in encoder.
+        self.pipeline = pipeline_class(
+            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, processor=self.processor,
+            transformer=None,
+        )  # fmt: skip
+        self.pipeline.text_encoder = _TokenCountingEncoder()
+        self.multi_image = self.family in ("qwen-image-edit-2509", "qwen-image-edit-2511")
+        image_processor = self.processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        self._small = max(factor, math.ceil(math.sqrt(getattr(image_processor, "min_pixels", 0) or 0)))
+
+    def vlm_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an edit image of `width` x `height` is shown to the VLM (`fusedit.step.conditioning.EditConditioner._vlm_images`)."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+        if self.multi_image:
+            dims = pipeline_qwenimage_edit_plus.calculate_dimensions(
+                pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE, width / height
+            )
+        else:
+            dims = pipeline_qwenimage_edit.calculate_dimensions(EDIT_VLM_AREA, width / height)
+        return int(dims[0]), int(dims[1])
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one counter per data module; sizes repeat across rows
+    def _image_tokens(self, size: tuple[int, int]) -> int:
+        from PIL import Image
+
+        pad = self.processor.image_token
+        ids = self.processor(text=[pad], images=[Image.new("RGB", size)], return_tensors="pt")["input_ids"][0]
+        return int((ids == self.tokenizer.convert_tokens_to_ids(pad)).sum())
+
+    def count(self, prompt: str, edit_sizes: list[tuple[int, int]]) -> int:
+        """`L` for `prompt` with edit images of `edit_sizes` (width, height of the edit tensors, in pixels)."""
+        from PIL import Image
+
+        small = (self._small, self._small)
+        images = [Image.new("RGB", small) for _ in edit_sizes]
+        image = images if self.multi_image else (images[0] if images else None)
+        embeds, _ = self.pipeline._get_qwen_prompt_embeds(prompt=[prompt], image=image, device="cpu")
+        extra = sum(self._image_tokens(self.vlm_size(*size)) - self._image_tokens(small) for size in edit_sizes)
+        return int(embeds.shape[1]) + extra
+
+    def shorten(self, prompt: str, edit_sizes: list[tuple[int, int]], limit: int) -> tuple[str, int]:
+        """The longest start of `prompt` (whole tokens) whose `L` is at most `limit`, and that `L`."""
+        tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        length = self.count(prompt, edit_sizes)
+        keep = len(tokens) - max(0, length - limit)
+        while keep > 0:
+            text = self.tokenizer.decode(tokens[:keep])
+            length = self.count(text, edit_sizes)
+            if length <= limit:
+                return text, length
+            keep -= max(1, length - limit)  # a decode can merge tokens differently at the cut
+        return "", self.count("", edit_sizes)
