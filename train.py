@@ -5,11 +5,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+TYPED_ARGV = list(sys.argv)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    # Lightning's DDP launcher re-runs this script from sys.argv: as typed, without the resume's additions below.
+    sys.argv = list(TYPED_ARGV)
     from fusedit.errors import refusals_as_one_line
     from fusedit.training.validate_config import check_ckpt_path, validate_train_config
 
@@ -33,4 +37,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from fusedit.training.run_dir import resume_hydra_overrides
+
+    # A resume logs into the run it continues, not into a stray new run dir (fusedit.training.run_dir).
+    sys.argv += resume_hydra_overrides(sys.argv[1:])
     main()

@@ -59,7 +59,8 @@ def exact_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> None:
-    """A safetensors header with no data behind it: detection must work from it alone."""
+    """A safetensors header whose data section is a hole (a sparse file, no disk used): detection must work from
+    the header alone, and the file is still well-formed (fusedit.io refuses data that ends past the file's end)."""
     sizes = {"BF16": 2, "F32": 4, "F8_E4M3": 1}  # written out here, not taken from the converter under test
     header, offset = {}, 0
     for key, shape in shapes.items():
@@ -67,4 +68,6 @@ def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + offset)

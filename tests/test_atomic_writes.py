@@ -70,3 +70,31 @@ def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
         os.umask(mask)
         importlib.reload(fusedit.io)
     assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_is_reported_naming_the_file_and_the_old_file_survives(tmp_path):
+    """torch's zip writer reports a full disk as "unexpected pos N vs M"; fusedit says what happened and where.
+    A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the write fail as a full disk would, without one."""
+    import errno
+    import resource
+
+    from fusedit.io import StorageFullError
+    from fusedit.training.checkpoint import AtomicCheckpointIO
+
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(4)}, target)
+    old = target.read_bytes()
+    no_space = pytest.raises(StorageFullError, match="No space left on device while writing .*note.txt")
+    with no_space, atomic_write_path(tmp_path / "note.txt"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(old) + 4096, hard))
+    try:
+        with pytest.raises(StorageFullError, match=f"while writing {target}"):
+            AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1 << 20)}, target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert target.read_bytes() == old
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temp file left behind

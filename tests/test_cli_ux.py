@@ -210,12 +210,13 @@ def test_fusedit_loads_models_without_dtype_deprecation_warnings(tiny_edit_path)
 
 # ---------------------------------------------------------------------------------------------------- resume
 def _run_dir(tmp_path, saved: list[str]):
-    """A run directory as `python train.py` leaves it: its overrides and a checkpoint (content not read here)."""
+    """A run directory as `python train.py` leaves it: its overrides and a checkpoint (only its step is read here:
+    finding the run dir skips unreadable checkpoints)."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(saved))
     (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {}, "global_step": 1}, run / "checkpoints" / "last.ckpt")
     return run
 
 

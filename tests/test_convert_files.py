@@ -290,3 +290,45 @@ def test_sharded_streaming_memory_is_bounded_by_shards(tmp_path):
         key = f"transformer_blocks.{b}.attn.to_{x}.weight"
         with safe_open(str(src / weight_map[key]), framework="pt") as handle:
             assert torch.equal(merged[i * hidden : (i + 1) * hidden], handle.get_tensor(key))
+
+
+def test_overwrite_replaces_a_sharded_output_whole(tmp_path):
+    """A sharded output overwritten by a single-file conversion keeps no old shard or index (a loader would follow
+    the stale index to the old model); the replacement is complete before the old folder goes."""
+    config = json.dumps({"_class_name": "QwenImageTransformer2DModel", "num_layers": 2})
+    old_sd = tiny_state_dict(torch.bfloat16)
+    sharded = tmp_path / "sharded"
+    write_sharded(sharded, old_sd, ["transformer_blocks.0.attn.to_k.weight"])
+    (sharded / "config.json").write_text(config)
+    out = tmp_path / "out"
+    convert_checkpoint(sharded, out, "to_merged")
+    assert len(list(out.glob("*.safetensors"))) == 2 and list(out.glob("*.index.json"))
+
+    new_sd = {key: value + 1 for key, value in old_sd.items()}
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(new_sd, single / "diffusion_pytorch_model.safetensors")
+    (single / "config.json").write_text(config)
+    convert_checkpoint(single, out, "to_merged", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    convert_checkpoint(out, tmp_path / "back", "to_standard")
+    assert_bit_equal(load_file(tmp_path / "back" / "diffusion_pytorch_model.safetensors"), new_sd)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or retired folder left
+
+
+def test_output_inside_its_input_or_holding_it_is_refused(tmp_path):
+    sd = tiny_state_dict(torch.bfloat16)
+    src = tmp_path / "model"
+    src.mkdir()
+    save_file(sd, src / "diffusion_pytorch_model.safetensors")
+    (src / "config.json").write_text(json.dumps({"num_layers": 2}))
+    with pytest.raises(ValueError, match="is inside the input"):
+        convert_checkpoint(src, src / "merged", "to_merged")
+    assert not (src / "merged").exists()
+    with pytest.raises(ValueError, match="holds the input"):
+        convert_checkpoint(src, tmp_path, "to_merged", overwrite=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="will not delete"):
+        convert_checkpoint(src, tmp_path / "notes", "to_merged", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"

@@ -113,11 +113,12 @@ def test_fp8_storage_and_group_offload_run(tiny_t2i_path, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ input kinds
-def test_single_image_to_file(tiny_edit_path, images, tmp_path):
+def test_single_image_to_file(tiny_edit_path, images, tmp_path, capsys):
     out = tmp_path / "out.png"
     record = infer(
         cfg_for(f"model.path={tiny_edit_path}", f"input={images / 'a.png'}", "prompt=make it blue", f"output={out}")
     )
+    assert f"wrote {out} (record: {tmp_path / 'out.json'})" in capsys.readouterr().out  # the image, not its folder
     assert record["pipeline"] == "QwenImageEditPipeline" and record["family"] == "qwen-image-edit"
     assert Image.open(out).size == (64, 64)
     sheet = Image.open(tmp_path / "out_compare.png")

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from fusedit.data import make_sample_dataset
+from fusedit.errors import UserInputError
 from fusedit.training.checkpoint_checks import CheckpointError
 from fusedit.training.faults import NonFiniteTrainingError
 from fusedit.training.module import EditLoRAModule
@@ -417,6 +418,50 @@ def test_output_names_from_a_csv_stay_in_the_output_folder(tmp_path):
         OutputPaths(out, [Job("../../escape", "p")]).image(Job("../../escape", "p"))
 
 
+def test_inference_never_writes_over_its_inputs_or_an_earlier_run(tmp_path):
+    from PIL import Image
+
+    from fusedit.inference.inputs import collect_jobs
+    from fusedit.inference.outputs import OutputPaths
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("cat", "dog"):
+        Image.new("RGB", (8, 8)).save(photos / f"{name}.png")
+    jobs = collect_jobs(str(photos), "x")
+    with pytest.raises(UserInputError, match="would write over the input .*cat.png"):
+        OutputPaths(photos, jobs)  # the folder itself: cat.png would be replaced by its edit
+    with pytest.raises(UserInputError, match="would write over the input .*cat.png"):
+        OutputPaths(photos / "cat.png", collect_jobs(str(photos / "cat.png"), "x"))
+    with pytest.raises(UserInputError, match="would write over the input .*cat_compare.png"):
+        Image.new("RGB", (8, 8)).save(photos / "cat_compare.png")  # a sheet beside its image is not an input...
+        assert [job.name for job in collect_jobs(str(photos), "x")] == ["cat", "dog"]
+        OutputPaths(photos / "cat_compare.png", collect_jobs(str(photos / "cat_compare.png"), "x"))
+    (photos / "cat_compare.png").unlink()
+    jpgs = tmp_path / "jpgs"
+    jpgs.mkdir()
+    Image.new("RGB", (8, 8)).save(jpgs / "cat.jpg")
+    with pytest.raises(UserInputError, match="is the folder of the input images"):
+        OutputPaths(jpgs, collect_jobs(str(jpgs), "x"))  # cat.png and cat_compare.png would join the inputs
+
+    out = tmp_path / "out"
+    paths = OutputPaths(out, jobs)
+    out.mkdir()
+    paths.record.write_text("{}")
+    (out / "cat.png").write_bytes(b"")
+    with pytest.raises(UserInputError, match=r"already holds results of an earlier run .*cat\.png.*overwrite=true"):
+        OutputPaths(out, jobs)
+    OutputPaths(out, jobs, overwrite=True)
+
+
+def test_each_inference_run_gets_its_own_default_folder():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("infer", ["model.path=x"])
+    assert str(cfg.output).startswith("outputs/infer/") and cfg.overwrite is False
+
+
 def test_run_outputs_stay_inside_the_run_dir(tmp_path, tiny_edit_path, sample_metadata):
     result = train(
         train_cfg(
@@ -477,10 +522,155 @@ def test_a_restarted_job_continues_in_its_run_dir(tmp_path, tiny_edit_path, samp
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             rows.append(trainer.global_step)
 
+    # Other settings under the same run dir (a reused FUSEDIT_RUN_NAME) are refused, listing the differences...
+    with pytest.raises(UserInputError, match=r"(?s)trained with other settings.*trainer\.max_steps: 2 -> 4"):
+        train(train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4"]))
+    # ...unless asked for explicitly.
     again = train_with_callbacks(
-        train_cfg(tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4"]), [Steps()]
+        train_cfg(
+            tmp_path, tiny_edit_path, sample_metadata, [*common, "trainer.max_steps=4", "accept_config_changes=true"]
+        ),
+        [Steps()],
     )
     assert again["run_dir"] == first["run_dir"] and rows == [2, 3]
+
+
+def test_a_finished_run_is_not_fitted_again(tmp_path, saved_run, tiny_edit_path, sample_metadata, capsys):
+    """Resuming a run already at trainer.max_steps says so, instead of "trained 1 steps / LoRA: (none written)"
+    and an empty log version."""
+    run_dir = saved_run["run_dir"]
+    versions = sorted(p.name for p in run_dir.rglob("version_*"))
+    capsys.readouterr()
+    again = train(train_cfg(tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=1", f"ckpt_path={run_dir}"]))
+    out = capsys.readouterr().out
+    assert "already finished" in out and "step 1" in out and str(saved_run["lora_path"]) in out
+    assert again["lora_path"] == saved_run["lora_path"]
+    assert sorted(p.name for p in run_dir.rglob("version_*")) == versions
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, saved_run, capsys):
+    from fusedit.training.checkpoint import auto_resume_checkpoint, resolve_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    torch.save(torch.load(saved_run["checkpoint"], weights_only=True), checkpoints / "step-000001.ckpt")
+    (checkpoints / "last.ckpt").write_bytes(b"")  # 0 bytes: a full disk, or a copy that stopped
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"PK\x03\x04torn")
+    assert auto_resume_checkpoint(tmp_path) == checkpoints / "step-000001.ckpt"
+    assert resolve_checkpoint(tmp_path) == (checkpoints / "step-000001.ckpt", tmp_path)
+    err = capsys.readouterr().err
+    assert f"skipping unreadable checkpoint {checkpoints / 'last.ckpt'}" in err and "hpc_ckpt_3.ckpt" in err
+    assert f"continuing from {checkpoints / 'step-000001.ckpt'} (step 1)" in err
+
+
+def test_a_run_dir_is_owned_by_one_process_and_a_killed_owner_does_not_leave_it_locked(
+    tmp_path, tiny_edit_path, sample_metadata
+):
+    import subprocess
+    import sys
+
+    from fusedit.training.run_dir import RunDirLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with RunDirLock(run_dir), pytest.raises(UserInputError, match=r"run dir .*run is in use by pid \d+"):
+        train(train_cfg(tmp_path, tiny_edit_path, sample_metadata, ["trainer.max_steps=1"]))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fusedit.training.run_dir import RunDirLock\n"
+            "with RunDirLock(sys.argv[1]): print('held', flush=True); time.sleep(600)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserInputError, match=f"in use by pid {holder.pid}"), RunDirLock(run_dir):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        holder.wait()
+    with RunDirLock(run_dir):
+        pass
+
+
+def test_an_unwritable_lora_dir_is_found_before_the_model_loads(tmp_path, monkeypatch, tiny_edit_path, sample_metadata):
+    import fusedit.training.train as train_module
+
+    monkeypatch.setattr(train_module, "build_module", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "not-a-dir").write_text("a file where the LoRA folder should be")
+    cfg = train_cfg(tmp_path, tiny_edit_path, sample_metadata, [f"callbacks.lora_export.dirpath={tmp_path}/not-a-dir"])
+    with pytest.raises(UserInputError, match=r"callbacks\.lora_export\.dirpath=.*not-a-dir: cannot write there"):
+        train(cfg)
+
+
+def test_a_full_disk_at_a_lora_export_comes_after_that_steps_checkpoint(tmp_path, tiny_edit_path, sample_metadata):
+    """The export due at step 1 fails (no space); the checkpoint of step 1 is already saved, so the run resumes
+    from it instead of from the step before."""
+    import errno
+
+    import fusedit.training.callbacks as callbacks_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    original = callbacks_module.export_lora
+    callbacks_module.export_lora = full_disk
+    try:
+        cfg = train_cfg(
+            tmp_path,
+            tiny_edit_path,
+            sample_metadata,
+            [
+                "trainer.max_steps=3",
+                "callbacks.model_checkpoint.every_n_train_steps=1",
+                "callbacks.lora_export.every_n_steps=1",
+            ],
+        )
+        with pytest.raises(OSError, match="No space left"):
+            train(cfg)
+    finally:
+        callbacks_module.export_lora = original
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_resuming_a_run_dir_without_its_settings_is_refused(tmp_path):
+    from fusedit.training.train import run_overrides
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(UserInputError, match=r"neither resumes\.yaml nor \.hydra/overrides\.yaml"):
+        run_overrides(tmp_path)
+
+
+def test_a_resume_logs_into_the_run_it_continues(tmp_path):
+    from fusedit.training.run_dir import resume_hydra_overrides
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    extra = resume_hydra_overrides([f"ckpt_path={tmp_path / 'run'}", "trainer.max_steps=9"])
+    assert extra[0] == f"hydra.run.dir='{(tmp_path / 'run').resolve()}'"
+    assert extra[1].startswith("hydra.output_subdir=.hydra/resume-")  # the run's own .hydra/ files are kept
+    assert resume_hydra_overrides([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"]) == []  # no file
+    assert resume_hydra_overrides(["trainer.max_steps=9"]) == []
+    assert resume_hydra_overrides(["-m", f"ckpt_path={tmp_path / 'run'}"]) == []
+
+
+def test_lora_exports_and_samples_keep_the_newest(tmp_path):
+    from fusedit.training.callbacks import prune_steps
+
+    for step in (1, 2, 3):
+        (tmp_path / f"step-{step:06d}.safetensors").write_bytes(b"")
+        (tmp_path / f"step-{step:06d}.merged_qkv.safetensors").write_bytes(b"")
+    (tmp_path / "final.safetensors").write_bytes(b"")
+    assert len(prune_steps(tmp_path, "step-*.safetensors", 1)) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "final.safetensors",
+        "step-000003.merged_qkv.safetensors",
+        "step-000003.safetensors",
+    ]
+    assert prune_steps(tmp_path, "step-*.safetensors", 0) == []  # 0 keeps all
 
 
 def test_a_multirun_refuses_a_strategy_that_relaunches_the_script():
@@ -508,3 +698,17 @@ def test_a_multirun_refuses_a_strategy_that_relaunches_the_script():
         refuse_subprocess_launch_in_multirun(one_device)  # nothing is re-launched: fine in a sweep
     finally:
         hydra_mode(RunMode.RUN)
+
+
+def test_config_differences_ignore_what_a_resume_changes_by_itself():
+    from omegaconf import OmegaConf
+
+    from fusedit.training.run_dir import config_differences
+
+    recorded = OmegaConf.create(
+        {"paths": {"output_dir": "${hydra:runtime.output_dir}", "log_dir": "a"}, "ckpt_path": None, "lora": {"rank": 4}}
+    )
+    resumed = OmegaConf.create(
+        {"paths": {"output_dir": "/runs/x", "log_dir": "a"}, "ckpt_path": "/runs/x", "lora": {"rank": 8}, "new": 1}
+    )
+    assert config_differences(recorded, resumed) == ["lora.rank: 4 -> 8", "new: '(absent)' -> 1"]

@@ -91,6 +91,9 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     output = _finish(resumed)
     assert resumed.returncode == 0, output[-3000:]
     assert "fusedit: trained 10 steps" in output
+    # The resume logged into the run it continued: no stray outputs/train/runs/<time>/ of its own.
+    assert not (tmp_path / "outputs" / "train" / "runs").exists()
+    assert list(interrupted_dir.glob(".hydra/resume-*/overrides.yaml")) and (interrupted_dir / "train.log").is_file()
     reference_output = _finish(reference)
     assert reference.returncode == 0, reference_output[-3000:]
 

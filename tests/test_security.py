@@ -76,3 +76,63 @@ def test_a_shard_index_cannot_point_outside_the_model_folder(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "is outside" in result.stderr, result.stderr
+
+
+def _raw_safetensors(path: Path, header, data: bytes = b"") -> Path:
+    import json
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+# (name, header, data, what the one-line refusal says). Each file is hostile in one way only.
+_F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+HOSTILE_SAFETENSORS = [
+    ("overlap", {"a.weight": _F32_2, "b.weight": {**_F32_2, "data_offsets": [4, 12]}}, bytes(12), "overlap"),
+    ("out_of_range", {"a.weight": {**_F32_2, "data_offsets": [8, 16]}}, bytes(8), "truncated"),
+    ("wrong_dtype", {"a.weight": {**_F32_2, "dtype": "F33"}}, bytes(8), "unknown dtype"),
+    ("size_mismatch", {"a.weight": {**_F32_2, "shape": [3]}}, bytes(8), "needs 12 bytes"),
+    ("truncated", {"a.weight": {**_F32_2, "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "truncated"),
+    ("list_header", [1, 2, 3], b"", "JSON list"),
+    ("metadata_not_json", {"__metadata__": "oops", "a.weight": _F32_2}, bytes(8), "__metadata__"),
+    ("negative_offset", {"a.weight": {**_F32_2, "data_offsets": [-8, 0]}}, bytes(8), "data_offsets"),
+]
+
+
+def test_hostile_safetensors_are_refused_by_every_reader_naming_the_file(tmp_path):
+    """One validation in fusedit.io.read_safetensors_header serves detect, convert and the loaders: each malformed
+    header is a ValueError naming the file, and the CLI prints it as one line with exit status 2."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from fusedit.convert import convert_checkpoint
+    from fusedit.detect import detect
+    from fusedit.io import SafetensorsHeaderError, read_safetensors_header
+
+    for name, header, data, says in HOSTILE_SAFETENSORS:
+        path = _raw_safetensors(tmp_path / f"{name}.safetensors", header, data)
+        for read in (read_safetensors_header, detect, lambda p: convert_checkpoint(p, tmp_path / "o.safetensors")):
+            with pytest.raises(SafetensorsHeaderError, match=re.escape(str(path)) + ".*" + says):
+                read(path)
+    path = tmp_path / "overlap.safetensors"  # convert's CLI prints the same ValueError the same way
+    result = subprocess.run(
+        [sys.executable, "-m", "fusedit.cli", "detect", str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and str(path) in result.stderr and "overlap" in result.stderr
+
+
+def test_a_well_formed_file_passes_the_header_validation(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from fusedit.io import read_safetensors_header
+
+    path = tmp_path / "ok.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(0), "c": torch.ones(1, dtype=torch.bfloat16)}, path, {"k": "v"})
+    header, metadata = read_safetensors_header(path)
+    assert metadata == {"k": "v"} and header["a"]["shape"] == [2, 3] and header["b"]["shape"] == [0]

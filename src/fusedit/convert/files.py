@@ -16,14 +16,22 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from fusedit.errors import OutputExistsError, UserFileNotFoundError, UserInputError
-from fusedit.io import atomic_write_path, read_safetensors_header, save_safetensors_atomic, write_json_atomic
+from fusedit.io import (
+    atomic_write_path,
+    current_umask,
+    fsync_dir,
+    read_safetensors_header,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
 from .layout import (
@@ -222,10 +230,52 @@ def _copy_tree_atomic(src: Path, dst: Path) -> None:
 
 
 def _check_output(output: Path, input: Path, overwrite: bool) -> None:
-    if output.resolve() == input.resolve():
+    out, src = output.resolve(), input.resolve()
+    if out == src:
         raise UserInputError(f"output {output} is the input; write the conversion somewhere else")
+    if out.is_relative_to(src):
+        raise UserInputError(f"output {output} is inside the input {input}; write the conversion somewhere else")
+    if src.is_relative_to(out):
+        raise UserInputError(f"output {output} holds the input {input}; write the conversion somewhere else")
     if output.exists() and not overwrite and not (output.is_dir() and not any(output.iterdir())):
         raise OutputExistsError(output, "the output exists")
+    model_markers = ("config.json", "model_index.json")
+    if (
+        overwrite
+        and output.is_dir()
+        and any(output.iterdir())
+        and not any((output / m).is_file() for m in model_markers)
+    ):
+        # --overwrite replaces a folder whole: never a folder that is not a converted model (a typo like --output .).
+        raise UserInputError(
+            f"output {output} is a folder without config.json or model_index.json; --overwrite replaces a model "
+            "folder as a whole and will not delete this one"
+        )
+
+
+@contextlib.contextmanager
+def _replaced_whole(output: Path) -> Iterator[Path]:
+    """Yield a staging folder beside `output`; on success it replaces `output` (folder or file) as a whole.
+
+    A converted folder never keeps files of what it replaces (an old shard index beside a new single file would be
+    followed by every loader, silently giving the old model), and a failed conversion leaves the old output as it
+    was: the new tree is renamed into place only once complete, the old one removed only after that.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from the rest of a cluster
+    try:
+        yield staging
+        if output.exists() or output.is_symlink():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+            os.replace(output, retired / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, output)
+        fsync_dir(output.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def convert_checkpoint(
@@ -289,17 +339,20 @@ def convert_checkpoint(
     if (src / "model_index.json").is_file():
         if not (src / "transformer").is_dir():
             raise UserInputError(f"{src}: pipeline folder without a transformer/ subfolder")
-        report = _convert_transformer_dir(src / "transformer", dst / "transformer", direction)
-        for item in sorted(src.iterdir()):
-            if item.name == "transformer":
-                continue
-            if item.is_dir():
-                _copy_tree_atomic(item, dst / item.name)
-            else:
-                _copy_atomic(item, dst / item.name)
+        with _replaced_whole(dst) as staging:
+            report = _convert_transformer_dir(src / "transformer", staging / "transformer", direction)
+            for item in sorted(src.iterdir()):
+                if item.name == "transformer":
+                    continue
+                if item.is_dir():
+                    _copy_tree_atomic(item, staging / item.name)
+                else:
+                    _copy_atomic(item, staging / item.name)
         return {"kind": "pipeline", **_public(report), "output": str(dst)}
     if (src / "config.json").is_file():
-        return {"kind": "transformer", **_public(_convert_transformer_dir(src, dst, direction)), "output": str(dst)}
+        with _replaced_whole(dst) as staging:
+            report = _convert_transformer_dir(src, staging, direction)
+        return {"kind": "transformer", **_public(report), "output": str(dst)}
     raise UserInputError(
         f"{src}: not a checkpoint fusedit can convert (expected a .safetensors file, a transformer folder with "
         "config.json, a pipeline folder with model_index.json, or a PEFT LoRA folder with adapter_config.json)"

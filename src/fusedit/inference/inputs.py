@@ -29,8 +29,14 @@ class Job:
     extra: dict = field(default_factory=dict)
 
 
+COMPARE_SUFFIX = "_compare"  # `<name>_compare.png`: the comparison sheet written beside `<name>.png`
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stems = {p.stem for p in images}
+    # A folder of earlier results: its comparison sheets are not inputs (only a sheet beside its image is skipped).
+    return [p for p in images if not (p.stem.endswith(COMPARE_SUFFIX) and p.stem[: -len(COMPARE_SUFFIX)] in stems)]
 
 
 def unique_name(stem: str, taken: set[str]) -> str:

@@ -8,15 +8,20 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from fusedit.errors import UserInputError
-from fusedit.inference.inputs import IMAGE_SUFFIXES, Job
+from fusedit.inference.inputs import COMPARE_SUFFIX, IMAGE_SUFFIXES, Job
 
 LABEL_HEIGHT = 14
 
 
 class OutputPaths:
-    """`output=` is a file (`out.png`: one job only) or a folder (`<name>.png` per job, one `run.json`)."""
+    """`output=` is a file (`out.png`: one job only) or a folder (`<name>.png` per job, one `run.json`).
 
-    def __init__(self, output: str | os.PathLike, jobs: list[Job]):
+    Refused here, before any model loads (UserInputError): a path that would write over an input image or target,
+    an output folder that holds input images (results and `*_compare.png` sheets would mix with the inputs), and,
+    unless `overwrite`, a file an earlier run wrote (image, sheet or record).
+    """
+
+    def __init__(self, output: str | os.PathLike, jobs: list[Job], overwrite: bool = False):
         output = Path(output).expanduser()
         self.single = output.suffix.lower() in IMAGE_SUFFIXES
         if self.single and len(jobs) != 1:
@@ -39,6 +44,34 @@ class OutputPaths:
         existing = next(p for p in (self.folder, *self.folder.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise UserInputError(f"output={output}: cannot write in {existing}")
+        self._check_inputs_untouched(output, jobs)
+        if not overwrite:
+            earlier = [p for job in jobs for p in (self.image(job), self.sheet(job)) if p.exists()]
+            earlier += [self.record] if self.record.exists() else []
+            if earlier:
+                shown = ", ".join(str(p) for p in earlier[:3]) + (
+                    f" (and {len(earlier) - 3} more)" if len(earlier) > 3 else ""
+                )
+                raise UserInputError(
+                    f"output={output} already holds results of an earlier run ({shown}); pass overwrite=true to "
+                    "replace them, or another output="
+                )
+
+    def _check_inputs_untouched(self, output: Path, jobs: list[Job]) -> None:
+        inputs = {path.resolve() for job in jobs for path in (*job.images, *([job.target] if job.target else []))}
+        for job in jobs:
+            for path in (self.image(job), self.sheet(job)):
+                if path.resolve() in inputs:
+                    raise UserInputError(f"output={output} would write over the input {path}; choose another output=")
+        if not self.single:
+            folder = self.folder.resolve()
+            mixed = sorted(str(image) for job in jobs for image in job.images if image.resolve().parent == folder)
+            if mixed:
+                raise UserInputError(
+                    f"output={output} is the folder of the input images ({mixed[0]}"
+                    f"{f' and {len(mixed) - 1} more' if len(mixed) > 1 else ''}): results and comparison sheets "
+                    "would mix with the inputs (and be read as inputs by the next run); choose another output="
+                )
 
     def image(self, job: Job) -> Path:
         if self._image is not None:
@@ -50,7 +83,7 @@ class OutputPaths:
 
     def sheet(self, job: Job) -> Path:
         image = self.image(job)
-        return image.with_name(f"{image.stem}_compare.png")
+        return image.with_name(f"{image.stem}{COMPARE_SUFFIX}.png")
 
 
 def save_image(image: Image.Image, path: Path) -> None:

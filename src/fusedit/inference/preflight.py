@@ -259,7 +259,7 @@ def preflight(cfg: DictConfig) -> Plan:
     )
     paths = None
     if jobs is not None:
-        paths = problems.check(OutputPaths, cfg.output, jobs)
+        paths = problems.check(OutputPaths, cfg.output, jobs, bool(cfg.get("overwrite", False)))
         problems.errors.extend(UserInputError(message) for message in unreadable_images(jobs))
     specs = problems.check(lora_specs, cfg.lora, cfg.loras) or []
     lora_files = [problems.check(lora_file, spec) for spec in specs]

@@ -115,5 +115,8 @@ def infer(cfg: DictConfig, plan: Plan | None = None) -> dict:
         record["images"].append(entry)
         # Rewritten after every image: an interrupted run still documents what it produced.
         write_json_atomic(paths.record, record)
-    print(f"wrote {len(jobs)} image(s) to {paths.folder} (record: {paths.record})")
+    if len(jobs) == 1:
+        print(f"wrote {record['images'][0]['output']} (record: {paths.record})")
+    else:
+        print(f"wrote {len(jobs)} images to {paths.folder} (record: {paths.record})")
     return record

@@ -19,24 +19,54 @@ from fusedit.lora.adapter import export_lora
 log = logging.getLogger(__name__)
 
 
+def prune_steps(directory: Path, pattern: str, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest `step-XXXXXX*` files matching `pattern` (0 keeps all). Returns the
+    deleted paths. Files of one step (a LoRA and its merged copy) go together; `final.*` never matches."""
+    if keep_last <= 0 or not directory.is_dir():
+        return []
+    by_step: dict[str, list[Path]] = {}
+    for path in directory.glob(pattern):
+        by_step.setdefault(path.name.split(".")[0], []).append(path)
+    deleted = []
+    for step in sorted(by_step)[:-keep_last]:  # step-000500 < step-001000: zero-padded names sort by step
+        for path in by_step[step]:
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    return deleted
+
+
 class LoRAExport(Callback):
     """Write `<dirpath>/step-XXXXXX.safetensors` every `every_n_steps` optimizer steps and `final.safetensors` at
     the end, in diffusers' LoRA layout (`layout`, default standard). `merged_copy` also writes
-    `*.merged_qkv.safetensors` in the merged layout (for merged-QKV inference)."""
+    `*.merged_qkv.safetensors` in the merged layout (for merged-QKV inference). `keep_last` > 0 keeps only that many
+    step exports (like ModelCheckpoint's save_top_k for checkpoints); `final` is always kept.
+
+    A step's export is written after that step's checkpoint: it is due at the step's end but written at the start
+    of the next step (or at the end of training, or on a stop), when ModelCheckpoint, which Lightning always calls
+    last, has saved. A full disk then fails the export, never the checkpoint it would have been resumed from."""
 
     def __init__(
-        self, dirpath: str | Path, every_n_steps: int = 0, layout: str = "standard", merged_copy: bool = False
+        self,
+        dirpath: str | Path,
+        every_n_steps: int = 0,
+        layout: str = "standard",
+        merged_copy: bool = False,
+        keep_last: int = 0,
     ):
         if every_n_steps < 0:
             raise ValueError(f"lora_export.every_n_steps must be >= 0 (0 = only at the end), got {every_n_steps}")
+        if keep_last < 0:
+            raise ValueError(f"lora_export.keep_last must be >= 0 (0 = keep every step's export), got {keep_last}")
         if layout not in LAYOUTS:
             raise ValueError(f"lora_export.layout must be one of {LAYOUTS}, got {layout!r}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
         self.layout = layout
         self.merged_copy = bool(merged_copy)
+        self.keep_last = int(keep_last)
         self.last_path: Path | None = None
         self._last_step: int | None = None
+        self._pending: int | None = None
 
     @rank_zero_only
     def export(self, pl_module: LightningModule, name: str, step: int) -> Path:
@@ -47,14 +77,32 @@ class LoRAExport(Callback):
             export_lora(pl_module.transformer, self.dirpath / f"{name}.merged_qkv.safetensors", "merged_qkv", **meta)
         self.last_path = path
         self._last_step = step
+        if name.startswith("step-"):
+            prune_steps(self.dirpath, "step-*.safetensors", self.keep_last)
         return path
+
+    def _export_pending(self, pl_module: LightningModule) -> None:
+        step, self._pending = self._pending, None
+        if step is not None:
+            self.export(pl_module, f"step-{step:06d}", step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.export(pl_module, f"step-{step:06d}", step)
+            self._pending = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self._export_pending(pl_module)  # the weights are still those of the step that made it due
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # A stop (SIGTERM) right after a due step still gets its export; a failing export must not hide `exception`.
+        try:
+            self._export_pending(pl_module)
+        except Exception as error:
+            log.error("LoRA export of step %s failed while stopping: %s", self._last_step, error)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._export_pending(pl_module)
         path = self.export(pl_module, "final", trainer.global_step)
         if path is not None:
             log.info("LoRA written to %s", path)
@@ -101,6 +149,7 @@ class ValidationImages(Callback):
     """Every `every_n_steps` steps edit a few samples with the current LoRA and save one labelled sheet per round
     (input | output | target, the prompt below each row) as `<dirpath>/step-XXXXXX.png`; with wandb as a logger
     also log each sample's sheet, and its input / output / target, as wandb image panels (`val/...`).
+    `keep_last` > 0 keeps only that many of the `step-XXXXXX.png` sheets.
 
     The samples are the user's own `samples` (each `{edit_image: path or [paths], prompt: str, image: optional
     target path}`, checked before the model loads by `fusedit.training.validate_config`), else the first
@@ -125,10 +174,13 @@ class ValidationImages(Callback):
         at_end: bool = True,
         samples: list | None = None,
         base_path: str | Path | None = None,
+        keep_last: int = 0,
     ):
         # One step would divide by zero in the scheduler's stretch to shift_terminal (a NaN image).
-        if every_n_steps < 0 or num_samples < 0 or num_inference_steps < 2:
-            raise ValueError("validation_images: every_n_steps, num_samples >= 0 and num_inference_steps >= 2")
+        if every_n_steps < 0 or num_samples < 0 or keep_last < 0 or num_inference_steps < 2:
+            raise ValueError(
+                "validation_images: every_n_steps, num_samples, keep_last >= 0 and num_inference_steps >= 2"
+            )
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
         self.user_samples = [dict(sample) for sample in samples or []]
@@ -138,6 +190,7 @@ class ValidationImages(Callback):
         self.true_cfg_scale = float(true_cfg_scale)
         self.seed = int(seed)
         self.at_end = bool(at_end)
+        self.keep_last = int(keep_last)
         self._last_step: int | None = None
         self.last_path: Path | None = None
 
@@ -222,6 +275,7 @@ class ValidationImages(Callback):
         path = self.dirpath / f"step-{step:06d}.png"
         with atomic_write_path(path) as tmp:
             _stack(sheets).save(tmp, format="PNG")
+        prune_steps(self.dirpath, "step-*.png", self.keep_last)
         self.last_path = path
         self._last_step = step
         for logger in loggers:

@@ -42,11 +42,13 @@ from fusedit.training.checkpoint import (
     LAST,
     AtomicCheckpointIO,
     auto_resume_checkpoint,
+    checkpoint_step,
     resolve_checkpoint,
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.console import quiet_third_party_output, without_wandb_anonymous
 from fusedit.training.module import EditLoRAModule
+from fusedit.training.run_dir import RUN_CONFIG, RunDirLock, check_same_run, check_writable, is_first_process
 from fusedit.training.signals import GracefulStop
 from fusedit.training.validate_config import refuse_subprocess_launch_in_multirun, validate_train_config
 
@@ -77,7 +79,12 @@ def run_overrides(run_dir: Path) -> list[str]:
         return [str(item) for item in last.overrides]
     original = run_dir / ".hydra" / "overrides.yaml"
     if not original.is_file():
-        return []
+        # Composing the defaults instead would resume on another dataset, model or settings without a word.
+        raise UserInputError(
+            f"run dir {run_dir} has neither {RESUMES_FILE} nor .hydra/overrides.yaml: the settings it was trained "
+            "with are unknown. Restore its .hydra/ folder (or write .hydra/overrides.yaml: the run's command-line "
+            "overrides as a YAML list, [] for none)"
+        )
     overrides = _load_run_yaml(original)
     if not OmegaConf.is_list(overrides):
         raise UserInputError(f"{original}: expected a list of overrides")
@@ -240,6 +247,16 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
     )
 
 
+def _run_dir_of(cfg: DictConfig) -> Path:
+    """The dir `cfg` trains in (a resumed run's own dir), created."""
+    run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("ckpt_path"):
+        resumed_run = resolve_checkpoint(cfg.ckpt_path)[1]
+        run_dir = resumed_run if resumed_run is not None else run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
     """(a validated copy of `cfg` with the defaults filled in, the run dir, the checkpoint to resume or None).
 
@@ -259,10 +276,28 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
                 cfg.paths.output_dir = str(resumed_run)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    return _prepare_in_run_dir(cfg, run_dir, ckpt_file)
+
+
+def _callback_dirs(cfg: DictConfig) -> dict[str, str]:
+    dirs = {"paths.output_dir": str(cfg.paths.output_dir)}
+    for name, callback_cfg in (cfg.get("callbacks") or {}).items():
+        if isinstance(callback_cfg, DictConfig) and callback_cfg.get("dirpath"):
+            dirs[f"callbacks.{name}.dirpath"] = str(callback_cfg.dirpath)
+    return dirs
+
+
+def _prepare_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt_file: Path | None) -> tuple[DictConfig, Path, Path | None]:
+    # Every directory a callback writes to, checked now: not at the first export (step 500 by default).
+    check_writable(_callback_dirs(cfg))
     if ckpt_file is None and cfg.get("auto_resume", True):
         ckpt_file = auto_resume_checkpoint(run_dir)  # a requeued job in its own run dir continues
         if ckpt_file is not None:
+            # The same command again continues; another experiment under the same run name is refused.
+            check_same_run(run_dir, cfg)
             log.info("run dir %s holds %s: continuing from it", run_dir, ckpt_file)
+    if is_first_process():
+        write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg))  # what the checkpoints are trained with
     with open_dict(cfg):
         if cfg.model.path is None:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
@@ -308,44 +343,82 @@ def fit(cfg: DictConfig, module: EditLoRAModule, datamodule, callbacks: list[Cal
 def train(cfg: DictConfig) -> dict:
     """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics", "stopped_by",
     "exit_code"}."""
-    cfg, run_dir, ckpt_file = prepare_run(cfg)
-    seed_everything(cfg.seed, workers=True)
+    # One process trains in a run dir at a time (fusedit.training.run_dir): the lock is taken before anything is
+    # written there and held until the run ends.
+    with RunDirLock(_run_dir_of(cfg)):
+        cfg, run_dir, ckpt_file = prepare_run(cfg)
+        finished = _finished_result(cfg, run_dir, ckpt_file) if ckpt_file is not None else None
+        if finished is not None:
+            return finished
+        seed_everything(cfg.seed, workers=True)
 
-    conditioner = None
-    if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
-        datamodule, conditioner = prepare_cached_training(cfg)
-    else:
-        datamodule = instantiate(cfg.data, model_path=cfg.model.path)
-    # Every row is checked (files decoded, edit images and prompt tokens counted against the pipeline's JSON files,
-    # tokenizer and processor) before any weight is read: a bad row must cost seconds, not a 20B load. Lightning's
-    # own setup call then finds the data ready.
-    datamodule.setup("fit")
-    module = build_module(cfg, Path(cfg.model.path), conditioner)
-    if ckpt_file is not None:
-        check_checkpoint_file(ckpt_file, module)
-    callbacks = build_callbacks(cfg)
-    trainer = fit(cfg, module, datamodule, callbacks, run_dir, ckpt_file)
+        conditioner = None
+        if cache_enabled(cfg):  # no text encoder; the VAE decoder only for validation images (fusedit.cache)
+            datamodule, conditioner = prepare_cached_training(cfg)
+        else:
+            datamodule = instantiate(cfg.data, model_path=cfg.model.path)
+        # Every row is checked (files decoded, edit images and prompt tokens counted against the pipeline's JSON
+        # files, tokenizer and processor) before any weight is read: a bad row must cost seconds, not a 20B load.
+        # Lightning's own setup call then finds the data ready.
+        datamodule.setup("fit")
+        module = build_module(cfg, Path(cfg.model.path), conditioner)
+        if ckpt_file is not None:
+            check_checkpoint_file(ckpt_file, module)
+        callbacks = build_callbacks(cfg)
+        trainer = fit(cfg, module, datamodule, callbacks, run_dir, ckpt_file)
 
-    stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
-    metrics = {
-        key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
-    }
-    checkpoint = run_dir / CHECKPOINT_DIR / LAST
-    result = {
+        stop = next((cb for cb in callbacks if isinstance(cb, GracefulStop)), None)
+        metrics = {
+            key: float(value) for key, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1
+        }
+        checkpoint = run_dir / CHECKPOINT_DIR / LAST
+        result = {
+            "run_dir": run_dir,
+            "lora_path": next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None),
+            "checkpoint": checkpoint if checkpoint.is_file() else None,
+            "metrics": metrics,
+            "stopped_by": stop.stopped_by if stop else None,
+            "exit_code": stop.exit_code if stop else None,
+        }
+        if trainer.is_global_zero:
+            _report(result, trainer)
+        return result
+
+
+def _finished_result(cfg: DictConfig, run_dir: Path, ckpt_file: Path) -> dict | None:
+    """The result of a run whose checkpoint already reached trainer.max_steps (printed), else None.
+
+    Fitting it again would train nothing, print "trained N steps / LoRA: (none written)" and add an empty log
+    version; this says what the run holds and how to train on.
+    """
+    max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
+    try:
+        step = checkpoint_step(ckpt_file)
+    except Exception:  # not a checkpoint: check_checkpoint_file refuses it with its reason, once the model is built
+        return None
+    if max_steps < 0 or step < max_steps:
+        return None
+    final = Path(str(cfg.callbacks.lora_export.dirpath)) / "final.safetensors" if cfg.get("callbacks") else None
+    lora_path = final if final is not None and final.is_file() else None
+    print(
+        f"fusedit: run {run_dir} already finished: its checkpoint {ckpt_file} is at step {step} and "
+        f"trainer.max_steps={max_steps}; nothing to train (raise trainer.max_steps to train longer)\n"
+        f"  LoRA:       {lora_path or '(none written)'}\n  run dir:    {run_dir}",
+        flush=True,
+    )
+    return {
         "run_dir": run_dir,
-        "lora_path": next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None),
-        "checkpoint": checkpoint if checkpoint.is_file() else None,
-        "metrics": metrics,
-        "stopped_by": stop.stopped_by if stop else None,
-        "exit_code": stop.exit_code if stop else None,
+        "lora_path": lora_path,
+        "checkpoint": ckpt_file,
+        "metrics": {},
+        "stopped_by": None,
+        "exit_code": None,
     }
-    if trainer.is_global_zero:
-        _report(result, trainer)
-    return result
 
 
 def _report(result: dict, trainer: Trainer) -> None:
-    lines = [f"fusedit: trained {trainer.global_step} steps"]
+    steps = trainer.global_step
+    lines = [f"fusedit: trained {steps} step{'' if steps == 1 else 's'}"]
     if result.get("stopped_by"):
         lines[0] = f"fusedit: stopped by {result['stopped_by']} after step {trainer.global_step} (checkpoint saved)"
     if "train/loss" in result["metrics"]:
