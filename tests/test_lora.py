@@ -64,7 +64,7 @@ def test_add_lora_validates_its_arguments(tiny_edit_path):
 
 
 def test_build_order_is_enforced(tiny_edit_path):
-    assert STAGES == ("load", "fuse", "fp8", "lora", "activation_checkpointing", "compile")
+    assert STAGES == ("load", "fuse", "fp8", "lora", "stream", "activation_checkpointing", "compile")
     model = build_transformer(tiny_edit_path, ModelConfig(), LoraSpec("attn", rank=2), Precision())
     with pytest.raises(RuntimeError, match="must run before"):
         fp8_storage(model)  # quantising after LoRA would swap the base layer under PEFT's wrapper

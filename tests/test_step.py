@@ -117,6 +117,13 @@ def test_configs_are_typed_and_inherit_from_one_base():
         assert "defaults:" in text and "_target_" not in text  # the option states only what differs
 
 
+@pytest.mark.parametrize("override", ["+model.note=x", "+lora.ranks=4", "+precision.fp8_mode=storage"])
+def test_a_key_the_typed_config_does_not_take_is_named(override):
+    group, key = override[1:].split("=")[0].split(".")
+    with pytest.raises(ValueError, match=rf"^{group}: unknown key\(s\) \['{key}'\]; \w+ takes \["):
+        typed_configs(compose_train([override]))
+
+
 @pytest.mark.parametrize(
     ("variant", "dtype", "preset"),
     [("merged", torch.bfloat16, "bf16"), ("merged+fp8", torch.bfloat16, "fp8"), ("merged", torch.float32, "fp32")],

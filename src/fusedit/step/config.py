@@ -91,9 +91,30 @@ def typed_configs(cfg) -> tuple[ModelConfig, LoraSpec, Precision]:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    for key in ("model", "lora", "precision"):
+        _refuse_unknown_keys(key, cfg[key])
     try:
         return tuple(instantiate(cfg[key], _convert_="all") for key in ("model", "lora", "precision"))
     except InstantiationException as error:
         if isinstance(error.__cause__, (ValueError, TypeError)):
             raise error.__cause__ from None
         raise
+
+
+def _refuse_unknown_keys(group: str, node) -> None:
+    """ValueError naming `group.key` for a key the group's class does not take (e.g. `+model.note=x`): the class's
+    own error would be `__init__() got an unexpected keyword argument`, which names neither the group nor the fix."""
+    import dataclasses
+
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if not target:
+        return
+    cls = get_class(target)
+    if not dataclasses.is_dataclass(cls):
+        return
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in node.keys() if not str(k).startswith("_") and str(k) not in fields)
+    if unknown:
+        raise ValueError(f"{group}: unknown key(s) {unknown}; {cls.__name__} takes {fields}")

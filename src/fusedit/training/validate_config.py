@@ -94,10 +94,13 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
 def _lora_problems(cfg: DictConfig) -> list[str]:
     problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    rank_bad = not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
+    if rank_bad:
         problems.append(f"lora.rank must be an integer >= 1, got {rank!r}")
     alpha = _number(cfg, "lora.alpha")
-    if alpha is None or not (math.isfinite(alpha) and alpha > 0):
+    # lora.alpha defaults to ${.rank}: a bad rank would be reported twice, once under its own name and once as alpha.
+    alpha_is_rank = rank_bad and "alpha" in cfg.lora and OmegaConf.is_interpolation(cfg.lora, "alpha")
+    if not alpha_is_rank and (alpha is None or not (math.isfinite(alpha) and alpha > 0)):
         problems.append(f"lora.alpha must be a finite number > 0, got {OmegaConf.select(cfg, 'lora.alpha')!r}")
     dropout = _number(cfg, "lora.dropout")
     if dropout is None or not 0.0 <= dropout < 1.0:
