@@ -89,6 +89,9 @@ def test_a_gpu_run_that_will_not_fit_is_refused_before_any_weight_loads(tmp_path
 
     metadata = make_sample_dataset(tmp_path / "data", n=2, size=32)
     monkeypatch.setattr(plan_config, "_gpu_run", lambda cfg: True)  # as on a GPU machine
+    import fusedit.training.validate_config as validate_config
+
+    monkeypatch.setattr(validate_config, "_check_accelerator", lambda cfg, problems: None)  # ...whose CUDA it checks
     monkeypatch.setattr(train_module, "build_module", lambda *a, **k: pytest.fail("weights loaded"))
     cfg = train_cfg(tmp_path, tiny_edit_path, metadata, ["trainer=a100", "plan.gpu_gb=0.0001"])
     with pytest.raises(UserInputError, match=r"predicted to need .* GB of GPU memory"):

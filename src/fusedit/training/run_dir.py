@@ -72,15 +72,21 @@ class RunDirLock:
 
 
 def check_writable(directories: dict[str, str | os.PathLike]) -> None:
-    """Create each directory and write a probe file in it; UserInputError naming the setting and the reason.
+    """Write a probe file in each directory, or in its nearest existing parent when it does not exist yet (it is
+    created there later); UserInputError naming the setting and the reason.
 
     Found at start, not at the first LoRA export or checkpoint (step 500 by default). A probe file, not
-    os.access: access() says yes to root on a read-only mount.
+    os.access: access() says yes to root on a read-only mount. Nothing is created: a callback that never writes
+    (e.g. validation images off) leaves no empty folder behind.
     """
     for setting, directory in directories.items():
+        existing = Path(directory).absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
         try:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=directory):
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "not a directory", str(existing))
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as error:
             raise UserInputError(f"{setting}={directory}: cannot write there ({error.strerror or error})") from None
