@@ -228,7 +228,7 @@ def test_validation_runs_before_anything_is_loaded(tmp_path, monkeypatch):
         raise AssertionError("the model was built before the config was validated")
 
     monkeypatch.setattr(train_module, "build_module", must_not_run)
-    monkeypatch.setattr(train_module, "default_model_path", must_not_run)
+    monkeypatch.setattr(train_module, "fill_demo_paths", must_not_run)
     cfg = train_cfg(tmp_path, tmp_path / "missing-model", tmp_path / "missing.csv", ["lora.rank=0"])
     with pytest.raises(ConfigError, match="lora.rank") as error:
         train(cfg)

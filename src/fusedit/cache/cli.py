@@ -16,7 +16,6 @@ def compose_cache_config(overrides: list[str], config_dir: str | Path = DEFAULT_
     """The train config for `overrides`, with the defaults train() fills in (tiny model, sample data)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     config_dir = Path(config_dir)
@@ -31,14 +30,9 @@ def compose_cache_config(overrides: list[str], config_dir: str | Path = DEFAULT_
         # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, as train.py
         # prints it, instead of the traceback of the compose call.
         raise UserInputError(_one_line(error)) from None
-    from fusedit.data.sample import default_metadata
-    from fusedit.tiny import default_model_path
+    from fusedit.data.sample import fill_demo_paths
 
-    with open_dict(cfg):
-        if cfg.model.path is None:
-            cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
-        if cfg.data.metadata is None:
-            cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
+    fill_demo_paths(cfg)
     return cfg
 
 

@@ -82,3 +82,18 @@ def default_metadata(cache_dir: str | Path) -> Path:
     if metadata.is_file():
         return metadata
     return make_sample_dataset(metadata.parent)
+
+
+def fill_demo_paths(cfg) -> None:
+    """Set a composed train config's null `model.path` / `data.metadata` to the tiny demo pipeline and sample data
+    (created under `paths.cache_dir` on first use), in place. The one rule train.py, `fusedit cache` and `fusedit
+    plan` share for "no model / no data given"."""
+    from omegaconf import open_dict
+
+    from fusedit.tiny import default_model_path  # torch-heavy; only when a demo path is really needed
+
+    with open_dict(cfg):
+        if cfg.model.path is None:
+            cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
+        if cfg.data.metadata is None:
+            cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))

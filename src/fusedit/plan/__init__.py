@@ -26,7 +26,6 @@ def compose_plan_config(overrides: list[str], size: str | None):
     """The train config for `overrides`; without `--size full` the defaults train() fills in (tiny model, sample
     data) are filled in too, since the prediction reads the model's configs and the data's image headers."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
 
     from fusedit.plan.config import CONF_DIR
 
@@ -35,14 +34,9 @@ def compose_plan_config(overrides: list[str], size: str | None):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     if size != "full":
-        from fusedit.data.sample import default_metadata
-        from fusedit.tiny import default_model_path
+        from fusedit.data.sample import fill_demo_paths
 
-        with open_dict(cfg):
-            if cfg.model.path is None:
-                cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
-            if cfg.data.metadata is None:
-                cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
+        fill_demo_paths(cfg)
     return cfg
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from fusedit.cache.training import cache_enabled, prepare_cached_training
-from fusedit.data.sample import default_metadata
+from fusedit.data.sample import fill_demo_paths
 from fusedit.devices import to_dtype
 from fusedit.errors import UserInputError
 from fusedit.io import write_json_atomic, write_text_atomic
@@ -35,7 +35,6 @@ from fusedit.plan.config import resolve_training_plan
 from fusedit.step.build import build_transformer
 from fusedit.step.conditioning import EditConditioner
 from fusedit.step.config import typed_configs
-from fusedit.tiny import default_model_path
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -298,11 +297,7 @@ def _prepare_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt_file: Path | None) 
             log.info("run dir %s holds %s: continuing from it", run_dir, ckpt_file)
     if is_first_process():
         write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg))  # what the checkpoints are trained with
-    with open_dict(cfg):
-        if cfg.model.path is None:
-            cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
-        if cfg.data.metadata is None:
-            cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
+    fill_demo_paths(cfg)
     # Before any weight loads: trainer=auto chooses the plan; a plan predicted not to fit the GPU is refused here.
     plan_record = resolve_training_plan(cfg)
     if plan_record is not None and rank_zero_only.rank == 0:
