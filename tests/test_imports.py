@@ -93,6 +93,19 @@ def test_lower_packages_do_not_import_the_lightning_run():
     assert {name: found for name, found in upward.items() if found} == {}
 
 
+# The layers under inference: the model, its conversions and the LoRA transform are what inference builds on.
+BELOW_INFERENCE = ("step", "data", "model", "convert", "lora")
+
+
+def test_the_model_layers_do_not_import_inference():
+    upward = {
+        name: sorted(other for other in targets if other.startswith("fusedit.inference"))
+        for name, targets in import_graph().items()
+        if name.split(".")[1:2] and name.split(".")[1] in BELOW_INFERENCE
+    }
+    assert {name: found for name, found in upward.items() if found} == {}
+
+
 def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path):
     # The walker itself: a lazy import inside a function closes a cycle; a relative import is resolved.
     package = tmp_path / "fusedit"

@@ -459,6 +459,25 @@ def peft_config_dict(lora: LoraWeights) -> dict:
     }
 
 
+def peft_adapter(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict]:
+    """The PEFT state dict and LoraConfig kwargs diffusers' `load_lora_adapter` takes for `weights`.
+
+    Ranks and alphas that differ from the most common one go into `rank_pattern` / `alpha_pattern` keyed by the
+    escaped module path, so every module keeps its own alpha / rank (a standard LoRA merged to the fused layout has
+    rank r_q + r_k + r_v on its QKV modules, for example).
+    """
+    state_dict: dict[str, torch.Tensor] = {}
+    for module, mod in weights.modules.items():
+        state_dict[f"{module}.lora_A.weight"] = mod.A
+        state_dict[f"{module}.lora_B.weight"] = mod.B
+    config = peft_config_dict(weights)  # the fields a LoRA file's metadata carries too
+    # PEFT matches pattern keys as regular expressions: a module path's dots must match only dots.
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        config[pattern] = {re.escape(module): value for module, value in config[pattern].items()}
+    config.update(lora_dropout=0.0, init_lora_weights=False)  # inference: no dropout, the weights come from the file
+    return state_dict, config
+
+
 def fusedit_metadata(lora: LoraWeights, folded_scales: Mapping[str, float] | None = None) -> dict:
     config = peft_config_dict(lora)
     return {

@@ -16,11 +16,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from fusedit.convert import TO_MERGED, TO_STANDARD, LoraWeights, convert_lora_layout, read_lora
-from fusedit.convert.lora_formats import peft_config_dict
+from fusedit.convert.lora_formats import peft_adapter
 from fusedit.errors import UserInputError, examples
 from fusedit.inference.inputs import unique_name
 from fusedit.inference.preflight import LoraSpec, lora_file, lora_specs
@@ -28,25 +27,6 @@ from fusedit.model import is_merged
 
 # LoraSpec / lora_specs live in the preflight (checked before torch is imported) and are offered here too.
 __all__ = ["LoraSpec", "load_loras", "lora_specs", "peft_adapter"]
-
-
-def peft_adapter(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict]:
-    """The PEFT state dict and LoraConfig kwargs diffusers' `load_lora_adapter` takes for `weights`.
-
-    Ranks and alphas that differ from the most common one go into `rank_pattern` / `alpha_pattern` keyed by the
-    escaped module path, so every module keeps its own alpha / rank (a standard LoRA merged to the fused layout has
-    rank r_q + r_k + r_v on its QKV modules, for example).
-    """
-    state_dict: dict[str, torch.Tensor] = {}
-    for module, mod in weights.modules.items():
-        state_dict[f"{module}.lora_A.weight"] = mod.A
-        state_dict[f"{module}.lora_B.weight"] = mod.B
-    config = peft_config_dict(weights)  # the fields a LoRA file's metadata carries too
-    # PEFT matches pattern keys as regular expressions: a module path's dots must match only dots.
-    for pattern in ("rank_pattern", "alpha_pattern"):
-        config[pattern] = {re.escape(module): value for module, value in config[pattern].items()}
-    config.update(lora_dropout=0.0, init_lora_weights=False)  # inference: no dropout, the weights come from the file
-    return state_dict, config
 
 
 def _adapter_name(spec: LoraSpec, taken: set[str]) -> str:

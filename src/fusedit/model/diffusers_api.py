@@ -204,8 +204,7 @@ def _load_lora_adapter(model: nn.Module, source, prefix: str | None = "transform
     from diffusers.loaders.lora_base import _fetch_state_dict
 
     from fusedit.convert import TO_MERGED, convert_lora_layout
-    from fusedit.convert.lora_formats import lora_from_state_dict
-    from fusedit.inference.lora import peft_adapter  # LoraWeights -> PEFT state dict + LoraConfig, as inference uses
+    from fusedit.convert.lora_formats import lora_from_state_dict, peft_adapter  # the same adapter inference loads
 
     load = type(model).load_lora_adapter
     fetch = {name: kwargs[name] for name in _FETCH_KWARGS if name in kwargs}
