@@ -20,9 +20,9 @@ from fusedit.data.dataset import EditDataset, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
 from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
 from fusedit.data.prompt_length import LONG_PROMPT_CHOICES, TEXT_POSITIONS, PromptCounter, text_positions_left
-from fusedit.data.records import Columns, read_records
+from fusedit.data.records import Columns, Record, read_records
 from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, format_problems, validate_records
-from fusedit.families import folder_family
+from fusedit.families import TEXT_TO_IMAGE, folder_family
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,16 @@ class EditDataModule(LightningDataModule):
         self._pending_state: dict | None = None
         self._consumed = {"epoch": None, "batches": 0}
 
+    def read(self) -> list[Record]:
+        """The metadata file's records. For a text-to-image model (`model_path` is Qwen-Image) the edit_image column
+        may be left out (its rows then have no edit image); a row that does name one is refused by validation."""
+        model_path = self.hparams.model_path
+        if model_path is None or folder_family(model_path) != TEXT_TO_IMAGE:
+            return read_records(self.metadata, self.columns)
+        columns = dataclasses.replace(self.columns, optional=self.columns.optional | {"edit_image"})
+        records = read_records(self.metadata, columns)
+        return [dataclasses.replace(r, edit_images=()) if r.edit_images is None else r for r in records]
+
     def validate(self, records) -> list:
         """Check `records` with this module's settings (files, pixel limit, paths, on_error); the valid samples."""
         hp = self.hparams
@@ -183,7 +193,7 @@ class EditDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return  # validated once, however many stages call setup
         hp = self.hparams
-        samples = self.check_prompt_lengths(self.validate(read_records(self.metadata, self.columns)))
+        samples = self.check_prompt_lengths(self.validate(self.read()))
         train, val = split_train_val(samples, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
         sizes = (hp.max_pixels, hp.edit_max_pixels, hp.max_image_pixels)
         self.train_dataset = EditDataset(train, *sizes)

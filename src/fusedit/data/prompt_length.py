@@ -56,20 +56,24 @@ class PromptCounter:
         import diffusers
         from transformers import AutoProcessor, AutoTokenizer
 
-        from fusedit.families import PIPELINE_CLASSES, folder_family
+        from fusedit.families import PIPELINE_CLASSES, TEXT_TO_IMAGE, folder_family
 
         pipeline_dir = Path(pipeline_dir)
         self.family = folder_family(pipeline_dir)
         pipeline_class = getattr(diffusers, PIPELINE_CLASSES[self.family])
         self.tokenizer = AutoTokenizer.from_pretrained(pipeline_dir / "tokenizer")
-        self.processor = AutoProcessor.from_pretrained(pipeline_dir / "processor")
+        # Text-to-image (QwenImagePipeline) shows the VLM no image: no processor, and its template has no image.
+        self.text_to_image = self.family == TEXT_TO_IMAGE
+        self.processor = None if self.text_to_image else AutoProcessor.from_pretrained(pipeline_dir / "processor")
+        components = {} if self.text_to_image else {"processor": self.processor}
         # Only the text side of the pipeline: its template, image prompt and prefix length, with our stand-in encoder.
         self.pipeline = pipeline_class(
-            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, processor=self.processor,
-            transformer=None,
-        )  # fmt: skip
+            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, transformer=None, **components
+        )
         self.pipeline.text_encoder = _TokenCountingEncoder()
         self.multi_image = self.family in ("qwen-image-edit-2509", "qwen-image-edit-2511")
+        if self.text_to_image:
+            return
         image_processor = self.processor.image_processor
         factor = image_processor.patch_size * image_processor.merge_size
         self._small = max(factor, math.ceil(math.sqrt(getattr(image_processor, "min_pixels", 0) or 0)))
@@ -98,6 +102,9 @@ class PromptCounter:
         """`L` for `prompt` with edit images of `edit_sizes` (width, height of the edit tensors, in pixels)."""
         from PIL import Image
 
+        if self.text_to_image:  # its tokenizer call truncates to the pipeline's tokenizer_max_length, as it runs
+            embeds, _ = self.pipeline._get_qwen_prompt_embeds(prompt=[prompt], device="cpu")
+            return int(embeds.shape[1])
         small = (self._small, self._small)
         images = [Image.new("RGB", small) for _ in edit_sizes]
         image = images if self.multi_image else (images[0] if images else None)

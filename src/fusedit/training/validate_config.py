@@ -44,24 +44,37 @@ def _check_model(path: str, problems: list[str]) -> None:
     if kind != "pipeline":
         what = f"a {kind}" + (f" ({family})" if family else "")
         problems.append(
-            f"model.path={path} is {what}, but training needs a Qwen-Image-Edit pipeline folder "
-            "(model_index.json with transformer/, vae/, text_encoder/, tokenizer/, processor/)"
+            f"model.path={path} is {what}, but training needs a Qwen-Image(-Edit) pipeline folder "
+            "(model_index.json with transformer/, vae/, text_encoder/, tokenizer/; processor/ for the edit models)"
         )
-    elif not str(family).startswith("qwen-image-edit"):
-        problems.append(
-            f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains "
-            "Qwen-Image-Edit LoRAs (Qwen-Image-Edit, -2509, -2511)"
-        )
+
+
+def _model_family(cfg: DictConfig) -> str | None:
+    """The family (fusedit.families) of `model.path` from its JSON files, or None when it cannot be told (null:
+    the tiny edit demo; a bad folder is reported by `_check_model`)."""
+    from fusedit.families import EDIT, folder_family
+
+    path = OmegaConf.select(cfg, "model.path")
+    if path is None:
+        return EDIT  # fill_demo_paths: the tiny Qwen-Image-Edit pipeline
+    try:
+        return folder_family(Path(str(path)).expanduser())
+    except (ValueError, OSError):
+        return None
 
 
 def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list[str]) -> None:
-    """`callbacks.validation_images.samples`: each {edit_image: path or [paths], prompt, image: optional target}."""
+    """`callbacks.validation_images.samples`: each {edit_image: path or [paths], prompt, image: optional target};
+    a text-to-image model's samples have no edit_image."""
+    from fusedit.families import TEXT_TO_IMAGE
+
     key = "callbacks.validation_images"
     samples = OmegaConf.select(cfg, f"{key}.samples")
     if not samples:
         return
     if OmegaConf.select(cfg, "cache.enabled"):
         problems.append(f"{key}.samples needs the text encoder, which cache.enabled=true does not load")
+    text_to_image = _model_family(cfg) == TEXT_TO_IMAGE
     base = Path(str(OmegaConf.select(cfg, f"{key}.base_path") or ".")).expanduser()
     for index, sample in enumerate(samples):
         where = f"{key}.samples[{index}]"
@@ -75,7 +88,15 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
             problems.append(f"{where}.prompt must be a non-empty text")
         edit = sample.get("edit_image")
         paths = [edit] if isinstance(edit, str) else list(edit) if OmegaConf.is_list(edit) else None
-        if not paths:
+        if text_to_image:
+            if edit is not None:
+                problems.append(
+                    f"{where}.edit_image: model.path is Qwen-Image (text-to-image), which takes no input image; "
+                    "give {prompt: ..., image: optional target}"
+                )
+                continue
+            paths = []
+        elif not paths:
             problems.append(f"{where}.edit_image must be an image path or a list of them, got {edit!r}")
             continue
         if not check_paths:
@@ -222,6 +243,23 @@ def _check_accelerator(cfg: DictConfig, problems: list[str]) -> None:
         )
 
 
+TENSORBOARD_HINT = (
+    "logger=tensorboard needs tensorboard: pip install 'fusedit[tensorboard]' (or pip install tensorboard)"
+)
+
+
+def _logger_problems(cfg: DictConfig) -> list[str]:
+    """A TensorBoard logger without tensorboard installed (Lightning would fail after the model loads)."""
+    import importlib.util
+
+    targets = [
+        str(logger.get("_target_", "")) for logger in (cfg.get("logger") or {}).values() if OmegaConf.is_dict(logger)
+    ]
+    wants_tensorboard = any(target.endswith("TensorBoardLogger") for target in targets)
+    has_writer = any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+    return [TENSORBOARD_HINT] if wants_tensorboard and not has_writer else []
+
+
 def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at this machine's files and devices
     (model.path, data.metadata, ckpt_path, lora.init_from; a CUDA GPU for a GPU trainer profile)."""
@@ -231,6 +269,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     except (ValueError, TypeError) as error:
         problems.append(str(error))
     problems += _loop_problems(cfg)
+    problems += _logger_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg, problems)
     _check_validation_samples(cfg, check_paths, problems)
