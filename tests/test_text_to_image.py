@@ -149,7 +149,8 @@ def test_an_edit_image_for_a_text_to_image_model_is_refused_by_row(tmp_path, tin
     assert "row 2, column 'edit_image', path 'images/input_000.png'" in message
     assert "Qwen-Image (text-to-image) and takes no input image" in message
 
-    rows = list(csv.reader(open(metadata, newline="")))
+    with open(metadata, newline="") as handle:
+        rows = list(csv.reader(handle))
     with open(metadata, "w", newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerows([rows[0], *[[*row[:2], ""] for row in rows[1:]]])
     datamodule = EditDataModule(metadata, model_path=tiny_t2i_path)
