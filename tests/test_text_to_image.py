@@ -225,3 +225,18 @@ def test_tensorboard_logs_the_scalars_and_the_validation_images(t2i_run):
     assert {"val/samples", "val/output/0", "val/target/0"} <= images and "val/input/0" not in images
     (grid,) = accumulator.Images("val/samples")
     assert grid.step == 2 and (grid.width, grid.height) == (2 * 32, 14 + 32 + 14)
+
+
+def test_validation_samples_of_a_text_to_image_model_have_no_edit_image(tiny_t2i_path, tiny_edit_path, metadata):
+    from fusedit.training.validate_config import ConfigError, validate_train_config
+    from tests.training_utils import compose_train
+
+    def check(model_path, sample: str) -> None:
+        overrides = [f"model.path={model_path}", f"data.metadata={metadata}", "logger=csv"]
+        validate_train_config(compose_train([*overrides, f"callbacks.validation_images.samples=[{sample}]"]))
+
+    check(tiny_t2i_path, "{prompt: a red square}")  # accepted
+    with pytest.raises(ConfigError, match=r"samples\[0\].edit_image: model.path is Qwen-Image \(text-to-image\)"):
+        check(tiny_t2i_path, f"{{edit_image: {metadata}, prompt: x}}")
+    with pytest.raises(ConfigError, match=r"samples\[0\].edit_image must be an image path"):
+        check(tiny_edit_path, "{prompt: a red square}")

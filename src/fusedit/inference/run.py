@@ -15,7 +15,7 @@ from fusedit.inference.enhance import enhance_prompt
 from fusedit.inference.inputs import load_rgb
 from fusedit.inference.lora import load_loras
 from fusedit.inference.outputs import comparison_sheet, save_image
-from fusedit.inference.pipeline import build_pipeline, text_to_image_pipeline
+from fusedit.inference.pipeline import build_pipeline, configure_scheduler, text_to_image_pipeline
 from fusedit.inference.preflight import Plan, preflight
 from fusedit.inference.profiles import apply_profile
 from fusedit.io import write_json_atomic
@@ -49,6 +49,8 @@ def infer(cfg: DictConfig, plan: Plan | None = None) -> dict:
     jobs, paths, family = plan.jobs, plan.paths, plan.family
     pipe, _ = build_pipeline(cfg.model.path, cfg.model.layout, cfg.profile.dtype, cfg.model.transformer, family)
     lora_records = load_loras(pipe.transformer, plan.loras, fuse=bool(cfg.lora.get("fuse", False)))
+    scheduler = OmegaConf.to_container(cfg.sampling.scheduler) if cfg.sampling.get("scheduler") else None
+    scheduler_config = configure_scheduler(pipe, scheduler)  # before the T2I pipeline below shares it
     if all(not job.images for job in jobs):
         pipe = text_to_image_pipeline(pipe)
     # Built before the profile so both pipelines share the same (hooked) modules.
@@ -68,6 +70,7 @@ def infer(cfg: DictConfig, plan: Plan | None = None) -> dict:
         "pipeline": type(pipe).__name__,
         "layout": cfg.model.layout,
         "loras": lora_records,
+        "scheduler": {key: value for key, value in scheduler_config.items() if not key.startswith("_")},
         "profile": profile_record,
         "images": [],
     }

@@ -298,8 +298,8 @@ class ValidationImages(Callback):
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 for key, images in panels.items():
-                    caption = prompts if len(images) == len(prompts) else None
-                    logger.log_image(key=key, images=images, step=step, caption=caption)
+                    caption = {"caption": prompts} if len(images) == len(prompts) else {}
+                    logger.log_image(key=key, images=images, step=step, **caption)
             elif isinstance(logger, TensorBoardLogger):
                 # TensorBoard holds one image per tag and step: the round's grid (the PNG written above) as
                 # val/samples, each sample's panels as val/<panel>/<index>; the prompts as text.

@@ -74,7 +74,8 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
         return
     if OmegaConf.select(cfg, "cache.enabled"):
         problems.append(f"{key}.samples needs the text encoder, which cache.enabled=true does not load")
-    text_to_image = _model_family(cfg) == TEXT_TO_IMAGE
+    # The model's family says whether samples take an edit image; unknown (no file checks), either form passes.
+    family = _model_family(cfg) if check_paths or OmegaConf.select(cfg, "model.path") is None else None
     base = Path(str(OmegaConf.select(cfg, f"{key}.base_path") or ".")).expanduser()
     for index, sample in enumerate(samples):
         where = f"{key}.samples[{index}]"
@@ -88,17 +89,17 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
             problems.append(f"{where}.prompt must be a non-empty text")
         edit = sample.get("edit_image")
         paths = [edit] if isinstance(edit, str) else list(edit) if OmegaConf.is_list(edit) else None
-        if text_to_image:
-            if edit is not None:
-                problems.append(
-                    f"{where}.edit_image: model.path is Qwen-Image (text-to-image), which takes no input image; "
-                    "give {prompt: ..., image: optional target}"
-                )
-                continue
-            paths = []
-        elif not paths:
+        if family == TEXT_TO_IMAGE and edit is not None:
+            problems.append(
+                f"{where}.edit_image: model.path is Qwen-Image (text-to-image), which takes no input image; "
+                "give {prompt: ..., image: optional target}"
+            )
+            continue
+        needs_edit = family not in (TEXT_TO_IMAGE, None)
+        if (edit is None and needs_edit) or (edit is not None and not paths):
             problems.append(f"{where}.edit_image must be an image path or a list of them, got {edit!r}")
             continue
+        paths = paths or []
         if not check_paths:
             continue
         from fusedit.data.validation import check_image
