@@ -15,6 +15,7 @@ from diffusers import QwenImagePipeline
 from fusedit.cache import CachedConditioner, CachedEditDataModule
 from fusedit.data import EditDataModule, make_sample_dataset
 from fusedit.data.errors import DataValidationError
+from fusedit.data.sample import T2I_METADATA
 from fusedit.step.build import build_transformer
 from fusedit.step.conditioning import EditConditioner
 from fusedit.step.config import LoraSpec, ModelConfig
@@ -26,16 +27,18 @@ from tests.training_utils import train_cfg
 
 
 def t2i_metadata(root: Path, n: int = 4, edit_column: bool = False) -> Path:
-    """The sample dataset's targets and prompts as text-to-image rows (image, prompt[, edit_image])."""
+    """The sample dataset's text-to-image rows (`metadata_t2i.csv`: image, empty edit_image, prompt), or with
+    `edit_column` its targets and prompts with the edit rows' input images in the edit_image column."""
     source = make_sample_dataset(root, n=n, size=32)
+    if not edit_column:
+        return source.parent / T2I_METADATA
     with open(source, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    path = root / ("t2i_with_edit.csv" if edit_column else "t2i.csv")
+    path = root / "t2i_with_edit.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["image", "prompt", *(["edit_image"] if edit_column else [])])
-        for row in rows:
-            writer.writerow([row["image"], row["prompt"], *([row["edit_image"]] if edit_column else [])])
+        writer.writerow(["image", "prompt", "edit_image"])
+        writer.writerows([row["image"], row["prompt"], row["edit_image"]] for row in rows)
     return path
 
 
@@ -240,3 +243,16 @@ def test_validation_samples_of_a_text_to_image_model_have_no_edit_image(tiny_t2i
         check(tiny_t2i_path, f"{{edit_image: {metadata}, prompt: x}}")
     with pytest.raises(ConfigError, match=r"samples\[0\].edit_image must be an image path"):
         check(tiny_edit_path, "{prompt: a red square}")
+
+
+def test_the_demo_data_of_a_text_to_image_model_is_its_text_to_image_rows(tmp_path, tiny_t2i_path, tiny_edit_path):
+    from fusedit.data.sample import fill_demo_paths
+    from tests.training_utils import compose_train
+
+    for model_path, expected in ((tiny_t2i_path, T2I_METADATA), (tiny_edit_path, "metadata.csv")):
+        cfg = compose_train([f"paths.cache_dir={tmp_path}", f"model.path={model_path}"])
+        fill_demo_paths(cfg)
+        assert Path(cfg.data.metadata).name == expected
+        datamodule = EditDataModule(cfg.data.metadata, model_path=model_path)
+        datamodule.setup()  # every row valid for its model
+        assert len(datamodule.train_dataset) == 12
