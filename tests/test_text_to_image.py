@@ -161,11 +161,21 @@ def test_an_edit_image_for_a_text_to_image_model_is_refused_by_row(tmp_path, tin
     assert len(datamodule.train_dataset) == 2 and datamodule.train_dataset[0]["edit_images"] == []
 
 
-def test_an_edit_model_still_needs_the_edit_image_column(tmp_path, tiny_edit_path, metadata):
+def test_an_edit_model_still_needs_the_edit_image_column(tmp_path, tiny_edit_path, tiny_t2i_path, metadata):
     from fusedit.data.errors import MetadataError
 
+    with open(metadata, newline="") as handle:
+        rows = [[row["image"], row["prompt"]] for row in csv.DictReader(handle)]
+    two_columns = tmp_path / "t2i.csv"
+    with open(two_columns, "w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows([["image", "prompt"], *rows])
     with pytest.raises(MetadataError, match=r"missing column\(s\) 'edit_image'"):
-        EditDataModule(metadata, model_path=tiny_edit_path).setup()
+        EditDataModule(two_columns, base_path=metadata.parent, model_path=tiny_edit_path).setup()
+    with pytest.raises(DataValidationError, match=r"row 2, column 'edit_image': no edit image, but qwen-image-edit"):
+        EditDataModule(metadata, model_path=tiny_edit_path).setup()  # empty edit_image cells
+    two_columns_t2i = EditDataModule(two_columns, base_path=metadata.parent, model_path=tiny_t2i_path)
+    two_columns_t2i.setup()  # a text-to-image model reads the file without the column
+    assert len(two_columns_t2i.train_dataset) == len(rows)
 
 
 @pytest.fixture(scope="module")

@@ -131,13 +131,15 @@ class EditDataModule(LightningDataModule):
 
     def read(self) -> list[Record]:
         """The metadata file's records. For a text-to-image model (`model_path` is Qwen-Image) the edit_image column
-        may be left out (its rows then have no edit image); a row that does name one is refused by validation."""
+        may be left out or empty (its rows then have no edit image); a row that does name one is refused by
+        validation."""
         model_path = self.hparams.model_path
         if model_path is None or folder_family(model_path) != TEXT_TO_IMAGE:
             return read_records(self.metadata, self.columns)
         columns = dataclasses.replace(self.columns, optional=self.columns.optional | {"edit_image"})
         records = read_records(self.metadata, columns)
-        return [dataclasses.replace(r, edit_images=()) if r.edit_images is None else r for r in records]
+        # No column, or an empty cell (read as ("",)): no edit image.
+        return [r if any(r.edit_images or ()) else dataclasses.replace(r, edit_images=()) for r in records]
 
     def validate(self, records) -> list:
         """Check `records` with this module's settings (files, pixel limit, paths, on_error); the valid samples."""
