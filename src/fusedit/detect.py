@@ -18,12 +18,12 @@ from fusedit.convert.layout import model_layout
 from fusedit.convert.lora_formats import (
     DIFFUSERS_METADATA_KEY,
     FUSEDIT_METADATA_KEY,
+    classify_keys,
     lora_from_state_dict,
     module_leaf,
     parse_lora_keys,
 )
 from fusedit.convert.single_file import MARKER_2511, WEIGHT_SCALE, has_2511_marker, is_scaled_fp8, weight_keys
-from fusedit.convert.state_dict import classify_keys
 from fusedit.download import component_names
 from fusedit.errors import UserFileNotFoundError, UserInputError, examples
 from fusedit.families import pipeline_family
