@@ -1,7 +1,8 @@
 """What is at a path: a Qwen-Image pipeline, transformer, single model file, or LoRA — from headers and configs.
 
 Only safetensors headers (names, shapes, dtypes) and JSON configs are read for models; no model weight tensor is
-loaded. A LoRA file is small and is read whole, so its values are checked as every other command checks them.
+loaded and torch is not imported (dtypes stay safetensors' names, e.g. "BF16"), so `fusedit detect` answers in under
+a second. A LoRA file is small and is read whole, so its values are checked as every other command checks them.
 Every other command uses this instead of guessing.
 """
 
