@@ -266,3 +266,21 @@ def test_the_demo_data_of_a_text_to_image_model_is_its_text_to_image_rows(tmp_pa
         datamodule = EditDataModule(cfg.data.metadata, model_path=model_path)
         datamodule.setup()  # every row valid for its model
         assert len(datamodule.train_dataset) == 12
+
+
+def test_a_prompt_longer_than_the_text_to_image_pipeline_keeps_is_refused_or_truncated(tmp_path, tiny_t2i_path):
+    """QwenImagePipeline's tokenizer call keeps 1,024 prompt tokens and drops the rest without a word."""
+    source = t2i_metadata(tmp_path / "data", n=2)
+    with open(source, newline="") as handle:
+        rows = list(csv.reader(handle))
+    rows[2][2] = "x" * 1500  # 1,505 tokens with the tiny byte-level tokenizer (template suffix included)
+    with open(source, "w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)
+    with pytest.raises(
+        DataValidationError, match=r"row 3, column 'prompt': prompt is 1505 text tokens .* keeps 1024"
+    ):
+        EditDataModule(source, model_path=tiny_t2i_path).setup()
+    truncated = EditDataModule(source, model_path=tiny_t2i_path, long_prompt="truncate")
+    truncated.setup()
+    prompts = [sample.prompt for sample in truncated.train_dataset.samples]
+    assert prompts[0] == "a red square beside a circle" and len(prompts[1]) == 1024 - 5 and set(prompts[1]) == {"x"}

@@ -49,31 +49,44 @@ class _TokenCountingEncoder:
         return SimpleNamespace(hidden_states=[hidden])
 
 
-class PromptCounter:
+class _Shortens:
+    """`shorten` for a counter with `tokenizer` and `count(prompt, edit_sizes)`."""
+
+    def shorten(self, prompt: str, edit_sizes: list[tuple[int, int]], limit: int) -> tuple[str, int]:
+        """The longest start of `prompt` (whole tokens) whose `L` is at most `limit`, and that `L`."""
+        tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        length = self.count(prompt, edit_sizes)
+        keep = len(tokens) - max(0, length - limit)
+        while keep > 0:
+            text = self.tokenizer.decode(tokens[:keep])
+            length = self.count(text, edit_sizes)
+            if length <= limit:
+                return text, length
+            keep -= max(1, length - limit)  # a decode can merge tokens differently at the cut
+        return "", self.count("", edit_sizes)
+
+
+class PromptCounter(_Shortens):
     """Counts the prompt-embedding length `L` of (prompt, edit image sizes) for the pipeline at `pipeline_dir`."""
 
     def __init__(self, pipeline_dir: str | Path):
         import diffusers
         from transformers import AutoProcessor, AutoTokenizer
 
-        from fusedit.families import PIPELINE_CLASSES, TEXT_TO_IMAGE, folder_family
+        from fusedit.families import PIPELINE_CLASSES, folder_family
 
         pipeline_dir = Path(pipeline_dir)
         self.family = folder_family(pipeline_dir)
         pipeline_class = getattr(diffusers, PIPELINE_CLASSES[self.family])
         self.tokenizer = AutoTokenizer.from_pretrained(pipeline_dir / "tokenizer")
-        # Text-to-image (QwenImagePipeline) shows the VLM no image: no processor, and its template has no image.
-        self.text_to_image = self.family == TEXT_TO_IMAGE
-        self.processor = None if self.text_to_image else AutoProcessor.from_pretrained(pipeline_dir / "processor")
-        components = {} if self.text_to_image else {"processor": self.processor}
+        self.processor = AutoProcessor.from_pretrained(pipeline_dir / "processor")
         # Only the text side of the pipeline: its template, image prompt and prefix length, with our stand-in encoder.
         self.pipeline = pipeline_class(
-            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, transformer=None, **components
-        )
+            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, processor=self.processor,
+            transformer=None,
+        )  # fmt: skip
         self.pipeline.text_encoder = _TokenCountingEncoder()
         self.multi_image = self.family in ("qwen-image-edit-2509", "qwen-image-edit-2511")
-        if self.text_to_image:
-            return
         image_processor = self.processor.image_processor
         factor = image_processor.patch_size * image_processor.merge_size
         self._small = max(factor, math.ceil(math.sqrt(getattr(image_processor, "min_pixels", 0) or 0)))
@@ -102,9 +115,6 @@ class PromptCounter:
         """`L` for `prompt` with edit images of `edit_sizes` (width, height of the edit tensors, in pixels)."""
         from PIL import Image
 
-        if self.text_to_image:  # its tokenizer call truncates to the pipeline's tokenizer_max_length, as it runs
-            embeds, _ = self.pipeline._get_qwen_prompt_embeds(prompt=[prompt], device="cpu")
-            return int(embeds.shape[1])
         small = (self._small, self._small)
         images = [Image.new("RGB", small) for _ in edit_sizes]
         image = images if self.multi_image else (images[0] if images else None)
@@ -112,15 +122,30 @@ class PromptCounter:
         extra = sum(self._image_tokens(self.vlm_size(*size)) - self._image_tokens(small) for size in edit_sizes)
         return int(embeds.shape[1]) + extra
 
-    def shorten(self, prompt: str, edit_sizes: list[tuple[int, int]], limit: int) -> tuple[str, int]:
-        """The longest start of `prompt` (whole tokens) whose `L` is at most `limit`, and that `L`."""
-        tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        length = self.count(prompt, edit_sizes)
-        keep = len(tokens) - max(0, length - limit)
-        while keep > 0:
-            text = self.tokenizer.decode(tokens[:keep])
-            length = self.count(text, edit_sizes)
-            if length <= limit:
-                return text, length
-            keep -= max(1, length - limit)  # a decode can merge tokens differently at the cut
-        return "", self.count("", edit_sizes)
+
+class TextToImagePromptCounter(_Shortens):
+    """`L` for diffusers' `QwenImagePipeline` (Qwen-Image, and the text-to-image jobs an edit model runs): the
+    templated prompt's tokens past the template prefix the pipeline drops (`prompt_template_encode_start_idx`).
+
+    Counted without the truncation the pipeline's tokenizer call applies at `tokenizer_max_length` (1,024), so
+    that a prompt it would cut is seen; `encode_prompt` then keeps only the first `max_sequence_length` (512 by
+    default) of those positions. Both cuts are silent in diffusers. Tokenizer only: no weight, no processor.
+    """
+
+    def __init__(self, pipeline_dir: str | Path):
+        import diffusers
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(pipeline_dir) / "tokenizer")
+        text_side = diffusers.QwenImagePipeline(
+            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, transformer=None
+        )
+        self.template = text_side.prompt_template_encode
+        self.template_start = text_side.prompt_template_encode_start_idx
+        self.tokenizer_max_length = text_side.tokenizer_max_length
+
+    def count(self, prompt: str, edit_sizes: list[tuple[int, int]] = ()) -> int:
+        """`L` of `prompt` (text-to-image: `edit_sizes` must be empty)."""
+        if edit_sizes:
+            raise ValueError("a text-to-image prompt has no edit images")
+        return len(self.tokenizer(self.template.format(prompt))["input_ids"]) - self.template_start
