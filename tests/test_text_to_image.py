@@ -276,9 +276,7 @@ def test_a_prompt_longer_than_the_text_to_image_pipeline_keeps_is_refused_or_tru
     rows[2][2] = "x" * 1500  # 1,505 tokens with the tiny byte-level tokenizer (template suffix included)
     with open(source, "w", newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerows(rows)
-    with pytest.raises(
-        DataValidationError, match=r"row 3, column 'prompt': prompt is 1505 text tokens .* keeps 1024"
-    ):
+    with pytest.raises(DataValidationError, match=r"row 3, column 'prompt': prompt is 1505 text tokens .* keeps 1024"):
         EditDataModule(source, model_path=tiny_t2i_path).setup()
     truncated = EditDataModule(source, model_path=tiny_t2i_path, long_prompt="truncate")
     truncated.setup()
