@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from fusedit.model.diffusers_api import install_merged_api, uninstall_merged_api
-from fusedit.model.module_map import QKV_GROUPS
+from fusedit.model.module_map import QKV_GROUPS, QWEN21_TRANSFORMER_CLASS
 
 IMAGE_MERGED = "to_qkv"
 
@@ -188,17 +188,28 @@ def attention_modules(transformer: nn.Module) -> list[nn.Module]:
     return [block.attn for block in blocks]
 
 
+def _is_qwen21(transformer: nn.Module) -> bool:
+    # Qwen-Image-2.1's single-stream model has its own merged layout (fusedit.model.merged_qwen21); fuse_qkv,
+    # unfuse_qkv and is_merged hand it over, so every caller works with either family.
+    return type(transformer).__name__ == QWEN21_TRANSFORMER_CLASS
+
+
 def is_merged(transformer: nn.Module) -> bool:
     """True when every block of `transformer` carries the merged projections."""
+    if _is_qwen21(transformer):
+        from fusedit.model import merged_qwen21
+
+        return merged_qwen21.is_merged(transformer)
     return all(hasattr(attn, IMAGE_MERGED) for attn in attention_modules(transformer))
 
 
-def _checked_casting_hook(attn: nn.Module, block: int, names: tuple[str, ...]):
-    """The casting hook shared by the layers `names` of `attn` (None if uncast); refuses what cannot be rebuilt."""
+def _checked_casting_hook(parent: nn.Module, block: int, names: tuple[str, ...], child: str = "attn"):
+    """The casting hook shared by the layers `names` of `parent` (None if uncast), the block's `child` module
+    (`attn`, or Qwen-Image-2.1's `img_mlp`); refuses what cannot be rebuilt."""
     hooks = []
     for name in names:
-        module = getattr(attn, name)
-        where = f"transformer_blocks.{block}.attn.{name}"
+        module = getattr(parent, name)
+        where = f"transformer_blocks.{block}.{child}.{name}"
         if type(module) is not nn.Linear:
             raise TypeError(
                 f"{where} is a {type(module).__name__}, not a plain nn.Linear: fuse/unfuse the projections before "
@@ -209,9 +220,9 @@ def _checked_casting_hook(attn: nn.Module, block: int, names: tuple[str, ...]):
         hooks.append(None if hook is None else (hook.storage_dtype, hook.compute_dtype, hook.non_blocking))
     if len(set(hooks)) > 1:
         raise RuntimeError(
-            f"transformer_blocks.{block}.attn: {', '.join(names)} are cast differently ({hooks}); cannot merge them"
+            f"transformer_blocks.{block}.{child}: {', '.join(names)} are cast differently ({hooks}); cannot merge them"
         )
-    return _casting_hook(getattr(attn, names[0]), "")
+    return _casting_hook(getattr(parent, names[0]), "")
 
 
 def fuse_qkv(transformer: nn.Module) -> nn.Module:
@@ -220,7 +231,12 @@ def fuse_qkv(transformer: nn.Module) -> nn.Module:
     Works on any storage dtype, float8 included, and keeps diffusers' layerwise casting (the merged layer gets the
     hook its parts had). Every block is checked before any is changed: a refusal (TypeError for a layer that is not
     a plain Linear, RuntimeError for hooks other than layerwise casting) leaves the model as it was.
+    A Qwen-Image-2.1 transformer goes to `fusedit.model.merged_qwen21.fuse_projections` (q/k/v and SwiGLU gate/up).
     """
+    if _is_qwen21(transformer):
+        from fusedit.model.merged_qwen21 import fuse_projections
+
+        return fuse_projections(transformer)
     todo = []
     for block, attn in enumerate(attention_modules(transformer)):
         if not hasattr(attn, IMAGE_MERGED):
@@ -243,7 +259,12 @@ def unfuse_qkv(transformer: nn.Module) -> nn.Module:
     """Split merged projections of every block back into exact q/k/v Linears in place. Returns the model.
 
     Bit for bit in every dtype; layerwise casting is carried over as in `fuse_qkv`, with the same refusals.
+    A Qwen-Image-2.1 transformer goes to `fusedit.model.merged_qwen21.unfuse_projections`.
     """
+    if _is_qwen21(transformer):
+        from fusedit.model.merged_qwen21 import unfuse_projections
+
+        return unfuse_projections(transformer)
     todo = []
     for block, attn in enumerate(attention_modules(transformer)):
         if hasattr(attn, IMAGE_MERGED):
