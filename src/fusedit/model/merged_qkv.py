@@ -191,7 +191,7 @@ def attention_modules(transformer: nn.Module) -> list[nn.Module]:
 def _is_qwen21(transformer: nn.Module) -> bool:
     # Qwen-Image-2.1's single-stream model has its own merged layout (fusedit.model.merged_qwen21); fuse_qkv,
     # unfuse_qkv and is_merged hand it over, so every caller works with either family.
-    return type(transformer).__name__ == QWEN21_TRANSFORMER_CLASS
+    return any(cls.__name__ == QWEN21_TRANSFORMER_CLASS for cls in type(transformer).__mro__)
 
 
 def is_merged(transformer: nn.Module) -> bool:

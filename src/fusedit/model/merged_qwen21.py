@@ -10,7 +10,11 @@ every block in place:
   vLLM / transformers use for a fused SwiGLU), in `MergedSwiGLUFeedForward`, which keeps diffusers' `img_mlp.out`
   Linear and its activation.
 
-`unfuse_projections` slices the merged weights back into diffusers' Linears, bit for bit.
+`unfuse_projections` slices the merged weights back into diffusers' Linears, bit for bit. While merged, the model's
+`save_pretrained` writes diffusers' standard layout (split exactly, fusedit.model.diffusers_api), so stock
+`QwenImage21Transformer2DModel.from_pretrained` and `QwenImage21Pipeline` read what it saves. (The MMDiT's other
+merged-API answers, add_adapter / load_lora_adapter translation and the set_processor guard, are not installed
+for 2.1: use fusedit.lora.targets and fusedit.convert.)
 
 No fork: the merged processors subclass diffusers' two 2.1 processors (the exact per-segment SDPA prefill and the
 flex block-causal one) and call diffusers' own `__call__`, handing it an attention view whose `to_q/to_k/to_v`
@@ -22,6 +26,8 @@ parents do.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.transformers.transformer_qwenimage21 import (
     QwenImage21AttnProcessor,
@@ -30,6 +36,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 )
 from torch import nn
 
+from fusedit.model.diffusers_api import _save_pretrained
 from fusedit.model.merged_qkv import (
     _carry_casting_hook,
     _checked_casting_hook,
@@ -37,9 +44,8 @@ from fusedit.model.merged_qkv import (
     _merge_linears,
     _split_linear,
 )
-from fusedit.model.module_map import QWEN21_ATTENTION_GROUP, QWEN21_MLP, QWEN21_MLP_GROUP
+from fusedit.model.module_map import QWEN21_ATTENTION_GROUP, QWEN21_MLP, QWEN21_MLP_GROUP, QWEN21_TRANSFORMER_CLASS
 
-TRANSFORMER_CLASS = "QwenImage21Transformer2DModel"
 ATTN_MERGED, ATTN_PARTS = next(iter(QWEN21_ATTENTION_GROUP.items()))  # to_qkv <- to_q, to_k, to_v
 MLP_MERGED, MLP_PARTS = next(iter(QWEN21_MLP_GROUP.items()))  # gate_up_proj <- gate_layer, proj
 
@@ -116,12 +122,12 @@ _STANDARD_PROCESSOR = {merged: standard for standard, merged in _MERGED_PROCESSO
 
 def is_qwen21(transformer: nn.Module) -> bool:
     """Whether `transformer` is diffusers' Qwen-Image-2.1 transformer (by class name; no import needed)."""
-    return any(cls.__name__ == TRANSFORMER_CLASS for cls in type(transformer).__mro__)
+    return any(cls.__name__ == QWEN21_TRANSFORMER_CLASS for cls in type(transformer).__mro__)
 
 
 def _blocks(transformer: nn.Module) -> list[nn.Module]:
     if not is_qwen21(transformer):
-        raise TypeError(f"{type(transformer).__name__} is not a {TRANSFORMER_CLASS}")
+        raise TypeError(f"{type(transformer).__name__} is not a {QWEN21_TRANSFORMER_CLASS}")
     return list(transformer.transformer_blocks)
 
 
@@ -175,6 +181,7 @@ def fuse_projections(transformer: nn.Module) -> nn.Module:
         gate_up = _carry_casting_hook(mlp_hook, _merge_linears([getattr(mlp, name) for name in MLP_PARTS]))
         block.img_mlp = MergedSwiGLUFeedForward(gate_up, mlp.out, mlp.activation_fn)
     _invalidate_hook_caches(transformer)
+    transformer.save_pretrained = functools.partial(_save_pretrained, transformer)
     return transformer
 
 
@@ -212,6 +219,7 @@ def unfuse_projections(transformer: nn.Module) -> nn.Module:
         mlp.activation_fn = merged_mlp.activation_fn
         block.img_mlp = mlp
     _invalidate_hook_caches(transformer)
+    transformer.__dict__.pop("save_pretrained", None)  # the class's own again
     return transformer
 
 
