@@ -37,12 +37,12 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 from torch import nn
 
 from fusedit.model.diffusers_api import _save_pretrained
-from fusedit.model.merged_qkv import (
-    _carry_casting_hook,
-    _checked_casting_hook,
-    _invalidate_hook_caches,
-    _merge_linears,
-    _split_linear,
+from fusedit.model.linear_merge import (
+    carry_casting_hook,
+    checked_casting_hook,
+    invalidate_hook_caches,
+    merge_linears,
+    split_linear,
 )
 from fusedit.model.module_map import QWEN21_ATTENTION_GROUP, QWEN21_MLP, QWEN21_MLP_GROUP, QWEN21_TRANSFORMER_CLASS
 
@@ -167,20 +167,20 @@ def fuse_projections(transformer: nn.Module) -> nn.Module:
             continue
         if type(block.img_mlp) is not QwenImage21SwiGLUFeedForward:
             raise TypeError(f"transformer_blocks.{index}.img_mlp is a {type(block.img_mlp).__name__}, not diffusers'")
-        attn_hook = _checked_casting_hook(block.attn, index, ATTN_PARTS)
-        mlp_hook = _checked_casting_hook(block.img_mlp, index, MLP_PARTS, child=QWEN21_MLP)
+        attn_hook = checked_casting_hook(block.attn, index, ATTN_PARTS)
+        mlp_hook = checked_casting_hook(block.img_mlp, index, MLP_PARTS, child=QWEN21_MLP)
         processor = _swapped_processor(block.attn.processor, _MERGED_PROCESSOR, index)
         todo.append((block, attn_hook, mlp_hook, processor))
     for block, attn_hook, mlp_hook, processor in todo:
         attn, mlp = block.attn, block.img_mlp
-        merged = _merge_linears([getattr(attn, name) for name in ATTN_PARTS])
+        merged = merge_linears([getattr(attn, name) for name in ATTN_PARTS])
         for name in ATTN_PARTS:
             delattr(attn, name)  # frees the parts right away
-        setattr(attn, ATTN_MERGED, _carry_casting_hook(attn_hook, merged))
+        setattr(attn, ATTN_MERGED, carry_casting_hook(attn_hook, merged))
         attn.set_processor(processor)
-        gate_up = _carry_casting_hook(mlp_hook, _merge_linears([getattr(mlp, name) for name in MLP_PARTS]))
+        gate_up = carry_casting_hook(mlp_hook, merge_linears([getattr(mlp, name) for name in MLP_PARTS]))
         block.img_mlp = MergedSwiGLUFeedForward(gate_up, mlp.out, mlp.activation_fn)
-    _invalidate_hook_caches(transformer)
+    invalidate_hook_caches(transformer)
     transformer.save_pretrained = functools.partial(_save_pretrained, transformer)
     return transformer
 
@@ -195,14 +195,14 @@ def unfuse_projections(transformer: nn.Module) -> nn.Module:
     for index, block in enumerate(_blocks(transformer)):
         if not hasattr(block.attn, ATTN_MERGED):
             continue
-        attn_hook = _checked_casting_hook(block.attn, index, (ATTN_MERGED,))
-        mlp_hook = _checked_casting_hook(block.img_mlp, index, (MLP_MERGED,), child=QWEN21_MLP)
+        attn_hook = checked_casting_hook(block.attn, index, (ATTN_MERGED,))
+        mlp_hook = checked_casting_hook(block.img_mlp, index, (MLP_MERGED,), child=QWEN21_MLP)
         processor = _swapped_processor(block.attn.processor, _STANDARD_PROCESSOR, index)
         todo.append((block, attn_hook, mlp_hook, processor))
     for block, attn_hook, mlp_hook, processor in todo:
         attn, merged_mlp = block.attn, block.img_mlp
-        for name, linear in zip(ATTN_PARTS, _split_linear(getattr(attn, ATTN_MERGED), len(ATTN_PARTS)), strict=True):
-            setattr(attn, name, _carry_casting_hook(attn_hook, linear))
+        for name, linear in zip(ATTN_PARTS, split_linear(getattr(attn, ATTN_MERGED), len(ATTN_PARTS)), strict=True):
+            setattr(attn, name, carry_casting_hook(attn_hook, linear))
         delattr(attn, ATTN_MERGED)
         for name in [name for name in attn._modules if name not in ATTN_PARTS]:
             attn._modules[name] = attn._modules.pop(name)  # diffusers' order (to_q, to_k, to_v first): state_dict keys
@@ -210,15 +210,15 @@ def unfuse_projections(transformer: nn.Module) -> nn.Module:
         # Build diffusers' module without initialising weights it would throw away, then put the parts in.
         mlp = QwenImage21SwiGLUFeedForward.__new__(QwenImage21SwiGLUFeedForward)
         nn.Module.__init__(mlp)
-        parts = _split_linear(getattr(merged_mlp, MLP_MERGED), len(MLP_PARTS))
-        linears = dict(zip(MLP_PARTS, (_carry_casting_hook(mlp_hook, linear) for linear in parts), strict=True))
+        parts = split_linear(getattr(merged_mlp, MLP_MERGED), len(MLP_PARTS))
+        linears = dict(zip(MLP_PARTS, (carry_casting_hook(mlp_hook, linear) for linear in parts), strict=True))
         # diffusers' registration order (proj, out, gate_layer) keeps state_dict() key order as in a fresh model.
         mlp.proj = linears["proj"]
         mlp.out = merged_mlp.out
         mlp.gate_layer = linears["gate_layer"]
         mlp.activation_fn = merged_mlp.activation_fn
         block.img_mlp = mlp
-    _invalidate_hook_caches(transformer)
+    invalidate_hook_caches(transformer)
     transformer.__dict__.pop("save_pretrained", None)  # the class's own again
     return transformer
 
