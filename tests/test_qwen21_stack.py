@@ -40,9 +40,9 @@ def test_lora_targets_translate_between_layouts():
         "to_qkv",
     ]
     assert resolve_targets("full", "standard", QWEN21) == resolve_targets("attn_mlp", "standard", QWEN21)
-    with pytest.raises(ValueError, match=r"unknown Qwen-Image-2.1 LoRA target\(s\) \['add_q_proj'\]"):
+    with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['add_q_proj'\] for Qwen-Image-2.1"):
         resolve_targets(["add_q_proj"], "standard", QWEN21)
-    with pytest.raises(ValueError, match=r"unknown Qwen-Image LoRA target\(s\) \['img_mlp.proj'\]"):
+    with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['img_mlp.proj'\] for Qwen-Image\."):
         resolve_targets(["img_mlp.proj"], "standard")  # the MMDiT has no such Linear
 
 

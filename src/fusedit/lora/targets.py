@@ -108,7 +108,7 @@ def resolve_targets(targets: str | Iterable[str], layout: str, family: str | Non
     if unknown:
         model = "Qwen-Image-2.1" if qwen21 else "Qwen-Image"
         raise ValueError(
-            f"unknown {model} LoRA target(s) {unknown}. Valid: a named layout {sorted(named)} or Linear names "
+            f"unknown LoRA target(s) {unknown} for {model}. Valid: a named layout {sorted(named)} or Linear names "
             f"{list(valid)} (standard and merged names are translated automatically)"
         )
     resolved: list[str] = []
