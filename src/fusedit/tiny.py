@@ -34,6 +34,7 @@ Builds are deterministic: the same (variant, seed, num_layers) gives bit-identic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -304,12 +305,28 @@ def _finalize_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+@contextlib.contextmanager
+def _no_shard_progress_bar():
+    """transformers' `save_pretrained` draws a "Writing model shards" bar per model it saves (the text encoder);
+    for one small shard it is noise in make-tiny's output, so it is switched off for the save and restored after."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def _build_into_temp(out: Path, variant: str, seed: int, num_layers: int) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         pipe = build_tiny_pipeline(variant, seed, num_layers)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with _no_shard_progress_bar():
+            pipe.save_pretrained(tmp, safe_serialization=True)
         _finalize_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -44,9 +44,8 @@ from .layout import (
     model_layout,
     plan_model_conversion,
 )
-from .lora_formats import FORMATS, STANDARD_ONLY_FORMATS, LoraWeights, lora_to_state_dict, read_lora
+from .lora_formats import FORMATS, STANDARD_ONLY_FORMATS, LoraWeights, classify_keys, lora_to_state_dict, read_lora
 from .lora_qkv import convert_lora_layout
-from .state_dict import classify_keys
 
 log = logging.getLogger(__name__)
 

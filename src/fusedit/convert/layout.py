@@ -13,14 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fusedit.errors import UserInputError, examples
 from fusedit.model.module_map import ATTENTION, QKV_GROUPS
 
 from .single_file import INPUT_SCALE, WEIGHT_SCALE
+
+if TYPE_CHECKING:  # layouts are found from names and shapes alone (`fusedit detect`); only `build` touches tensors
+    import torch
 
 STANDARD = "standard"
 MERGED = "merged_qkv"
@@ -109,6 +110,8 @@ class TensorPlan:
     equal: bool = False  # merging a scale that must be the same in q, k and v (an activation scale): keep one
 
     def build(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        import torch
+
         if self.equal:
             first, *others = (get(name) for name in self.sources)
             if any(not torch.equal(first, other) for other in others):

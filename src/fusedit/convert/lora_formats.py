@@ -30,8 +30,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fusedit.errors import UserInputError, examples
 from fusedit.io import load_safetensors
@@ -39,6 +38,9 @@ from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP
 from fusedit.pickle_files import pickle_refusal
 
 from .layout import layout_of_modules
+
+if TYPE_CHECKING:  # key parsing needs names only (`fusedit detect` of a model file); the readers that touch
+    import torch  # tensors get them from safetensors, which imports torch itself
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -169,6 +171,16 @@ def is_lora_key(key: str) -> bool:
         or key.endswith((_ALPHA_SUFFIX, *_PATCH_SUFFIXES))
         or bool(_PATCH_RE.search(key))
     )
+
+
+def classify_keys(keys, what: str = "state dict") -> str:
+    """Return "lora" when every key is a LoRA key, "model" when none is; a mix is an error naming the odd keys."""
+    keys = list(keys)
+    lora = [k for k in keys if is_lora_key(k)]
+    if lora and len(lora) != len(keys):
+        others = sorted(set(keys) - set(lora))
+        raise UserInputError(f"{what} mixes LoRA keys ({examples(lora, 3)}) with other keys: {examples(others)}")
+    return "lora" if lora else "model"
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -396,7 +408,7 @@ def lora_from_state_dict(
         key
         for roles in parsed.modules.values()
         for key in roles.values()
-        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all())
+        if tensors[key].is_floating_point() and not bool(tensors[key].isfinite().all())
     ]
     if nonfinite:
         raise UserInputError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {examples(nonfinite)}")
@@ -434,6 +446,8 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
 
 # ------------------------------------------------------------------------------------------------------- writing
 def _alpha_tensor(alpha: float) -> torch.Tensor:
+    import torch
+
     as_f32 = torch.tensor(alpha, dtype=torch.float32)
     return as_f32 if as_f32.item() == alpha else torch.tensor(alpha, dtype=torch.float64)
 

@@ -48,7 +48,24 @@ class _TokenCountingEncoder:
         return SimpleNamespace(hidden_states=[hidden])
 
 
-class PromptCounter:
+class _Shortens:
+    """`shorten` for a counter with `tokenizer` and `count(prompt, edit_sizes)`."""
+
+    def shorten(self, prompt: str, edit_sizes: list[tuple[int, int]], limit: int) -> tuple[str, int]:
+        """The longest start of `prompt` (whole tokens) whose `L` is at most `limit`, and that `L`."""
+        tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        length = self.count(prompt, edit_sizes)
+        keep = len(tokens) - max(0, length - limit)
+        while keep > 0:
+            text = self.tokenizer.decode(tokens[:keep])
+            length = self.count(text, edit_sizes)
+            if length <= limit:
+                return text, length
+            keep -= max(1, length - limit)  # a decode can merge tokens differently at the cut
+        return "", self.count("", edit_sizes)
+
+
+class PromptCounter(_Shortens):
     """Counts the prompt-embedding length `L` of (prompt, edit image sizes) for the pipeline at `pipeline_dir`."""
 
     def __init__(self, pipeline_dir: str | Path):
@@ -98,15 +115,30 @@ class PromptCounter:
         extra = sum(self._image_tokens(self.vlm_size(*size)) - self._image_tokens(small) for size in edit_sizes)
         return int(embeds.shape[1]) + extra
 
-    def shorten(self, prompt: str, edit_sizes: list[tuple[int, int]], limit: int) -> tuple[str, int]:
-        """The longest start of `prompt` (whole tokens) whose `L` is at most `limit`, and that `L`."""
-        tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        length = self.count(prompt, edit_sizes)
-        keep = len(tokens) - max(0, length - limit)
-        while keep > 0:
-            text = self.tokenizer.decode(tokens[:keep])
-            length = self.count(text, edit_sizes)
-            if length <= limit:
-                return text, length
-            keep -= max(1, length - limit)  # a decode can merge tokens differently at the cut
-        return "", self.count("", edit_sizes)
+
+class TextToImagePromptCounter(_Shortens):
+    """`L` for diffusers' `QwenImagePipeline` (Qwen-Image, and the text-to-image jobs an edit model runs): the
+    templated prompt's tokens past the template prefix the pipeline drops (`prompt_template_encode_start_idx`).
+
+    Counted without the truncation the pipeline's tokenizer call applies at `tokenizer_max_length` (1,024), so
+    that a prompt it would cut is seen; `encode_prompt` then keeps only the first `max_sequence_length` (512 by
+    default) of those positions. Both cuts are silent in diffusers. Tokenizer only: no weight, no processor.
+    """
+
+    def __init__(self, pipeline_dir: str | Path):
+        import diffusers
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(pipeline_dir) / "tokenizer")
+        text_side = diffusers.QwenImagePipeline(
+            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, transformer=None
+        )
+        self.template = text_side.prompt_template_encode
+        self.template_start = text_side.prompt_template_encode_start_idx
+        self.tokenizer_max_length = text_side.tokenizer_max_length
+
+    def count(self, prompt: str, edit_sizes: list[tuple[int, int]] = ()) -> int:
+        """`L` of `prompt` (text-to-image: `edit_sizes` must be empty)."""
+        if edit_sizes:
+            raise ValueError("a text-to-image prompt has no edit images")
+        return len(self.tokenizer(self.template.format(prompt))["input_ids"]) - self.template_start
