@@ -39,7 +39,9 @@ class MergedQKVAttnProcessor:
 
     Same math as diffusers' `QwenDoubleStreamAttnProcessor2_0`; the only difference is that q, k and v of each
     stream come out of one GEMM (`attn.to_qkv`, `attn.add_qkv_proj`). `set_attention_backend` keeps working
-    because the attention call goes through diffusers' `dispatch_attention_fn`.
+    because the attention call goes through diffusers' `dispatch_attention_fn`. `__call__` follows diffusers'
+    processor line for line so the two can be diffed; that is why it is one function over 60 lines
+    (tests/test_imports.py's LONG_ON_PURPOSE).
     """
 
     _attention_backend = None
