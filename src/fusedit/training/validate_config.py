@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
+from fusedit.families import EDIT, EDIT_2509, EDIT_2511, TEXT_TO_IMAGE
 from fusedit.regular_files import not_regular_reason
 from fusedit.step.config import typed_configs
 
@@ -26,6 +27,10 @@ class ConfigError(UserInputError):
 def _number(cfg: DictConfig, key: str):
     value = OmegaConf.select(cfg, key)
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# The families training runs (fusedit.families; Qwen-Image-2.1 has the model layer only).
+TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511)
 
 
 def _check_model(path: str, problems: list[str]) -> None:
@@ -47,12 +52,17 @@ def _check_model(path: str, problems: list[str]) -> None:
             f"model.path={path} is {what}, but training needs a Qwen-Image(-Edit) pipeline folder "
             "(model_index.json with transformer/, vae/, text_encoder/, tokenizer/; processor/ for the edit models)"
         )
+    elif family not in TRAINED_FAMILIES:
+        problems.append(
+            f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains LoRAs for "
+            "Qwen-Image (text-to-image, also -2512) and Qwen-Image-Edit (-2509, -2511)"
+        )
 
 
 def _model_family(cfg: DictConfig) -> str | None:
     """The family (fusedit.families) of `model.path` from its JSON files, or None when it cannot be told (null:
     the tiny edit demo; a bad folder is reported by `_check_model`)."""
-    from fusedit.families import EDIT, folder_family
+    from fusedit.families import folder_family
 
     path = OmegaConf.select(cfg, "model.path")
     if path is None:
@@ -66,8 +76,6 @@ def _model_family(cfg: DictConfig) -> str | None:
 def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list[str]) -> None:
     """`callbacks.validation_images.samples`: each {edit_image: path or [paths], prompt, image: optional target};
     a text-to-image model's samples have no edit_image."""
-    from fusedit.families import TEXT_TO_IMAGE
-
     key = "callbacks.validation_images"
     samples = OmegaConf.select(cfg, f"{key}.samples")
     if not samples:
