@@ -39,6 +39,9 @@ class EditInputs:
     prompt_embeds: torch.Tensor  # [B, text tokens, D]
     prompt_mask: torch.Tensor | None  # [B, text tokens], None when no prompt is padded
     img_shapes: list[list[tuple[int, int, int]]]  # per sample: target then each edit image (if any), latent patches
+    # Qwen-Image-2.1 only (fusedit.step.conditioning_qwen21): [B, text tokens] bool, the Qwen3-VL image slots of the
+    # prompt. Its presence selects 2.1's layout: references first, target last, img_shapes in that order.
+    image_slots: torch.Tensor | None = None
 
     @property
     def tokens_per_sample(self) -> int:
