@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fusedit.step.build import build_transformer
-from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.conditioning_qwen21 import Qwen21Conditioner
+from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.loss import EditLoss
 from fusedit.step.objective import FlowMatchObjective
 from fusedit.step.precision import Precision
@@ -23,8 +23,12 @@ def conditioner(tiny_qwen21_path):
 def _batch(references: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     image = lambda h, w: torch.rand(1, 3, h, w, generator=generator) * 2 - 1  # noqa: E731
-    return {"image": image(64, 96), "edit_images": [image(64, 64) for _ in range(references)],
-            "prompt": ["make the cat red"], "row": torch.tensor([3])}
+    return {
+        "image": image(64, 96),
+        "edit_images": [image(64, 64) for _ in range(references)],
+        "prompt": ["make the cat red"],
+        "row": torch.tensor([3]),
+    }
 
 
 def _transformer(path, layout):
@@ -32,7 +36,7 @@ def _transformer(path, layout):
     spec = LoraSpec(rank=4, alpha=4, targets=TARGETS)
     transformer = build_transformer(path, model, spec, Precision())
     generator = torch.Generator().manual_seed(1)
-    for name, parameter in sorted(transformer.named_parameters()):
+    for _name, parameter in sorted(transformer.named_parameters(), key=lambda item: item[0]):
         if parameter.requires_grad:  # B starts at zero: random factors make every gradient non-trivial
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
     return transformer
@@ -77,10 +81,12 @@ def test_loss_reads_the_target_tokens_only(tiny_qwen21_path, conditioner):
     with torch.no_grad():
         velocity = step.predict_velocity(transformer, inputs.target, inputs, sigmas)
         full = transformer(
-            hidden_states=torch.cat([inputs.condition, inputs.target], 1), timestep=sigmas,
-            encoder_hidden_states=inputs.prompt_embeds, img_shapes=inputs.img_shapes,
+            hidden_states=torch.cat([inputs.condition, inputs.target], 1),
+            timestep=sigmas,
+            encoder_hidden_states=inputs.prompt_embeds,
+            img_shapes=inputs.img_shapes,
             img_mask=torch.cat([inputs.image_slots, inputs.image_slots.new_ones(1, inputs.target.shape[1] // 4)], 1),
             return_dict=False,
         )[0]
     assert velocity.shape == inputs.target.shape
-    torch.testing.assert_close(velocity, full[:, -inputs.target.shape[1]:])
+    torch.testing.assert_close(velocity, full[:, -inputs.target.shape[1] :])
