@@ -4,6 +4,7 @@ A plan is five switches, each a config key `train.py` already has:
 
     checkpoint_every  model.activation_checkpointing    0 (off), 3, 2, 1: recompute every k-th block
     fp8               precision=fp8 vs precision=bf16    frozen base in float8_e4m3fn (half the weight bytes)
+                      (precision=fp32, `fp32`, is predicted when a config asks for it; trainer=auto never picks it)
     cache             cache.enabled                      encode-then-train: encoders never share the GPU with a step
     optim             optim=adamw8bit vs optim=adamw     8-bit optimizer moments
     resident_blocks   model.resident_blocks              null, or N: stream the other blocks from host memory
@@ -35,9 +36,15 @@ class TrainPlan:
     optim: str = "adamw"
     resident_blocks: int | None = None
     encode_on_cpu: bool = False  # cache plans whose encoders alone do not fit the card encode on the CPU (one pass)
+    fp32: bool = False  # precision=fp32: fp32 base, encoders and activations, no autocast
+
+    @property
+    def precision(self) -> str:
+        """The conf/precision preset of this plan."""
+        return "fp8" if self.fp8 else "fp32" if self.fp32 else "bf16"
 
     def describe(self) -> str:
-        parts = ["fp8 storage" if self.fp8 else "bf16"]
+        parts = ["fp8 storage" if self.fp8 else "fp32" if self.fp32 else "bf16"]
         parts.append(
             "no activation checkpointing"
             if not self.checkpoint_every
@@ -57,7 +64,7 @@ class TrainPlan:
     def overrides(self) -> list[str]:
         """The train.py overrides that set this plan."""
         return [
-            f"precision={'fp8' if self.fp8 else 'bf16'}",
+            f"precision={self.precision}",
             f"model.activation_checkpointing={self.checkpoint_every}",
             f"cache.enabled={str(self.cache).lower()}",
             f"optim={self.optim}",
@@ -127,6 +134,7 @@ def evaluate(plan: TrainPlan, facts: ModelFacts, estimates: Estimates, gpu_gb: f
         cache=plan.cache,
         optim=plan.optim,
         resident_blocks=plan.resident_blocks,
+        fp32=plan.fp32,
     )
     return Choice(plan, prediction, gpu_gb, fits(prediction, gpu_gb), 0)
 

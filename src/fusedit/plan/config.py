@@ -32,6 +32,7 @@ def config_plan(cfg: DictConfig) -> TrainPlan:
     return TrainPlan(
         checkpoint_every=int(cfg.model.get("activation_checkpointing") or 0),
         fp8=precision.get("fp8", "none") != "none",
+        fp32=precision.get("fp8", "none") == "none" and precision.get("base_dtype") == "float32",
         cache=bool(cfg.get("cache") and cfg.cache.get("enabled")),
         optim=str(cfg.optim.get("name", "adamw")),
         resident_blocks=cfg.model.get("resident_blocks"),
@@ -79,8 +80,8 @@ def config_facts(cfg: DictConfig, size: str | None = None, estimates: Estimates 
 def apply_plan(cfg: DictConfig, plan: TrainPlan) -> None:
     """Write `plan`'s switches into `cfg` (the precision and optim groups' YAML files, as `precision=fp8` would)."""
     with open_dict(cfg):
-        # The precision=fp8 / precision=bf16 presets (fusedit.step.precision.PRESETS, equal to conf/precision/).
-        preset = PRESETS["fp8" if plan.fp8 else "bf16"]
+        # The precision=fp8 / bf16 / fp32 presets (fusedit.step.precision.PRESETS, equal to conf/precision/).
+        preset = PRESETS[plan.precision]
         cfg.precision = OmegaConf.create(
             {"_target_": f"{Precision.__module__}.Precision", **dataclasses.asdict(preset)}
         )
