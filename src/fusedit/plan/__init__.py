@@ -15,8 +15,23 @@ from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate, pla
 from fusedit.plan.predict import Estimates, ModelFacts, Prediction, model_facts, predict
 
 # Host->GPU copy throughput of pinned memory over a x16 link (GB/s, practical, ~80 % of the link's 32 / 64 GB/s),
-# for the transfer floor of a streaming plan. Assumed, not measured here.
+# for the transfer floor of a streaming plan: PCIe 4.0 x16 (RTX 4090, A100 PCIe), PCIe 5.0 x16 (H100 / H200 PCIe).
+# Assumed, not measured here; `--pcie-gbps` takes a name or a number.
 PCIE_GBPS = {"pcie4_x16": 25.0, "pcie5_x16": 50.0}
+DEFAULT_PCIE_GBPS = PCIE_GBPS["pcie4_x16"]
+
+
+def parse_bandwidth(text: str) -> float:
+    """A `--pcie-gbps` value: a link name of PCIE_GBPS or a positive number of GB/s."""
+    if text in PCIE_GBPS:
+        return PCIE_GBPS[text]
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected GB/s > 0 or one of {', '.join(PCIE_GBPS)}, got {text!r}")
+    return value
 
 
 _CARDS = ("H100", "A100", "RTX 4090", "L40S")
@@ -40,8 +55,9 @@ def compose_plan_config(overrides: list[str], size: str | None):
     return cfg
 
 
-def plan_report(cfg, size: str | None, gpu_gb: float | None) -> dict:
-    """The `fusedit plan` JSON: the chosen plan (trainer=auto) or the config's own, predicted for `gpu_gb`."""
+def plan_report(cfg, size: str | None, gpu_gb: float | None, pcie_gbps: float = DEFAULT_PCIE_GBPS) -> dict:
+    """The `fusedit plan` JSON: the chosen plan (trainer=auto) or the config's own, predicted for `gpu_gb`; the
+    transfer floor at `pcie_gbps` GB/s host->GPU."""
     from fusedit.errors import UserInputError
     from fusedit.plan.config import config_facts, config_plan, detected_gpu_gb
 
@@ -61,7 +77,8 @@ def plan_report(cfg, size: str | None, gpu_gb: float | None) -> dict:
         "auto": auto,
         # Step-time floors: the transfer of the streamed blocks (overlapped with compute at best) and the compute at
         # the dense bf16 peak (checkpoint recomputation not counted, the MFU convention), per card.
-        "host_to_gpu_floor_s": {link: round(moved / gbps, 3) for link, gbps in PCIE_GBPS.items()},
+        "pcie_gbps": pcie_gbps,
+        "host_to_gpu_floor_s": round(moved / pcie_gbps, 3),
         "step_tflop": round(step_tflop, 1),
         "compute_floor_s": {name: round(step_tflop / peak, 3) for name, peak in PEAK_BF16_TFLOPS if name in _CARDS},
         "shape": facts.shape.to_dict(),
@@ -78,15 +95,15 @@ def run_plan(args: argparse.Namespace) -> int:
     from fusedit.io import write_json_atomic
 
     cfg = compose_plan_config(args.overrides, args.size)
-    report = plan_report(cfg, args.size, args.gpu_gb)
+    report = plan_report(cfg, args.size, args.gpu_gb, args.pcie_gbps)
     parts = ", ".join(f"{name} {value:.2f}" for name, value in report["parts_gb"].items())
     print(
         f"plan: {report['plan_description']}\n"
         f"  predicted peak GPU memory {report['predicted_peak_gpu_gb']:.2f} GB ({parts}) of {report['gpu_gb']:.1f} GB"
         f" (budget {report['budget_gb']:.1f} GB): {'fits' if report['fits'] else 'does NOT fit'}\n"
         f"  host (pinned) memory {report['predicted_host_gb']:.2f} GB, host->GPU "
-        f"{report['host_to_gpu_gb_per_step']:.2f} GB per step (floor {report['host_to_gpu_floor_s']['pcie4_x16']:.2f} s"
-        f" at PCIe 4.0 x16; compute floor {report['compute_floor_s']})\n"
+        f"{report['host_to_gpu_gb_per_step']:.2f} GB per step (transfer floor {report['host_to_gpu_floor_s']:.2f} s"
+        f" at {report['pcie_gbps']:g} GB/s; compute floor {report['compute_floor_s']})\n"
         f"  overrides: {' '.join(report['plan_overrides'])}"
         + (f"\n  fits with: {' '.join(report['fits_with'])}" if report.get("fits_with") else "")
     )
@@ -112,6 +129,13 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument(
         "--gpu-gb", type=float, default=None, help="plan for a card of this many GB (default: detected)"
+    )
+    parser.add_argument(
+        "--pcie-gbps",
+        type=parse_bandwidth,
+        default=DEFAULT_PCIE_GBPS,
+        help="host->GPU GB/s for the transfer floor of a streaming plan: a number or pcie4_x16 (25, the default: "
+        "RTX 4090, A100 PCIe) / pcie5_x16 (50: H100/H200 PCIe); practical pinned-copy rates, assumed",
     )
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     parser.set_defaults(func=run_plan)
