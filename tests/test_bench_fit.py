@@ -27,3 +27,18 @@ def test_every_trainer_profile_names_its_card():
 
     gpu_profiles = {p.stem for p in (CONF_DIR / "trainer").glob("*.yaml")} - {"auto", "cpu", "ddp", "fsdp"}
     assert gpu_profiles == set(fit.CARDS)
+
+
+def test_the_encoders_a_live_encoder_profile_allocates_are_the_ones_it_predicts():
+    import torch
+
+    from fusedit.plan.predict import encoder_counts
+
+    text_encoder, vae = fit.encoder_modules("tiny", torch.bfloat16)
+    total, vae_count, leaf = encoder_counts(text_encoder, vae)
+    assert total == sum(p.numel() for module in (text_encoder, vae) for p in module.parameters())
+    # At this size the vision patch embedding (3 x 2 x 14 x 14 -> 32) outgrows the token embedding (1024 x 32);
+    # at the full size the token embedding is the largest (tests/test_plan.py).
+    assert leaf == 3 * 2 * 14 * 14 * 32 > 1024 * 32
+    allocated = [module.to_empty(device="cpu") for module in (text_encoder, vae)]
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for m in allocated for p in m.parameters())

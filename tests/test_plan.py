@@ -16,6 +16,7 @@ from fusedit.bench.shapes import SHAPES
 from fusedit.bench.variants import Variant
 from fusedit.errors import UserInputError
 from fusedit.plan import TrainPlan, choose, plan_report
+from fusedit.plan.choose import encode_phase
 from fusedit.plan.predict import (
     _BENCH_LORA_STEP_BYTES,
     RUN_DTYPES,
@@ -98,8 +99,8 @@ def test_auto_picks_the_expected_plan_per_card_at_the_full_shape(full_estimates)
     expected = {
         80: TrainPlan(checkpoint_every=1),
         24: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=41),
-        16: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=20, encode_on_cpu=True),
-        12: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=10, encode_on_cpu=True),
+        16: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=20, encode="offload"),
+        12: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=10, encode="offload"),
     }
     for gpu_gb, plan in expected.items():
         choice = choose(facts, full_estimates, gpu_gb, eight_bit=True)
@@ -110,12 +111,35 @@ def test_auto_picks_the_expected_plan_per_card_at_the_full_shape(full_estimates)
     assert streamed.moved_gb_per_step == pytest.approx(2 * streamed.host_gb)
 
 
+def test_the_encoding_pass_of_encode_then_train_fits_too_at_the_full_shape(full_estimates, monkeypatch):
+    """Qwen2.5-VL-7B alone (16.6 GB bf16) fits 24 GB but not 16 or 12: there the cache is filled with the text
+    encoder's layers streamed from host memory; a config that would encode on the GPU anyway is refused."""
+    facts = model_facts(SHAPES["full"], "merged_qkv", estimates=full_estimates)
+    assert facts.encoder_largest_leaf == 152064 * 3584 and 0.1e9 < facts.vae_parameters < 0.2e9
+    for gpu_gb, mode in {24: "gpu", 16: "offload", 12: "offload"}.items():
+        encode = choose(facts, full_estimates, gpu_gb, eight_bit=True).encode
+        assert encode.mode == mode and encode.fits and encode.peak_gpu_gb <= 0.875 * gpu_gb, (gpu_gb, encode)
+    on_gpu, offload, cpu = (encode_phase(facts, mode, 12) for mode in ("gpu", "offload", "cpu"))
+    assert not on_gpu.fits and on_gpu.peak_gpu_gb > 16.5
+    text_gb = (facts.encoder_parameters - facts.vae_parameters) * 2 / 1e9
+    assert offload.peak_gpu_gb < 2.5 and offload.host_to_gpu_gb_per_row == pytest.approx(text_gb)
+    assert offload.s_per_row == pytest.approx(text_gb / 25)  # PCIe 4.0 x16's practical 25 GB/s
+    assert cpu.peak_gpu_gb == 0 and cpu.s_per_row > offload.s_per_row
+    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    report = plan_report(full_cfg(["trainer=12gb", "cache.offload=false"]), "full", 12)
+    assert not report["fits"] and report["predicted_peak_gpu_gb"] <= 10.5  # the step fits, the encoding does not
+    assert report["encode_phase"]["mode"] == "gpu" and report["encode_phase"]["predicted_peak_gpu_gb"] > 16.5
+    assert "cache.offload=true" in report["fits_with"]
+
+
 @pytest.mark.parametrize("profile", list(PROFILE_TARGETS))
 def test_each_gpu_profile_fits_its_card_at_the_full_shape(profile, full_estimates, monkeypatch):
     monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
     gpu_gb, target = PROFILE_TARGETS[profile]
     report = plan_report(full_cfg([f"trainer={profile}"]), "full", gpu_gb)
     assert report["fits"] and report["predicted_peak_gpu_gb"] <= target, report
+    encode = report["encode_phase"]
+    assert encode is None or (encode["fits"] and encode["predicted_peak_gpu_gb"] <= target), encode
     assert report["shape"]["num_layers"] == 60 and report["shape"]["image_tokens"] == 8192
 
 

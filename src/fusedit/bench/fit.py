@@ -108,7 +108,7 @@ def _plan_and_prediction(cfg, size: str, card_gb: float, estimates):
     from fusedit.bench.shapes import SHAPES
     from fusedit.plan.choose import evaluate
     from fusedit.plan.config import _targets, config_plan
-    from fusedit.plan.predict import ModelFacts, training_shape, transformer_facts
+    from fusedit.plan.predict import ModelFacts, encoder_counts, training_shape, transformer_facts
 
     base = SHAPES[size]
     shape = training_shape(
@@ -120,8 +120,8 @@ def _plan_and_prediction(cfg, size: str, card_gb: float, estimates):
         plan = dataclasses.replace(plan, resident_blocks=shape.num_layers - 1)
         model_config.resident_blocks = plan.resident_blocks
     block_bytes, other_bytes, lora = transformer_facts(shape, model_config.layout)
-    encoders = sum(p.numel() for module in encoder_modules(size, torch.bfloat16) for p in module.parameters())
-    facts = ModelFacts(shape, model_config.layout, block_bytes, other_bytes, lora, encoders)
+    counts = encoder_counts(*encoder_modules(size, torch.bfloat16))
+    facts = ModelFacts(shape, model_config.layout, block_bytes, other_bytes, lora, *counts)
     return plan, model_config, facts, evaluate(plan, facts, estimates, card_gb)
 
 

@@ -12,13 +12,7 @@ import os
 from pathlib import Path
 
 from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate, plan_order
-from fusedit.plan.predict import Estimates, ModelFacts, Prediction, model_facts, predict
-
-# Host->GPU copy throughput of pinned memory over a x16 link (GB/s, practical, ~80 % of the link's 32 / 64 GB/s),
-# for the transfer floor of a streaming plan: PCIe 4.0 x16 (RTX 4090, A100 PCIe), PCIe 5.0 x16 (H100 / H200 PCIe).
-# Assumed, not measured here; `--pcie-gbps` takes a name or a number.
-PCIE_GBPS = {"pcie4_x16": 25.0, "pcie5_x16": 50.0}
-DEFAULT_PCIE_GBPS = PCIE_GBPS["pcie4_x16"]
+from fusedit.plan.predict import DEFAULT_PCIE_GBPS, PCIE_GBPS, Estimates, ModelFacts, Prediction, model_facts, predict
 
 
 def parse_bandwidth(text: str) -> float:
@@ -67,7 +61,11 @@ def plan_report(cfg, size: str | None, gpu_gb: float | None, pcie_gbps: float = 
     estimates = Estimates(cfg.plan.get("estimates") if cfg.get("plan") else None)
     facts = config_facts(cfg, size=size, estimates=estimates)
     auto = bool(cfg.get("plan", {}).get("auto", False))
-    choice = choose(facts, estimates, gpu_gb) if auto else evaluate(config_plan(cfg), facts, estimates, gpu_gb)
+    choice = (
+        choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
+        if auto
+        else evaluate(config_plan(cfg), facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
+    )
     from fusedit.bench.flops import PEAK_BF16_TFLOPS, step_flops
 
     moved = choice.prediction.moved_gb_per_step

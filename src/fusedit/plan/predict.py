@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 GB = 1e9
 IN_FLIGHT_BLOCKS = 3  # streamed blocks on the GPU at once (see the module docstring)
+# Host->GPU copy throughput of pinned memory over a x16 link (GB/s, practical, ~80 % of the link's 32 / 64 GB/s),
+# for the transfer floor of a streaming plan or an offloaded encoder: PCIe 4.0 x16 (RTX 4090, A100 PCIe), PCIe 5.0
+# x16 (H100 / H200 PCIe). Assumed, not measured here; `--pcie-gbps` takes a name or a number.
+PCIE_GBPS = {"pcie4_x16": 25.0, "pcie5_x16": 50.0}
+DEFAULT_PCIE_GBPS = PCIE_GBPS["pcie4_x16"]
 # The dtypes a plan runs its frozen base in (precision=bf16 / fp8 share bf16; fp8 storage is its own byte count).
 RUN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Per LoRA parameter: fp32 weight, fp32 gradient, and under bf16 autocast its bf16 copy during the step.
@@ -68,7 +73,9 @@ class ModelFacts:
 
     Bytes are of the frozen transformer by storage ("bf16", "fp32" or "fp8"): `block_bytes` per transformer block,
     `other_bytes` for the rest (embeddings, norm_out, proj_out). `lora_parameters`: trainable count at the run's
-    rank and targets. `encoder_parameters`: text encoder + VAE parameter count.
+    rank and targets. `encoder_parameters`: text encoder + VAE parameter count; `vae_parameters` the VAE's part;
+    `encoder_largest_leaf`: parameters of the text encoder's largest leaf module (what its layer-by-layer offload
+    holds on the GPU at once, fusedit.plan.choose.encode_phase).
     """
 
     shape: BenchShape
@@ -77,6 +84,8 @@ class ModelFacts:
     other_bytes: dict[str, int]
     lora_parameters: int
     encoder_parameters: int
+    vae_parameters: int = 0
+    encoder_largest_leaf: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -172,9 +181,10 @@ QWEN25_VL_7B = {
 
 
 @functools.lru_cache(maxsize=1)
-def full_encoder_parameters() -> int:
-    """Parameters of Qwen2.5-VL-7B + Qwen-Image's VAE (diffusers' default AutoencoderKLQwenImage config), built on
-    the meta device: 8.29 B + 0.13 B."""
+def full_encoder_counts() -> list[int]:
+    """[all, VAE, largest text-encoder leaf] parameters of Qwen2.5-VL-7B + Qwen-Image's VAE (diffusers' default
+    AutoencoderKLQwenImage config), built on the meta device: 8.29 B + 0.13 B; the largest leaf is the token
+    embedding (152064 x 3584)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLQwenImage
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -182,13 +192,22 @@ def full_encoder_parameters() -> int:
     with init_empty_weights():
         text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B))
         vae = AutoencoderKLQwenImage()
-    return sum(p.numel() for module in (text_encoder, vae) for p in module.parameters())
+    return encoder_counts(text_encoder, vae)
 
 
-def _header_parameters(directory: Path) -> int:
+def encoder_counts(text_encoder: torch.nn.Module, vae: torch.nn.Module) -> list[int]:
+    """[all, VAE, largest text-encoder leaf module] parameter counts (ModelFacts' encoder fields)."""
+    vae_count = sum(p.numel() for p in vae.parameters())
+    leaves = (module for module in text_encoder.modules() if not any(True for _ in module.children()))
+    largest = max(sum(p.numel() for p in leaf.parameters(recurse=False)) for leaf in leaves)
+    return [sum(p.numel() for p in text_encoder.parameters()) + vae_count, vae_count, largest]
+
+
+def _header_counts(directory: Path) -> tuple[int, int]:
+    """(parameters, largest tensor) of the safetensors files in `directory`, from their headers."""
     from fusedit.io import read_safetensors_header
 
-    total = 0
+    total = largest = 0
     for file in sorted(directory.glob("*.safetensors")):
         header, _ = read_safetensors_header(file)
         for spec in header.values():
@@ -196,7 +215,8 @@ def _header_parameters(directory: Path) -> int:
             for size in spec["shape"]:
                 count *= size
             total += count
-    return total
+            largest = max(largest, count)
+    return total, largest
 
 
 def pipeline_shape(model_path: str | os.PathLike, base: BenchShape) -> BenchShape:
@@ -219,11 +239,12 @@ def model_facts(
     encoders built on the meta device when `model_path` is None (kept in `estimates`, a ~30 s build)."""
     block_bytes, other_bytes, lora = transformer_facts(shape, layout)
     if model_path is None:
-        key = json.dumps([_ESTIMATE_VERSION, "full encoder parameters", QWEN25_VL_7B], sort_keys=True)
-        encoders = int(estimates.get(key, full_encoder_parameters) if estimates else full_encoder_parameters())
+        key = json.dumps([_ESTIMATE_VERSION, "full encoder counts", QWEN25_VL_7B], sort_keys=True)
+        encoders, vae, leaf = estimates.get(key, full_encoder_counts) if estimates else full_encoder_counts()
     else:
-        encoders = sum(_header_parameters(Path(model_path) / part) for part in ("text_encoder", "vae"))
-    return ModelFacts(shape, layout, block_bytes, other_bytes, lora, encoders)
+        (text, leaf), (vae, _) = (_header_counts(Path(model_path) / part) for part in ("text_encoder", "vae"))
+        encoders = text + vae
+    return ModelFacts(shape, layout, block_bytes, other_bytes, lora, int(encoders), int(vae), int(leaf))
 
 
 # ---------------------------------------------------------------------------------------------------- activations
