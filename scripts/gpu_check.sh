@@ -12,7 +12,7 @@
 #
 # Time: the whole script ends inside GPU_CHECK_SECONDS (default 540, i.e. a 10-minute command limit less a minute
 # for installing the wheels): the tests get at most 120 s, the fit check at most GPU_FIT_SECONDS (default 300; its
-# --time-budget ends 20 s early and it starts no profile expected to end past it), the bench the rest (when at
+# --time-budget ends 30 s early and it starts no profile expected to end past it), the bench the rest (when at
 # least 100 s are left), as a --time-budget that ends a minute early with a hard `timeout` behind it.
 # GPU_FIT=0 skips the fit check; GPU_FIT_ARGS adds arguments to it (e.g. "--profiles 12gb,16gb --pcie-gbps 50").
 #
@@ -123,7 +123,7 @@ if [ "${GPU_FIT:-1}" != 0 ]; then
   fit_seconds=${GPU_FIT_SECONDS:-300}
   ((fit_seconds > total - SECONDS - 30)) && fit_seconds=$((total - SECONDS - 30))
   # shellcheck disable=SC2206  # GPU_FIT_ARGS is a list of words on purpose
-  fit=(-m fusedit.bench.fit --time-budget $((fit_seconds - 20)) --json "$out/gpu-fit.json" --markdown "$out/gpu-fit.md"
+  fit=(-m fusedit.bench.fit --time-budget $((fit_seconds - 30)) --json "$out/gpu-fit.json" --markdown "$out/gpu-fit.md"
     ${GPU_FIT_ARGS:-})
   say "== fit check (hard stop after ${fit_seconds} s): $py ${fit[*]}"
   run_logged "$fit_seconds" "$out/gpu-fit.log" "$py" "${fit[@]}"

@@ -143,6 +143,16 @@ def test_each_gpu_profile_fits_its_card_at_the_full_shape(profile, full_estimate
     assert report["shape"]["num_layers"] == 60 and report["shape"]["image_tokens"] == 8192
 
 
+def test_the_docs_profile_table_is_the_planners(full_estimates):
+    from pathlib import Path
+
+    from fusedit.plan.table import profiles_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    table = profiles_table(full_estimates)
+    assert table in doc, "docs/performance.md's profile table is stale: paste `python -m fusedit.plan.table`:\n" + table
+
+
 def test_a_profile_predicted_not_to_fit_names_the_figure_and_the_fix(full_estimates, monkeypatch):
     monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
     report = plan_report(full_cfg(["trainer=a100", "model.activation_checkpointing=0"]), "full", 80)

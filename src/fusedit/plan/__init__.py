@@ -49,16 +49,23 @@ def compose_plan_config(overrides: list[str], size: str | None):
     return cfg
 
 
-def plan_report(cfg, size: str | None, gpu_gb: float | None, pcie_gbps: float = DEFAULT_PCIE_GBPS) -> dict:
+def plan_report(
+    cfg,
+    size: str | None,
+    gpu_gb: float | None,
+    pcie_gbps: float = DEFAULT_PCIE_GBPS,
+    estimates: Estimates | None = None,
+) -> dict:
     """The `fusedit plan` JSON: the chosen plan (trainer=auto) or the config's own, predicted for `gpu_gb`; the
-    transfer floor at `pcie_gbps` GB/s host->GPU."""
+    transfer floor at `pcie_gbps` GB/s host->GPU. `estimates`: default the config's `plan.estimates` file."""
     from fusedit.errors import UserInputError
     from fusedit.plan.config import config_facts, config_plan, detected_gpu_gb
 
     gpu_gb = gpu_gb or cfg.get("plan", {}).get("gpu_gb") or detected_gpu_gb()
     if gpu_gb is None:
         raise UserInputError("no CUDA GPU detected: pass --gpu-gb N to plan for a card of N GB")
-    estimates = Estimates(cfg.plan.get("estimates") if cfg.get("plan") else None)
+    if estimates is None:
+        estimates = Estimates(cfg.plan.get("estimates") if cfg.get("plan") else None)
     facts = config_facts(cfg, size=size, estimates=estimates)
     auto = bool(cfg.get("plan", {}).get("auto", False))
     choice = (
