@@ -6,7 +6,7 @@ compares them).
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 from fusedit.plan.predict import DEFAULT_PCIE_GBPS, Estimates
 
@@ -39,5 +39,11 @@ def profiles_table(estimates: Estimates, pcie_gbps: float = DEFAULT_PCIE_GBPS) -
     return "\n".join(lines) + "\n"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fusedit.plan.table", description=__doc__.splitlines()[0])
+    parser.add_argument("estimates", nargs="?", default=None, help="the planner's estimate cache (JSON) to reuse")
+    return parser
+
+
 if __name__ == "__main__":
-    print(profiles_table(Estimates(sys.argv[1] if len(sys.argv) > 1 else None)), end="")
+    print(profiles_table(Estimates(build_parser().parse_args().estimates)), end="")
