@@ -81,7 +81,7 @@ def test_an_fp32_run_is_predicted_in_fp32():
 
 
 def test_a_precision_fp32_config_is_planned_as_fp32(full_estimates, monkeypatch):
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     bf16 = plan_report(full_cfg(["trainer=a100"]), "full", 80)
     fp32 = plan_report(full_cfg(["trainer=a100", "precision=fp32"]), "full", 80)
     assert fp32["plan"]["fp32"] and "precision=fp32" in fp32["plan_overrides"] and not fp32["fits"]
@@ -125,7 +125,7 @@ def test_the_encoding_pass_of_encode_then_train_fits_too_at_the_full_shape(full_
     assert offload.peak_gpu_gb < 2.5 and offload.host_to_gpu_gb_per_row == pytest.approx(text_gb)
     assert offload.s_per_row == pytest.approx(text_gb / 25)  # PCIe 4.0 x16's practical 25 GB/s
     assert cpu.peak_gpu_gb == 0 and cpu.s_per_row > offload.s_per_row
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     report = plan_report(full_cfg(["trainer=12gb", "cache.offload=false"]), "full", 12)
     assert not report["fits"] and report["predicted_peak_gpu_gb"] <= 10.5  # the step fits, the encoding does not
     assert report["encode_phase"]["mode"] == "gpu" and report["encode_phase"]["predicted_peak_gpu_gb"] > 16.5
@@ -134,7 +134,7 @@ def test_the_encoding_pass_of_encode_then_train_fits_too_at_the_full_shape(full_
 
 @pytest.mark.parametrize("profile", list(PROFILE_TARGETS))
 def test_each_gpu_profile_fits_its_card_at_the_full_shape(profile, full_estimates, monkeypatch):
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     gpu_gb, target = PROFILE_TARGETS[profile]
     report = plan_report(full_cfg([f"trainer={profile}"]), "full", gpu_gb)
     assert report["fits"] and report["predicted_peak_gpu_gb"] <= target, report
@@ -154,7 +154,7 @@ def test_the_docs_profile_table_is_the_planners(full_estimates):
 
 
 def test_a_profile_predicted_not_to_fit_names_the_figure_and_the_fix(full_estimates, monkeypatch):
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     report = plan_report(full_cfg(["trainer=a100", "model.activation_checkpointing=0"]), "full", 80)
     assert not report["fits"] and report["predicted_peak_gpu_gb"] > 100
     assert "model.activation_checkpointing=1" in report["fits_with"]

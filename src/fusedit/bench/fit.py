@@ -87,12 +87,12 @@ def encoder_modules(size: str, dtype):
 def profile_config(profile: str, eight_bit: bool) -> tuple:
     """(the composed train.py config of `trainer=<profile>`, notes); optim=adamw when the profile asks for
     adamw8bit and bitsandbytes is missing (said in the notes, and predicted as adamw)."""
-    from fusedit.plan import compose_plan_config
+    from fusedit.train_config import compose_train_config
 
     overrides = [f"trainer={profile}"]
-    cfg = compose_plan_config(overrides, "full")
+    cfg = compose_train_config(overrides, fill_demo=False)
     if cfg.optim.name == "adamw8bit" and not eight_bit:
-        cfg = compose_plan_config([*overrides, "optim=adamw"], "full")
+        cfg = compose_train_config([*overrides, "optim=adamw"], fill_demo=False)
         return cfg, ["bitsandbytes missing: optim=adamw instead of the profile's adamw8bit (predicted as adamw)"]
     return cfg, []
 
@@ -349,7 +349,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fusedit.plan import DEFAULT_PCIE_GBPS, parse_bandwidth
+    from fusedit.plan.predict import DEFAULT_PCIE_GBPS, parse_bandwidth
 
     parser = argparse.ArgumentParser(
         prog="python -m fusedit.bench.fit",

@@ -53,6 +53,23 @@ IN_FLIGHT_BLOCKS = 3  # streamed blocks on the GPU at once (see the module docst
 # x16 (H100 / H200 PCIe). Assumed, not measured here; `--pcie-gbps` takes a name or a number.
 PCIE_GBPS = {"pcie4_x16": 25.0, "pcie5_x16": 50.0}
 DEFAULT_PCIE_GBPS = PCIE_GBPS["pcie4_x16"]
+
+
+def parse_bandwidth(text: str) -> float:
+    """A `--pcie-gbps` value (an argparse type): a link name of PCIE_GBPS or a positive number of GB/s."""
+    import argparse
+
+    if text in PCIE_GBPS:
+        return PCIE_GBPS[text]
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected GB/s > 0 or one of {', '.join(PCIE_GBPS)}, got {text!r}")
+    return value
+
+
 # The dtypes a plan runs its frozen base in (precision=bf16 / fp8 share bf16; fp8 storage is its own byte count).
 RUN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Per LoRA parameter: fp32 weight, fp32 gradient, and under bf16 autocast its bf16 copy during the step.

@@ -16,7 +16,8 @@ PROFILE_CARDS = {"a100": 80, "h100": 80, "rtx4090": 24, "16gb": 16, "12gb": 12}
 
 def profiles_table(estimates: Estimates, pcie_gbps: float = DEFAULT_PCIE_GBPS) -> str:
     """Markdown: each GPU profile's plan predicted at the full shape on its card (fusedit.plan.plan_report)."""
-    from fusedit.plan import compose_plan_config, plan_report
+    from fusedit.plan.report import plan_report
+    from fusedit.train_config import compose_train_config
 
     lines = [
         "| profile | card GB | plan | predicted peak GB (transformer + lora + activations + encoders) | host GB | "
@@ -24,7 +25,8 @@ def profiles_table(estimates: Estimates, pcie_gbps: float = DEFAULT_PCIE_GBPS) -
         "|---|---|---|---|---|---|---|---|",
     ]
     for profile, card_gb in PROFILE_CARDS.items():
-        report = plan_report(compose_plan_config([f"trainer={profile}"], "full"), "full", card_gb, pcie_gbps, estimates)
+        cfg = compose_train_config([f"trainer={profile}"], fill_demo=False)
+        report = plan_report(cfg, "full", card_gb, pcie_gbps, estimates)
         parts = " + ".join(f"{value:.2f}" for value in report["parts_gb"].values())
         encode = report["encode_phase"]
         encoding = (
