@@ -125,43 +125,25 @@ def _plan_and_prediction(cfg, size: str, card_gb: float, estimates):
     return plan, model_config, facts, evaluate(plan, facts, estimates, card_gb)
 
 
-def run_profile(profile: str, size: str, warmup: int, steps: int, estimates_path: str | None, seed: int = 0) -> dict:
-    """Build and step `profile`'s plan in this process (module docstring); the result record of one profile."""
+def _trainer_step(cfg, model_config, facts, encoders_on_gpu: bool, size: str, device, seed: int):
+    """(one trainer step as a function, the model, what else it keeps on the device): the model built as train.py
+    builds it on a random base, the profile's optimizer, synthetic inputs, and the encoders' weights when the plan
+    keeps them on the GPU (allocated, not run)."""
     import torch
     from hydra.utils import instantiate
 
-    from fusedit.bench.flops import step_flops
-    from fusedit.bench.measure import summarize, time_steps
     from fusedit.bench.shapes import build_random_transformer, make_inputs
     from fusedit.devices import to_dtype
-    from fusedit.model.streaming import block_streamer
-    from fusedit.optim import bitsandbytes_available
-    from fusedit.plan.predict import Estimates
     from fusedit.step.build import build_transformer
     from fusedit.step.loss import EditLoss
 
-    card_gb, cap_gb = CARDS[profile]
-    cfg, notes = profile_config(profile, bitsandbytes_available())
-    estimates = Estimates(estimates_path)
-    plan, model_config, facts, choice = _plan_and_prediction(cfg, size, card_gb, estimates)
-    record = {"profile": profile, "card_gb": card_gb, "cap_gb": cap_gb, "plan": plan.to_dict(),
-              "plan_description": plan.describe(), "predicted": choice.to_dict(), "notes": notes,
-              "shape": facts.shape.to_dict(), "step_tflop": step_flops(facts.shape, facts.layout)["step"] / 1e12,
-              # unrounded, to set beside the streamer's count
-              "predicted_moved_gb_per_step": choice.prediction.moved_gb_per_step}  # fmt: skip
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = instantiate(cfg.precision)
-    lora_spec = instantiate(cfg.lora)
-    base = build_random_transformer(facts.shape, device, to_dtype(precision.base_dtype), seed)
-    model = build_transformer(base, model_config, lora_spec, precision, device)
-    del base
-    encoders = []
-    if not plan.cache:
-        encoders = [module.to_empty(device=device) for module in encoder_modules(size, to_dtype(precision.base_dtype))]
-        record["notes"].append("text encoder + VAE weights allocated on the GPU (not run)")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optim.optimizer)(params=trainable)
-    inputs = make_inputs(facts.shape, device, to_dtype(precision.base_dtype), seed)
+    base_dtype = to_dtype(precision.base_dtype)
+    base = build_random_transformer(facts.shape, device, base_dtype, seed)
+    model = build_transformer(base, model_config, instantiate(cfg.lora), precision, device)
+    encoders = [m.to_empty(device=device) for m in encoder_modules(size, base_dtype)] if encoders_on_gpu else []
+    optimizer = instantiate(cfg.optim.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
+    inputs = make_inputs(facts.shape, device, base_dtype, seed)
     edit_loss = EditLoss(instantiate(cfg.objective), model_config.attention)
 
     def step() -> torch.Tensor:
@@ -172,34 +154,63 @@ def run_profile(profile: str, size: str, warmup: int, steps: int, estimates_path
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return step, model, (encoders, optimizer, inputs)
+
+
+def _measure(step, model, device, cap_gb: float | None, warmup: int, steps: int, predicted_gb: float) -> dict:
+    """Cap the device at `cap_gb`, run the steps; step times, streamed bytes and (CUDA) peak memory."""
+    import torch
+
+    from fusedit.bench.measure import summarize, time_steps
+    from fusedit.model.streaming import block_streamer
+
+    measured = {}
     if device.type == "cuda":
         torch.cuda.empty_cache()
         if cap_gb is not None:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total), device)
         torch.cuda.reset_peak_memory_stats(device)
-        record["resident_before_steps_gb"] = torch.cuda.memory_allocated(device) / 1e9
+        measured["resident_before_steps_gb"] = torch.cuda.memory_allocated(device) / 1e9
     streamer = block_streamer(model)
     moved_before = streamer.bytes_moved if streamer else 0
-    started = time.perf_counter()
     times, loss = time_steps(step, device, warmup, steps)
-    record["steps_s"] = time.perf_counter() - started
-    record["measured"] = {
-        **summarize(times),
-        "times_s": times,
-        "loss": float(loss),
-        "host_to_gpu_gb_per_step": ((streamer.bytes_moved - moved_before) / (warmup + steps) / 1e9)
-        if streamer
-        else 0.0,
-    }
+    moved = (streamer.bytes_moved - moved_before) if streamer else 0
+    measured.update(summarize(times), times_s=times, loss=float(loss))
+    measured["host_to_gpu_gb_per_step"] = moved / (warmup + steps) / 1e9
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 1e9
-        record["measured"].update(
+        measured.update(
             peak_allocated_gb=peak,
             peak_reserved_gb=torch.cuda.max_memory_reserved(device) / 1e9,
-            measured_over_predicted=peak / choice.prediction.peak_gpu_gb,
+            measured_over_predicted=peak / predicted_gb,
         )
-    del encoders
+    return measured
+
+
+def run_profile(profile: str, size: str, warmup: int, steps: int, estimates_path: str | None, seed: int = 0) -> dict:
+    """Build and step `profile`'s plan in this process (module docstring); the result record of one profile."""
+    import torch
+
+    from fusedit.bench.flops import step_flops
+    from fusedit.optim import bitsandbytes_available
+    from fusedit.plan.predict import Estimates
+
+    card_gb, cap_gb = CARDS[profile]
+    cfg, notes = profile_config(profile, bitsandbytes_available())
+    plan, model_config, facts, choice = _plan_and_prediction(cfg, size, card_gb, Estimates(estimates_path))
+    if not plan.cache:
+        notes.append("text encoder + VAE weights allocated on the GPU (not run)")
+    record = {"profile": profile, "card_gb": card_gb, "cap_gb": cap_gb, "plan": plan.to_dict(),
+              "plan_description": plan.describe(), "predicted": choice.to_dict(), "notes": notes,
+              "shape": facts.shape.to_dict(), "step_tflop": step_flops(facts.shape, facts.layout)["step"] / 1e12,
+              # unrounded, to set beside the streamer's count
+              "predicted_moved_gb_per_step": choice.prediction.moved_gb_per_step}  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step, model, _kept = _trainer_step(cfg, model_config, facts, not plan.cache, size, device, seed)
+    started = time.perf_counter()
+    record["measured"] = _measure(step, model, device, cap_gb, warmup, steps, choice.prediction.peak_gpu_gb)
+    record["steps_s"] = time.perf_counter() - started
     return record
 
 

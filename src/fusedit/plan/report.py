@@ -55,6 +55,6 @@ def plan_report(
         "encoder_parameters": facts.encoder_parameters,
     }
     if not choice.fits and not auto:
-        fitting = choose(facts, estimates, gpu_gb)
+        fitting = choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
         report["fits_with"] = fitting.plan.overrides() if fitting.fits else None
     return report
