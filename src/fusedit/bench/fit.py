@@ -172,6 +172,8 @@ def _measure(step, model, device, cap_gb: float | None, warmup: int, steps: int,
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total), device)
         torch.cuda.reset_peak_memory_stats(device)
         measured["resident_before_steps_gb"] = torch.cuda.memory_allocated(device) / 1e9
+        # What the build left reserved counts against the cap too (segments a live tensor keeps from being freed).
+        measured["reserved_before_steps_gb"] = torch.cuda.memory_reserved(device) / 1e9
     streamer = block_streamer(model)
     moved_before = streamer.bytes_moved if streamer else 0
     times, loss = time_steps(step, device, warmup, steps)

@@ -1,6 +1,6 @@
 """Training plans: the switches that decide memory, the order they are tried in, and the choice for a GPU.
 
-A plan is five switches, each a config key `train.py` already has:
+A plan is a handful of switches, each a config key `train.py` already has:
 
     checkpoint_every  model.activation_checkpointing    0 (off), 3, 2, 1: recompute every k-th block
     fp8               precision=fp8 vs precision=bf16    frozen base in float8_e4m3fn (half the weight bytes)
