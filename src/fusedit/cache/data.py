@@ -28,7 +28,7 @@ from fusedit.data.buckets import BucketBatchSampler
 from fusedit.data.datamodule import EditDataModule, split_train_val
 from fusedit.data.dataset import EditDataset, collate
 from fusedit.data.errors import DataValidationError
-from fusedit.data.records import Record, read_records
+from fusedit.data.records import Record
 from fusedit.data.validation import PathRefused, Sample, record_problems, resolve_path
 from fusedit.devices import resolve_device, to_dtype
 from fusedit.families import folder_family
@@ -288,8 +288,8 @@ class CachedEditDataModule(EditDataModule):
         hp = self.hparams
         started = time.perf_counter()
         cache = self.open_cache()
-        records = read_records(self.metadata, self.columns)
-        hashes = hash_record_files(records, self.base_path, hp.allow_absolute_paths)
+        records = self.read_records()
+        hashes = hash_record_files(records, self.base_path, self.source.allow_absolute)
         keys = {
             row: row_key(cache.hash, record.prompt, *hashes[row]) for record in records if (row := record.row) in hashes
         }
