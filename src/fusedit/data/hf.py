@@ -31,8 +31,10 @@ BATCH_ROWS = 64  # rows read at a time: embedded image bytes are held for one ba
 
 def load_local_dataset(path: Path, split: str):
     """The `datasets.Dataset` at `path` (its `split` when it holds several); `MetadataError` naming data.path."""
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        raise MetadataError("data.format=hf needs the `datasets` package: pip install 'fusedit[hf]'") from None
     if not path.exists():
         raise MetadataError(f"data.path={path}: not found (data.format=hf reads a local dataset)")
     try:
