@@ -302,6 +302,13 @@ class CachedEditDataModule(EditDataModule):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def _is_cached(self, key: str) -> bool:
+        """Row `key` is cached with all this run reads: with caption dropout, its empty-prompt encoding as well (a
+        row cached without it is encoded again, once)."""
+        entry = self.cache.entries.get(key)
+        needed = {"empty_prompt"} if self.hparams.caption_dropout > 0 else set()
+        return entry is not None and needed <= set(entry.get("extras", []))
+
     def resolve(self) -> list[CachedRow]:
         """Every usable row as a CachedRow; encodes the missing ones first when `build`. Sets `self.stats`."""
         hp = self.hparams
@@ -316,13 +323,7 @@ class CachedEditDataModule(EditDataModule):
         # validation even when its files are cached, so that it is refused (or skipped) the same way.
         family = folder_family(self.model_path)
         wrong = {record.row for record in records if record_problems(record, self.columns, family)}
-        # With caption dropout a row also needs its empty-prompt encoding; one cached without it is encoded again.
-        extra = {"empty_prompt"} if hp.caption_dropout > 0 else set()
-
-        def cached(key: str) -> bool:
-            return key in cache.entries and extra <= set(cache.entries[key].get("extras", []))
-
-        hits = {row for row, key in keys.items() if cached(key) and row not in wrong}
+        hits = {row for row, key in keys.items() if self._is_cached(key) and row not in wrong}
         missing = [record for record in records if record.row not in hits]
         encoded = 0
         samples: list[Sample] = []
@@ -337,7 +338,7 @@ class CachedEditDataModule(EditDataModule):
                 log.warning("data.on_error=skip: none of the %d rows missing from the cache is valid", len(missing))
             samples = [sample for sample in samples if sample.row in keys]  # a file that changed under our feet
             with cache.writer():
-                todo = [sample for sample in samples if not cached(keys[sample.row])]  # another rank's work counts
+                todo = [sample for sample in samples if not self._is_cached(keys[sample.row])]  # another rank's too
                 if todo and not self.build:
                     raise FileNotFoundError(
                         f"{len(todo)} of {len(records)} rows of {self.metadata} are not in the cache {cache.dir} "
