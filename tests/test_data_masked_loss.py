@@ -184,3 +184,12 @@ def test_an_empty_mask_cell_trains_every_pixel(tmp_path):
     data = EditDataModule(metadata)
     data.setup()
     assert [sample.mask is not None for sample in data.train_dataset.samples] == [True, False, False]
+
+
+def test_mask_from_edit_on_a_text_to_image_model_is_refused_before_loading(tiny_t2i_path):
+    from fusedit.training.validate_config import validate_train_config
+    from tests.training_utils import compose_train
+
+    cfg = compose_train([f"model.path={tiny_t2i_path}", "objective.mask_from_edit=true"])
+    with pytest.raises(Exception, match="objective.mask_from_edit=true .* model.path is Qwen-Image"):
+        validate_train_config(cfg)

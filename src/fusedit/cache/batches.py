@@ -21,9 +21,11 @@ def collate_cached(items: list[dict]) -> dict:
     target = torch.stack([item["target"] for item in items])
     weights = [item.get("token_weights") for item in items]
     empty = [item.get("empty_prompt_embeds") for item in items]
+    # Text-to-image rows have no edit image: a condition of 0 tokens, as EditConditioner gives.
+    condition = [torch.stack([item["edits"][s] for item in items]) for s in range(slots)] or [target[:, :0]]
     return {
         "target": target,
-        "condition": torch.cat([torch.stack([item["edits"][s] for item in items]) for s in range(slots)], dim=1),
+        "condition": torch.cat(condition, dim=1),
         "prompt_embeds": embeds,
         "prompt_mask": mask,
         "img_shapes": [[tuple(shape) for shape in item["img_shapes"]] for item in items],

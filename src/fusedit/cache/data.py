@@ -133,7 +133,7 @@ def encode_into_cache(
         inputs = conditioner(batch)
         empty = conditioner.encode_prompts([""] * len(batch["row"]), batch["edit_images"]) if empty_prompts else None
         shapes = inputs.img_shapes[0]
-        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1)
+        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1) if shapes[1:] else ()
         for i, row in enumerate(batch["row"]):
             tensors = {
                 "target": inputs.target[i].cpu(),

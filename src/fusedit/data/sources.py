@@ -8,6 +8,7 @@ one validation (fusedit.data.validation), error table and buckets.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +65,22 @@ class DataSource:
         settings = {"split": hp.split, "extract_dir": hp.extract_dir, "allow_absolute_paths": hp.allow_absolute_paths}
         return cls("hf", location, base, True, columns, settings)
 
-    def records(self) -> list[Record]:
-        """Every row, not yet validated; `MetadataError` for a source that cannot be read at all."""
+    def records(self, text_to_image: bool = False) -> list[Record]:
+        """Every row, not yet validated; `MetadataError` for a source that cannot be read at all. `text_to_image`:
+        the edit_image column may be left out or empty (its rows then have no edit image)."""
+        columns = self.columns
+        if text_to_image:
+            columns = dataclasses.replace(columns, optional=columns.optional | {"edit_image"})
         if self.format == "metadata":
-            return read_records(self.location, self.columns)
-        if self.format == "folder":
+            records = read_records(self.location, columns)
+        elif self.format == "folder":
             from fusedit.data.folder import read_folder_records
 
-            return read_folder_records(self.location, **self.settings)
-        from fusedit.data.hf import read_hf_records  # imports `datasets`, only for this format
+            records = read_folder_records(self.location, **self.settings)
+        else:
+            from fusedit.data.hf import read_hf_records  # imports `datasets`, only for this format
 
-        return read_hf_records(self.location, self.columns, self.base_path, **self.settings)
+            records = read_hf_records(self.location, columns, self.base_path, **self.settings)
+        if text_to_image:  # no column, or an empty cell (read as ("",)): no edit image
+            records = [r if any(r.edit_images or ()) else dataclasses.replace(r, edit_images=()) for r in records]
+        return records

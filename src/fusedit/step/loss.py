@@ -107,6 +107,8 @@ class EditLoss:
         `objective.mask_from_edit`, the soft mask of the (target, edit image) pair; None when neither is on."""
         weights = inputs.token_weights
         if self.objective.mask_from_edit:
+            if inputs.condition.shape[1] == 0:
+                raise ValueError("objective.mask_from_edit needs an edit image; text-to-image rows have none")
             soft = edit_difference_weights(
                 inputs.target, inputs.condition, inputs.img_shapes, self.objective.mask_from_edit_floor
             )
