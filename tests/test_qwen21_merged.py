@@ -143,6 +143,21 @@ def test_flex_block_causal_path_matches_diffusers_forward(reference_model, refer
     assert relative_error(actual, sdpa) <= 1e-5  # the two paths are the same attention
 
 
+def test_set_attn_processor_on_a_merged_model_installs_the_merged_counterpart(reference_model):
+    merged = fuse_projections(copy.deepcopy(reference_model))
+    merged.set_attn_processor(QwenImage21FlexAttnProcessor())  # as diffusers' docs switch a compiled model to flex
+    assert all(type(block.attn.processor) is MergedQwenImage21FlexAttnProcessor for block in merged.transformer_blocks)
+    merged.transformer_blocks[1].attn.set_processor(QwenImage21AttnProcessor())
+    assert type(merged.transformer_blocks[1].attn.processor) is MergedQwenImage21AttnProcessor
+    with pytest.raises(TypeError, match="transformer_blocks.0.attn has processor AttnProcessor2_0"):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        merged.transformer_blocks[0].attn.set_processor(AttnProcessor2_0())
+    restored = unfuse_projections(merged)
+    restored.set_attn_processor(QwenImage21AttnProcessor())  # diffusers' own set_processor again
+    assert type(restored.transformer_blocks[0].attn.processor) is QwenImage21AttnProcessor
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_flex_path_gradients_match_diffusers_on_gpu(reference_model, checkpointing):
