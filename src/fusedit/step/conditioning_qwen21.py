@@ -16,6 +16,7 @@ reference tokens from t = 0 itself; the loss reads the target tokens only (fused
 
 from __future__ import annotations
 
+from itertools import repeat
 from pathlib import Path
 
 import PIL.Image
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from fusedit.step.conditioning import EditInputs, pad_prompts
+from fusedit.step.token_weights import mask_to_tokens
 
 # Latent tokens per Qwen3-VL image slot: the transformer expands each slot into a 2x2 group (diffusers'
 # `joint_vision_mask` in modular_pipelines/qwenimage21/denoise.py).
@@ -141,7 +143,10 @@ class Qwen21Conditioner(nn.Module):
         return prompt_embeds, prompt_mask, image_slots
 
     @torch.no_grad()
-    def forward(self, batch: dict) -> EditInputs:
+    def forward(self, batch: dict, drop_prompts: list[bool] | None = None) -> EditInputs:
+        """`drop_prompts[i]`: sample i uses the empty prompt (caption dropout), with its references, as the
+        pipeline encodes a negative prompt. A batch `mask` ([B, 1, H, W], 1 = learn) gives per-token loss weights:
+        a 2.1 token is 16x16 pixels in row-major order, as for the MMDiT's packed tokens."""
         references = list(batch["edit_images"])
         target, target_shape = self.encode_image(batch["image"])
         conditions, shapes = [], []
@@ -149,7 +154,8 @@ class Qwen21Conditioner(nn.Module):
             packed, shape = self.encode_image(slot)
             conditions.append(packed)
             shapes.append(shape)
-        prompt_embeds, prompt_mask, image_slots = self.encode_prompts(list(batch["prompt"]), references)
+        prompts = [("" if drop else prompt) for prompt, drop in zip(batch["prompt"], drop_prompts or repeat(False))]
+        prompt_embeds, prompt_mask, image_slots = self.encode_prompts(prompts, references)
         expected = sum(packed.shape[1] for packed in conditions) // TOKENS_PER_SLOT
         found = image_slots.sum(dim=1)
         if not bool((found == expected).all()):
@@ -164,4 +170,5 @@ class Qwen21Conditioner(nn.Module):
             prompt_mask=prompt_mask,
             img_shapes=[[*shapes, target_shape]] * target.shape[0],
             image_slots=image_slots,
+            token_weights=None if batch.get("mask") is None else mask_to_tokens(batch["mask"]).to(target.device),
         )
