@@ -81,6 +81,24 @@ def test_folder_settings_are_checked_at_construction(tmp_path):
         loaded(format="folder", image_dir=tmp_path, control_dirs=[tmp_path / "nope"])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.format=folder"], "data.format=folder needs data.image_dir"),
+        (["data.format=hf", "data.path=/d", "data.image_dir=/t"], "data.image_dir belongs to another format"),
+        (["data.format=lmdb"], "data.format must be one of"),
+        (["data.caption_dropout=2"], r"data.caption_dropout must be in \[0, 1\], got 2"),
+    ],
+)
+def test_bad_data_source_settings_are_one_line_before_anything_is_built(overrides, message):
+    from fusedit.errors import UserInputError
+    from fusedit.training.validate_config import validate_train_config
+    from tests.training_utils import compose_train
+
+    with pytest.raises(UserInputError, match=message):
+        validate_train_config(compose_train(overrides), check_paths=False)
+
+
 # -- Hugging Face datasets -----------------------------------------------------------------------------------------
 datasets = pytest.importorskip("datasets")
 
