@@ -149,3 +149,14 @@ def test_hf_dataset_errors_name_the_column_and_row(tmp_path):
         loaded(format="hf", path=tmp_path / "paths.parquet")
     assert "1 of 2 rows are bad" in str(error.value)
     assert "row 1, column 'image': '../outside.png': path escapes data.base_path" in str(error.value)
+
+
+def test_hf_mask_column_is_an_image_column_like_the_others(tmp_path):
+    path = imagefolder(tmp_path)
+    save_image(tmp_path / "m1.png", SIZES[1], (255, 255, 255))
+    lines = [json.loads(line) for line in (path / "metadata.jsonl").read_text().splitlines()]
+    for index, line in enumerate(lines):
+        line["mask_file_name"] = "m1.png" if index == 1 else None
+    (path / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    module = loaded(format="hf", path=path, columns=HF_COLUMNS)
+    assert [s.mask for s in module.train_dataset.samples] == [None, tmp_path / "m1.png", None]
