@@ -15,6 +15,7 @@ builds them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,8 @@ import torch
 from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from torch import nn
+
+from fusedit.step.token_weights import mask_to_tokens
 
 EDIT_PIPELINES = (QwenImageEditPipeline, QwenImageEditPlusPipeline)
 # The pipelines fusedit trains LoRAs for: text-to-image and the edit ones.
@@ -39,6 +42,8 @@ class EditInputs:
     prompt_embeds: torch.Tensor  # [B, text tokens, D]
     prompt_mask: torch.Tensor | None  # [B, text tokens], None when no prompt is padded
     img_shapes: list[list[tuple[int, int, int]]]  # per sample: target then each edit image (if any), latent patches
+    # [B, target tokens] float32 loss weights from the rows' masks (fusedit.step.token_weights); None: no mask.
+    token_weights: torch.Tensor | None = None
 
     @property
     def tokens_per_sample(self) -> int:
@@ -55,6 +60,12 @@ def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor 
         return batch, None
     device = batch.device
     return batch, torch.stack([torch.arange(longest, device=device) < length for length in lengths]).long()
+
+
+def unpadded(prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None, index: int) -> torch.Tensor:
+    """Sample `index` of a padded batch (`pad_prompts`) without its padding: [L_index, D]."""
+    length = prompt_embeds.shape[1] if prompt_mask is None else int(prompt_mask[index].sum())
+    return prompt_embeds[index, :length]
 
 
 def trim_prompt_padding(
@@ -152,6 +163,28 @@ class EditConditioner(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> EditConditioner:
         return cls(load_edit_pipeline(path, dtype))
 
+    def offload_text_encoder(self, device: torch.device) -> EditConditioner:
+        """Keep the text encoder's weights in host memory and copy each layer to `device` just before it runs
+        (diffusers' group offloading, leaf level, prefetching the next layer on a side CUDA stream); the VAE moves to
+        `device` whole. For encoding on a GPU the text encoder does not fit (Qwen2.5-VL-7B: 16.6 GB in bf16): the GPU
+        then holds about two of its largest layers (the 1.1 GB token embedding and LM head) plus activations.
+        Inference only: the hooks overwrite the weights with their host copies after use, which is right for frozen
+        encoders and wrong for anything trained (hence not used for the transformer: fusedit.model.streaming)."""
+        from diffusers.hooks import apply_group_offloading
+
+        device = torch.device(device)
+        self.vae.to(device)
+        apply_group_offloading(
+            self.text_encoder,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=device.type == "cuda",
+        )
+        # Where encode_prompt must put its inputs: the parameters themselves report the CPU between uses.
+        self.execution_device = device
+        return self
+
     def train(self, mode: bool = True) -> EditConditioner:
         # Lightning calls .train() on the whole LightningModule each epoch; the frozen encoders stay in eval mode.
         return super().train(False)
@@ -181,7 +214,7 @@ class EditConditioner(nn.Module):
         pipeline's own (zeros after each prompt's last token). Text-to-image: `edit_images` is empty and the prompt
         goes through QwenImagePipeline's template (which, like that pipeline, keeps at most 1024 tokens).
         """
-        device = next(self.text_encoder.parameters()).device
+        device = getattr(self, "execution_device", None) or next(self.text_encoder.parameters()).device
         embeds = []
         for index, prompt in enumerate(prompts):
             if self.text_to_image:
@@ -209,7 +242,9 @@ class EditConditioner(nn.Module):
         return packed, (1, latent_h // 2, latent_w // 2)
 
     @torch.no_grad()
-    def forward(self, batch: dict) -> EditInputs:
+    def forward(self, batch: dict, drop_prompts: list[bool] | None = None) -> EditInputs:
+        """`drop_prompts[i]`: sample i uses the empty prompt (caption dropout), encoded through the same template
+        with its edit image(s), as the pipelines encode a negative prompt."""
         edit_images = batch["edit_images"]
         if self.text_to_image:
             if edit_images:
@@ -230,11 +265,14 @@ class EditConditioner(nn.Module):
             packed, shape = self.encode_image(slot)
             conditions.append(packed)
             shapes.append(shape)
-        prompt_embeds, prompt_mask = self.encode_prompts(list(batch["prompt"]), edit_images)
+        prompts = [("" if drop else prompt) for prompt, drop in zip(batch["prompt"], drop_prompts or repeat(False))]
+        prompt_embeds, prompt_mask = self.encode_prompts(prompts, edit_images)
+        mask = batch.get("mask")
         return EditInputs(
             target=target,
             condition=torch.cat(conditions, dim=1) if conditions else target[:, :0],
             prompt_embeds=prompt_embeds,
             prompt_mask=prompt_mask,
             img_shapes=[list(shapes)] * target.shape[0],
+            token_weights=None if mask is None else mask_to_tokens(mask).to(target.device),
         )

@@ -192,6 +192,27 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _data_source_problems(cfg: DictConfig) -> list[str]:
+    """data.format and its settings, data.caption_dropout: what EditDataModule refuses when it is built, as one line
+    before anything is (fusedit.data.sources)."""
+    from fusedit.data.sources import refuse_bad_source
+
+    data = cfg.get("data")
+    if data is None or "format" not in data:
+        return []
+    problems = []
+    dropout = data.get("caption_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        problems.append(f"data.caption_dropout must be in [0, 1], got {dropout!r}")
+    if data.format == "metadata" and data.get("metadata") is None:
+        return problems  # the generated sample data (fusedit.data.sample.fill_demo_paths)
+    try:
+        refuse_bad_source(data)
+    except ValueError as error:
+        problems.append(str(error))
+    return problems
+
+
 def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
     """model.path, data.metadata, ckpt_path and lora.init_from (not read when `earlier` problems name lora.*)."""
     problems: list[str] = []
@@ -278,10 +299,16 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     except (ValueError, TypeError) as error:
         problems.append(str(error))
     problems += _loop_problems(cfg)
+    problems += _data_source_problems(cfg)
     problems += _logger_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg, problems)
     _check_validation_samples(cfg, check_paths, problems)
+    if OmegaConf.select(cfg, "objective.mask_from_edit") and check_paths and _model_family(cfg) == TEXT_TO_IMAGE:
+        problems.append(
+            "objective.mask_from_edit=true weighs the target's tokens by how much they differ from the edit image; "
+            "model.path is Qwen-Image (text-to-image), whose rows have none. Set objective.mask_from_edit=false"
+        )
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
