@@ -287,10 +287,9 @@ def test_a_prompt_longer_than_the_text_to_image_pipeline_keeps_is_refused_or_tru
     assert prompts[0] == "a red square beside a circle" and len(prompts[1]) == 1024 - 5 and set(prompts[1]) == {"x"}
 
 
-def test_training_a_qwen_image_21_pipeline_is_refused_before_loading(tiny_qwen21_path, metadata):
-    from fusedit.training.validate_config import ConfigError, validate_train_config
+def test_a_qwen_image_21_pipeline_passes_the_config_check(tiny_qwen21_path, metadata):
+    from fusedit.training.validate_config import validate_train_config
     from tests.training_utils import compose_train
 
-    cfg = compose_train([f"model.path={tiny_qwen21_path}", f"data.metadata={metadata}", "logger=csv"])
-    with pytest.raises(ConfigError, match=r"is a qwen-image-2.1 pipeline .*fusedit trains LoRAs for Qwen-Image"):
-        validate_train_config(cfg)
+    # 2.1 trains (tests/test_qwen21_train.py); its rows may carry references or none.
+    validate_train_config(compose_train([f"model.path={tiny_qwen21_path}", f"data.metadata={metadata}", "logger=csv"]))

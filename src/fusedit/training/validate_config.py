@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
-from fusedit.families import EDIT, EDIT_2509, EDIT_2511, TEXT_TO_IMAGE
+from fusedit.families import EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21, TEXT_TO_IMAGE
 from fusedit.regular_files import not_regular_reason
 from fusedit.step.config import typed_configs
 
@@ -29,8 +29,8 @@ def _number(cfg: DictConfig, key: str):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-# The families training runs (fusedit.families; Qwen-Image-2.1 has the model layer only).
-TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511)
+# The families training runs (fusedit.families).
+TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21)
 
 
 def _check_model(path: str, problems: list[str]) -> None:
@@ -55,7 +55,7 @@ def _check_model(path: str, problems: list[str]) -> None:
     elif family not in TRAINED_FAMILIES:
         problems.append(
             f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains LoRAs for "
-            "Qwen-Image (text-to-image, also -2512) and Qwen-Image-Edit (-2509, -2511)"
+            "Qwen-Image (text-to-image, also -2512), Qwen-Image-Edit (-2509, -2511) and Qwen-Image-2.1"
         )
 
 
