@@ -139,6 +139,9 @@ def test_training_from_the_cache_gives_the_live_loss(tmp_path, tiny_t2i_path, me
         live_loss = module.compute_loss(conditioner(live_batch), seed=7, rows=live_batch["row"])[0]
         cached_loss = module.compute_loss(cached(cached_batch), seed=7, rows=cached_batch["row"])[0]
         assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-5)
+    # Validation images from the cache: generated from the cached prompt alone, [output, target, prompt].
+    (row,) = cached.validation_rows(module, [cached_data.train_dataset[0]], num_inference_steps=2, seed=0)
+    assert [type(item).__name__ for item in row] == ["Image", "Image", "str"] and row[0].size == row[1].size
 
 
 def test_an_edit_image_for_a_text_to_image_model_is_refused_by_row(tmp_path, tiny_t2i_path):
