@@ -115,6 +115,36 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _optimizer_problems(cfg: DictConfig) -> list[str]:
+    """The optimizer's package, and the combinations it cannot run (fusedit.optim, fusedit.training.ema)."""
+    from fusedit.optim import missing_package_hint
+
+    problems = []
+    name = OmegaConf.select(cfg, "optim.name")
+    hint = missing_package_hint(str(name))
+    if hint:
+        problems.append(hint)
+    ema = OmegaConf.select(cfg, "callbacks.ema")
+    if name == "schedulefree":
+        schedule = OmegaConf.select(cfg, "optim.scheduler.name")
+        if schedule != "constant":
+            problems.append(
+                f"optim=schedulefree replaces the LR decay by averaging: optim.scheduler.name must be constant (with "
+                f"optional warmup_steps), got {schedule!r}"
+            )
+        if ema is not None:
+            problems.append(
+                "callbacks=ema with optim=schedulefree: the schedule-free optimizer already averages its iterates "
+                "(its exports are the average); use one of the two"
+            )
+    decay = OmegaConf.select(cfg, "callbacks.ema.decay", default=None)
+    if ema is not None and not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 <= decay < 1):
+        problems.append(f"callbacks.ema.decay must be a number in [0, 1), got {decay!r}")
+    if ema is not None and "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        problems.append("callbacks=ema is not supported with trainer=fsdp: each rank would average its own shard")
+    return problems
+
+
 def _loop_problems(cfg: DictConfig) -> list[str]:
     """The optimizer, the trainer's loop, the batch size and the fault budget."""
     problems = []
@@ -130,11 +160,7 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
         problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
 
-    if OmegaConf.select(cfg, "optim.name") == "adamw8bit":
-        from fusedit.optim import BITSANDBYTES_HINT, bitsandbytes_available
-
-        if not bitsandbytes_available():
-            problems.append(BITSANDBYTES_HINT)
+    problems += _optimizer_problems(cfg)
 
     seed = OmegaConf.select(cfg, "seed")
     # numpy's and torch's generators take seeds in [0, 2**32): Lightning's seed_everything warns and replaces
