@@ -123,7 +123,7 @@ def test_each_optimizer_resumes_to_the_weights_of_an_uninterrupted_run(
 ):
     module = lora_module(tiny_edit_path, conditioner, optim)
     start = lora_state(module)
-    fit(module, batch, 4)
+    fit(module, batch, 3)
     uninterrupted = lora_state(module)
 
     first = lora_module(tiny_edit_path, conditioner, optim)
@@ -131,7 +131,7 @@ def test_each_optimizer_resumes_to_the_weights_of_an_uninterrupted_run(
     checkpoint = torch.load(tmp_path / "step2.ckpt", weights_only=True)
     assert checkpoint["optimizer_states"][0]["state"], f"{optim}: no optimizer state saved"
     resumed = lora_module(tiny_edit_path, conditioner, optim)
-    fit(resumed, batch, 4, ckpt_path=tmp_path / "step2.ckpt")
+    fit(resumed, batch, 3, ckpt_path=tmp_path / "step2.ckpt")
 
     for name, value in uninterrupted.items():
         assert not torch.equal(value, start[name]) or ".lora_B." not in name  # it trained
@@ -142,12 +142,12 @@ def test_resume_without_the_optimizer_state_would_differ(tmp_path, tiny_edit_pat
     # The resume test above can fail: Prodigy's step size estimate d lives in its state, and a run that restarts it
     # at step 2 ends elsewhere.
     module = lora_module(tiny_edit_path, conditioner, "prodigy")
-    fit(module, batch, 4)
+    fit(module, batch, 2)
     first = lora_module(tiny_edit_path, conditioner, "prodigy")
-    fit(first, batch, 2)
+    fit(first, batch, 1)
     restarted = lora_module(tiny_edit_path, conditioner, "prodigy")
     restarted.load_state_dict(first.state_dict())
-    fit(restarted, batch, 2)
+    fit(restarted, batch, 1)
     name = next(name for name in lora_state(module) if ".lora_B." in name)
     assert not torch.allclose(lora_state(restarted)[name], lora_state(module)[name])
 
@@ -160,7 +160,7 @@ def test_schedule_free_exports_its_averaged_point_and_trains_at_its_own(tmp_path
     from fusedit.training.callbacks import LoRAExport
 
     module = lora_module(tiny_edit_path, conditioner, "schedulefree")
-    trainer = fit(module, batch, 3, callbacks=[LoRAExport(tmp_path / "lora")])
+    trainer = fit(module, batch, 2, callbacks=[LoRAExport(tmp_path / "lora")])
     optimizer = trainer.optimizers[0]
     assert optimizer.param_groups[0]["train_mode"]  # left as the next step needs it
     export_lora(module.transformer, tmp_path / "y.safetensors")
@@ -170,8 +170,10 @@ def test_schedule_free_exports_its_averaged_point_and_trains_at_its_own(tmp_path
     exported, x, y = (
         load_file(tmp_path / name) for name in ("lora/final.safetensors", "x.safetensors", "y.safetensors")
     )
-    assert all(torch.equal(exported[key], x[key]) for key in x)
-    assert any(not torch.equal(x[key], y[key]) for key in x)
+    # x -> y -> x round trips through schedulefree's lerps: equal up to rounding, far closer than x is to y.
+    export_error = max((exported[key] - x[key]).abs().max() for key in x)
+    x_to_y = max((x[key] - y[key]).abs().max() for key in x)
+    assert export_error < 1e-3 * x_to_y
 
 
 @pytest.mark.parametrize(
@@ -205,3 +207,18 @@ def test_adamw_is_fused_on_cuda_only():
     assert not cpu.defaults.get("fused")
     if torch.cuda.is_available():
         assert adamw([torch.nn.Parameter(torch.zeros(2, device="cuda"))], lr=1e-3).defaults["fused"]
+
+
+def test_trainer_auto_keeps_the_chosen_optimizer(tmp_path, tiny_edit_path, sample_metadata, monkeypatch):
+    import fusedit.plan.config as plan_config
+    from fusedit.plan import plan_order
+    from tests.training_utils import train_cfg
+
+    # Only AdamW has a smaller sibling on the ladder; Prodigy stays Prodigy on every rung (and is what is predicted).
+    assert {plan.optim for plan in plan_order(60, eight_bit=True, optim="prodigy")} == {"prodigy"}
+    assert {plan.optim for plan in plan_order(60, eight_bit=True)} == {"adamw", "adamw8bit"}
+    monkeypatch.setattr(plan_config, "_gpu_run", lambda cfg: True)
+    cfg = train_cfg(tmp_path, tiny_edit_path, sample_metadata, ["plan.gpu_gb=80", "optim=prodigy"])
+    record = plan_config.resolve_training_plan(cfg)
+    assert record["plan"]["optim"] == "prodigy" and cfg.optim.name == "prodigy"
+    assert cfg.optim.optimizer._target_ == "fusedit.optim.prodigy"

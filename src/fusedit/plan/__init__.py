@@ -51,7 +51,8 @@ def plan_report(cfg, size: str | None, gpu_gb: float | None) -> dict:
     estimates = Estimates(cfg.plan.get("estimates") if cfg.get("plan") else None)
     facts = config_facts(cfg, size=size, estimates=estimates)
     auto = bool(cfg.get("plan", {}).get("auto", False))
-    choice = choose(facts, estimates, gpu_gb) if auto else evaluate(config_plan(cfg), facts, estimates, gpu_gb)
+    plan = config_plan(cfg)
+    choice = choose(facts, estimates, gpu_gb, optim=plan.optim) if auto else evaluate(plan, facts, estimates, gpu_gb)
     from fusedit.bench.flops import PEAK_BF16_TFLOPS, step_flops
 
     moved = choice.prediction.moved_gb_per_step
@@ -69,7 +70,7 @@ def plan_report(cfg, size: str | None, gpu_gb: float | None) -> dict:
         "encoder_parameters": facts.encoder_parameters,
     }
     if not choice.fits and not auto:
-        fitting = choose(facts, estimates, gpu_gb)
+        fitting = choose(facts, estimates, gpu_gb, optim=plan.optim)
         report["fits_with"] = fitting.plan.overrides() if fitting.fits else None
     return report
 
