@@ -28,7 +28,21 @@ from fusedit.lora.targets import resolve_targets
 from fusedit.model.merged_qkv import is_merged
 from fusedit.model.module_map import ATTENTION, BLOCKS, LAST_BLOCK_UNUSED, block_module
 
-INIT_CHOICES = ("default", "gaussian")
+INIT_CHOICES = ("default", "gaussian", "pissa", "olora")  # and PEFT's "pissa_niter_<k>" (randomised SVD)
+# Initialisations that move part of the base weight into the adapter (W_res = W - scale * B0 @ A0), after PEFT's
+# `init_lora_weights`: the export must subtract that part again (`lora_weights`).
+BASE_CHANGING_INITS = ("pissa", "olora")
+
+
+def check_init(init: str) -> None:
+    """ValueError unless `init` is one of INIT_CHOICES or PEFT's `pissa_niter_<k>` (k >= 1)."""
+    niter = init.removeprefix("pissa_niter_") if isinstance(init, str) and init.startswith("pissa_niter_") else None
+    if init not in INIT_CHOICES and not (niter is not None and niter.isdigit() and int(niter) >= 1):
+        raise ValueError(f"lora.init must be one of {INIT_CHOICES} or pissa_niter_<k>, got {init!r}")
+
+
+def changes_base(init: str) -> bool:
+    return isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)
 
 
 def model_layout(transformer: nn.Module) -> str:
@@ -68,8 +82,9 @@ def add_lora(
         raise ValueError(f"lora.alpha must be > 0, got {alpha}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
-    if init not in INIT_CHOICES:
-        raise ValueError(f"lora.init must be one of {INIT_CHOICES}, got {init!r}")
+    check_init(init)
+    if changes_base(init) and init_from is not None:
+        raise ValueError(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
@@ -102,6 +117,12 @@ def add_lora(
             parameter.requires_grad_(True)
     if init_from is not None:
         _copy_factors(transformer, init_from)
+    if changes_base(init):
+        transformer._fusedit_initial_factors = {
+            name: (module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone())
+            for name, module in transformer.named_modules()
+            if isinstance(module, LoraLayer) and "default" in module.lora_A
+        }
     return transformer
 
 
@@ -126,14 +147,23 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
 
     Each module's alpha is read back from PEFT's own `scaling` (alpha / r, or alpha / sqrt(r) with rsLoRA) as
     `scaling * rank`, so a file read with the usual scale = alpha / rank reproduces the trained update exactly.
+
+    After a PiSSA / OLoRA initialisation (`lora.init`) the model's base weight is W_res = W - s * B0 @ A0, so the
+    update to the original W is s * (B @ A - B0 @ A0) = s * [B | -B0] @ [A ; A0]: a LoRA of rank 2r with the same
+    scale (PEFT's own PiSSA-to-LoRA conversion, `path_initial_model_for_weight_conversion`). Applied to the stock
+    model it gives exactly the trained model's weights.
     """
+    initial = getattr(transformer, "_fusedit_initial_factors", None) or {}
     modules: dict[str, LoraModule] = {}
     for name, module in transformer.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            rank = module.r["default"]
+            scale = float(module.scaling["default"])
             A = module.lora_A["default"].weight.detach()
             B = module.lora_B["default"].weight.detach()
-            modules[name] = LoraModule(A, B, float(module.scaling["default"]) * rank)
+            if name in initial:
+                A0, B0 = initial[name]
+                A, B = torch.cat([A, A0.to(A)]), torch.cat([B, -B0.to(B)], dim=1)
+            modules[name] = LoraModule(A, B, scale * A.shape[0])
     if not modules:
         raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
     return LoraWeights(modules, format="diffusers", metadata={key: str(value) for key, value in metadata.items()})

@@ -105,6 +105,20 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
     dropout = _number(cfg, "lora.dropout")
     if dropout is None or not 0.0 <= dropout < 1.0:
         problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
+    init = OmegaConf.select(cfg, "lora.init")
+    try:
+        from fusedit.lora.adapter import changes_base, check_init
+
+        check_init(init)
+        if changes_base(init) and OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
+            problems.append(
+                f"lora.init={init} subtracts the adapter's start from the base weight, which fp8 storage cannot hold "
+                "exactly: use precision=bf16 or fp32"
+            )
+        if changes_base(init) and OmegaConf.select(cfg, "lora.init_from"):
+            problems.append(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
+    except ValueError as error:
+        problems.append(str(error))
     try:
         from fusedit.lora.targets import resolve_targets
 
