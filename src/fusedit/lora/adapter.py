@@ -22,7 +22,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fusedit.convert import LoraModule, LoraWeights, write_lora
+from fusedit.convert import TO_STANDARD, LoraModule, LoraWeights, convert_lora_layout, write_lora
 from fusedit.convert.layout import LAYOUTS
 from fusedit.lora.targets import resolve_targets
 from fusedit.model.merged_qkv import is_merged
@@ -32,6 +32,28 @@ INIT_CHOICES = ("default", "gaussian", "pissa", "olora")  # and PEFT's "pissa_ni
 # Initialisations that move part of the base weight into the adapter (W_res = W - scale * B0 @ A0), after PEFT's
 # `init_lora_weights`: the export must subtract that part again (`lora_weights`).
 BASE_CHANGING_INITS = ("pissa", "olora")
+
+
+# lora.type: PEFT's LoRA and DoRA (LoraConfig(use_dora=True)). LoKr and LoHa are refused (UNSUPPORTED_TYPES): fusedit
+# writes adapters as diffusers LoRA files, and their Kronecker / Hadamard factors are no B @ A; on the merged to_qkv
+# they factorise the stacked [3d, d] matrix as a whole, which does not split into per-q/k/v factors at all.
+TYPES = ("lora", "dora")
+UNSUPPORTED_TYPES = {
+    "lokr": "a LoKr's Kronecker factors",
+    "loha": "a LoHa's Hadamard factors",
+}
+
+
+def check_type(adapter_type: str) -> None:
+    """ValueError naming why for a `lora.type` fusedit cannot train and export."""
+    if adapter_type in UNSUPPORTED_TYPES:
+        raise ValueError(
+            f"lora.type={adapter_type} is not supported: fusedit exports diffusers LoRA files (lora_A / lora_B), and "
+            f"{UNSUPPORTED_TYPES[adapter_type]} are not low-rank factors (on the merged to_qkv they factorise the "
+            "stacked q/k/v matrix, which does not split per projection); use lora.type=lora or dora"
+        )
+    if adapter_type not in TYPES:
+        raise ValueError(f"lora.type must be one of {TYPES}, got {adapter_type!r}")
 
 
 def check_init(init: str) -> None:
@@ -70,6 +92,7 @@ def add_lora(
     use_rslora: bool = False,
     dtype: torch.dtype | None = torch.float32,
     init_from: LoraWeights | None = None,
+    type: str = "lora",  # noqa: A002 - the config key's name (lora.type)
 ) -> nn.Module:
     """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place.
 
@@ -83,6 +106,11 @@ def add_lora(
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
     check_init(init)
+    check_type(type)
+    if type == "dora" and (changes_base(init) or init_from is not None):
+        raise ValueError(
+            "lora.type=dora starts its magnitude from the base weight: not with lora.init=pissa/olora or lora.init_from"
+        )
     if changes_base(init) and init_from is not None:
         raise ValueError(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
     if has_lora(transformer):
@@ -104,6 +132,7 @@ def add_lora(
         exclude_modules=unused_modules(transformer, target_modules) or None,
         init_lora_weights=True if init == "default" else init,
         use_rslora=bool(use_rslora),
+        use_dora=type == "dora",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
@@ -169,15 +198,65 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
     return LoraWeights(modules, format="diffusers", metadata={key: str(value) for key, value in metadata.items()})
 
 
+def dora_magnitudes(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """Module -> DoRA magnitude vector m [out_features] (empty without DoRA)."""
+    return {
+        name: module.lora_magnitude_vector["default"].weight.detach()
+        for name, module in transformer.named_modules()
+        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_magnitude_vector", {})
+    }
+
+
 def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "standard", **metadata: str) -> Path:
     """Write the adapter to `path` (atomically) as a diffusers LoRA in `layout`; `metadata` is stored with it.
 
     Conversion between the layouts is fusedit.convert's (exact: a merged to_qkv LoRA becomes q/k/v LoRAs sharing
-    A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata).
+    A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata). A DoRA adapter adds
+    each module's magnitude vector (`export_dora`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
+    magnitudes = dora_magnitudes(transformer)
+    if magnitudes:
+        return export_dora(lora_weights(transformer, **metadata), magnitudes, path, layout)
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)
+
+
+def export_dora(weights: LoraWeights, magnitudes: dict[str, torch.Tensor], path, layout: str = "standard") -> Path:
+    """A DoRA adapter as diffusers writes one: the LoRA's keys plus `transformer.<module>.lora_magnitude_vector`
+    and `use_dora: true` in its LoraConfig metadata, which diffusers' `load_lora_weights` rebuilds.
+
+    DoRA's weight is m * (W + s B A) / ||W + s B A||, the norm taken per output row. The rows of the merged to_qkv
+    are the rows of q, k and v, so on the merged layout m splits into q/k/v magnitudes by rows exactly as B does:
+    the standard-layout file is exact. Only the standard layout is written: fusedit's own LoRA reader (inference,
+    conversion) does not read DoRA, and stock diffusers needs the standard layout.
+    """
+    import json
+
+    from fusedit.convert.lora_formats import DIFFUSERS_METADATA_KEY, lora_to_state_dict
+    from fusedit.io import save_safetensors_atomic
+    from fusedit.model.module_map import QKV_GROUPS
+
+    if layout != "standard":
+        raise ValueError("a DoRA adapter is exported in the standard layout only (callbacks.lora_export.layout)")
+    if weights.layout != "standard":
+        weights = convert_lora_layout(weights, TO_STANDARD)
+    split: dict[str, torch.Tensor] = {}
+    for module, magnitude in magnitudes.items():
+        prefix, _, leaf = module.rpartition(".")
+        if leaf in QKV_GROUPS:  # rows of the stacked q/k/v, in concatenation order
+            for part, rows in zip(QKV_GROUPS[leaf], magnitude.chunk(3), strict=True):
+                split[f"{prefix}.{part}"] = rows.clone()
+        else:
+            split[module] = magnitude
+    tensors, metadata = lora_to_state_dict(weights, "diffusers")
+    for module, magnitude in split.items():
+        tensors[f"transformer.{module}.lora_magnitude_vector"] = magnitude.contiguous()
+    config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+    config["transformer.use_dora"] = True  # diffusers keys its LoraConfig fields by component
+    metadata[DIFFUSERS_METADATA_KEY] = json.dumps(config)
+    save_safetensors_atomic(tensors, path, metadata)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

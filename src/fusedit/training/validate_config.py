@@ -91,6 +91,33 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
                 problems.append(f"{where}.{field} {base / str(path)}: {error}")
 
 
+def _adapter_type_problems(cfg: DictConfig) -> list[str]:
+    """`lora.type` (fusedit.lora.adapter.check_type) and what DoRA cannot be combined with."""
+    from fusedit.lora.adapter import changes_base, check_type
+
+    adapter_type = OmegaConf.select(cfg, "lora.type", default="lora")
+    try:
+        check_type(adapter_type)
+    except ValueError as error:
+        return [str(error)]
+    if adapter_type != "dora":
+        return []
+    problems = []
+    if changes_base(OmegaConf.select(cfg, "lora.init")) or OmegaConf.select(cfg, "lora.init_from"):
+        problems.append(
+            "lora.type=dora starts its magnitude from the base weight: not with lora.init=pissa/olora or lora.init_from"
+        )
+    if OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
+        problems.append("lora.type=dora reads the frozen weight for its row norms: use precision=bf16 or fp32, not fp8")
+    export = OmegaConf.select(cfg, "callbacks.lora_export", default=None)
+    if export is not None and (export.get("layout", "standard") != "standard" or export.get("merged_copy")):
+        problems.append(
+            "lora.type=dora is exported in the standard layout only: callbacks.lora_export.layout=standard "
+            "and merged_copy=false"
+        )
+    return problems
+
+
 def _lora_problems(cfg: DictConfig) -> list[str]:
     problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
@@ -119,6 +146,7 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
     except ValueError as error:
         problems.append(str(error))
+    problems += _adapter_type_problems(cfg)
     try:
         from fusedit.lora.targets import resolve_targets
 
