@@ -1,4 +1,5 @@
-"""How the real clients apply a LoRA file, for the strength tests: diffusers' own loader, and ComfyUI's rule.
+"""How the real clients apply a LoRA file, for the strength tests: diffusers' own loader, and ComfyUI's rule; and
+the LoRAs those tests write (`trained_adapter`, `per_module_lora`, with their true B·A·scale per module).
 
 `comfyui_rule_deltas` is an independent implementation of ComfyUI's documented behaviour for Qwen-Image (written
 from its rules, not from fusedit's parser): a module is found under `diffusion_model.` / `transformer.` / no prefix
@@ -15,11 +16,52 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fusedit.convert import LoraModule, LoraWeights
+from fusedit.lora import add_lora
+from fusedit.model.merged_qkv import fuse_qkv
+from tests.convert_utils import HIDDEN, bf16_valued, tiny_transformer
+
 _FACTOR_PAIRS = (
     (".lora_up.weight", ".lora_down.weight"),
     (".lora_B.weight", ".lora_A.weight"),
     (".lora_B.default.weight", ".lora_A.default.weight"),
 )
+
+
+def trained_adapter(rank: int, alpha: float, use_rslora: bool, merged: bool = False):
+    """A tiny transformer with a PEFT adapter whose lora_B is non-zero (as after training), and its true deltas."""
+    model = tiny_transformer(seed=3)
+    if merged:
+        fuse_qkv(model)
+    add_lora(model, rank=rank, alpha=alpha, targets="attn_mlp", use_rslora=use_rslora)
+    generator = torch.Generator().manual_seed(0)
+    expected = {}
+    for name, layer in model.named_modules():
+        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
+            with torch.no_grad():
+                layer.lora_B["default"].weight.copy_(
+                    torch.randn(layer.lora_B["default"].weight.shape, generator=generator)
+                )
+            B, A = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+            expected[name] = (B.double() @ A.double()) * layer.scaling["default"]
+    return model, expected
+
+
+def per_module_lora() -> tuple[LoraWeights, dict[str, torch.Tensor]]:
+    """musubi-style: every module its own rank and alpha (scales 0.75, 2, 1/3, 8, 1)."""
+    specs = {
+        "transformer_blocks.0.attn.to_q": (4, 3.0, HIDDEN),
+        "transformer_blocks.0.attn.to_k": (4, 8.0, HIDDEN),
+        "transformer_blocks.0.attn.to_v": (6, 2.0, HIDDEN),
+        "transformer_blocks.1.img_mlp.net.0.proj": (2, 16.0, 128),
+        "transformer_blocks.1.attn.to_add_out": (8, 8.0, HIDDEN),
+    }
+    modules = {
+        m: LoraModule(bf16_valued((r, HIDDEN), i), bf16_valued((out, r), i + 50), alpha)
+        for i, (m, (r, alpha, out)) in enumerate(specs.items())
+    }
+    lora = LoraWeights(modules)
+    return lora, {m: (mod.B.double() @ mod.A.double()) * mod.scale for m, mod in modules.items()}
 
 
 def linear_names(model: nn.Module) -> list[str]:

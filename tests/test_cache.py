@@ -426,3 +426,47 @@ def test_bad_rows_are_skipped_or_reported_like_the_live_data_module(tmp_path, ti
     second.setup()
     assert second.stats["usable"] == 3 and second.stats["encoded"] == 0
     assert [row.row for row in second.train_dataset.rows] == [2, 3, 5]
+
+
+def test_prompt_length_is_judged_for_rows_to_encode_and_rows_already_cached(
+    tmp_path, tiny_edit_path, monkeypatch, caplog, capsys
+):
+    """A prompt over the text positions is refused before any encoder loads, by the data module and by `fusedit
+    cache`; with data.long_prompt=truncate it is encoded shortened; once cached, `raise` still refuses it (its key
+    is the row's own prompt) and `on_error=skip` skips it, with no encoder work."""
+    from fusedit.cli import main
+    from fusedit.data import DataValidationError
+    from fusedit.data.prompt_length import PromptCounter, text_positions_left
+
+    data = make_sample_dataset(tmp_path / "data", n=2, size=32)
+    rewrite_csv(data, 1, "y" * 5000)  # row 3
+    cache_dir = tmp_path / "cache"
+    too_long = r"row 3, column 'prompt': prompt is \d+ text tokens"
+    with monkeypatch.context() as patch:
+        forbid_encoders(patch)
+        with pytest.raises(DataValidationError, match=too_long):
+            datamodule(data, cache_dir, tiny_edit_path).setup()
+        args = ["cache", f"model.path={tiny_edit_path}", f"data.metadata={data}", f"cache.dir={cache_dir}"]
+        assert main([*args, f"paths.root_dir={tmp_path}"]) == 2
+        assert "row 3, column 'prompt'" in capsys.readouterr().err
+
+    with caplog.at_level("WARNING", logger="fusedit.data"):
+        first = datamodule(data, cache_dir, tiny_edit_path, long_prompt="truncate")
+        first.setup()
+    assert first.stats["encoded"] == 2 and "row 3: prompt of" in caplog.text
+    (row,) = [row for row in first.train_dataset.rows if row.row == 3]
+    target, edits = row.bucket
+    sizes = [(w * 16, h * 16) for _, h, w in (target, *edits)]
+    embedded = first.cache.read(row.key)["prompt"].shape[0]
+    assert embedded == PromptCounter(tiny_edit_path).count(row.prompt, sizes[1:]) <= text_positions_left(sizes)
+    assert row.prompt == "y" * len(row.prompt) and len(row.prompt) < 5000
+
+    forbid_encoders(monkeypatch)
+    with pytest.raises(DataValidationError, match=too_long):
+        datamodule(data, cache_dir, tiny_edit_path).setup()
+    skipped = datamodule(data, cache_dir, tiny_edit_path, on_error="skip")
+    skipped.setup()
+    assert [row.row for row in skipped.train_dataset.rows] == [2] and skipped.stats["encoded"] == 0
+    again = datamodule(data, cache_dir, tiny_edit_path, long_prompt="truncate")
+    again.setup()
+    assert again.stats["encoded"] == 0 and 3 in [row.row for row in again.train_dataset.rows]

@@ -67,7 +67,7 @@ def test_auto_picks_the_expected_plan_per_card_at_the_full_shape(full_estimates)
 
 @pytest.mark.parametrize("profile", list(PROFILE_TARGETS))
 def test_each_gpu_profile_fits_its_card_at_the_full_shape(profile, full_estimates, monkeypatch):
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     gpu_gb, target = PROFILE_TARGETS[profile]
     report = plan_report(full_cfg([f"trainer={profile}"]), "full", gpu_gb)
     assert report["fits"] and report["predicted_peak_gpu_gb"] <= target, report
@@ -75,7 +75,7 @@ def test_each_gpu_profile_fits_its_card_at_the_full_shape(profile, full_estimate
 
 
 def test_a_profile_predicted_not_to_fit_names_the_figure_and_the_fix(full_estimates, monkeypatch):
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     report = plan_report(full_cfg(["trainer=a100", "model.activation_checkpointing=0"]), "full", 80)
     assert not report["fits"] and report["predicted_peak_gpu_gb"] > 100
     assert "model.activation_checkpointing=1" in report["fits_with"]

@@ -135,4 +135,69 @@ def test_infer_preflight_refuses_a_prompt_over_the_text_positions(tmp_path, tiny
     with pytest.raises(UserInputError, match=r"input a.png: the prompt is \d+ text tokens .* text positions left"):
         check_prompt_lengths([long_job], tiny_edit_path, "qwen-image-edit")
     check_prompt_lengths([Job("ok", "make it blue", (tmp_path / "a.png",))], tiny_edit_path, "qwen-image-edit")
-    check_prompt_lengths([Job("t2i", "z" * 5000)], tiny_edit_path, "qwen-image-edit")  # T2I cuts prompts itself
+
+
+def test_text_to_image_prompt_count_is_what_the_pipeline_encodes_before_it_cuts(tiny_t2i_path):
+    """diffusers' QwenImagePipeline silently keeps the first max_sequence_length prompt positions: the counter
+    agrees with its embedding below the cut and sees the length above it."""
+    from diffusers import QwenImagePipeline
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from fusedit.data.prompt_length import TextToImagePromptCounter
+
+    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_t2i_path / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t2i_path / "tokenizer")
+    pipe = QwenImagePipeline(
+        scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None
+    )  # fmt: skip
+    counter = TextToImagePromptCounter(tiny_t2i_path)
+    short, long = "a red fox in the snow, " * 3, "a red fox in the snow, " * 100
+    embeds, _ = pipe.encode_prompt(short, device="cpu", max_sequence_length=1024)
+    assert counter.count(short) == embeds.shape[1]
+    embeds, _ = pipe.encode_prompt(long, device="cpu", max_sequence_length=512)
+    assert embeds.shape[1] == 512 < counter.count(long)  # cut silently by diffusers; seen by the counter
+
+
+def test_infer_refuses_or_truncates_a_text_to_image_prompt_the_pipeline_would_cut(tmp_path, tiny_t2i_path, caplog):
+    """Before any weight loads: refused with one line naming the job, or (long_prompt=truncate) shortened to fit
+    max_sequence_length with a warning; on a T2I model and for the text-only jobs of an edit model alike."""
+    from hydra import compose, initialize_config_dir
+
+    from fusedit.data.prompt_length import TextToImagePromptCounter
+    from fusedit.inference.preflight import preflight
+    from tests.training_utils import CONF
+
+    prompt = "a red fox in the snow " * 100
+    overrides = [f"model.path={tiny_t2i_path}", f"prompt='{prompt}'", f"output={tmp_path / 'out'}", "profile=cpu"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        refused = compose("infer", overrides=overrides)
+        truncated = compose("infer", overrides=[*overrides, "long_prompt=truncate", "sampling.max_sequence_length=64"])
+    with pytest.raises(UserInputError) as info:
+        preflight(refused)
+    message = str(info.value)
+    assert message.startswith("prompt: the prompt is ") and len(message.splitlines()) == 1
+    assert "encodes only the first 512 (sampling.max_sequence_length" in message and "long_prompt=truncate" in message
+    with caplog.at_level("WARNING", logger="fusedit.inference"):
+        (job,) = preflight(truncated).jobs
+    assert 60 <= TextToImagePromptCounter(tiny_t2i_path).count(job.prompt) <= 64 and prompt.startswith(job.prompt)
+    assert "prompt: prompt of" in caplog.text and "(long_prompt=truncate)" in caplog.text
+
+
+def test_infer_long_prompt_on_an_edit_model(tmp_path, tiny_edit_path, caplog):
+    from fusedit.data.prompt_length import PromptCounter
+    from fusedit.inference.inputs import Job
+    from fusedit.inference.preflight import check_prompt_lengths
+
+    save_image(tmp_path / "a.png", size=(96, 64))
+    text_only = Job("t2i", "z" * 5000, source="csv row 3")
+    with pytest.raises(
+        UserInputError, match=r"^csv row 3: the prompt is \d+ text tokens .* encodes only the first 512"
+    ):
+        check_prompt_lengths([text_only], tiny_edit_path, "qwen-image-edit")
+    edit = Job("long", "z" * 5000, (tmp_path / "a.png",), source="input a.png")
+    with caplog.at_level("WARNING", logger="fusedit.inference"):
+        (fitted,) = check_prompt_lengths([edit], tiny_edit_path, "qwen-image-edit", long_prompt="truncate")
+    assert "input a.png: prompt of" in caplog.text and fitted.prompt == "z" * len(fitted.prompt)
+    assert 4000 < PromptCounter(tiny_edit_path).count(fitted.prompt, [(96, 64)]) <= 4096
+    with pytest.raises(UserInputError, match="sampling.max_sequence_length=2048: diffusers' Qwen-Image pipelines"):
+        check_prompt_lengths([text_only], tiny_edit_path, "qwen-image-edit", max_sequence_length=2048)

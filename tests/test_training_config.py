@@ -138,6 +138,18 @@ def test_two_job_multirun_writes_two_loras_with_their_ranks(tmp_path, tiny_edit_
     assert len(wandb_runs) == 2
 
 
+def test_an_optuna_sweep_prints_no_plugin_setup_lines(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    # A target typo stops the one trial at config validation: the sweeper's start-up output, without training.
+    result = _train_py(
+        "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", "lora.targets=[attn,to_qkvv]", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert "Study name: fusedit_lora" in printed and "to_qkvv" in printed  # the sweep ran its trial
+    assert "setup plugin" not in printed, printed[-3000:]
+
+
 @pytest.mark.parametrize("layout", options("lora"))
 def test_alpha_follows_rank_so_a_rank_sweep_changes_only_the_rank(layout):
     for rank in (16, 32, 64):

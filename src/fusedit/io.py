@@ -15,12 +15,14 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fusedit.errors import Refusal, UserInputError
+
+if TYPE_CHECKING:  # torch is imported by the functions that touch tensors: `fusedit detect` reads headers only
+    import torch
 
 
 def current_umask() -> int:
@@ -107,13 +109,15 @@ def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
     """`safetensors.torch.save_file`, but crash-safe. Tensors are made contiguous (views of fused weights are not)."""
+    from safetensors.torch import save_file  # imports torch
+
     contiguous = {key: value.contiguous() for key, value in tensors.items()}
     with atomic_write_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor and the metadata of one safetensors file."""
+    """Read every tensor and the metadata of one safetensors file (imports torch: safetensors' "pt" framework)."""
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device=device) as handle:
         metadata = dict(handle.metadata() or {})

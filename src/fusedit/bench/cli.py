@@ -116,56 +116,68 @@ def shape_from_args(args) -> BenchShape:
     return shape.replace(**changes) if changes else shape
 
 
-def main(args) -> int:
-    # Names first: a typo in --variants should stop the run before anything is built.
-    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
-    timed = not args.estimate_only
+def _refuse_untimeable(args, device: torch.device, timed: bool) -> None:
+    """Stop at once what would run for hours or with a bad thread count, before anything is built."""
     if args.size == "full" and device.type == "cpu" and args.layers is None and timed and not args.data_only:
         # 60 blocks x 3072 wide in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
         raise UserInputError(
             "--size full is the real 20B shape and needs a GPU to time; on CPU use --size tiny, a partial model with "
             "--layers N, or --estimate-only for its predicted peak memory"
         )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserInputError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UserInputError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _bench_dtype(args, device: torch.device, timed: bool) -> torch.dtype:
     # A memory prediction is for the GPU run: bf16 unless told otherwise, also when predicted on a CPU.
     on_gpu_dtype = device.type == "cuda" or not timed
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
+    return DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
+
+
+def _write_reports(args, report: dict) -> str:
+    """Write the report where --json / --markdown ask (atomically: a killed run leaves the last whole one)."""
+    table = markdown_table(report)
+    if args.json_path:
+        write_json_atomic(args.json_path, report)
+    if args.markdown_path:
+        write_text_atomic(args.markdown_path, table)
+    return table
+
+
+def _progress_line(report: dict, device: torch.device, time_budget: float | None) -> str:
+    """One stderr line: what will run (before the first variant), else how the last finished variant went."""
+    finished = [r for r in report["variants"] if r["status"] != "pending"]
+    if not finished:
+        names = ", ".join(r["name"] for r in report["variants"])
+        budget = "" if time_budget is None else f", time budget {time_budget:g} min"
+        return f"fusedit bench: {report['shape']['name']} on {device}: {names}{budget}"
+    last, detail = finished[-1], ""
+    if last["status"] == "ok":
+        detail = f"{last['step_s']:.4g} s/step, "
+    elif last.get("est_peak_mem_gb") is not None:
+        detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
+    elif last["reason"]:
+        detail = f"{last['reason'].splitlines()[0][:200]}, "
+    wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
+    return (
+        f"fusedit bench: [{len(finished)}/{len(report['variants'])}] {last['name']}: {last['status']} "
+        f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)"
+    )
+
+
+def main(args) -> int:
+    # Names first: a typo in --variants should stop the run before anything is built.
+    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    timed = not args.estimate_only
+    _refuse_untimeable(args, device, timed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
 
-    def write_reports(report: dict) -> str:
-        table = markdown_table(report)
-        if args.json_path:
-            write_json_atomic(args.json_path, report)
-        if args.markdown_path:
-            write_text_atomic(args.markdown_path, table)
-        return table
-
     def progress(report: dict) -> None:
-        write_reports(report)
-        finished = [r for r in report["variants"] if r["status"] != "pending"]
-        if not finished:
-            names = ", ".join(r["name"] for r in report["variants"])
-            budget = "" if args.time_budget is None else f", time budget {args.time_budget:g} min"
-            print(f"fusedit bench: {report['shape']['name']} on {device}: {names}{budget}", file=sys.stderr, flush=True)
-        else:
-            last, detail = finished[-1], ""
-            if last["status"] == "ok":
-                detail = f"{last['step_s']:.4g} s/step, "
-            elif last.get("est_peak_mem_gb") is not None:
-                detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
-            elif last["reason"]:
-                detail = f"{last['reason'].splitlines()[0][:200]}, "
-            wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
-            print(
-                f"fusedit bench: [{len(finished)}/{len(report['variants'])}] {last['name']}: {last['status']} "
-                f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)",
-                file=sys.stderr,
-                flush=True,
-            )
+        _write_reports(args, report)
+        print(_progress_line(report, device, args.time_budget), file=sys.stderr, flush=True)
 
     if args.data_only:
         report = {"schema": SCHEMA, "command": command, "variants": []}
@@ -174,7 +186,7 @@ def main(args) -> int:
             shape_from_args(args),
             variants,
             device,
-            dtype,
+            _bench_dtype(args, device, timed),
             warmup=args.warmup,
             steps=args.steps,
             seed=args.seed,
@@ -190,8 +202,7 @@ def main(args) -> int:
         report["data"] = measure_data(
             args.data_metadata, args.data_samples, (side, side), workers=args.data_workers, seed=args.seed
         )
-    table = write_reports(report)
-    print(table, end="")
+    print(_write_reports(args, report), end="")
     failed = [v["name"] for v in report["variants"] if v["status"] == "failed"]
     if failed:
         print(f"fusedit bench: variant(s) failed: {', '.join(failed)} (see the JSON report)", file=sys.stderr)

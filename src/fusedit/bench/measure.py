@@ -123,6 +123,11 @@ def profile_step(step: Callable[[], float], device: torch.device) -> dict:
     """One profiled step: GEMM calls by op, and the SDPA backend(s) that ran."""
     from torch.profiler import ProfilerActivity, profile
 
+    # libkineto (the profiler's C++ side) prints "profiler_start" / "profiler_stop" lines, and on a machine without a
+    # GPU "gpuGetDeviceCount failed", to stderr on every profiled step: noise around the bench's own report. It
+    # reads KINETO_LOG_LEVEL once, when the first profile starts; 6 is past its most severe level (USDT = 5), so
+    # nothing is printed. A level the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)

@@ -9,6 +9,7 @@ transformer inputs without any encoder: it holds no weights at all.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -26,8 +27,9 @@ from fusedit.cache.keys import encoder_fingerprint, file_sha256, row_key
 from fusedit.cache.store import LatentCache, shard_bytes_of
 from fusedit.data.buckets import BucketBatchSampler
 from fusedit.data.datamodule import EditDataModule, split_train_val
-from fusedit.data.dataset import EditDataset, collate
+from fusedit.data.dataset import EditDataset, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
+from fusedit.data.prompt_length import PATCH
 from fusedit.data.records import Record, read_records
 from fusedit.data.validation import PathRefused, Sample, record_problems, resolve_path
 from fusedit.devices import resolve_device, to_dtype
@@ -82,6 +84,13 @@ def hash_record_files(records: list[Record], base_path: Path, allow_absolute: bo
 
 def _bucket(entry: dict) -> tuple:
     return (tuple(entry["target"]), tuple(tuple(shape) for shape in entry["edits"]))
+
+
+def _bucket_sizes(entry: dict) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """(target size, edit sizes) in pixels (width, height) of a cached row: its latent shapes (1, h, w) in patches
+    of PATCH pixels, which are exactly the sizes `plan_sizes` gave when it was encoded (multiples of 16 and 32)."""
+    target, edits = _bucket(entry)
+    return (target[2] * PATCH, target[1] * PATCH), tuple((w * PATCH, h * PATCH) for _, h, w in edits)
 
 
 # -------------------------------------------------------------------------------------------------- encoding
@@ -283,6 +292,19 @@ class CachedEditDataModule(EditDataModule):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def _fit_prompts_of(self, records, keys, hits: set[int], samples: list[Sample]):
+        """Prompt lengths judged for every row, cached (`hits`, sizes from its cached latents) or to encode
+        (`samples`), as `EditDataModule.fit_prompts` judges them, before anything is encoded or trained: (hits
+        kept, samples kept with the prompt to encode, row -> prompt). A cached row keeps its key (the row's own
+        prompt): its encoding is deterministic in the prompt, images and settings, truncation included."""
+        hp = self.hparams
+        cache = self.open_cache()
+        cached = [(r.row, r.prompt, *_bucket_sizes(cache.entries[keys[r.row]])) for r in records if r.row in hits]
+        to_encode = [(s.row, s.prompt, *plan_sizes(s, hp.max_pixels, hp.edit_max_pixels)) for s in samples]
+        prompts = self.fit_prompts(cached + to_encode)
+        kept = [dataclasses.replace(sample, prompt=prompts[sample.row]) for sample in samples if sample.row in prompts]
+        return hits & set(prompts), kept, prompts
+
     def resolve(self) -> list[CachedRow]:
         """Every usable row as a CachedRow; encodes the missing ones first when `build`. Sets `self.stats`."""
         hp = self.hparams
@@ -311,6 +333,8 @@ class CachedEditDataModule(EditDataModule):
                     raise
                 log.warning("data.on_error=skip: none of the %d rows missing from the cache is valid", len(missing))
             samples = [sample for sample in samples if sample.row in keys]  # a file that changed under our feet
+        hits, samples, prompts = self._fit_prompts_of(records, keys, hits, samples)
+        if samples:
             with cache.writer():
                 todo = [sample for sample in samples if keys[sample.row] not in cache.entries]
                 if todo and not self.build:
@@ -323,7 +347,7 @@ class CachedEditDataModule(EditDataModule):
                     encoded = self._encode(todo, keys, cache)
         usable = hits | {sample.row for sample in samples}
         rows = [
-            CachedRow(record.row, keys[record.row], record.prompt, _bucket(cache.entries[keys[record.row]]))
+            CachedRow(record.row, keys[record.row], prompts[record.row], _bucket(cache.entries[keys[record.row]]))
             for record in records
             if record.row in usable
         ]

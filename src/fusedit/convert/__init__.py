@@ -1,26 +1,22 @@
 """Lossless conversion of Qwen-Image checkpoints and LoRAs between the standard and the merged-QKV layout,
-and between LoRA file formats. See docs/conversion.md."""
+and between LoRA file formats. See docs/conversion.md.
 
-from .cli import add_cli
-from .files import convert_checkpoint, write_lora
-from .layout import DIRECTIONS, MERGED, STANDARD, TO_MERGED, TO_STANDARD
-from .lora_formats import FORMATS, LoraModule, LoraWeights, read_lora
-from .lora_qkv import convert_lora_layout
-from .state_dict import convert_state_dict
+The names below are imported on first use, so that `fusedit detect` can read layouts and LoRA key styles from
+`fusedit.convert.layout` / `.lora_formats` without this package importing the tensor converters (and torch).
+"""
 
-__all__ = [
-    "DIRECTIONS",
-    "FORMATS",
-    "MERGED",
-    "STANDARD",
-    "TO_MERGED",
-    "TO_STANDARD",
-    "LoraModule",
-    "LoraWeights",
-    "add_cli",
-    "convert_checkpoint",
-    "convert_lora_layout",
-    "convert_state_dict",
-    "read_lora",
-    "write_lora",
-]
+from fusedit._lazy import lazy_getattr
+
+_EXPORTS = {
+    "add_cli": "fusedit.convert.cli",
+    "convert_checkpoint": "fusedit.convert.files",
+    "write_lora": "fusedit.convert.files",
+    **dict.fromkeys(("DIRECTIONS", "MERGED", "STANDARD", "TO_MERGED", "TO_STANDARD"), "fusedit.convert.layout"),
+    **dict.fromkeys(("FORMATS", "LoraModule", "LoraWeights", "read_lora"), "fusedit.convert.lora_formats"),
+    "convert_lora_layout": "fusedit.convert.lora_qkv",
+    "convert_state_dict": "fusedit.convert.state_dict",
+}
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -30,31 +30,34 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fusedit.errors import UserInputError, examples
 from fusedit.io import load_safetensors
-from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
+from fusedit.model.module_map import ALL_BLOCK_LINEARS, ALL_TOP_LEVEL_LINEARS, BLOCK_MODULE_RE, BLOCKS, block_module
 from fusedit.pickle_files import pickle_refusal
 
 from .layout import layout_of_modules
+
+if TYPE_CHECKING:  # key parsing needs names only (`fusedit detect` of a model file); the readers that touch
+    import torch  # tensors get them from safetensors, which imports torch itself
 
 FORMATS = ("diffusers", "peft", "diffsynth", "comfyui", "kohya")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 FUSEDIT_METADATA_KEY = "fusedit_lora"
 
 _KOHYA_BLOCK_RE = re.compile(rf"^{BLOCKS}_(\d+)_(.+)$")
-_KOHYA_LEAVES = {leaf.replace(".", "_"): leaf for leaf in BLOCK_LINEARS}
-_KOHYA_TOP = {name.replace(".", "_"): name for name in TOP_LEVEL_LINEARS}
+_KOHYA_LEAVES = {leaf.replace(".", "_"): leaf for leaf in ALL_BLOCK_LINEARS}
+_KOHYA_TOP = {name.replace(".", "_"): name for name in ALL_TOP_LEVEL_LINEARS}
 
 
 def is_qwen_module(module: str) -> bool:
-    """Whether `module` is a Linear of QwenImageTransformer2DModel (either layout)."""
-    if module in TOP_LEVEL_LINEARS:
+    """Whether `module` is a Linear of QwenImageTransformer2DModel or QwenImage21Transformer2DModel (either
+    layout)."""
+    if module in ALL_TOP_LEVEL_LINEARS:
         return True
     match = BLOCK_MODULE_RE.match(module)
-    return bool(match) and match[2] in BLOCK_LINEARS
+    return bool(match) and match[2] in ALL_BLOCK_LINEARS
 
 
 def module_leaf(module: str) -> str:
@@ -170,6 +173,16 @@ def is_lora_key(key: str) -> bool:
         or key.endswith((_ALPHA_SUFFIX, *_PATCH_SUFFIXES))
         or bool(_PATCH_RE.search(key))
     )
+
+
+def classify_keys(keys, what: str = "state dict") -> str:
+    """Return "lora" when every key is a LoRA key, "model" when none is; a mix is an error naming the odd keys."""
+    keys = list(keys)
+    lora = [k for k in keys if is_lora_key(k)]
+    if lora and len(lora) != len(keys):
+        others = sorted(set(keys) - set(lora))
+        raise UserInputError(f"{what} mixes LoRA keys ({examples(lora, 3)}) with other keys: {examples(others)}")
+    return "lora" if lora else "model"
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -397,7 +410,7 @@ def lora_from_state_dict(
         key
         for roles in parsed.modules.values()
         for key in roles.values()
-        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all())
+        if tensors[key].is_floating_point() and not bool(tensors[key].isfinite().all())
     ]
     if nonfinite:
         raise UserInputError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {examples(nonfinite)}")
@@ -435,6 +448,8 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
 
 # ------------------------------------------------------------------------------------------------------- writing
 def _alpha_tensor(alpha: float) -> torch.Tensor:
+    import torch
+
     as_f32 = torch.tensor(alpha, dtype=torch.float32)
     return as_f32 if as_f32.item() == alpha else torch.tensor(alpha, dtype=torch.float64)
 

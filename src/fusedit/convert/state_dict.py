@@ -7,23 +7,13 @@ from collections.abc import Mapping
 
 import torch
 
-from fusedit.errors import UserInputError, examples
+from fusedit.errors import UserInputError
 
 from .layout import DIRECTIONS, TARGET_LAYOUT, model_layout, plan_model_conversion
-from .lora_formats import is_lora_key, lora_from_state_dict, lora_to_state_dict
+from .lora_formats import classify_keys, lora_from_state_dict, lora_to_state_dict
 from .lora_qkv import convert_lora_layout
 
 log = logging.getLogger(__name__)
-
-
-def classify_keys(keys, what: str = "state dict") -> str:
-    """Return "lora" when every key is a LoRA key, "model" when none is; a mix is an error naming the odd keys."""
-    keys = list(keys)
-    lora = [k for k in keys if is_lora_key(k)]
-    if lora and len(lora) != len(keys):
-        others = sorted(set(keys) - set(lora))
-        raise UserInputError(f"{what} mixes LoRA keys ({examples(lora, 3)}) with other keys: {examples(others)}")
-    return "lora" if lora else "model"
 
 
 def convert_state_dict(

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from fusedit.data.buckets import BucketBatchSampler
-from fusedit.data.dataset import EditDataset, collate, plan_sizes
+from fusedit.data.dataset import EditDataset, Size, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
 from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
 from fusedit.data.prompt_length import LONG_PROMPT_CHOICES, TEXT_POSITIONS, PromptCounter, text_positions_left
@@ -147,35 +147,44 @@ class EditDataModule(LightningDataModule):
     def check_prompt_lengths(self, samples: list[Sample]) -> list[Sample]:
         """`samples` whose prompts fit the transformer's text positions beside their images (see `long_prompt`)."""
         hp = self.hparams
-        if hp.model_path is None or not samples:
-            return samples
+        planned = {sample.row: plan_sizes(sample, hp.max_pixels, hp.edit_max_pixels) for sample in samples}
+        prompts = self.fit_prompts([(sample.row, sample.prompt, *planned[sample.row]) for sample in samples])
+        return [dataclasses.replace(sample, prompt=prompts[sample.row]) for sample in samples if sample.row in prompts]
+
+    def fit_prompts(self, rows: list[tuple[int, str, Size, tuple[Size, ...]]]) -> dict[int, str]:
+        """row -> the prompt to train on, for `rows` of (row, prompt, target size, edit sizes), sizes (width,
+        height) in pixels as the sample is resized: the prompt itself when it fits the text positions its images
+        leave, else shortened (`long_prompt=truncate`, warned) or refused (`raise`: DataValidationError naming the
+        rows and counts, or those rows left out with `on_error=skip`). Rows from the files and rows from the cache
+        (`fusedit.cache.data`) are judged here alike. No pipeline (`model_path` None): every prompt as it is."""
+        hp = self.hparams
+        if hp.model_path is None or not rows:
+            return {row: prompt for row, prompt, *_ in rows}
         counter = PromptCounter(hp.model_path)
-        kept, problems = [], []
-        for sample in samples:
-            target, edits = plan_sizes(sample, hp.max_pixels, hp.edit_max_pixels)
+        kept, problems = {}, []
+        for row, prompt, target, edits in rows:
             limit = text_positions_left([target, *edits])
-            length = counter.count(sample.prompt, list(edits))
+            length = counter.count(prompt, list(edits))
             if length <= limit:
-                kept.append(sample)
+                kept[row] = prompt
             elif hp.long_prompt == "truncate":
-                text, shortened = counter.shorten(sample.prompt, list(edits), limit)
+                kept[row], shortened = counter.shorten(prompt, list(edits), limit)
                 log.warning(
                     "row %d: prompt of %d text tokens truncated to %d to fit the %d text positions left beside its "
-                    "images (data.long_prompt=truncate)", sample.row, length, shortened, limit,
+                    "images (data.long_prompt=truncate)", row, length, shortened, limit,
                 )  # fmt: skip
-                kept.append(dataclasses.replace(sample, prompt=text))
             else:
                 reason = (
                     f"prompt is {length} text tokens (template and edit images' vision tokens included), but the "
                     f"transformer has {limit} text positions left beside this row's images ({TEXT_POSITIONS} in "
                     "all); shorten it, or set data.long_prompt=truncate"
                 )
-                problems.append(Problem(sample.row, self.columns.prompt, "", reason))
+                problems.append(Problem(row, self.columns.prompt, "", reason))
         if problems:
-            message = format_problems(self.metadata, problems, len(samples))
+            message = format_problems(self.metadata, problems, len(rows))
             if hp.on_error == "raise" or not kept:
                 raise DataValidationError(message, problems)
-            log.warning("data.on_error=skip: skipped %d of %d rows.\n%s", len(problems), len(samples), message)
+            log.warning("data.on_error=skip: skipped %d of %d rows.\n%s", len(problems), len(rows), message)
         return kept
 
     # -- setup --------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ shape error inside the transformer, at its batch.
 `L` is counted by the pipeline's own `_get_qwen_prompt_embeds` (its template, image prompt, processor and
 `prompt_template_encode_start_idx`), built from the folder's tokenizer and processor only: a stand-in text encoder
 returns an empty hidden state per token, so no weight is read. The edit images' vision tokens depend only on the
-size the VLM is shown (`vlm_size`, as `fusedit.step.conditioning.EditConditioner._vlm_images` computes it); they are counted once per size on
-a blank image and added to the count of the prompt with the smallest image the processor accepts.
+size the VLM is shown (`fusedit.step.conditioning.vlm_size`, the size the conditioner resizes them to); they are
+counted once per size on a blank image and added to the count of the prompt with the smallest image the processor
+accepts.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 TEXT_POSITIONS = 4096  # diffusers' QwenEmbedRope: pos_freqs over torch.arange(4096)
 LONG_PROMPT_CHOICES = ("raise", "truncate")
-# EditConditioner's VLM area for plain Qwen-Image-Edit (its pipeline's `calculate_dimensions(1024 * 1024, ...)`).
-EDIT_VLM_AREA = 1024 * 1024
 PATCH = 16  # pixels per latent patch: VAE factor 8 x 2x2 packing
 
 
@@ -49,7 +48,24 @@ class _TokenCountingEncoder:
         return SimpleNamespace(hidden_states=[hidden])
 
 
-class PromptCounter:
+class _Shortens:
+    """`shorten` for a counter with `tokenizer` and `count(prompt, edit_sizes)`."""
+
+    def shorten(self, prompt: str, edit_sizes: list[tuple[int, int]], limit: int) -> tuple[str, int]:
+        """The longest start of `prompt` (whole tokens) whose `L` is at most `limit`, and that `L`."""
+        tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        length = self.count(prompt, edit_sizes)
+        keep = len(tokens) - max(0, length - limit)
+        while keep > 0:
+            text = self.tokenizer.decode(tokens[:keep])
+            length = self.count(text, edit_sizes)
+            if length <= limit:
+                return text, length
+            keep -= max(1, length - limit)  # a decode can merge tokens differently at the cut
+        return "", self.count("", edit_sizes)
+
+
+class PromptCounter(_Shortens):
     """Counts the prompt-embedding length `L` of (prompt, edit image sizes) for the pipeline at `pipeline_dir`."""
 
     def __init__(self, pipeline_dir: str | Path):
@@ -75,16 +91,10 @@ class PromptCounter:
         self._small = max(factor, math.ceil(math.sqrt(getattr(image_processor, "min_pixels", 0) or 0)))
 
     def vlm_size(self, width: int, height: int) -> tuple[int, int]:
-        """The size an edit image of `width` x `height` is shown to the VLM (`fusedit.step.conditioning.EditConditioner._vlm_images`)."""
-        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+        """The size an edit image of `width` x `height` is shown to the VLM (fusedit.step.conditioning.vlm_size)."""
+        from fusedit.step.conditioning import vlm_size
 
-        if self.multi_image:
-            dims = pipeline_qwenimage_edit_plus.calculate_dimensions(
-                pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE, width / height
-            )
-        else:
-            dims = pipeline_qwenimage_edit.calculate_dimensions(EDIT_VLM_AREA, width / height)
-        return int(dims[0]), int(dims[1])
+        return vlm_size(width, height, self.multi_image)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one counter per data module; sizes repeat across rows
     def _image_tokens(self, size: tuple[int, int]) -> int:
@@ -105,15 +115,30 @@ class PromptCounter:
         extra = sum(self._image_tokens(self.vlm_size(*size)) - self._image_tokens(small) for size in edit_sizes)
         return int(embeds.shape[1]) + extra
 
-    def shorten(self, prompt: str, edit_sizes: list[tuple[int, int]], limit: int) -> tuple[str, int]:
-        """The longest start of `prompt` (whole tokens) whose `L` is at most `limit`, and that `L`."""
-        tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        length = self.count(prompt, edit_sizes)
-        keep = len(tokens) - max(0, length - limit)
-        while keep > 0:
-            text = self.tokenizer.decode(tokens[:keep])
-            length = self.count(text, edit_sizes)
-            if length <= limit:
-                return text, length
-            keep -= max(1, length - limit)  # a decode can merge tokens differently at the cut
-        return "", self.count("", edit_sizes)
+
+class TextToImagePromptCounter(_Shortens):
+    """`L` for diffusers' `QwenImagePipeline` (Qwen-Image, and the text-to-image jobs an edit model runs): the
+    templated prompt's tokens past the template prefix the pipeline drops (`prompt_template_encode_start_idx`).
+
+    Counted without the truncation the pipeline's tokenizer call applies at `tokenizer_max_length` (1,024), so
+    that a prompt it would cut is seen; `encode_prompt` then keeps only the first `max_sequence_length` (512 by
+    default) of those positions. Both cuts are silent in diffusers. Tokenizer only: no weight, no processor.
+    """
+
+    def __init__(self, pipeline_dir: str | Path):
+        import diffusers
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(pipeline_dir) / "tokenizer")
+        text_side = diffusers.QwenImagePipeline(
+            scheduler=None, vae=None, text_encoder=None, tokenizer=self.tokenizer, transformer=None
+        )
+        self.template = text_side.prompt_template_encode
+        self.template_start = text_side.prompt_template_encode_start_idx
+        self.tokenizer_max_length = text_side.tokenizer_max_length
+
+    def count(self, prompt: str, edit_sizes: list[tuple[int, int]] = ()) -> int:
+        """`L` of `prompt` (text-to-image: `edit_sizes` must be empty)."""
+        if edit_sizes:
+            raise ValueError("a text-to-image prompt has no edit images")
+        return len(self.tokenizer(self.template.format(prompt))["input_ids"]) - self.template_start

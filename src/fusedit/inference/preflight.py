@@ -17,6 +17,8 @@ rule (neither imports torch).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from fusedit.families import EDIT_2511, PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_im
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 from fusedit.pickle_files import pickle_refusal
+
+log = logging.getLogger(__name__)
 
 TRANSFORMER_KINDS = ("pipeline", "transformer", "model_file")  # what fusedit.model.load_transformer reads
 
@@ -185,41 +189,93 @@ def check_jobs_fit(jobs: list[Job], family: str) -> None:
             raise UserInputError(f"{job.source}: {problem}{hint}")
 
 
-def check_prompt_lengths(jobs: list[Job], model_path, family: str, width=None, height=None) -> None:
-    """Refuse edit jobs whose prompt does not fit the transformer's text positions (`fusedit.data.prompt_length`).
+MAX_SEQUENCE_LENGTH = 1024  # diffusers' Qwen-Image pipelines refuse a larger sampling.max_sequence_length
 
-    Counted with the pipeline's tokenizer and processor (no weights). The image sizes are the edit pipelines':
-    each input at about 1 MP in its own aspect (`calculate_dimensions(1024 * 1024, ...)`), the output at
-    `width` x `height` or the first input's size. Text-to-image jobs are skipped: that pipeline cuts the prompt
-    at `max_sequence_length` itself.
+
+def check_prompt_lengths(
+    jobs: list[Job], model_path, family: str, width=None, height=None, max_sequence_length: int = 512,
+    long_prompt: str = "raise",
+) -> list[Job]:  # fmt: skip
+    """The jobs, each with a prompt that fits what the pipeline encodes: refused otherwise (`long_prompt="raise"`:
+    UserInputError, one line per job naming its source, the count and the limit) or shortened to fit with a
+    warning (`"truncate"`, data.long_prompt's choice for training); never cut silently.
+
+    Counted with the pipeline's tokenizer and processor (`fusedit.data.prompt_length`; no weights). Edit jobs: the
+    transformer's text positions left beside the images (each input at about 1 MP in its own aspect, as the edit
+    pipelines size it, the output at `width` x `height` or the first input's size). Text-to-image jobs
+    (QwenImagePipeline, also run for the jobs without an input on an edit model): `max_sequence_length`, where
+    that pipeline's `encode_prompt` cuts the prompt embedding.
     """
-    edit_jobs = [job for job in jobs if job.images]
-    if not is_edit_family(family) or not edit_jobs:
-        return
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
-    from PIL import Image
+    from fusedit.data.prompt_length import LONG_PROMPT_CHOICES
 
-    from fusedit.data.prompt_length import TEXT_POSITIONS, PromptCounter, text_positions_left
+    if long_prompt not in LONG_PROMPT_CHOICES:
+        raise UserInputError(f"long_prompt must be one of {LONG_PROMPT_CHOICES}, got {long_prompt!r}")
+    if not 1 <= int(max_sequence_length) <= MAX_SEQUENCE_LENGTH:
+        raise UserInputError(
+            f"sampling.max_sequence_length={max_sequence_length}: diffusers' Qwen-Image pipelines take 1 to "
+            f"{MAX_SEQUENCE_LENGTH}"
+        )
+    limits = _PromptLimits(model_path, family, width, height, int(max_sequence_length))
+    kept, problems = [], []
+    for job in jobs:
+        counter, sizes, limit, what = limits.of(job)
+        length = counter.count(job.prompt, sizes)
+        if length <= limit:
+            kept.append(job)
+        elif long_prompt == "truncate":
+            text, shortened = counter.shorten(job.prompt, sizes, limit)
+            log.warning(
+                "%s: prompt of %d text tokens truncated to %d to fit %s (long_prompt=truncate)",
+                job.source or job.name, length, shortened, what,
+            )  # fmt: skip
+            kept.append(dataclasses.replace(job, prompt=text))
+        else:
+            problems.append(
+                f"{job.source or job.name}: the prompt is {length} text tokens (template and input images' vision "
+                f"tokens included), but {what}; shorten it, or set long_prompt=truncate"
+            )
+    if problems:
+        raise UserInputError("\n  ".join(problems))
+    return kept
 
-    counter = PromptCounter(model_path)
-    problems = []
-    for job in edit_jobs:
+
+class _PromptLimits:
+    """Per job: (counter, edit image sizes, the most text tokens its pipeline encodes whole, that limit in words)."""
+
+    def __init__(self, model_path, family: str, width, height, max_sequence_length: int):
+        self.model_path, self.family = model_path, family
+        self.output = (int(width), int(height)) if width and height else None
+        self.max_sequence_length = max_sequence_length
+        self._counters: dict[bool, object] = {}
+
+    def _counter(self, edit: bool):
+        from fusedit.data.prompt_length import PromptCounter, TextToImagePromptCounter
+
+        if edit not in self._counters:
+            self._counters[edit] = (PromptCounter if edit else TextToImagePromptCounter)(self.model_path)
+        return self._counters[edit]
+
+    def of(self, job: Job):
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+        from PIL import Image
+
+        from fusedit.data.prompt_length import TEXT_POSITIONS, text_positions_left
+
+        if not (job.images and is_edit_family(self.family)):
+            limit = self.max_sequence_length
+            what = (
+                f"the text-to-image pipeline encodes only the first {limit} (sampling.max_sequence_length, at most "
+                f"{MAX_SEQUENCE_LENGTH}) and would cut the rest"
+            )
+            return self._counter(False), [], limit, what
         sizes = []
         for image in job.images:
             with Image.open(image) as header:  # the header only; a regular file (checked in the first stage)
                 sizes.append(header.size)
         condition = [calculate_dimensions(1024 * 1024, w / h)[:2] for w, h in sizes]
-        output = (width, height) if width and height else condition[0]
-        limit = text_positions_left([tuple(map(int, output)), *condition])
-        length = counter.count(job.prompt, sizes)
-        if length > limit:
-            problems.append(
-                f"{job.source}: the prompt is {length} text tokens (template and input images' vision tokens "
-                f"included), but the transformer has {limit} text positions left beside the images "
-                f"({TEXT_POSITIONS} in all); shorten it"
-            )
-    if problems:
-        raise UserInputError("\n  ".join(problems))
+        limit = text_positions_left([self.output or tuple(map(int, condition[0])), *condition])
+        what = f"the transformer has {limit} text positions left beside the images ({TEXT_POSITIONS} in all)"
+        return self._counter(True), sizes, limit, what
 
 
 class _Problems:
@@ -279,9 +335,11 @@ def preflight(cfg: DictConfig) -> Plan:
     if family is not None:
         problems.check(check_jobs_fit, jobs, family)
         sampling = cfg.get("sampling") or {}
-        problems.check(
-            check_prompt_lengths, jobs, cfg.model.path, family, sampling.get("width"), sampling.get("height")
-        )
+        fitted = problems.check(
+            check_prompt_lengths, jobs, cfg.model.path, family, sampling.get("width"), sampling.get("height"),
+            sampling.get("max_sequence_length", 512), cfg.get("long_prompt", "raise"),
+        )  # fmt: skip
+        jobs = fitted if fitted is not None else jobs
     from fusedit.inference.profiles import check_profile, resolve_auto_profile  # torch, imported by detect already
 
     with open_dict(cfg):  # profile=auto: the detected GPU's profile from here on (infer() reads cfg.profile)

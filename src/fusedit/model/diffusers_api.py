@@ -36,21 +36,25 @@ from torch import nn
 
 from fusedit.convert.layout import PART_TO_MERGED, proj_role, split_param_key
 from fusedit.convert.lora_formats import module_from_kohya
-from fusedit.model.module_map import ATTENTION, QKV_GROUPS
+from fusedit.model.module_map import ATTENTION, QKV_GROUPS, QWEN21_MLP, QWEN21_MLP_GROUP
 
 # Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR.
 MODEL_OVERRIDES = ("save_pretrained", "add_adapter", "load_lora_adapter", "_tp_plan")
 SET_PROCESSOR = "set_processor"
 MERGED_NAMES_HELP = ", ".join(f"{merged} (= {' + '.join(parts)})" for merged, parts in QKV_GROUPS.items())
 # A key inside a merged projection: group 2 is what follows the module name (weight, bias, base_layer.weight, ...).
-_INSIDE_MERGED = re.compile(rf"^(.*\.{ATTENTION}\.(?:{'|'.join(QKV_GROUPS)}))\.(.+)$")
+# Qwen-Image-2.1's merged SwiGLU (`img_mlp.gate_up_proj`, fusedit.model.merged_qwen21) included.
+_INSIDE_MERGED = re.compile(
+    rf"^(.*\.(?:{ATTENTION}\.(?:{'|'.join(QKV_GROUPS)})|{QWEN21_MLP}\.(?:{'|'.join(QWEN21_MLP_GROUP)})))\.(.+)$"
+)
 
 
 # ------------------------------------------------------------------------------------------- save_pretrained
 def standard_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict post hook: every merged `weight`/`bias` replaced, in place and in order, by its q, k, v thirds.
+    """State-dict post hook: every merged `weight`/`bias` replaced, in place and in order, by its q, k, v thirds
+    (2.1's `gate_up_proj`: its gate and up halves).
 
-    The thirds are views, not copies (safetensors writes non-overlapping views of one tensor as separate tensors).
+    The parts are views, not copies (safetensors writes non-overlapping views of one tensor as separate tensors).
     Raises ValueError for anything else stored under a merged projection (a LoRA wrapper's
     `base_layer`, fp8 `weight_scale`): no stock loader could read it back.
     """
@@ -69,7 +73,7 @@ def standard_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, l
             )
         attn_module, param = match[1], match[2]
         role = proj_role(attn_module)
-        parts = QKV_GROUPS[role.proj]
+        parts = role.parts
         for part, third in zip(parts, tensor.chunk(len(parts), dim=0), strict=True):
             state_dict[f"{role.attn_prefix}{part}.{param}"] = third
 

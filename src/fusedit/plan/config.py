@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -20,10 +19,9 @@ from fusedit.errors import UserInputError
 from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate
 from fusedit.plan.predict import FULL, Estimates, ModelFacts, model_facts, pipeline_shape, training_shape
 from fusedit.step.precision import PRESETS, Precision
+from fusedit.train_config import CONF_DIR
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def config_plan(cfg: DictConfig) -> TrainPlan:

@@ -76,6 +76,21 @@ def trim_prompt_padding(
     return prompt_embeds, prompt_mask[:, :keep]
 
 
+def vlm_size(width: int, height: int, multi_image: bool) -> tuple[int, int]:
+    """(width, height) in pixels at which the edit pipeline shows Qwen2.5-VL an edit image of `width` x `height`.
+
+    The pipelines' own `calculate_dimensions`: QwenImageEditPipeline keeps the aspect at about EDIT_VLM_AREA,
+    QwenImageEditPlusPipeline (`multi_image`, 2509/2511) at about CONDITION_IMAGE_SIZE. The conditioner resizes to
+    it; fusedit.data.prompt_length counts the vision tokens of that size.
+    """
+    if multi_image:
+        area, module = pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE, pipeline_qwenimage_edit_plus
+    else:
+        area, module = EDIT_VLM_AREA, pipeline_qwenimage_edit
+    dims = module.calculate_dimensions(area, width / height)
+    return int(dims[0]), int(dims[1])
+
+
 def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """The Qwen-Image-Edit pipeline at `path` without its transformer (VAE, text encoder, processor, scheduler)."""
     path = Path(path)
@@ -129,14 +144,8 @@ class EditConditioner(nn.Module):
         images = []
         for slot in edit_images:
             image = processor.postprocess(slot[index : index + 1].float(), output_type="pil")[0]
-            width, height = image.size
-            if self.multi_image:
-                dims = pipeline_qwenimage_edit_plus.calculate_dimensions(
-                    pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE, width / height
-                )
-            else:
-                dims = pipeline_qwenimage_edit.calculate_dimensions(EDIT_VLM_AREA, width / height)[:2]
-            images.append(processor.resize(image, dims[1], dims[0]))
+            width, height = vlm_size(*image.size, multi_image=self.multi_image)
+            images.append(processor.resize(image, height, width))
         return images
 
     @torch.no_grad()
