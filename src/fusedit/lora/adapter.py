@@ -105,20 +105,7 @@ def add_lora(
     `init_from`: a LoRA in the model's layout (fusedit.lora.init_from.read_init_lora): its modules get its own
     ranks and scales and start from its factors; the other targeted modules start as `init` says.
     """
-    if int(rank) < 1:
-        raise ValueError(f"lora.rank must be >= 1, got {rank}")
-    if alpha is not None and float(alpha) <= 0:
-        raise ValueError(f"lora.alpha must be > 0, got {alpha}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
-    check_init(init)
-    check_type(type)
-    if type == "dora" and (changes_base(init) or init_from is not None):
-        raise ValueError(
-            "lora.type=dora starts its magnitude from the base weight: not with lora.init=pissa/olora or lora.init_from"
-        )
-    if changes_base(init) and init_from is not None:
-        raise ValueError(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
+    _check_arguments(rank, alpha, dropout, init, type, init_from)
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
@@ -152,13 +139,30 @@ def add_lora(
             parameter.requires_grad_(True)
     if init_from is not None:
         _copy_factors(transformer, init_from)
-    if changes_base(init):
+    if changes_base(init):  # the start s * B0 @ A0 was taken out of the base weight: kept for the export
         transformer._fusedit_initial_factors = {
             name: (module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone())
             for name, module in transformer.named_modules()
             if isinstance(module, LoraLayer) and "default" in module.lora_A
         }
     return transformer
+
+
+def _check_arguments(rank, alpha, dropout, init: str, adapter_type: str, init_from) -> None:
+    if int(rank) < 1:
+        raise ValueError(f"lora.rank must be >= 1, got {rank}")
+    if alpha is not None and float(alpha) <= 0:
+        raise ValueError(f"lora.alpha must be > 0, got {alpha}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
+    check_init(init)
+    check_type(adapter_type)
+    if adapter_type == "dora" and (changes_base(init) or init_from is not None):
+        raise ValueError(
+            "lora.type=dora starts its magnitude from the base weight: not with lora.init=pissa/olora or lora.init_from"
+        )
+    if changes_base(init) and init_from is not None:
+        raise ValueError(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
 
 
 def _copy_factors(transformer: nn.Module, weights: LoraWeights) -> None:
