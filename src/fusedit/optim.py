@@ -145,13 +145,21 @@ def set_train_mode(optimizers: Iterable[torch.optim.Optimizer], training: bool) 
 
 @contextlib.contextmanager
 def evaluation_mode(optimizers: Iterable[torch.optim.Optimizer]) -> Iterator[None]:
-    """The parameters a user of the model gets while inside (x for schedule-free optimizers; no-op for others);
-    each optimizer's own mode comes back after, so the next step finds what it left."""
-    optimizers = [getattr(o, "optimizer", o) for o in optimizers if is_schedule_free(o)]
-    was_training = [o.param_groups[0]["train_mode"] for o in optimizers]
-    set_train_mode(optimizers, False)
+    """The parameters a user of the model gets while inside (x for schedule-free optimizers in training mode; a
+    no-op for others). On exit the training point y is restored from a copy, bit for bit, not recomputed from x (the
+    lerp back would round): an export or a validation image must not change the run, and under DDP, where only
+    rank 0 exports, must not move rank 0's weights away from the other ranks'."""
+    switched = [getattr(o, "optimizer", o) for o in optimizers if is_schedule_free(o)]
+    switched = [optimizer for optimizer in switched if optimizer.param_groups[0]["train_mode"]]
+    saved = [[p.detach().clone() for group in o.param_groups for p in group["params"]] for o in switched]
+    set_train_mode(switched, False)
     try:
         yield
     finally:
-        for optimizer, training in zip(optimizers, was_training, strict=True):
-            set_train_mode([optimizer], training)
+        with torch.no_grad():
+            for optimizer, values in zip(switched, saved, strict=True):
+                parameters = [p for group in optimizer.param_groups for p in group["params"]]
+                for parameter, value in zip(parameters, values, strict=True):
+                    parameter.copy_(value)
+                for group in optimizer.param_groups:
+                    group["train_mode"] = True

@@ -11,6 +11,7 @@ dataset row); see fusedit.step.loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from fusedit.lora.adapter import lora_parameters
-from fusedit.optim import set_train_mode
+from fusedit.optim import evaluation_mode, set_train_mode
 from fusedit.step.conditioning import EditConditioner, EditInputs
 from fusedit.step.loss import EditLoss
 from fusedit.step.objective import FlowMatchObjective
@@ -172,15 +173,18 @@ class EditLoRAModule(LightningModule):
 
     # -- schedule-free optimizers: training point y while training, averaged point x for validation ----------------
     # (fusedit.optim). Checkpoints are written in training mode, between steps, and restore it exactly; exports and
-    # validation images switch through fusedit.optim.evaluation_mode.
+    # validation images switch through fusedit.optim.evaluation_mode as well.
     def on_train_start(self) -> None:
         set_train_mode(self.trainer.optimizers, True)
 
     def on_validation_epoch_start(self) -> None:
-        set_train_mode(self.trainer.optimizers, False)
+        self._evaluation = contextlib.ExitStack()
+        self._evaluation.enter_context(evaluation_mode(self.trainer.optimizers))
 
     def on_validation_epoch_end(self) -> None:
-        set_train_mode(self.trainer.optimizers, True)
+        evaluation = getattr(self, "_evaluation", None)
+        if evaluation is not None:
+            evaluation.close()
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
