@@ -245,18 +245,21 @@ def export_dora(weights: LoraWeights, magnitudes: dict[str, torch.Tensor], path,
 
     from fusedit.convert.lora_formats import DIFFUSERS_METADATA_KEY, lora_to_state_dict
     from fusedit.io import save_safetensors_atomic
-    from fusedit.model.module_map import QKV_GROUPS
+    from fusedit.model.module_map import QKV_GROUPS, QWEN21_MLP_GROUP
 
     if layout != "standard":
         raise ValueError("a DoRA adapter is exported in the standard layout only (callbacks.lora_export.layout)")
     if weights.layout != "standard":
         weights = convert_lora_layout(weights, TO_STANDARD)
+    groups = {**QKV_GROUPS, **QWEN21_MLP_GROUP}  # merged leaf -> its parts, in row order
     split: dict[str, torch.Tensor] = {}
     for module, magnitude in magnitudes.items():
         prefix, _, leaf = module.rpartition(".")
-        if leaf in QKV_GROUPS:  # rows of the stacked q/k/v, in concatenation order
-            for part, rows in zip(QKV_GROUPS[leaf], magnitude.chunk(3), strict=True):
-                split[f"{prefix}.{part}"] = rows.clone()
+        if leaf in groups:  # rows of the stacked parts, in concatenation order, as many as each part's B has
+            parts = [f"{prefix}.{part}" for part in groups[leaf]]
+            sizes = [weights.modules[part].B.shape[0] for part in parts]
+            for part, rows in zip(parts, magnitude.split(sizes), strict=True):
+                split[part] = rows.clone()
         else:
             split[module] = magnitude
     tensors, metadata = lora_to_state_dict(weights, "diffusers")
