@@ -18,9 +18,12 @@ def collate_cached(items: list[dict]) -> dict:
         )
     embeds, mask = pad_prompts([item["prompt_embeds"] for item in items])
     slots = len(items[0]["edits"])
+    target = torch.stack([item["target"] for item in items])
+    # Text-to-image rows have no edit image: a condition of 0 tokens, as EditConditioner gives.
+    condition = [torch.stack([item["edits"][s] for item in items]) for s in range(slots)] or [target[:, :0]]
     return {
-        "target": torch.stack([item["target"] for item in items]),
-        "condition": torch.cat([torch.stack([item["edits"][s] for item in items]) for s in range(slots)], dim=1),
+        "target": target,
+        "condition": torch.cat(condition, dim=1),
         "prompt_embeds": embeds,
         "prompt_mask": mask,
         "img_shapes": [[tuple(shape) for shape in item["img_shapes"]] for item in items],

@@ -30,7 +30,7 @@ from fusedit.data.datamodule import EditDataModule, split_train_val
 from fusedit.data.dataset import EditDataset, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
 from fusedit.data.prompt_length import PATCH
-from fusedit.data.records import Record, read_records
+from fusedit.data.records import Record
 from fusedit.data.validation import PathRefused, Sample, record_problems, resolve_path
 from fusedit.devices import resolve_device, to_dtype
 from fusedit.families import folder_family
@@ -128,7 +128,7 @@ def encode_into_cache(
         batch["edit_images"] = [slot.to(device) for slot in batch["edit_images"]]
         inputs = conditioner(batch)
         shapes = inputs.img_shapes[0]
-        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1)
+        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1) if shapes[1:] else ()
         for i, row in enumerate(batch["row"]):
             length = inputs.prompt_embeds.shape[1] if inputs.prompt_mask is None else int(inputs.prompt_mask[i].sum())
             tensors = {
@@ -310,7 +310,7 @@ class CachedEditDataModule(EditDataModule):
         hp = self.hparams
         started = time.perf_counter()
         cache = self.open_cache()
-        records = read_records(self.metadata, self.columns)
+        records = self.read()
         hashes = hash_record_files(records, self.base_path, hp.allow_absolute_paths)
         keys = {
             row: row_key(cache.hash, record.prompt, *hashes[row]) for record in records if (row := record.row) in hashes

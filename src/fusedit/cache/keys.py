@@ -37,6 +37,7 @@ fingerprint. Nobody edits single weights of an encoder in place; whoever does mu
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -158,7 +159,10 @@ def _template(pipeline_class: str) -> dict:
     if cls is None:
         raise ValueError(f"model_index.json names pipeline class {pipeline_class!r}, which diffusers does not have")
     # The template is set in __init__; every component may be None (the pipeline only reads configs when present).
-    empty = cls(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None)
+    # QwenImagePipeline (text-to-image) shows the VLM no image and takes no processor.
+    components = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
+    accepted = inspect.signature(cls.__init__).parameters
+    empty = cls(**{name: None for name in components if name in accepted})
     return {
         "prompt_template_encode": empty.prompt_template_encode,
         "prompt_template_encode_start_idx": empty.prompt_template_encode_start_idx,

@@ -19,10 +19,16 @@ from fusedit.data.buckets import BucketBatchSampler
 from fusedit.data.dataset import EditDataset, Size, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
 from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
-from fusedit.data.prompt_length import LONG_PROMPT_CHOICES, TEXT_POSITIONS, PromptCounter, text_positions_left
-from fusedit.data.records import Columns, read_records
+from fusedit.data.prompt_length import (
+    LONG_PROMPT_CHOICES,
+    TEXT_POSITIONS,
+    PromptCounter,
+    TextToImagePromptCounter,
+    text_positions_left,
+)
+from fusedit.data.records import Columns, Record, read_records
 from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, format_problems, validate_records
-from fusedit.families import folder_family
+from fusedit.families import TEXT_TO_IMAGE, folder_family
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +135,18 @@ class EditDataModule(LightningDataModule):
         self._pending_state: dict | None = None
         self._consumed = {"epoch": None, "batches": 0}
 
+    def read(self) -> list[Record]:
+        """The metadata file's records. For a text-to-image model (`model_path` is Qwen-Image) the edit_image column
+        may be left out or empty (its rows then have no edit image); a row that does name one is refused by
+        validation."""
+        model_path = self.hparams.model_path
+        if model_path is None or folder_family(model_path) != TEXT_TO_IMAGE:
+            return read_records(self.metadata, self.columns)
+        columns = dataclasses.replace(self.columns, optional=self.columns.optional | {"edit_image"})
+        records = read_records(self.metadata, columns)
+        # No column, or an empty cell (read as ("",)): no edit image.
+        return [r if any(r.edit_images or ()) else dataclasses.replace(r, edit_images=()) for r in records]
+
     def validate(self, records) -> list:
         """Check `records` with this module's settings (files, pixel limit, paths, on_error); the valid samples."""
         hp = self.hparams
@@ -160,10 +178,13 @@ class EditDataModule(LightningDataModule):
         hp = self.hparams
         if hp.model_path is None or not rows:
             return {row: prompt for row, prompt, *_ in rows}
-        counter = PromptCounter(hp.model_path)
+        text_to_image = folder_family(hp.model_path) == TEXT_TO_IMAGE
+        counter = (TextToImagePromptCounter if text_to_image else PromptCounter)(hp.model_path)
         kept, problems = {}, []
         for row, prompt, target, edits in rows:
             limit = text_positions_left([target, *edits])
+            if text_to_image:  # QwenImagePipeline's tokenizer call would cut the rest silently
+                limit = min(limit, counter.tokenizer_max_length)
             length = counter.count(prompt, list(edits))
             if length <= limit:
                 kept[row] = prompt
@@ -174,10 +195,15 @@ class EditDataModule(LightningDataModule):
                     "images (data.long_prompt=truncate)", row, length, shortened, limit,
                 )  # fmt: skip
             else:
+                room = (
+                    f"QwenImagePipeline keeps {limit}"
+                    if text_to_image
+                    else f"the transformer has {limit} text positions left beside this row's images "
+                    f"({TEXT_POSITIONS} in all)"
+                )
                 reason = (
-                    f"prompt is {length} text tokens (template and edit images' vision tokens included), but the "
-                    f"transformer has {limit} text positions left beside this row's images ({TEXT_POSITIONS} in "
-                    "all); shorten it, or set data.long_prompt=truncate"
+                    f"prompt is {length} text tokens (template and edit images' vision tokens included), but {room}; "
+                    "shorten it, or set data.long_prompt=truncate"
                 )
                 problems.append(Problem(row, self.columns.prompt, "", reason))
         if problems:
@@ -192,7 +218,7 @@ class EditDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return  # validated once, however many stages call setup
         hp = self.hparams
-        samples = self.check_prompt_lengths(self.validate(read_records(self.metadata, self.columns)))
+        samples = self.check_prompt_lengths(self.validate(self.read()))
         train, val = split_train_val(samples, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
         sizes = (hp.max_pixels, hp.edit_max_pixels, hp.max_image_pixels)
         self.train_dataset = EditDataset(train, *sizes)

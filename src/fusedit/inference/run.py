@@ -15,7 +15,7 @@ from fusedit.inference.enhance import enhance_prompt
 from fusedit.inference.inputs import Job, load_rgb
 from fusedit.inference.lora import load_loras
 from fusedit.inference.outputs import comparison_sheet, save_image
-from fusedit.inference.pipeline import build_pipeline, text_to_image_pipeline
+from fusedit.inference.pipeline import build_pipeline, configure_scheduler, text_to_image_pipeline
 from fusedit.inference.preflight import Plan, preflight
 from fusedit.inference.profiles import apply_profile
 from fusedit.io import write_json_atomic
@@ -122,6 +122,8 @@ def infer(cfg: DictConfig, plan: Plan | None = None) -> dict:
     jobs, paths = plan.jobs, plan.paths
     pipe, _ = build_pipeline(cfg.model.path, cfg.model.layout, cfg.profile.dtype, cfg.model.transformer, plan.family)
     lora_records = load_loras(pipe.transformer, plan.loras, fuse=bool(cfg.lora.get("fuse", False)))
+    scheduler = OmegaConf.to_container(cfg.sampling.scheduler) if cfg.sampling.get("scheduler") else None
+    scheduler_config = configure_scheduler(pipe, scheduler)  # before the T2I pipeline below shares it
     if all(not job.images for job in jobs):
         pipe = text_to_image_pipeline(pipe)
     # Built before the profile so both pipelines share the same (hooked) modules.
@@ -130,6 +132,7 @@ def infer(cfg: DictConfig, plan: Plan | None = None) -> dict:
     multi_image = isinstance(pipe, diffusers.QwenImageEditPlusPipeline)
 
     record = _run_record(cfg, plan.family, pipe, lora_records, profile_record)
+    record["scheduler"] = {key: value for key, value in scheduler_config.items() if not key.startswith("_")}
     for index, job in enumerate(jobs):
         job_pipe = pipe if job.images else t2i_pipe
         record["images"].append(_run_job(cfg, plan, job_pipe, index, job, multi_image))

@@ -158,7 +158,7 @@ def standard_module_names(model: nn.Module) -> list[str]:
     for name, _ in model.named_modules():
         role = proj_role(name)
         if role is not None and role.merged:
-            names.extend(f"{role.attn_prefix}{part}" for part in QKV_GROUPS[role.proj])
+            names.extend(f"{role.attn_prefix}{part}" for part in role.parts)
     return names
 
 

@@ -10,11 +10,13 @@ every block in place:
   vLLM / transformers use for a fused SwiGLU), in `MergedSwiGLUFeedForward`, which keeps diffusers' `img_mlp.out`
   Linear and its activation.
 
-`unfuse_projections` slices the merged weights back into diffusers' Linears, bit for bit. While merged, the model's
-`save_pretrained` writes diffusers' standard layout (split exactly, fusedit.model.diffusers_api), so stock
-`QwenImage21Transformer2DModel.from_pretrained` and `QwenImage21Pipeline` read what it saves. (The MMDiT's other
-merged-API answers, add_adapter / load_lora_adapter translation and the set_processor guard, are not installed
-for 2.1: use fusedit.lora.targets and fusedit.convert.)
+`unfuse_projections` slices the merged weights back into diffusers' Linears, bit for bit. While merged, two of the
+model's diffusers entry points answer for the standard names (fusedit.model.diffusers_api, as for the MMDiT):
+`save_pretrained` writes diffusers' standard layout (split exactly), so stock
+`QwenImage21Transformer2DModel.from_pretrained` and `QwenImage21Pipeline` read what it saves; `load_lora_adapter`
+(what `pipe.load_lora_weights` calls) converts a standard-layout LoRA exactly to the merged layout first, every
+module's strength kept. Not installed for 2.1: the add_adapter name translation and the set_processor guard (use
+fusedit.lora.targets for names).
 
 No fork: the merged processors subclass diffusers' two 2.1 processors (the exact per-segment SDPA prefill and the
 flex block-causal one) and call diffusers' own `__call__`, handing it an attention view whose `to_q/to_k/to_v`
@@ -36,7 +38,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 )
 from torch import nn
 
-from fusedit.model.diffusers_api import _save_pretrained
+from fusedit.model.diffusers_api import _load_lora_adapter, _save_pretrained
 from fusedit.model.linear_merge import (
     carry_casting_hook,
     checked_casting_hook,
@@ -182,6 +184,7 @@ def fuse_projections(transformer: nn.Module) -> nn.Module:
         block.img_mlp = MergedSwiGLUFeedForward(gate_up, mlp.out, mlp.activation_fn)
     invalidate_hook_caches(transformer)
     transformer.save_pretrained = functools.partial(_save_pretrained, transformer)
+    transformer.load_lora_adapter = functools.partial(_load_lora_adapter, transformer)
     return transformer
 
 
@@ -219,7 +222,8 @@ def unfuse_projections(transformer: nn.Module) -> nn.Module:
         mlp.activation_fn = merged_mlp.activation_fn
         block.img_mlp = mlp
     invalidate_hook_caches(transformer)
-    transformer.__dict__.pop("save_pretrained", None)  # the class's own again
+    for name in ("save_pretrained", "load_lora_adapter"):
+        transformer.__dict__.pop(name, None)  # the class's own again
     return transformer
 
 

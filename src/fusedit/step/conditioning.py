@@ -1,23 +1,31 @@
-"""Turn a data batch into Qwen-Image-Edit transformer inputs, the way the diffusers pipelines do at inference.
+"""Turn a data batch into Qwen-Image(-Edit) transformer inputs, the way the diffusers pipelines do at inference.
 
 Everything model-specific is the pipeline's own code, called rather than retyped: `encode_prompt` (Qwen2.5-VL with
-the edit prompt template, the edit image(s) shown to the VLM, template prefix dropped), `_encode_vae_image` (VAE
-mode + latents_mean/std normalisation), `_pack_latents` (2x2 patches), `calculate_dimensions` and the
+the pipeline's prompt template, the edit image(s) shown to the VLM, template prefix dropped), `_encode_vae_image`
+(VAE mode + latents_mean/std normalisation), `_pack_latents` (2x2 patches), `calculate_dimensions` and the
 `image_processor` (the image sizes the VLM sees). The pipeline object is built from `model.path` without its
 transformer; its VAE and text encoder stay frozen in eval mode and never hold gradients.
+
+Text-to-image (Qwen-Image, Qwen-Image-2512: `QwenImagePipeline`) is the same with no edit image: the prompt goes
+through that pipeline's own `encode_prompt` (its text-to-image template, no image in the prompt), there are no
+edit-image tokens (`condition` has 0 tokens) and `img_shapes` holds the target only, as `QwenImagePipeline.__call__`
+builds them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from torch import nn
 
 EDIT_PIPELINES = (QwenImageEditPipeline, QwenImageEditPlusPipeline)
+# The pipelines fusedit trains LoRAs for: text-to-image and the edit ones.
+TRAINABLE_PIPELINES = (QwenImagePipeline, *EDIT_PIPELINES)
 # Area of the image the VLM is shown in QwenImageEditPipeline.__call__ (its `calculate_dimensions(1024 * 1024, ...)`).
 EDIT_VLM_AREA = 1024 * 1024
 
@@ -27,10 +35,10 @@ class EditInputs:
     """What the transformer needs for one batch, plus the clean target latents the objective noises."""
 
     target: torch.Tensor  # [B, target tokens, C*4] packed, normalised clean latents x0
-    condition: torch.Tensor  # [B, edit tokens, C*4] packed edit-image latents (all edit images, in order)
+    condition: torch.Tensor  # [B, edit tokens, C*4] packed edit-image latents (all, in order); 0 tokens for T2I
     prompt_embeds: torch.Tensor  # [B, text tokens, D]
     prompt_mask: torch.Tensor | None  # [B, text tokens], None when no prompt is padded
-    img_shapes: list[list[tuple[int, int, int]]]  # per sample: target then each edit image, in latent patches
+    img_shapes: list[list[tuple[int, int, int]]]  # per sample: target then each edit image (if any), latent patches
 
     @property
     def tokens_per_sample(self) -> int:
@@ -92,7 +100,9 @@ def vlm_size(width: int, height: int, multi_image: bool) -> tuple[int, int]:
 
 
 def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """The Qwen-Image-Edit pipeline at `path` without its transformer (VAE, text encoder, processor, scheduler)."""
+    """The Qwen-Image(-Edit) pipeline at `path` without its transformer (VAE, text encoder, tokenizer, the edit
+    pipelines' processor, scheduler). Raises FileNotFoundError without model_index.json, ValueError for a pipeline
+    fusedit does not train (`TRAINABLE_PIPELINES`)."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -100,21 +110,33 @@ def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> Di
             "VAE and text encoder next to the transformer"
         )
     pipeline = DiffusionPipeline.from_pretrained(path, transformer=None, dtype=dtype)
-    if not isinstance(pipeline, EDIT_PIPELINES):
+    if not isinstance(pipeline, TRAINABLE_PIPELINES):
         raise ValueError(
-            f"model.path {path} holds a {type(pipeline).__name__}; fusedit trains Qwen-Image-Edit pipelines "
-            f"({', '.join(cls.__name__ for cls in EDIT_PIPELINES)})"
+            f"model.path {path} holds a {type(pipeline).__name__}; fusedit trains Qwen-Image pipelines "
+            f"({', '.join(cls.__name__ for cls in TRAINABLE_PIPELINES)})"
         )
     return pipeline
 
 
+def _encode_vae(pipeline: DiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 1, H, W] -> normalised latents [B, C, 1, H/8, W/8] by the edit pipelines' `_encode_vae_image`.
+
+    QwenImagePipeline has no encoder method of its own (it only samples); the edit pipelines' one reads nothing
+    but `vae` and `latent_channels`, so text-to-image runs the very same code on its VAE.
+    """
+    owner = SimpleNamespace(vae=pipeline.vae, latent_channels=pipeline.vae.config.z_dim)
+    return QwenImageEditPipeline._encode_vae_image(owner, images, generator=None)
+
+
 class EditConditioner(nn.Module):
-    """Frozen VAE + text encoder of a Qwen-Image-Edit pipeline; `forward(batch)` gives `EditInputs`."""
+    """Frozen VAE + text encoder of a Qwen-Image(-Edit) pipeline; `forward(batch)` gives `EditInputs`.
+
+    With a text-to-image pipeline (`text_to_image`) a batch has no edit image and its inputs no edit tokens."""
 
     def __init__(self, pipeline: DiffusionPipeline):
         super().__init__()
-        if not isinstance(pipeline, EDIT_PIPELINES):
-            raise TypeError(f"expected a Qwen-Image-Edit pipeline, got {type(pipeline).__name__}")
+        if not isinstance(pipeline, TRAINABLE_PIPELINES):
+            raise TypeError(f"expected a Qwen-Image(-Edit) pipeline, got {type(pipeline).__name__}")
         self.vae = pipeline.vae
         self.text_encoder = pipeline.text_encoder
         for module in (self.vae, self.text_encoder):
@@ -124,6 +146,7 @@ class EditConditioner(nn.Module):
         # encoder are already registered above, so Lightning moves them and they appear once in module listings.
         object.__setattr__(self, "pipeline", pipeline)
         self.multi_image = isinstance(pipeline, QwenImageEditPlusPipeline)
+        self.text_to_image = not isinstance(pipeline, EDIT_PIPELINES)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> EditConditioner:
@@ -155,11 +178,16 @@ class EditConditioner(nn.Module):
         """Prompt embeddings [B, L, D] and mask [B, L] (None when nothing is padded), one sample at a time.
 
         Per sample because Edit-2509's template numbers the pictures of one prompt; padding then matches the
-        pipeline's own (zeros after each prompt's last token).
+        pipeline's own (zeros after each prompt's last token). Text-to-image: `edit_images` is empty and the prompt
+        goes through QwenImagePipeline's template (which, like that pipeline, keeps at most 1024 tokens).
         """
         device = next(self.text_encoder.parameters()).device
         embeds = []
         for index, prompt in enumerate(prompts):
+            if self.text_to_image:
+                embed, _ = self.pipeline.encode_prompt(prompt=[prompt], device=device)
+                embeds.append(embed[0])
+                continue
             images = self._vlm_images(edit_images, index)
             image = images if self.multi_image else images[0]
             embed, _ = self.pipeline.encode_prompt(prompt=[prompt], image=image, device=device)
@@ -175,7 +203,7 @@ class EditConditioner(nn.Module):
         if height % multiple or width % multiple:
             raise ValueError(f"image size {width}x{height} is not a multiple of {multiple} (VAE 8x + 2x2 packing)")
         vae_dtype = next(self.vae.parameters()).dtype
-        latents = self.pipeline._encode_vae_image(images.to(vae_dtype).unsqueeze(2), generator=None)
+        latents = _encode_vae(self.pipeline, images.to(vae_dtype).unsqueeze(2))
         batch, channels, _, latent_h, latent_w = latents.shape
         packed = self.pipeline._pack_latents(latents, batch, channels, latent_h, latent_w)
         return packed, (1, latent_h // 2, latent_w // 2)
@@ -183,7 +211,13 @@ class EditConditioner(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict) -> EditInputs:
         edit_images = batch["edit_images"]
-        if not edit_images:
+        if self.text_to_image:
+            if edit_images:
+                raise ValueError(
+                    f"rows {batch.get('row')} have {len(edit_images)} edit image(s), but QwenImagePipeline "
+                    "(text-to-image) takes none"
+                )
+        elif not edit_images:
             raise ValueError(f"batch (rows {batch.get('row')}) has no edit image; Qwen-Image-Edit needs at least one")
         if len(edit_images) > 1 and not self.multi_image:
             raise ValueError(
@@ -199,7 +233,7 @@ class EditConditioner(nn.Module):
         prompt_embeds, prompt_mask = self.encode_prompts(list(batch["prompt"]), edit_images)
         return EditInputs(
             target=target,
-            condition=torch.cat(conditions, dim=1),
+            condition=torch.cat(conditions, dim=1) if conditions else target[:, :0],
             prompt_embeds=prompt_embeds,
             prompt_mask=prompt_mask,
             img_shapes=[list(shapes)] * target.shape[0],
