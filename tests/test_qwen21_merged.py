@@ -126,8 +126,7 @@ def test_each_block_matches_diffusers_with_input_gradients(reference_model):
             assert relative_error(merged_value, reference_value) <= 1e-5
 
 
-@pytest.mark.parametrize("references", [0, 1])
-def test_flex_block_causal_path_matches_diffusers_forward(reference_model, references):
+def test_flex_block_causal_path_matches_diffusers_forward(reference_model, references=1):
     # flex_attention has no backward on CPU; its gradients are checked on a GPU (test below).
     reference = copy.deepcopy(reference_model)
     reference.set_attn_processor(QwenImage21FlexAttnProcessor())
@@ -142,6 +141,21 @@ def test_flex_block_causal_path_matches_diffusers_forward(reference_model, refer
         sdpa = exact_sdpa(**inputs).sample
     assert relative_error(actual, expected) <= 1e-5
     assert relative_error(actual, sdpa) <= 1e-5  # the two paths are the same attention
+
+
+def test_set_attn_processor_on_a_merged_model_installs_the_merged_counterpart(reference_model):
+    merged = fuse_projections(copy.deepcopy(reference_model))
+    merged.set_attn_processor(QwenImage21FlexAttnProcessor())  # as diffusers' docs switch a compiled model to flex
+    assert all(type(block.attn.processor) is MergedQwenImage21FlexAttnProcessor for block in merged.transformer_blocks)
+    merged.transformer_blocks[1].attn.set_processor(QwenImage21AttnProcessor())
+    assert type(merged.transformer_blocks[1].attn.processor) is MergedQwenImage21AttnProcessor
+    with pytest.raises(TypeError, match="transformer_blocks.0.attn has processor AttnProcessor2_0"):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        merged.transformer_blocks[0].attn.set_processor(AttnProcessor2_0())
+    restored = unfuse_projections(merged)
+    restored.set_attn_processor(QwenImage21AttnProcessor())  # diffusers' own set_processor again
+    assert type(restored.transformer_blocks[0].attn.processor) is QwenImage21AttnProcessor
 
 
 @pytest.mark.gpu

@@ -108,11 +108,17 @@ def test_lora_converts_exactly_and_keeps_every_strength(tmp_path):
         stacked = torch.cat([lora.modules[f"transformer_blocks.1.{leaf}"].delta() for leaf in part_leaves])
         assert relative_error(merged.modules[f"transformer_blocks.1.{merged_leaf}"].delta(), stacked) <= 1e-6
     convert_checkpoint(tmp_path / "merged.safetensors", tmp_path / "back.safetensors", "to_standard")
-    back = read_lora(tmp_path / "back.safetensors")
-    assert set(back.modules) == set(lora.modules)
-    for name, module in lora.modules.items():  # bit for bit: the merge record restores ranks, factors, alphas
-        assert torch.equal(back.modules[name].A, module.A) and torch.equal(back.modules[name].B, module.B), name
-        assert back.modules[name].alpha == module.alpha, name
+    # kohya names (underscores) map back to 2.1's modules; the format's reader gives the same LoRA.
+    convert_checkpoint(tmp_path / "merged.safetensors", tmp_path / "kohya.safetensors", format="kohya")
+    assert "lora_unet_transformer_blocks_1_img_mlp_gate_layer.lora_down.weight" in load_file(
+        tmp_path / "kohya.safetensors"
+    )
+    for path in ("back.safetensors", "kohya.safetensors"):
+        back = read_lora(tmp_path / path)
+        assert set(back.modules) == set(lora.modules)
+        for name, module in lora.modules.items():  # bit for bit: the merge record restores ranks, factors, alphas
+            assert torch.equal(back.modules[name].A, module.A) and torch.equal(back.modules[name].B, module.B), name
+            assert back.modules[name].scale == module.scale, name
 
 
 @pytest.fixture(scope="module")

@@ -202,12 +202,21 @@ def fingerprint_hash(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
-def row_key(fingerprint: str, prompt: str, image_sha256: str, edit_sha256: list[str] | tuple[str, ...]) -> str:
-    """The cache key of one dataset row. Lengths are hashed in, so no two field splits give the same stream."""
+def row_key(
+    fingerprint: str,
+    prompt: str,
+    image_sha256: str,
+    edit_sha256: list[str] | tuple[str, ...],
+    mask_sha256: str | None = None,
+) -> str:
+    """The cache key of one dataset row. Lengths are hashed in, so no two field splits give the same stream; a row
+    without a mask keeps the key it had before masks existed."""
     digest = hashlib.sha256()
     for part in (fingerprint, prompt, image_sha256, *edit_sha256):
         data = part.encode("utf-8")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     digest.update(len(edit_sha256).to_bytes(8, "little"))
+    if mask_sha256 is not None:
+        digest.update(b"mask" + mask_sha256.encode("ascii"))
     return digest.hexdigest()

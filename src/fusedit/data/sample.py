@@ -105,6 +105,6 @@ def fill_demo_paths(cfg) -> None:
     with open_dict(cfg):
         if cfg.model.path is None:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
-        if cfg.data.metadata is None:
+        if cfg.data.get("format", "metadata") == "metadata" and cfg.data.metadata is None:
             text_to_image = folder_family(cfg.model.path) == TEXT_TO_IMAGE
             cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir, text_to_image))

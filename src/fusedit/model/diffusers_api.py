@@ -20,8 +20,11 @@ answers here, installed by `fuse_qkv` and removed by `unfuse_qkv` (instance attr
   `PackedColwiseParallel([1, 1, 1])`, so each rank gets its own heads of q, k *and* v (a plain column split of
   `to_qkv` would hand rank 0 all of q and half of k).
 
-Not reachable from the model: PEFT's own `inject_adapter_in_model` / `get_peft_model` match names without asking
-the model, so standard target names given there still adapt a subset (documented in docs/conversion.md).
+- PEFT's own `inject_adapter_in_model` / `get_peft_model` match target names against `named_modules()` without
+  asking the model, so a standard name matching nothing would leave a silent subset adapted. Each merged attention
+  module therefore holds a `MergedPart` under every q/k/v name it lacks (`to_q`, ..., `add_v_proj`; no parameters,
+  nothing in the state dict): PEFT matches it, cannot adapt it (not a layer type it knows) and raises ValueError
+  with its repr, which names the merged projection to target. Calling it raises the same explanation.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from fusedit.convert.layout import PART_TO_MERGED, proj_role, split_param_key
 from fusedit.convert.lora_formats import module_from_kohya
 from fusedit.model.module_map import ATTENTION, QKV_GROUPS, QWEN21_MLP, QWEN21_MLP_GROUP
 
-# Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR.
+# Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR
+# and a MergedPart under each name of PART_TO_MERGED.
 MODEL_OVERRIDES = ("save_pretrained", "add_adapter", "load_lora_adapter", "_tp_plan")
 SET_PROCESSOR = "set_processor"
 MERGED_NAMES_HELP = ", ".join(f"{merged} (= {' + '.join(parts)})" for merged, parts in QKV_GROUPS.items())
@@ -276,6 +280,42 @@ def merged_tp_plan(class_plan: dict | None) -> dict | None:
     return plan
 
 
+# ------------------------------------------------------------------------------------- PEFT's own injection
+class MergedPart(nn.Module):
+    """Stands under a q/k/v name (`to_q`, ...) of a merged attention module, which has no such layer of its own.
+
+    PEFT's `inject_adapter_in_model` / `get_peft_model` match `target_modules` against module names without asking
+    the model: a standard name given there would match nothing on a merged model and PEFT would adapt the other
+    targets only (`["to_q", "to_k", "to_v", "to_out.0"]` -> `to_out.0` alone), or say merely "not found". With this
+    module in place PEFT matches the name, cannot adapt it (no parameters: not a layer type any PEFT tuner knows)
+    and raises `ValueError("Target module <this repr> is not supported ...")`; the repr says what to target. It is
+    registered first in its attention module, so PEFT meets it before that block's other projections. No
+    parameters or buffers: the state dict, the forward and every size are as without it.
+    """
+
+    def __init__(self, part: str, merged: str):
+        super().__init__()
+        self.part, self.merged = part, merged
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.part} is merged into {self.merged} (fusedit.fuse_qkv): target {self.merged}, or use "
+            "transformer.add_adapter (it translates whole q/k/v groups), or call fusedit.model.unfuse_qkv first"
+        )
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"attn.{self.part} is no layer of a merged transformer: {self.extra_repr()}")
+
+
+def _add_merged_parts(attn: nn.Module) -> None:
+    # First in attn._modules: PEFT walks named_modules() in order and adapts as it goes.
+    others = [(name, module) for name, module in attn._modules.items() if name not in PART_TO_MERGED]
+    attn._modules.clear()
+    for part, (merged, _) in PART_TO_MERGED.items():
+        attn._modules[part] = MergedPart(part, merged)
+    attn._modules.update(others)
+
+
 # --------------------------------------------------------------------------------------------------- install
 def install_merged_api(model: nn.Module, attention: list[nn.Module], merged_processor: type) -> None:
     """Give the merged `model` the instance-level answers above (idempotent). `attention`: its attention modules;
@@ -287,6 +327,7 @@ def install_merged_api(model: nn.Module, attention: list[nn.Module], merged_proc
     model._tp_plan = merged_tp_plan(type(model)._tp_plan)
     for attn in attention:
         setattr(attn, SET_PROCESSOR, functools.partial(_set_processor, attn, merged_processor))
+        _add_merged_parts(attn)
 
 
 def uninstall_merged_api(model: nn.Module, attention: list[nn.Module]) -> None:
@@ -295,9 +336,13 @@ def uninstall_merged_api(model: nn.Module, attention: list[nn.Module]) -> None:
         model.__dict__.pop(name, None)
     for attn in attention:
         attn.__dict__.pop(SET_PROCESSOR, None)
+        for part in PART_TO_MERGED:
+            if isinstance(attn._modules.get(part), MergedPart):
+                del attn._modules[part]
 
 
 __all__ = [
+    "MergedPart",
     "install_merged_api",
     "merged_tp_plan",
     "standard_state_dict_hook",

@@ -15,8 +15,10 @@ model's diffusers entry points answer for the standard names (fusedit.model.diff
 `save_pretrained` writes diffusers' standard layout (split exactly), so stock
 `QwenImage21Transformer2DModel.from_pretrained` and `QwenImage21Pipeline` read what it saves; `load_lora_adapter`
 (what `pipe.load_lora_weights` calls) converts a standard-layout LoRA exactly to the merged layout first, every
-module's strength kept. Not installed for 2.1: the add_adapter name translation and the set_processor guard (use
-fusedit.lora.targets for names).
+module's strength kept. Each attention module's `set_processor` (what `set_attn_processor` calls) takes diffusers'
+2.1 processors and installs their merged counterparts (`set_attn_processor(QwenImage21FlexAttnProcessor())` as
+diffusers' docs show for a compiled model); other processors are refused. Not installed for 2.1: the add_adapter
+name translation (use fusedit.lora.targets for names).
 
 No fork: the merged processors subclass diffusers' two 2.1 processors (the exact per-segment SDPA prefill and the
 flex block-causal one) and call diffusers' own `__call__`, handing it an attention view whose `to_q/to_k/to_v`
@@ -155,6 +157,10 @@ def _swapped_processor(processor, table: dict, block: int):
     return swapped
 
 
+def _set_merged_processor(attn: nn.Module, block: int, processor) -> None:
+    type(attn).set_processor(attn, _swapped_processor(processor, _MERGED_PROCESSOR, block))
+
+
 def fuse_projections(transformer: nn.Module) -> nn.Module:
     """Merge q/k/v and the SwiGLU's gate/up of every 2.1 block in place (a no-op on merged blocks). Returns it.
 
@@ -172,14 +178,15 @@ def fuse_projections(transformer: nn.Module) -> nn.Module:
         attn_hook = checked_casting_hook(block.attn, index, ATTN_PARTS)
         mlp_hook = checked_casting_hook(block.img_mlp, index, MLP_PARTS, child=QWEN21_MLP)
         processor = _swapped_processor(block.attn.processor, _MERGED_PROCESSOR, index)
-        todo.append((block, attn_hook, mlp_hook, processor))
-    for block, attn_hook, mlp_hook, processor in todo:
+        todo.append((index, block, attn_hook, mlp_hook, processor))
+    for index, block, attn_hook, mlp_hook, processor in todo:
         attn, mlp = block.attn, block.img_mlp
         merged = merge_linears([getattr(attn, name) for name in ATTN_PARTS])
         for name in ATTN_PARTS:
             delattr(attn, name)  # frees the parts right away
         setattr(attn, ATTN_MERGED, carry_casting_hook(attn_hook, merged))
         attn.set_processor(processor)
+        attn.set_processor = functools.partial(_set_merged_processor, attn, index)
         gate_up = carry_casting_hook(mlp_hook, merge_linears([getattr(mlp, name) for name in MLP_PARTS]))
         block.img_mlp = MergedSwiGLUFeedForward(gate_up, mlp.out, mlp.activation_fn)
     invalidate_hook_caches(transformer)
@@ -209,6 +216,7 @@ def unfuse_projections(transformer: nn.Module) -> nn.Module:
         delattr(attn, ATTN_MERGED)
         for name in [name for name in attn._modules if name not in ATTN_PARTS]:
             attn._modules[name] = attn._modules.pop(name)  # diffusers' order (to_q, to_k, to_v first): state_dict keys
+        attn.__dict__.pop("set_processor", None)  # the class's own again
         attn.set_processor(processor)
         # Build diffusers' module without initialising weights it would throw away, then put the parts in.
         mlp = QwenImage21SwiGLUFeedForward.__new__(QwenImage21SwiGLUFeedForward)

@@ -15,6 +15,7 @@ builds them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,8 @@ import torch
 from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from torch import nn
+
+from fusedit.step.token_weights import mask_to_tokens
 
 EDIT_PIPELINES = (QwenImageEditPipeline, QwenImageEditPlusPipeline)
 # The pipelines fusedit trains LoRAs for: text-to-image and the edit ones.
@@ -39,6 +42,8 @@ class EditInputs:
     prompt_embeds: torch.Tensor  # [B, text tokens, D]
     prompt_mask: torch.Tensor | None  # [B, text tokens], None when no prompt is padded
     img_shapes: list[list[tuple[int, int, int]]]  # per sample: target then each edit image (if any), latent patches
+    # [B, target tokens] float32 loss weights from the rows' masks (fusedit.step.token_weights); None: no mask.
+    token_weights: torch.Tensor | None = None
 
     @property
     def tokens_per_sample(self) -> int:
@@ -55,6 +60,12 @@ def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor 
         return batch, None
     device = batch.device
     return batch, torch.stack([torch.arange(longest, device=device) < length for length in lengths]).long()
+
+
+def unpadded(prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None, index: int) -> torch.Tensor:
+    """Sample `index` of a padded batch (`pad_prompts`) without its padding: [L_index, D]."""
+    length = prompt_embeds.shape[1] if prompt_mask is None else int(prompt_mask[index].sum())
+    return prompt_embeds[index, :length]
 
 
 def trim_prompt_padding(
@@ -209,7 +220,9 @@ class EditConditioner(nn.Module):
         return packed, (1, latent_h // 2, latent_w // 2)
 
     @torch.no_grad()
-    def forward(self, batch: dict) -> EditInputs:
+    def forward(self, batch: dict, drop_prompts: list[bool] | None = None) -> EditInputs:
+        """`drop_prompts[i]`: sample i uses the empty prompt (caption dropout), encoded through the same template
+        with its edit image(s), as the pipelines encode a negative prompt."""
         edit_images = batch["edit_images"]
         if self.text_to_image:
             if edit_images:
@@ -230,11 +243,14 @@ class EditConditioner(nn.Module):
             packed, shape = self.encode_image(slot)
             conditions.append(packed)
             shapes.append(shape)
-        prompt_embeds, prompt_mask = self.encode_prompts(list(batch["prompt"]), edit_images)
+        prompts = [("" if drop else prompt) for prompt, drop in zip(batch["prompt"], drop_prompts or repeat(False))]
+        prompt_embeds, prompt_mask = self.encode_prompts(prompts, edit_images)
+        mask = batch.get("mask")
         return EditInputs(
             target=target,
             condition=torch.cat(conditions, dim=1) if conditions else target[:, :0],
             prompt_embeds=prompt_embeds,
             prompt_mask=prompt_mask,
             img_shapes=[list(shapes)] * target.shape[0],
+            token_weights=None if mask is None else mask_to_tokens(mask).to(target.device),
         )

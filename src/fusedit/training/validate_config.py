@@ -350,6 +350,11 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     if check_paths:
         problems += _path_problems(cfg, problems)
     _check_validation_samples(cfg, check_paths, problems)
+    if OmegaConf.select(cfg, "objective.mask_from_edit") and check_paths and _model_family(cfg) == TEXT_TO_IMAGE:
+        problems.append(
+            "objective.mask_from_edit=true weighs the target's tokens by how much they differ from the edit image; "
+            "model.path is Qwen-Image (text-to-image), whose rows have none. Set objective.mask_from_edit=false"
+        )
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
