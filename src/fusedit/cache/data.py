@@ -250,7 +250,9 @@ class CachedEditDataModule(EditDataModule):
     cache_dir: the cache root (one subdirectory per encoder fingerprint). model_path, dtype: the pipeline whose VAE
     and text encoder encode missing rows, in that dtype. build: encode missing rows (else a missing row is an
     error). build_batch_size, build_device ("auto" = the current CUDA device, else CPU), shard_mb: encoding
-    settings. verify: check every row's sha256 when it is read.
+    settings. build_offload: on a CUDA device, stream the text encoder's layers from host memory while encoding
+    (EditConditioner.offload_text_encoder: for GPUs it does not fit). verify: check every row's sha256 when it is
+    read.
     """
 
     def __init__(
@@ -262,6 +264,7 @@ class CachedEditDataModule(EditDataModule):
         build: bool = True,
         build_batch_size: int = 1,
         build_device: str = "auto",
+        build_offload: bool = False,
         verify: bool = True,
         shard_mb: int = 512,
         **data_kwargs,
@@ -275,6 +278,7 @@ class CachedEditDataModule(EditDataModule):
         self.build = bool(build)
         self.build_batch_size = int(build_batch_size)
         self.build_device = build_device
+        self.build_offload = bool(build_offload)
         self.verify = bool(verify)
         self.shard_bytes = int(shard_mb) << 20
         self.cache: LatentCache | None = None
@@ -290,12 +294,16 @@ class CachedEditDataModule(EditDataModule):
     def _load_conditioner(self, device: torch.device) -> nn.Module:
         from fusedit.step.conditioning import EditConditioner
 
-        return EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype)).to(device)
+        conditioner = EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype))
+        if self.build_offload and device.type == "cuda":
+            return conditioner.offload_text_encoder(device)
+        return conditioner.to(device)
 
     def _encode(self, samples: list[Sample], keys: dict[int, str], cache: LatentCache) -> int:
         hp = self.hparams
         device = resolve_device(self.build_device, "cache.device")
-        log.info("cache: encoding %d rows on %s into %s", len(samples), device, cache.dir)
+        offload = " (text encoder streamed from host memory)" if self.build_offload and device.type == "cuda" else ""
+        log.info("cache: encoding %d rows on %s%s into %s", len(samples), device, offload, cache.dir)
         conditioner = self._load_conditioner(device)
         try:
             return encode_into_cache(

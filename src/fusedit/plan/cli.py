@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fusedit.plan.predict import DEFAULT_PCIE_GBPS, parse_bandwidth
 from fusedit.train_config import compose_train_config
 
 
@@ -14,15 +15,15 @@ def run_plan(args: argparse.Namespace) -> int:
 
     # The prediction reads the model's configs and the data's image headers: the demo ones unless --size full.
     cfg = compose_train_config(args.overrides, fill_demo=args.size != "full")
-    report = plan_report(cfg, args.size, args.gpu_gb)
+    report = plan_report(cfg, args.size, args.gpu_gb, args.pcie_gbps)
     parts = ", ".join(f"{name} {value:.2f}" for name, value in report["parts_gb"].items())
     print(
         f"plan: {report['plan_description']}\n"
         f"  predicted peak GPU memory {report['predicted_peak_gpu_gb']:.2f} GB ({parts}) of {report['gpu_gb']:.1f} GB"
         f" (budget {report['budget_gb']:.1f} GB): {'fits' if report['fits'] else 'does NOT fit'}\n"
         f"  host (pinned) memory {report['predicted_host_gb']:.2f} GB, host->GPU "
-        f"{report['host_to_gpu_gb_per_step']:.2f} GB per step (floor {report['host_to_gpu_floor_s']['pcie4_x16']:.2f} s"
-        f" at PCIe 4.0 x16; compute floor {report['compute_floor_s']})\n"
+        f"{report['host_to_gpu_gb_per_step']:.2f} GB per step (transfer floor {report['host_to_gpu_floor_s']:.2f} s"
+        f" at {report['pcie_gbps']:g} GB/s; compute floor {report['compute_floor_s']})\n"
         f"  overrides: {' '.join(report['plan_overrides'])}"
         + (f"\n  fits with: {' '.join(report['fits_with'])}" if report.get("fits_with") else "")
     )
@@ -48,6 +49,13 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument(
         "--gpu-gb", type=float, default=None, help="plan for a card of this many GB (default: detected)"
+    )
+    parser.add_argument(
+        "--pcie-gbps",
+        type=parse_bandwidth,
+        default=DEFAULT_PCIE_GBPS,
+        help="host->GPU GB/s for the transfer floor of a streaming plan: a number or pcie4_x16 (25, the default: "
+        "RTX 4090, A100 PCIe) / pcie5_x16 (50: H100/H200 PCIe); practical pinned-copy rates, assumed",
     )
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     parser.set_defaults(func=run_plan)

@@ -163,6 +163,28 @@ class EditConditioner(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> EditConditioner:
         return cls(load_edit_pipeline(path, dtype))
 
+    def offload_text_encoder(self, device: torch.device) -> EditConditioner:
+        """Keep the text encoder's weights in host memory and copy each layer to `device` just before it runs
+        (diffusers' group offloading, leaf level, prefetching the next layer on a side CUDA stream); the VAE moves to
+        `device` whole. For encoding on a GPU the text encoder does not fit (Qwen2.5-VL-7B: 16.6 GB in bf16): the GPU
+        then holds about two of its largest layers (the 1.1 GB token embedding and LM head) plus activations.
+        Inference only: the hooks overwrite the weights with their host copies after use, which is right for frozen
+        encoders and wrong for anything trained (hence not used for the transformer: fusedit.model.streaming)."""
+        from diffusers.hooks import apply_group_offloading
+
+        device = torch.device(device)
+        self.vae.to(device)
+        apply_group_offloading(
+            self.text_encoder,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=device.type == "cuda",
+        )
+        # Where encode_prompt must put its inputs: the parameters themselves report the CPU between uses.
+        self.execution_device = device
+        return self
+
     def train(self, mode: bool = True) -> EditConditioner:
         # Lightning calls .train() on the whole LightningModule each epoch; the frozen encoders stay in eval mode.
         return super().train(False)
@@ -192,7 +214,7 @@ class EditConditioner(nn.Module):
         pipeline's own (zeros after each prompt's last token). Text-to-image: `edit_images` is empty and the prompt
         goes through QwenImagePipeline's template (which, like that pipeline, keeps at most 1024 tokens).
         """
-        device = next(self.text_encoder.parameters()).device
+        device = getattr(self, "execution_device", None) or next(self.text_encoder.parameters()).device
         embeds = []
         for index, prompt in enumerate(prompts):
             if self.text_to_image:
