@@ -230,12 +230,24 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 # ---------------------------------------------------------------------------------------------------- train
+def conditioner_class(model_path: Path) -> type[nn.Module]:
+    """The frozen encoders' class for the pipeline at `model_path`: Qwen21Conditioner for Qwen-Image-2.1 (Qwen3-VL,
+    references in the text stream), EditConditioner for the MMDiT pipelines."""
+    from fusedit.families import QWEN_IMAGE_21, folder_family
+
+    if folder_family(Path(model_path)) == QWEN_IMAGE_21:
+        from fusedit.step.conditioning_qwen21 import Qwen21Conditioner
+
+        return Qwen21Conditioner
+    return EditConditioner
+
+
 def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | None = None) -> EditLoRAModule:
     """Transformer (ordered transforms), frozen conditioner (unless given), objective and optimizer -> the module."""
     model, lora_spec, precision = typed_configs(cfg)
     transformer = build_transformer(model_path, model, lora_spec, precision)
     if conditioner is None:
-        conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
+        conditioner = conditioner_class(model_path).from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
     objective = instantiate(cfg.objective, scheduler_config=conditioner.scheduler_config)
     return EditLoRAModule(
         transformer,

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
-from fusedit.families import EDIT, EDIT_2509, EDIT_2511, TEXT_TO_IMAGE
+from fusedit.families import EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21, TEXT_TO_IMAGE
 from fusedit.regular_files import not_regular_reason
 from fusedit.step.config import typed_configs
 
@@ -29,8 +29,8 @@ def _number(cfg: DictConfig, key: str):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-# The families training runs (fusedit.families; Qwen-Image-2.1 has the model layer only).
-TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511)
+# The families training runs (fusedit.families).
+TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21)
 
 
 def _check_model(path: str, problems: list[str]) -> None:
@@ -55,7 +55,7 @@ def _check_model(path: str, problems: list[str]) -> None:
     elif family not in TRAINED_FAMILIES:
         problems.append(
             f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains LoRAs for "
-            "Qwen-Image (text-to-image, also -2512) and Qwen-Image-Edit (-2509, -2511)"
+            "Qwen-Image (text-to-image, also -2512), Qwen-Image-Edit (-2509, -2511) and Qwen-Image-2.1"
         )
 
 
@@ -260,6 +260,27 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _data_source_problems(cfg: DictConfig) -> list[str]:
+    """data.format and its settings, data.caption_dropout: what EditDataModule refuses when it is built, as one line
+    before anything is (fusedit.data.sources)."""
+    from fusedit.data.sources import refuse_bad_source
+
+    data = cfg.get("data")
+    if data is None or "format" not in data:
+        return []
+    problems = []
+    dropout = data.get("caption_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        problems.append(f"data.caption_dropout must be in [0, 1], got {dropout!r}")
+    if data.format == "metadata" and data.get("metadata") is None:
+        return problems  # the generated sample data (fusedit.data.sample.fill_demo_paths)
+    try:
+        refuse_bad_source(data)
+    except ValueError as error:
+        problems.append(str(error))
+    return problems
+
+
 def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
     """model.path, data.metadata, ckpt_path and lora.init_from (not read when `earlier` problems name lora.*)."""
     problems: list[str] = []
@@ -346,6 +367,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     except (ValueError, TypeError) as error:
         problems.append(str(error))
     problems += _loop_problems(cfg)
+    problems += _data_source_problems(cfg)
     problems += _logger_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg, problems)
