@@ -46,6 +46,7 @@ from fusedit.training.checkpoint import (
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.console import quiet_third_party_output, without_wandb_anonymous
+from fusedit.training.ema import LoRAEMA
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.run_dir import RUN_CONFIG, RunDirLock, check_same_run, check_writable, is_first_process
 from fusedit.training.signals import GracefulStop
@@ -223,7 +224,9 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     for callback_cfg in (cfg.get("callbacks") or {}).values():
         if isinstance(callback_cfg, DictConfig) and "_target_" in callback_cfg:
             callbacks.append(instantiate(callback_cfg))
-    return callbacks
+    # The EMA updates first in each hook (Lightning calls callbacks in list order), so validation images drawn after
+    # step N see the average that includes step N. (Lightning itself moves checkpoint callbacks to the end.)
+    return sorted(callbacks, key=lambda callback: not isinstance(callback, LoRAEMA))
 
 
 # ---------------------------------------------------------------------------------------------------- train

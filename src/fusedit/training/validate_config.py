@@ -121,6 +121,33 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
                 problems.append(f"{where}.{field} {base / str(path)}: {error}")
 
 
+def _adapter_type_problems(cfg: DictConfig) -> list[str]:
+    """`lora.type` (fusedit.lora.adapter.check_type) and what DoRA cannot be combined with."""
+    from fusedit.lora.adapter import changes_base, check_type
+
+    adapter_type = OmegaConf.select(cfg, "lora.type", default="lora")
+    try:
+        check_type(adapter_type)
+    except ValueError as error:
+        return [str(error)]
+    if adapter_type != "dora":
+        return []
+    problems = []
+    if changes_base(OmegaConf.select(cfg, "lora.init")) or OmegaConf.select(cfg, "lora.init_from"):
+        problems.append(
+            "lora.type=dora starts its magnitude from the base weight: not with lora.init=pissa/olora or lora.init_from"
+        )
+    if OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
+        problems.append("lora.type=dora reads the frozen weight for its row norms: use precision=bf16 or fp32, not fp8")
+    export = OmegaConf.select(cfg, "callbacks.lora_export", default=None)
+    if export is not None and (export.get("layout", "standard") != "standard" or export.get("merged_copy")):
+        problems.append(
+            "lora.type=dora is exported in the standard layout only: callbacks.lora_export.layout=standard "
+            "and merged_copy=false"
+        )
+    return problems
+
+
 def _lora_problems(cfg: DictConfig) -> list[str]:
     problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
@@ -135,6 +162,21 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
     dropout = _number(cfg, "lora.dropout")
     if dropout is None or not 0.0 <= dropout < 1.0:
         problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
+    init = OmegaConf.select(cfg, "lora.init")
+    try:
+        from fusedit.lora.adapter import changes_base, check_init
+
+        check_init(init)
+        if changes_base(init) and OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
+            problems.append(
+                f"lora.init={init} subtracts the adapter's start from the base weight, which fp8 storage cannot hold "
+                "exactly: use precision=bf16 or fp32"
+            )
+        if changes_base(init) and OmegaConf.select(cfg, "lora.init_from"):
+            problems.append(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
+    except ValueError as error:
+        problems.append(str(error))
+    problems += _adapter_type_problems(cfg)
     try:
         from fusedit.lora.targets import resolve_targets
 
@@ -142,6 +184,36 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
         resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
     except ValueError as error:
         problems.append(f"lora.targets: {error}")
+    return problems
+
+
+def _optimizer_problems(cfg: DictConfig) -> list[str]:
+    """The optimizer's package, and the combinations it cannot run (fusedit.optim, fusedit.training.ema)."""
+    from fusedit.optim import missing_package_hint
+
+    problems = []
+    name = OmegaConf.select(cfg, "optim.name")
+    hint = missing_package_hint(str(name))
+    if hint:
+        problems.append(hint)
+    ema = OmegaConf.select(cfg, "callbacks.ema")
+    if name == "schedulefree":
+        schedule = OmegaConf.select(cfg, "optim.scheduler.name")
+        if schedule != "constant":
+            problems.append(
+                f"optim=schedulefree replaces the LR decay by averaging: optim.scheduler.name must be constant (with "
+                f"optional warmup_steps), got {schedule!r}"
+            )
+        if ema is not None:
+            problems.append(
+                "callbacks=ema with optim=schedulefree: the schedule-free optimizer already averages its iterates "
+                "(its exports are the average); use one of the two"
+            )
+    decay = OmegaConf.select(cfg, "callbacks.ema.decay", default=None)
+    if ema is not None and not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 <= decay < 1):
+        problems.append(f"callbacks.ema.decay must be a number in [0, 1), got {decay!r}")
+    if ema is not None and "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        problems.append("callbacks=ema is not supported with trainer=fsdp: each rank would average its own shard")
     return problems
 
 
@@ -160,11 +232,7 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
         problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
 
-    if OmegaConf.select(cfg, "optim.name") == "adamw8bit":
-        from fusedit.optim import BITSANDBYTES_HINT, bitsandbytes_available
-
-        if not bitsandbytes_available():
-            problems.append(BITSANDBYTES_HINT)
+    problems += _optimizer_problems(cfg)
 
     seed = OmegaConf.select(cfg, "seed")
     # numpy's and torch's generators take seeds in [0, 2**32): Lightning's seed_everything warns and replaces
