@@ -1,8 +1,8 @@
 """Optimizers for the LoRA parameters (`optim=` in conf/optim), and the bytes of state each keeps per trainable
 parameter (for the planner).
 
-- `adamw`: `torch.optim.AdamW`, fused (one kernel for every tensor) when every parameter is on CUDA, else torch's
-  default (foreach on accelerators, a for-loop on CPU); two fp32 moments per parameter (8 bytes).
+- `adamw`: `torch.optim.AdamW` (torch's foreach implementation on CUDA; not fused, which Lightning's gradient
+  clipping refuses: `adamw`); two fp32 moments per parameter (8 bytes).
 - `adamw8bit`: bitsandbytes' `AdamW8bit` (blockwise-quantised moments, Dettmers et al. 2022, "8-bit Optimizers via
   Block-wise Quantization"): two uint8 moments plus one fp32 absmax per block of 256 per moment, ~2.03 bytes per
   parameter. Tensors under `min_8bit_size` elements (bitsandbytes' default 4096) keep fp32 moments. bitsandbytes is
@@ -80,18 +80,12 @@ def _is_list(value) -> bool:
 
 
 def adamw(params: Iterable[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
-    """torch.optim.AdamW over `params`, fused when every parameter is a CUDA tensor (torch's default there is the
-    foreach implementation; fused does the whole update in one kernel per group), else torch's own choice."""
-    params = list(params)
-    kwargs = _plain(kwargs)
-    if "fused" not in kwargs and "foreach" not in kwargs and params and all(_fusable(p) for p in params):
-        kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
+    """torch.optim.AdamW over `params` with torch's default implementation (foreach on CUDA).
 
-
-def _fusable(parameter: torch.Tensor) -> bool:
-    # DTensors (FSDP2) take torch's default path; FSDP1 with use_orig_params hands plain CUDA tensors.
-    return type(parameter) in (torch.Tensor, torch.nn.Parameter) and parameter.is_cuda and parameter.is_floating_point()
+    Not fused: a fused AdamW unscales gradients inside its step (`_step_supports_amp_scaling`), and Lightning's
+    mixed-precision plugin then refuses gradient clipping (`optim.grad_clip`, on by default) with a RuntimeError at
+    the first step."""
+    return torch.optim.AdamW(params, **_plain(kwargs))
 
 
 def adamw_8bit(params: Iterable[torch.nn.Parameter], **kwargs) -> torch.optim.Optimizer:
