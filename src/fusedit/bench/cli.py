@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,23 @@ def _minutes(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"--time-budget must be > 0 minutes, got {text!r}")
     return value
+
+
+@dataclass(frozen=True)
+class SizeDefaults:
+    """What --warmup, --steps and --threads default to for one --size."""
+
+    warmup: int
+    steps: int
+    cpu_threads: int | None  # torch CPU threads on a CPU run; None: torch's choice
+
+
+# The tiny run is a quick check on a shared CPU (issue 14: under a minute): one warm-up step compiles, four timed
+# steps still give quartiles, and one thread: the tiny shape is too small for threads to pay, and on a loaded
+# 2-core machine torch's default two threads (OpenMP waiting on a busy core) made each step ~9x slower (10 s vs
+# 1.1 s measured). The full run keeps two and five, and torch's threads.
+SIZE_DEFAULTS = {"tiny": SizeDefaults(1, 4, 1), "full": SizeDefaults(2, 5, None)}
+ORDERS = ("interleaved", "sequential")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +106,26 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile happens here)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    warmup, steps, threads = (
+        ", ".join(f"{size} {getattr(values, field)}" for size, values in SIZE_DEFAULTS.items())
+        for field in ("warmup", "steps", "cpu_threads")
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help=f"untimed steps per variant (compile happens here; default {warmup})"
+    )
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps per variant (default {steps})")
+    parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=None,
+        help="interleaved: every variant is built first, then their timed steps run round-robin, so a machine's "
+        "changing load falls on all alike (needs memory for all the models at once); sequential: one variant after "
+        "another. Default: interleaved on a CPU, sequential on a GPU",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help=f"torch CPU threads (default {threads}; None: torch's choice)"
+    )
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="SDPA backend preference")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON (atomically)")
     parser.add_argument("--markdown", dest="markdown_path", default=None, help="write the markdown table too")
@@ -127,10 +161,12 @@ def main(args) -> int:
             "--size full is the real 20B shape and needs a GPU to time; on CPU use --size tiny, a partial model with "
             "--layers N, or --estimate-only for its predicted peak memory"
         )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserInputError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    defaults = SIZE_DEFAULTS[args.size]
+    threads = defaults.cpu_threads if args.threads is None and device.type == "cpu" else args.threads
+    if threads is not None:
+        if threads < 1:
+            raise UserInputError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     # A memory prediction is for the GPU run: bf16 unless told otherwise, also when predicted on a CPU.
     on_gpu_dtype = device.type == "cuda" or not timed
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
@@ -144,15 +180,23 @@ def main(args) -> int:
             write_text_atomic(args.markdown_path, table)
         return table
 
+    shown: set[int] = set()  # the variants whose line is printed (an interleaved run finishes them out of order)
+
     def progress(report: dict) -> None:
         write_reports(report)
-        finished = [r for r in report["variants"] if r["status"] != "pending"]
+        finished = [i for i, r in enumerate(report["variants"]) if r["status"] != "pending"]
         if not finished:
             names = ", ".join(r["name"] for r in report["variants"])
             budget = "" if args.time_budget is None else f", time budget {args.time_budget:g} min"
-            print(f"fusedit bench: {report['shape']['name']} on {device}: {names}{budget}", file=sys.stderr, flush=True)
-        else:
-            last, detail = finished[-1], ""
+            order = report["settings"].get("order")
+            print(
+                f"fusedit bench: {report['shape']['name']} on {device}, {order}: {names}{budget}",
+                file=sys.stderr,
+                flush=True,
+            )
+        for index in (i for i in finished if i not in shown):
+            shown.add(index)
+            last, detail = report["variants"][index], ""
             if last["status"] == "ok":
                 detail = f"{last['step_s']:.4g} s/step, "
             elif last.get("est_peak_mem_gb") is not None:
@@ -161,7 +205,7 @@ def main(args) -> int:
                 detail = f"{last['reason'].splitlines()[0][:200]}, "
             wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
             print(
-                f"fusedit bench: [{len(finished)}/{len(report['variants'])}] {last['name']}: {last['status']} "
+                f"fusedit bench: [{len(shown)}/{len(report['variants'])}] {last['name']}: {last['status']} "
                 f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)",
                 file=sys.stderr,
                 flush=True,
@@ -175,8 +219,8 @@ def main(args) -> int:
             variants,
             device,
             dtype,
-            warmup=args.warmup,
-            steps=args.steps,
+            warmup=defaults.warmup if args.warmup is None else args.warmup,
+            steps=defaults.steps if args.steps is None else args.steps,
             seed=args.seed,
             attention=args.attention,
             command=command,
@@ -184,6 +228,7 @@ def main(args) -> int:
             on_progress=progress,
             estimate_memory=args.estimate_memory,
             timed=timed,
+            interleave=None if args.order is None else args.order == "interleaved",
         )
     if args.data or args.data_only:
         side = args.data_image_size
