@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import fusedit.bench.cli as bench_cli
 import fusedit.bench.run as bench_run
 from fusedit.bench import build_parser, main, markdown_table, measure_data, parse_variant, parse_variants, run_bench
 from fusedit.bench.flops import peak_tflops, step_flops
@@ -186,6 +187,25 @@ def test_variant_names_compose_in_any_order_and_are_reported_canonically():
 def test_bad_variant_names_are_refused_naming_the_token(name, message):
     with pytest.raises(ValueError, match=message):
         parse_variant(name)
+
+
+def test_the_default_tiny_cpu_run_is_quick(monkeypatch):
+    """Issue 14: `fusedit bench --size tiny` on a shared CPU ends within a minute: no compiled variant (minutes of
+    C++ build each), one warm-up step, four timed steps, one thread."""
+    asked = {}
+
+    def record(shape, variants, device, dtype, **kwargs):
+        asked.update(kwargs, variants=[v.name for v in variants], threads=torch.get_num_threads())
+        return {"variants": []}
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(bench_cli, "run_bench", record)
+    try:
+        assert main(build_parser().parse_args(["bench", "--size", "tiny", "--device", "cpu"])) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert asked["variants"] == [v for v in DEFAULT_VARIANTS["tiny"] if "compile" not in v]
+    assert (asked["warmup"], asked["steps"], asked["threads"], asked["interleave"]) == (1, 4, 1, None)
 
 
 def test_default_variants_per_size():
