@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# A lent GPU in one command: the environment, the GPU tests and the full-shape benchmark, all logged in OUTDIR.
+# A lent GPU in one command: the environment, the GPU tests, the training profiles' fit check and the full-shape
+# benchmark, all logged in OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [extra `fusedit bench` arguments, e.g. --variants standard+ckpt,merged+compile+ckpt]
 #
-# Leaves five files in OUTDIR (a device run brings back at most eight): gpu-check.log (environment and summary),
-# gpu-tests.log, bench-full.log, bench-full.json and bench-full.md. The bench rewrites its reports after every
-# variant, so a run stopped at its limit keeps the numbers it had.
+# Leaves eight files in OUTDIR (a device run brings back at most eight): gpu-check.log (environment and summary),
+# gpu-tests.log, gpu-fit.log, gpu-fit.json, gpu-fit.md (`python -m fusedit.bench.fit`: each trainer profile's plan
+# stepped at the full shape under its card's memory cap, measured against the planner's prediction), bench-full.log,
+# bench-full.json and bench-full.md. Both reports are rewritten after every profile / variant, so a run stopped at
+# its limit keeps the numbers it had.
 #
 # Time: the whole script ends inside GPU_CHECK_SECONDS (default 540, i.e. a 10-minute command limit less a minute
-# for installing the wheels): the tests get at most 150 s, the bench the rest, as a --time-budget that ends a minute
-# early (it starts no variant expected to end past it) with a hard `timeout` behind it.
+# for installing the wheels): the tests get at most 120 s, the fit check at most GPU_FIT_SECONDS (default 300; its
+# --time-budget ends 30 s early and it starts no profile expected to end past it), the bench the rest (when at
+# least 100 s are left), as a --time-budget that ends a minute early with a hard `timeout` behind it.
+# GPU_FIT=0 skips the fit check; GPU_FIT_ARGS adds arguments to it (e.g. "--profiles 12gb,16gb --pcie-gbps 50").
 #
 # Python: $PYTHON, else `python`, else `python3`. This checkout's src/ goes first on PYTHONPATH, so it works with the
 # project's venv as with PYTHONPATH=/tmp/site:src on a bare machine (BENCHMARKS.md has the wheels to carry).
@@ -108,14 +113,26 @@ esac
 
 tests_rc=skipped
 if [ "${GPU_TESTS:-1}" != 0 ]; then
-  say "== GPU tests: $py -m pytest -q -m gpu tests (at most 150 s)"
-  run_logged 150 "$out/gpu-tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+  say "== GPU tests: $py -m pytest -q -m gpu tests (at most 120 s)"
+  run_logged 120 "$out/gpu-tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests
   tests_rc=$?
+fi
+
+fit_rc=skipped
+if [ "${GPU_FIT:-1}" != 0 ]; then
+  fit_seconds=${GPU_FIT_SECONDS:-300}
+  ((fit_seconds > total - SECONDS - 30)) && fit_seconds=$((total - SECONDS - 30))
+  # shellcheck disable=SC2206  # GPU_FIT_ARGS is a list of words on purpose
+  fit=(-m fusedit.bench.fit --time-budget $((fit_seconds - 30)) --json "$out/gpu-fit.json" --markdown "$out/gpu-fit.md"
+    ${GPU_FIT_ARGS:-})
+  say "== fit check (hard stop after ${fit_seconds} s): $py ${fit[*]}"
+  run_logged "$fit_seconds" "$out/gpu-fit.log" "$py" "${fit[@]}"
+  fit_rc=$?
 fi
 
 left=$((total - SECONDS))
 bench_rc=notstarted
-if ((left < 150)); then
+if ((left < 100)); then
   say "== bench: not started, only ${left} s of the ${total} s budget left"
 else
   budget_min=$(awk -v s=$((left - 60)) 'BEGIN { printf "%.2f", s / 60 }')
@@ -134,6 +151,13 @@ skipped) say "GPU tests: skipped (GPU_TESTS=0)" ;;
 124 | 137) say "GPU tests: stopped at 150 s (gpu-tests.log)" && status=1 ;;
 *) say "GPU tests: FAILED, exit $tests_rc (gpu-tests.log)" && status=1 ;;
 esac
+case $fit_rc in
+skipped) say "fit check: skipped (GPU_FIT=0)" ;;
+0) say "fit check: done, every profile ran" ;;
+124 | 137) say "fit check: stopped by the hard time limit; gpu-fit.md holds the profiles finished before" && status=1 ;;
+*) say "fit check: exit $fit_rc (a profile ran out of memory, failed or was skipped: gpu-fit.md)" && status=1 ;;
+esac
+[ -s "$out/gpu-fit.md" ] && tee -a "$log" <"$out/gpu-fit.md"
 case $bench_rc in
 0) say "bench: done" ;;
 notstarted) say "bench: not started (too little time left)" && status=1 ;;

@@ -25,3 +25,8 @@ def tiny_edit_2511_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_t2i_path(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny") / "t2i", "t2i")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen21_path(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "qwen21", "2.1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import save_file
 
 from fusedit.cli import main
@@ -53,11 +54,14 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(tiny_edit_path):
     assert stderr == ""
 
 
-def test_a_misspelt_key_in_fusedit_cache_is_one_line(tmp_path, capsys):
-    assert main(["cache", "lora.rnak=8", f"paths.root_dir={tmp_path}"]) == 2
+@pytest.mark.parametrize("command", ["cache", "plan"])  # both compose train.py's config (fusedit.train_config)
+def test_a_misspelt_key_in_a_command_composing_the_train_config_is_one_line(command, tmp_path, capsys):
+    assert main([command, "lora.rnak=8", f"paths.root_dir={tmp_path}"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("fusedit cache: error: Could not override 'lora.rnak'") and len(error.splitlines()) == 1
+    assert (
+        error.startswith(f"fusedit {command}: error: Could not override 'lora.rnak'") and len(error.splitlines()) == 1
+    )
     assert "rnak' is not in struct" in error
-    assert main(["cache", "model=mergd"]) == 2
+    assert main([command, "model=mergd"]) == 2
     error = capsys.readouterr().err
     assert "Available options in 'model': merged_qkv standard" in error and len(error.splitlines()) == 1

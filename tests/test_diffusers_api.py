@@ -108,6 +108,44 @@ def test_add_adapter_refuses_partial_qkv_names_naming_the_merged_ones(config):
     assert not adapted_modules(merged)  # refused before PEFT touched anything
 
 
+@pytest.mark.parametrize("inject", ["inject_adapter_in_model", "get_peft_model"])
+@pytest.mark.parametrize(
+    "targets",
+    [["to_q", "to_k", "to_v"], ["to_q"], ["to_q", "to_k", "to_v", "to_out.0"], ["attn.add_k_proj", "to_out.0"]],
+    ids=["qkv", "q", "qkv-out", "add_k-out"],
+)
+def test_peft_own_injection_refuses_standard_names_instead_of_adapting_a_subset(inject, targets):
+    """PEFT called directly (not through add_adapter) matches names without asking the model: the q/k/v names
+    resolve to a MergedPart that PEFT refuses, naming the merged projection, before it adapts that block."""
+    import peft
+
+    merged = fuse_qkv(tiny_transformer())
+    config = LoraConfig(r=4, target_modules=targets)
+    call = (
+        peft.inject_adapter_in_model if inject == "inject_adapter_in_model" else lambda c, m: peft.get_peft_model(m, c)
+    )
+    merged_name = "add_qkv_proj" if "add_k" in targets[0] else "to_qkv"
+    with pytest.raises(ValueError, match=rf"is merged into {merged_name} \(fusedit.fuse_qkv\): target {merged_name}"):
+        call(config, merged)
+    assert not adapted_modules(merged)
+    # the merged names still work there, and the placeholders change nothing else
+    out = forward(merged)
+    assert not any(".to_q." in key or ".add_q_proj." in key for key in merged.state_dict())
+    adapted = peft.inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_qkv", "to_out.0"]), merged)
+    assert adapted_modules(adapted) == {
+        f"transformer_blocks.{b}.attn.{n}" for b in (0, 1) for n in ("to_qkv", "to_out.0")
+    }
+    assert relative_error(forward(adapted), out) == 0.0
+
+
+def test_unfuse_removes_the_merged_parts():
+    from fusedit.model.diffusers_api import MergedPart
+
+    model = unfuse_qkv(fuse_qkv(tiny_transformer()))
+    assert not any(isinstance(module, MergedPart) for module in model.modules())
+    assert type(model.transformer_blocks[0].attn.to_q) is torch.nn.Linear
+
+
 def standard_lora(alpha=5):
     """A standard-layout LoRA made by PEFT on diffusers' model: (`transformer.`-prefixed state dict, LoraConfig)."""
     targets = ["to_q", "to_k", "to_v", "add_k_proj", "to_out.0"]  # add_q/v_proj left out: a partial group

@@ -5,7 +5,8 @@ itself so that a new line is covered without touching this file.
   real conf/ (each job of a `-m` sweep separately) and resolved; training configs also pass the config checks.
 - `fusedit ...` lines are parsed by the real `fusedit` parser; those that run on a CPU in seconds (make-tiny, detect,
   convert) are run on the tiny pipeline, in order, in one scratch directory per page.
-- Scripts are parsed by their own argparse parser (Python) or `bash -n` (shell).
+- Scripts are parsed by their own argparse parser (Python) or `bash -n` (shell); `python -m fusedit.<module>` lines by
+  the module's `build_parser()`.
 - README's Python snippets run on the tiny pipeline.
 A command of a kind this file does not know fails `test_every_command_is_of_a_known_kind`.
 """
@@ -65,7 +66,7 @@ def command_lines(path: Path) -> list[list[str]]:
 def kind(argv: list[str]) -> str:
     program = Path(argv[0]).name
     if program.startswith("python") and argv[1:2] == ["-m"]:
-        return {"pytest": "pytest"}.get(argv[2], "unknown")
+        return {"pytest": "pytest"}.get(argv[2], "module" if argv[2].startswith("fusedit.") else "unknown")
     if program.startswith("python"):
         return {"train.py": "train", "infer.py": "infer"}.get(argv[1], "python-script")
     if program == "fusedit":
@@ -145,6 +146,16 @@ def test_hydra_commands_compose(path, argv):
         cfg = compose_checked(config_name, job)
         if config_name == "train":
             validate_train_config(cfg, check_paths=False)
+
+
+MODULES = [(p, a) for p, a in ALL if kind(a) == "module"]
+
+
+@pytest.mark.parametrize(("path", "argv"), MODULES, ids=[f"{p.name}:{' '.join(a)[:70]}" for p, a in MODULES])
+def test_module_commands_parse(path, argv):
+    import importlib
+
+    importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
 
 
 class _Parsed(Exception):

@@ -184,7 +184,7 @@ def qkv_projection_weights(model):
         getattr(block.attn, name).weight
         for block in model.transformer_blocks
         for name in names
-        if hasattr(block.attn, name)
+        if isinstance(getattr(block.attn, name, None), torch.nn.Linear)  # a merged model's to_q is a MergedPart
     ]
 
 

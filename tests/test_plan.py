@@ -6,6 +6,8 @@ pytest's cache directory so that later runs on the same machine reuse them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,7 +16,16 @@ from fusedit.bench.shapes import SHAPES
 from fusedit.bench.variants import Variant
 from fusedit.errors import UserInputError
 from fusedit.plan import TrainPlan, choose, plan_report
-from fusedit.plan.predict import _BENCH_LORA_STEP_BYTES, Estimates, ModelFacts, model_facts, transformer_facts
+from fusedit.plan.choose import encode_phase
+from fusedit.plan.predict import (
+    _BENCH_LORA_STEP_BYTES,
+    RUN_DTYPES,
+    Estimates,
+    ModelFacts,
+    model_facts,
+    predict,
+    transformer_facts,
+)
 from tests.training_utils import compose_train
 
 # Issue 11's targets: predicted peak at the full shape per profile (GB), on the card it names.
@@ -30,19 +41,54 @@ def full_cfg(overrides):
     return compose_train([*overrides, "paths.root_dir=/tmp/unused"])
 
 
-def test_depth_extrapolation_reproduces_the_full_depth_fake_run():
+def _tiny_facts(num_layers: int = 4) -> ModelFacts:
+    shape = SHAPES["tiny"].replace(num_layers=num_layers)
+    block_bytes, other_bytes, lora = transformer_facts(shape, "merged_qkv")
+    return ModelFacts(shape, "merged_qkv", block_bytes, other_bytes, lora, encoder_parameters=0)
+
+
+@pytest.mark.parametrize("run_dtype", ["bf16", "fp32"])
+def test_depth_extrapolation_reproduces_the_full_depth_fake_run(run_dtype):
     """Activations per checkpoint interval k are predicted from depths k and 2k; at 6 blocks (tiny width) that must
     match the 4-block fake-tensor run (at the full shape, checked by hand for k = 0, 1, 2, 3 against the recorded
     60-block runs: 114.30, 46.71, 79.96, 91.42 GB vs 114.30, 46.70, 79.96, 91.42 in BENCHMARKS.md)."""
-    shape = SHAPES["tiny"].replace(num_layers=4)
-    block_bytes, other_bytes, lora = transformer_facts(shape, "merged_qkv")
-    facts = ModelFacts(shape, "merged_qkv", block_bytes, other_bytes, lora, encoder_parameters=0)
+    facts = _tiny_facts()
     estimates = Estimates()
     for every in (1, 2):
-        real = estimate_step_memory(Variant(name="v", checkpoint_every=every), shape, torch.bfloat16)["step_gb"]
-        predicted = estimates.activations_gb(facts, every) + facts.lora_parameters * _BENCH_LORA_STEP_BYTES / 1e9
+        variant = Variant(name="v", checkpoint_every=every)
+        real = estimate_step_memory(variant, facts.shape, RUN_DTYPES[run_dtype])["step_gb"]
+        lora_step_gb = facts.lora_parameters * _BENCH_LORA_STEP_BYTES[run_dtype] / 1e9
+        predicted = estimates.activations_gb(facts, every, run_dtype) + lora_step_gb
         # At the tiny width a few KB of per-step constants do not scale with depth (0.1 %).
         assert predicted == pytest.approx(real, rel=5e-3), every
+
+
+def test_an_fp32_run_is_predicted_in_fp32():
+    """precision=fp32 holds the base, the encoders and the activations in fp32 and no bf16 copy of the LoRA: the
+    prediction must equal the fake-tensor fp32 step (weights, inputs and all), not the bf16 one."""
+    facts = _tiny_facts(num_layers=2)
+    estimates = Estimates()
+    fp32 = predict(facts, estimates, fp8=False, checkpoint_every=1, cache=True, fp32=True)
+    bf16 = predict(facts, estimates, fp8=False, checkpoint_every=1, cache=True)
+    real = estimate_step_memory(Variant(name="v", checkpoint_every=1), facts.shape, torch.float32)
+    inputs_gb = real["resident_gb"] - (facts.block_bytes["fp32"] * 2 + facts.other_bytes["fp32"]) / 1e9
+    inputs_gb -= facts.lora_parameters * 4 / 1e9  # the fp32 LoRA weights are resident too
+    assert fp32.peak_gpu_gb + inputs_gb == pytest.approx(real["peak_gb"], rel=5e-3)
+    assert fp32.transformer_gb == pytest.approx(2 * bf16.transformer_gb, rel=0.01)
+    assert fp32.lora_gb == pytest.approx(facts.lora_parameters * (4 + 4 + 8) / 1e9)
+    with_encoders = dataclasses.replace(facts, encoder_parameters=1_000_000)
+    assert predict(with_encoders, estimates, fp8=False, checkpoint_every=1, cache=False, fp32=True).encoders_gb == 0.004
+
+
+def test_a_precision_fp32_config_is_planned_as_fp32(full_estimates, monkeypatch):
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
+    bf16 = plan_report(full_cfg(["trainer=a100"]), "full", 80)
+    fp32 = plan_report(full_cfg(["trainer=a100", "precision=fp32"]), "full", 80)
+    assert fp32["plan"]["fp32"] and "precision=fp32" in fp32["plan_overrides"] and not fp32["fits"]
+    assert fp32["parts_gb"]["transformer"] == pytest.approx(2 * bf16["parts_gb"]["transformer"], rel=0.01)
+    assert fp32["parts_gb"]["encoders"] == pytest.approx(2 * bf16["parts_gb"]["encoders"], rel=0.01)
+    assert fp32["parts_gb"]["activations"] > 1.5 * bf16["parts_gb"]["activations"]
+    assert "precision=bf16" in fp32["fits_with"]
 
 
 def test_auto_picks_the_expected_plan_per_card_at_the_full_shape(full_estimates):
@@ -53,8 +99,8 @@ def test_auto_picks_the_expected_plan_per_card_at_the_full_shape(full_estimates)
     expected = {
         80: TrainPlan(checkpoint_every=1),
         24: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=41),
-        16: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=20, encode_on_cpu=True),
-        12: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=10, encode_on_cpu=True),
+        16: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=20, encode="offload"),
+        12: TrainPlan(1, fp8=True, cache=True, optim="adamw8bit", resident_blocks=10, encode="offload"),
     }
     for gpu_gb, plan in expected.items():
         choice = choose(facts, full_estimates, gpu_gb, eight_bit=True)
@@ -65,17 +111,50 @@ def test_auto_picks_the_expected_plan_per_card_at_the_full_shape(full_estimates)
     assert streamed.moved_gb_per_step == pytest.approx(2 * streamed.host_gb)
 
 
+def test_the_encoding_pass_of_encode_then_train_fits_too_at_the_full_shape(full_estimates, monkeypatch):
+    """Qwen2.5-VL-7B alone (16.6 GB bf16) fits 24 GB but not 16 or 12: there the cache is filled with the text
+    encoder's layers streamed from host memory; a config that would encode on the GPU anyway is refused."""
+    facts = model_facts(SHAPES["full"], "merged_qkv", estimates=full_estimates)
+    assert facts.encoder_largest_leaf == 152064 * 3584 and 0.1e9 < facts.vae_parameters < 0.2e9
+    for gpu_gb, mode in {24: "gpu", 16: "offload", 12: "offload"}.items():
+        encode = choose(facts, full_estimates, gpu_gb, eight_bit=True).encode
+        assert encode.mode == mode and encode.fits and encode.peak_gpu_gb <= 0.875 * gpu_gb, (gpu_gb, encode)
+    on_gpu, offload, cpu = (encode_phase(facts, mode, 12) for mode in ("gpu", "offload", "cpu"))
+    assert not on_gpu.fits and on_gpu.peak_gpu_gb > 16.5
+    text_gb = (facts.encoder_parameters - facts.vae_parameters) * 2 / 1e9
+    assert offload.peak_gpu_gb < 2.5 and offload.host_to_gpu_gb_per_row == pytest.approx(text_gb)
+    assert offload.s_per_row == pytest.approx(text_gb / 25)  # PCIe 4.0 x16's practical 25 GB/s
+    assert cpu.peak_gpu_gb == 0 and cpu.s_per_row > offload.s_per_row
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
+    report = plan_report(full_cfg(["trainer=12gb", "cache.offload=false"]), "full", 12)
+    assert not report["fits"] and report["predicted_peak_gpu_gb"] <= 10.5  # the step fits, the encoding does not
+    assert report["encode_phase"]["mode"] == "gpu" and report["encode_phase"]["predicted_peak_gpu_gb"] > 16.5
+    assert "cache.offload=true" in report["fits_with"]
+
+
 @pytest.mark.parametrize("profile", list(PROFILE_TARGETS))
 def test_each_gpu_profile_fits_its_card_at_the_full_shape(profile, full_estimates, monkeypatch):
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     gpu_gb, target = PROFILE_TARGETS[profile]
     report = plan_report(full_cfg([f"trainer={profile}"]), "full", gpu_gb)
     assert report["fits"] and report["predicted_peak_gpu_gb"] <= target, report
+    encode = report["encode_phase"]
+    assert encode is None or (encode["fits"] and encode["predicted_peak_gpu_gb"] <= target), encode
     assert report["shape"]["num_layers"] == 60 and report["shape"]["image_tokens"] == 8192
 
 
+def test_the_docs_profile_table_is_the_planners(full_estimates):
+    from pathlib import Path
+
+    from fusedit.plan.table import profiles_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    table = profiles_table(full_estimates)
+    assert table in doc, "docs/performance.md's profile table is stale: paste `python -m fusedit.plan.table`:\n" + table
+
+
 def test_a_profile_predicted_not_to_fit_names_the_figure_and_the_fix(full_estimates, monkeypatch):
-    monkeypatch.setattr("fusedit.plan.Estimates", lambda path=None: full_estimates)
+    monkeypatch.setattr("fusedit.plan.report.Estimates", lambda path=None: full_estimates)
     report = plan_report(full_cfg(["trainer=a100", "model.activation_checkpointing=0"]), "full", 80)
     assert not report["fits"] and report["predicted_peak_gpu_gb"] > 100
     assert "model.activation_checkpointing=1" in report["fits_with"]

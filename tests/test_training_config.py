@@ -30,12 +30,37 @@ def test_every_group_option_composes(group, option):
     if group == "hparams_search":
         # The Optuna sweeper is the optional `sweep` extra (pip install -e ".[sweep]").
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    cfg = compose_train([f"{group}={option}"], hydra_config=True)
-    # Everything outside Hydra's own node resolves (no dangling interpolation, no missing value).
+    assert_resolves(compose_train([f"{group}={option}"], hydra_config=True))
+
+
+def assert_resolves(cfg) -> None:
+    """Everything outside Hydra's own node resolves (no dangling interpolation, no missing value)."""
     body = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     body.paths.root_dir = "/tmp/r"
     body.paths.output_dir = "/tmp/r/run"
     OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
+
+
+# Issue 15's data and objective options compose with every group option (one compose each, all options at once:
+# the folder source, caption dropout, a mask column, mask_from_edit); each source's data module and the objective
+# are then built from a composed config (their settings checks run; no file is read).
+FOLDER = ["data.format=folder", "data.image_dir=/d/t", "data.control_dirs=[/d/c]", "data.mask_dir=/d/m"]
+HF = ["data.format=hf", "data.path=/d/ds", "data.columns={edit_image:edit,prompt:text}"]
+DROPOUT_AND_MASKS = ["data.caption_dropout=0.1", "data.mask_column=m", "objective.mask_from_edit=true"]
+
+
+def test_new_data_and_objective_options_compose_with_every_group():
+    from hydra.utils import instantiate
+
+    for group in GROUPS:
+        for option in options(group) if group != "hparams_search" else []:  # the sweeper is an optional extra
+            assert_resolves(compose_train([f"{group}={option}", *FOLDER, *DROPOUT_AND_MASKS], hydra_config=True))
+    for source in (FOLDER, HF):
+        cfg = compose_train([*source, *DROPOUT_AND_MASKS])
+        module = instantiate(cfg.data)
+        assert module.source.format == cfg.data.format and module.hparams.caption_dropout == 0.1
+        assert module.columns.mask == "m"
+    assert instantiate(cfg.objective).mask_from_edit is True
 
 
 def test_gpu_profile_composes_for_the_real_model():

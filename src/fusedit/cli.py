@@ -26,7 +26,7 @@ COMMANDS = {
     ),
     "bench": ("fusedit.bench.cli", "time the LoRA training step of each optimisation variant side by side"),
     "cache": ("fusedit.cache.cli", "encode a dataset's VAE latents and prompt embeddings into the training cache"),
-    "plan": ("fusedit.plan", "predict a training run's peak GPU memory and choose the plan that fits a GPU"),
+    "plan": ("fusedit.plan.cli", "predict a training run's peak GPU memory and choose the plan that fits a GPU"),
 }
 
 

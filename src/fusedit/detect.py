@@ -27,12 +27,15 @@ from fusedit.convert.lora_formats import (
 from fusedit.convert.single_file import MARKER_2511, WEIGHT_SCALE, has_2511_marker, is_scaled_fp8, weight_keys
 from fusedit.download import component_names
 from fusedit.errors import UserFileNotFoundError, UserInputError, examples
-from fusedit.families import pipeline_family
+from fusedit.families import QWEN_IMAGE_21, pipeline_family
 from fusedit.io import load_safetensors, read_safetensors_header
-from fusedit.model.module_map import BLOCKS, block_index
+from fusedit.model.module_map import BLOCKS, QWEN21_TRANSFORMER_CLASS, block_index
 from fusedit.model.weight_files import read_json, transformer_weight_files
 
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
+TRANSFORMER_CLASSES = (TRANSFORMER_CLASS, QWEN21_TRANSFORMER_CLASS)
+# Keys only a 2.1 transformer has (either layout): what names the family of a single file without a config.
+QWEN21_MLP_KEYS = (".img_mlp.gate_layer.weight", ".img_mlp.gate_up_proj.weight")
 
 
 def _dtype_summary(specs: dict) -> dict:
@@ -99,6 +102,8 @@ def _model_report(specs: dict, config: dict | None, what: str) -> dict:
 
 
 def _transformer_family(config: dict) -> tuple[str, str]:
+    if config.get("_class_name") == QWEN21_TRANSFORMER_CLASS:
+        return QWEN_IMAGE_21, f"transformer config _class_name {QWEN21_TRANSFORMER_CLASS}"
     if config.get("zero_cond_t"):
         return "qwen-image-edit-2511", "transformer config zero_cond_t=true"
     return "qwen-image", "transformer config only (Qwen-Image, -Edit and -Edit-2509 share one transformer config)"
@@ -107,8 +112,8 @@ def _transformer_family(config: dict) -> tuple[str, str]:
 def _detect_transformer(directory: Path) -> dict:
     config = read_json(directory / "config.json")
     cls = config.get("_class_name")
-    if cls is not None and cls != TRANSFORMER_CLASS:
-        raise UserInputError(f"{directory}/config.json: _class_name is {cls!r}, not {TRANSFORMER_CLASS}")
+    if cls is not None and cls not in TRANSFORMER_CLASSES:
+        raise UserInputError(f"{directory}/config.json: _class_name is {cls!r}, not one of {TRANSFORMER_CLASSES}")
     report = _model_report(_transformer_specs(directory), config, str(directory))
     family, source = _transformer_family(config)
     return {"kind": "transformer", "path": str(directory), "family": family, "family_source": source, **report}
@@ -202,6 +207,9 @@ def _detect_model_file(path: Path, specs: dict) -> dict:
     the family; in an "fp8 scaled" file the dtypes and parameter count are those of the weights (no scales)."""
     weights = {key: specs[key] for key in weight_keys(specs)}
     report = {"kind": "model_file", "path": str(path), **_model_report(weights, None, str(path))}
+    if any(key.endswith(QWEN21_MLP_KEYS) for key in specs):
+        report["family"] = QWEN_IMAGE_21
+        report["family_source"] = "Qwen-Image-2.1 SwiGLU keys (img_mlp.gate_layer / img_mlp.gate_up_proj)"
     if has_2511_marker(specs):
         report["family"] = "qwen-image-edit-2511"
         report["family_source"] = f"{MARKER_2511} marker tensor (ComfyUI's Edit-2511 single files)"

@@ -6,7 +6,8 @@ inference's preflight can judge every row against the chosen model before anythi
 
 The number of edit (input) images per family follows the diffusers pipelines: `QwenImagePipeline` takes none,
 `QwenImageEditPipeline` one (its `image` is a single image), `QwenImageEditPlusPipeline` (2509, 2511) a list of
-one or more.
+one or more. Qwen-Image-2.1 (`QwenImage21Pipeline`, `QwenImage21ModularPipeline` and its Turbo) is one model for
+both: no reference image (text-to-image) or several (editing); its transformer config names its own class.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ TEXT_TO_IMAGE = "qwen-image"
 EDIT = "qwen-image-edit"
 EDIT_2509 = "qwen-image-edit-2509"
 EDIT_2511 = "qwen-image-edit-2511"
+QWEN_IMAGE_21 = "qwen-image-2.1"
+QWEN21_PIPELINE_PREFIX = "QwenImage21"  # QwenImage21Pipeline, QwenImage21ModularPipeline, ...TurboModularPipeline
 
 # family -> the diffusers pipeline class that runs it.
 PIPELINE_CLASSES = {
@@ -26,6 +29,7 @@ PIPELINE_CLASSES = {
     EDIT: "QwenImageEditPipeline",
     EDIT_2509: "QwenImageEditPlusPipeline",
     EDIT_2511: "QwenImageEditPlusPipeline",
+    QWEN_IMAGE_21: "QwenImage21Pipeline",
 }
 
 # family -> (fewest, most) edit images one prompt takes; None = no upper bound.
@@ -34,6 +38,7 @@ EDIT_IMAGE_COUNTS: dict[str, tuple[int, int | None]] = {
     EDIT: (1, 1),
     EDIT_2509: (1, None),
     EDIT_2511: (1, None),
+    QWEN_IMAGE_21: (0, None),
 }
 
 
@@ -45,6 +50,8 @@ def pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:
     """The family of a pipeline class name (model_index.json `_class_name`). Raises UserInputError if not Qwen-Image."""
     if not pipeline_class.startswith("QwenImage"):
         raise UserInputError(f"pipeline class {pipeline_class!r} is not a Qwen-Image pipeline")
+    if pipeline_class.startswith(QWEN21_PIPELINE_PREFIX):
+        return QWEN_IMAGE_21
     if "EditPlus" in pipeline_class:
         return EDIT_2511 if zero_cond_t else EDIT_2509
     if "Edit" in pipeline_class:

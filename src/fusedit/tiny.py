@@ -10,6 +10,9 @@ Variants:
   edit-plus   QwenImageEditPlusPipeline  (Qwen-Image-Edit-2509: several edit images)
   edit-2511   QwenImageEditPlusPipeline  with the transformer's `zero_cond_t=True` (Qwen-Image-Edit-2511)
   t2i         QwenImagePipeline          (Qwen-Image text-to-image)
+  2.1         QwenImage21Pipeline        (Qwen-Image-2.1: Qwen3-VL encoder + processor, 64-channel RGBA VAE,
+                                          single-stream transformer; diffusers' QwenImage21ModularPipeline loads
+                                          the folder too, with `from_pretrained`)
 
 What keeps a CPU run at seconds:
   * The edit pipelines always resize the *edit image* to a ~1024x1024 area before the VAE encodes it (the
@@ -47,13 +50,15 @@ import torch
 from fusedit.errors import OutputExistsError, UserInputError
 from fusedit.io import current_umask, fsync_dir
 
-VARIANTS = ("edit", "edit-plus", "edit-2511", "t2i")
+QWEN21 = "2.1"
+VARIANTS = ("edit", "edit-plus", "edit-2511", "t2i", QWEN21)
 
 _PIPELINE_CLASS = {
     "edit": "QwenImageEditPipeline",
     "edit-plus": "QwenImageEditPlusPipeline",
     "edit-2511": "QwenImageEditPlusPipeline",
     "t2i": "QwenImagePipeline",
+    QWEN21: "QwenImage21Pipeline",
 }
 
 # Qwen2 / Qwen2.5-VL added tokens, in Qwen's order. The first 14 are special (never split, skipped on decode).
@@ -98,6 +103,8 @@ _TEMPLATE_TEXTS = (
     ),
     "Picture 1: Picture 2: Picture 3: ",
 )
+# Qwen-Image-2.1's template (diffusers' QwenImage21Pipeline / modular text encoder step), for the 2.1 tokenizer.
+_TEMPLATE_TEXTS_21 = ("system\nComprehend and analyze the provided prompt.\nuser\n\nassistant\n",)
 
 # Qwen-Image VAE latent statistics (vae/config.json of the real checkpoints).
 _LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -133,8 +140,9 @@ def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     return symbols
 
 
-def build_tokenizer():
-    """A Qwen2Tokenizer (byte-level BPE, Qwen's pre-tokenizer and special tokens) built without the hub."""
+def build_tokenizer(template_texts: tuple[str, ...] = _TEMPLATE_TEXTS):
+    """A Qwen2Tokenizer (byte-level BPE, Qwen's pre-tokenizer and special tokens) built without the hub; every word
+    of `template_texts` is one token."""
     from transformers import Qwen2Tokenizer
 
     alphabet = _bytes_to_unicode()
@@ -143,7 +151,7 @@ def build_tokenizer():
     ranks: dict[tuple[str, str], int] = {}
 
     pre_tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=[])._tokenizer.pre_tokenizer
-    pieces = [piece for text in _TEMPLATE_TEXTS for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+    pieces = [piece for text in template_texts for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
     for piece in dict.fromkeys(pieces):
         # Appending a lowest-priority merge never changes how earlier pieces encode (they are already one
         # token), so growing merges until this piece is one token keeps every earlier piece one token too.
@@ -226,6 +234,127 @@ def _build_text_encoder(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
+# ------------------------------------------------------------------------------------------------ Qwen-Image-2.1
+# Qwen3-VL sees images in 16 px patches merged 2x2, so one vision token is a 32 px tile = 2x2 latent tokens of the
+# 16x VAE: the processor must keep diffusers' resized reference images as they are (sizes between the bounds).
+_PATCH_21 = 16
+_MIN_PIXELS_21, _MAX_PIXELS_21 = 32 * 32, 128 * 128
+# Qwen3-VL's chat template, reduced to what diffusers' 2.1 pipelines render with it: the system message (its
+# token count is the prefix they drop) and image placeholders.
+_CHAT_TEMPLATE_21 = (
+    "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] }}"
+    "{%- else -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def _build_processor_21(tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    size = {"shortest_edge": _MIN_PIXELS_21, "longest_edge": _MAX_PIXELS_21}
+    geometry = {"patch_size": _PATCH_21, "merge_size": _MERGE, "temporal_patch_size": 2}
+    image_processor = Qwen2VLImageProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3, **geometry)
+    video_processor = Qwen3VLVideoProcessor(size=size, **geometry)
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=_CHAT_TEMPLATE_21,
+    )
+
+
+def _build_text_encoder_21(tokenizer):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    head_dim = 16
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": _padded_vocab_size(tokenizer),
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 2 * TEXT_HIDDEN,
+            "num_hidden_layers": 2,
+            "num_attention_heads": TEXT_HIDDEN // head_dim,
+            "num_key_value_heads": 1,
+            "head_dim": head_dim,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3]},
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": TEXT_HIDDEN,
+            "patch_size": _PATCH_21,
+            "spatial_merge_size": _MERGE,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def _build_transformer_21(num_layers: int):
+    from diffusers import QwenImage21Transformer2DModel
+
+    return QwenImage21Transformer2DModel(
+        in_channels=64,  # 2.1 reads the VAE's 64 latent channels unpatched
+        out_channels=64,
+        num_layers=num_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=TEXT_HIDDEN,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _build_vae_21():
+    from diffusers import AutoencoderKLQwenImage21
+
+    # Real geometry (RGBA in and out, 64 latent channels, 16x spatial compression: four downsamplings, and
+    # 2.1's latents_mean/std, diffusers' defaults), narrow channels.
+    return AutoencoderKLQwenImage21(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=64,
+        dim_mult=[1, 2, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True, True],
+    )
+
+
+def _build_tiny_pipeline_21(seed: int, num_layers: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
+
+    from fusedit.step.objective import QWEN_SCHEDULER_CONFIG
+
+    tokenizer = build_tokenizer(_TEMPLATE_TEXTS_21)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + 1)
+        transformer = _build_transformer_21(num_layers)
+        torch.manual_seed(seed * 1000 + 2)
+        vae = _build_vae_21()
+        torch.manual_seed(seed * 1000 + 3)
+        text_encoder = _build_text_encoder_21(tokenizer)
+    return QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=_build_processor_21(tokenizer),
+        transformer=transformer,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ Qwen-Image
 def _build_transformer(variant: str, num_layers: int):
     from diffusers import QwenImageTransformer2DModel
 
@@ -269,6 +398,8 @@ def build_tiny_pipeline(variant: str = "edit", seed: int = 0, num_layers: int = 
         raise UserInputError(f"unknown tiny variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if num_layers < 1:
         raise UserInputError(f"num_layers must be >= 1, got {num_layers}")
+    if variant == QWEN21:
+        return _build_tiny_pipeline_21(seed, num_layers)
     tokenizer = build_tokenizer()
     # Each component gets its own seeded stream so adding or resizing one does not reshuffle the others,
     # and fork_rng leaves the caller's global RNG state untouched.

@@ -151,71 +151,89 @@ def shape_from_args(args) -> BenchShape:
     return shape.replace(**changes) if changes else shape
 
 
-def main(args) -> int:
-    # Names first: a typo in --variants should stop the run before anything is built.
-    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
-    timed = not args.estimate_only
-    if args.variants is None and variants and device.type == "cpu" and timed:
-        # Inductor's C++ build takes minutes per compiled variant on a 2-core CPU (281 s and 232 s measured, the
-        # six other tiny variants 40 s together), which would turn the quick tiny check into ten minutes; and a
-        # CPU's compiled step says nothing of the GPU's. `--variants merged+compile,...` still times them here.
-        variants = [variant for variant in variants if not variant.compile]
+def _refuse_untimeable(args, device: torch.device, timed: bool) -> None:
+    """Stop at once what would run for hours or with a bad thread count, before anything is built."""
     if args.size == "full" and device.type == "cpu" and args.layers is None and timed and not args.data_only:
         # 60 blocks x 3072 wide in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
         raise UserInputError(
             "--size full is the real 20B shape and needs a GPU to time; on CPU use --size tiny, a partial model with "
             "--layers N, or --estimate-only for its predicted peak memory"
         )
+    if args.threads is not None and args.threads < 1:
+        raise UserInputError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _bench_dtype(args, device: torch.device, timed: bool) -> torch.dtype:
+    # A memory prediction is for the GPU run: bf16 unless told otherwise, also when predicted on a CPU.
+    on_gpu_dtype = device.type == "cuda" or not timed
+    return DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
+
+
+def _write_reports(args, report: dict) -> str:
+    """Write the report where --json / --markdown ask (atomically: a killed run leaves the last whole one)."""
+    table = markdown_table(report)
+    if args.json_path:
+        write_json_atomic(args.json_path, report)
+    if args.markdown_path:
+        write_text_atomic(args.markdown_path, table)
+    return table
+
+
+def _progress_lines(report: dict, device: torch.device, time_budget: float | None, shown: set[int]) -> list[str]:
+    """stderr lines: what will run (before the first variant), then one per variant as it finishes (an interleaved
+    run finishes them out of order); `shown` holds the indices already told and is updated."""
+    if not shown and all(r["status"] == "pending" for r in report["variants"]):
+        names = ", ".join(r["name"] for r in report["variants"])
+        budget = "" if time_budget is None else f", time budget {time_budget:g} min"
+        order = report["settings"].get("order")
+        return [f"fusedit bench: {report['shape']['name']} on {device}, {order}: {names}{budget}"]
+    lines = []
+    for index, last in enumerate(report["variants"]):
+        if last["status"] == "pending" or index in shown:
+            continue
+        shown.add(index)
+        detail = ""
+        if last["status"] == "ok":
+            detail = f"{last['step_s']:.4g} s/step, "
+        elif last.get("est_peak_mem_gb") is not None:
+            detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
+        elif last["reason"]:
+            detail = f"{last['reason'].splitlines()[0][:200]}, "
+        wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
+        lines.append(
+            f"fusedit bench: [{len(shown)}/{len(report['variants'])}] {last['name']}: {last['status']} "
+            f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)"
+        )
+    return lines
+
+
+def _variants(args, device: torch.device, timed: bool) -> list | None:
+    # Names first (parse_variants): a typo in --variants should stop the run before anything is built.
+    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
+    if args.variants is None and variants and device.type == "cpu" and timed:
+        # Inductor's C++ build takes minutes per compiled variant on a 2-core CPU (281 s and 232 s measured, the
+        # six other tiny variants 40 s together), which would turn the quick tiny check into ten minutes; and a
+        # CPU's compiled step says nothing of the GPU's. `--variants merged+compile,...` still times them here.
+        variants = [variant for variant in variants if not variant.compile]
+    return variants
+
+
+def main(args) -> int:
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    timed = not args.estimate_only
+    variants = _variants(args, device, timed)
+    _refuse_untimeable(args, device, timed)
     defaults = SIZE_DEFAULTS[args.size]
     threads = defaults.cpu_threads if args.threads is None and device.type == "cpu" else args.threads
     if threads is not None:
-        if threads < 1:
-            raise UserInputError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    # A memory prediction is for the GPU run: bf16 unless told otherwise, also when predicted on a CPU.
-    on_gpu_dtype = device.type == "cuda" or not timed
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu_dtype else torch.float32)
     command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
-
-    def write_reports(report: dict) -> str:
-        table = markdown_table(report)
-        if args.json_path:
-            write_json_atomic(args.json_path, report)
-        if args.markdown_path:
-            write_text_atomic(args.markdown_path, table)
-        return table
-
-    shown: set[int] = set()  # the variants whose line is printed (an interleaved run finishes them out of order)
+    shown: set[int] = set()
 
     def progress(report: dict) -> None:
-        write_reports(report)
-        finished = [i for i, r in enumerate(report["variants"]) if r["status"] != "pending"]
-        if not finished:
-            names = ", ".join(r["name"] for r in report["variants"])
-            budget = "" if args.time_budget is None else f", time budget {args.time_budget:g} min"
-            order = report["settings"].get("order")
-            print(
-                f"fusedit bench: {report['shape']['name']} on {device}, {order}: {names}{budget}",
-                file=sys.stderr,
-                flush=True,
-            )
-        for index in (i for i in finished if i not in shown):
-            shown.add(index)
-            last, detail = report["variants"][index], ""
-            if last["status"] == "ok":
-                detail = f"{last['step_s']:.4g} s/step, "
-            elif last.get("est_peak_mem_gb") is not None:
-                detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
-            elif last["reason"]:
-                detail = f"{last['reason'].splitlines()[0][:200]}, "
-            wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
-            print(
-                f"fusedit bench: [{len(shown)}/{len(report['variants'])}] {last['name']}: {last['status']} "
-                f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)",
-                file=sys.stderr,
-                flush=True,
-            )
+        _write_reports(args, report)
+        for line in _progress_lines(report, device, args.time_budget, shown):
+            print(line, file=sys.stderr, flush=True)
 
     if args.data_only:
         report = {"schema": SCHEMA, "command": command, "variants": []}
@@ -224,7 +242,7 @@ def main(args) -> int:
             shape_from_args(args),
             variants,
             device,
-            dtype,
+            _bench_dtype(args, device, timed),
             warmup=defaults.warmup if args.warmup is None else args.warmup,
             steps=defaults.steps if args.steps is None else args.steps,
             seed=args.seed,
@@ -241,8 +259,7 @@ def main(args) -> int:
         report["data"] = measure_data(
             args.data_metadata, args.data_samples, (side, side), workers=args.data_workers, seed=args.seed
         )
-    table = write_reports(report)
-    print(table, end="")
+    print(_write_reports(args, report), end="")
     failed = [v["name"] for v in report["variants"] if v["status"] == "failed"]
     if failed:
         print(f"fusedit bench: variant(s) failed: {', '.join(failed)} (see the JSON report)", file=sys.stderr)

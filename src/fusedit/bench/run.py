@@ -543,70 +543,83 @@ def _shape_line(report: dict) -> str:
     )
 
 
+def _timed_table(report: dict) -> list[str]:
+    """Rows of a timed report: one a variant, measured figures (and the predicted peak with --estimate-memory)."""
+    estimated = report["settings"].get("memory_estimate", False)
+    lines = [
+        f"| variant | step s (median) | min–max | vs {report.get('baseline') or 'standard'} | samples/s | tokens/s "
+        "| TFLOP/s | MFU | peak mem GB "
+        + ("| est. peak GB " if estimated else "")
+        + "| matmuls/step | QKV GEMMs/block (base+LoRA) | SDPA |"
+    ]
+    columns = 13 if estimated else 12
+    lines.append("|" + "---|" * columns)
+    for r in report["variants"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} | {r['status']}: {r['reason']} |" + " |" * (columns - 2))
+            continue
+        qkv = r["qkv_matmuls_per_block"] or {}
+        mem = _fmt(r["peak_mem_gb"], ".3f") + (" (RSS)" if r["peak_mem_kind"] == "cpu_rss_growth" else "")
+        if estimated:
+            mem += f" | {_fmt(r['est_peak_mem_gb'], '.3f')}"
+        lines.append(
+            f"| {r['name']} | {r['step_s']:.4f} | {r['step_s_min']:.4f}–{r['step_s_max']:.4f} "
+            f"| {_speedup(r)} | {r['samples_per_s']:.3g} | {r['tokens_per_s']:.4g} "
+            f"| {r['tflops']:.3g} | {_fmt(r['mfu'], '.1%')} | {mem} | {_fmt(r['matmul_calls'], 'd')} "
+            f"| {qkv.get('base', '–')}+{qkv.get('lora', '–')} | {r['sdpa_backend'] or '–'} |"
+        )
+    warning = spread_warning(report)
+    if warning:
+        lines.extend(["", warning])
+    return lines
+
+
+def _variant_lines(report: dict) -> list[str]:
+    """The shape line, notes on the baseline and on a partial run, then the timed or the estimate table."""
+    lines = [_shape_line(report)]
+    baseline = report.get("baseline")
+    if baseline is not None and baseline != "standard":
+        lines.append("")
+        lines.append(
+            f"speedups are against `{baseline}`: plain `standard` is not in this run or failed (at the full "
+            "shape it does not fit 80 GB without activation checkpointing)"
+        )
+    if not report.get("complete", True):
+        finished = sum(r["status"] not in ("pending",) for r in report["variants"])
+        lines.append("")
+        lines.append(
+            f"**partial report**: {finished} of {len(report['variants'])} variants done "
+            "(the run is still going, or was stopped)"
+        )
+    lines.append("")
+    lines.extend(_timed_table(report) if report["settings"].get("timed", True) else _estimate_table(report))
+    return lines
+
+
+def _data_lines(data: dict) -> list[str]:
+    """The data-pipeline table: images and samples per second by loader worker count, then per-stage times."""
+    lines = [
+        f"data pipeline: {data['samples']} samples ({data['images_per_sample']} images each, "
+        f"{data['source']}), decode + resize + bucket + collate",
+        "",
+        "| workers | images/s | samples/s |",
+        "|---|---|---|",
+    ]
+    for row in data["loader"]:
+        lines.append(f"| {row['num_workers']} | {row['images_per_s']:.1f} | {row['samples_per_s']:.1f} |")
+    stages = data.get("stages_ms_per_image")
+    if stages:
+        lines.append("")
+        lines.append("per image, one process: " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
+    return lines
+
+
 def markdown_table(report: dict) -> str:
     """The report as a markdown table (plus the data-pipeline table when measured)."""
-    lines = []
-    if report.get("variants"):
-        lines.append(_shape_line(report))
-        baseline = report.get("baseline")
-        if baseline is not None and baseline != "standard":
-            lines.append("")
-            lines.append(
-                f"speedups are against `{baseline}`: plain `standard` is not in this run or failed (at the full "
-                "shape it does not fit 80 GB without activation checkpointing)"
-            )
-        if not report.get("complete", True):
-            finished = sum(r["status"] not in ("pending",) for r in report["variants"])
-            lines.append("")
-            lines.append(
-                f"**partial report**: {finished} of {len(report['variants'])} variants done "
-                "(the run is still going, or was stopped)"
-            )
-        lines.append("")
-        if not report["settings"].get("timed", True):
-            lines.extend(_estimate_table(report))
-        else:
-            estimated = report["settings"].get("memory_estimate", False)
-            lines.append(
-                f"| variant | step s (median) | min–max | vs {baseline or 'standard'} | samples/s | tokens/s "
-                "| TFLOP/s | MFU | peak mem GB "
-                + ("| est. peak GB " if estimated else "")
-                + "| matmuls/step | QKV GEMMs/block (base+LoRA) | SDPA |"
-            )
-            columns = 13 if estimated else 12
-            lines.append("|" + "---|" * columns)
-            for r in report["variants"]:
-                if r["status"] != "ok":
-                    lines.append(f"| {r['name']} | {r['status']}: {r['reason']} |" + " |" * (columns - 2))
-                    continue
-                qkv = r["qkv_matmuls_per_block"] or {}
-                mem = _fmt(r["peak_mem_gb"], ".3f") + (" (RSS)" if r["peak_mem_kind"] == "cpu_rss_growth" else "")
-                if estimated:
-                    mem += f" | {_fmt(r['est_peak_mem_gb'], '.3f')}"
-                lines.append(
-                    f"| {r['name']} | {r['step_s']:.4f} | {r['step_s_min']:.4f}–{r['step_s_max']:.4f} "
-                    f"| {_speedup(r)} | {r['samples_per_s']:.3g} | {r['tokens_per_s']:.4g} "
-                    f"| {r['tflops']:.3g} | {_fmt(r['mfu'], '.1%')} | {mem} | {_fmt(r['matmul_calls'], 'd')} "
-                    f"| {qkv.get('base', '–')}+{qkv.get('lora', '–')} | {r['sdpa_backend'] or '–'} |"
-                )
-            warning = spread_warning(report)
-            if warning:
-                lines.extend(["", warning])
+    lines = _variant_lines(report) if report.get("variants") else []
     data = report.get("data")
     if data:
         if lines:
             lines.append("")
-        lines.append(
-            f"data pipeline: {data['samples']} samples ({data['images_per_sample']} images each, "
-            f"{data['source']}), decode + resize + bucket + collate"
-        )
-        lines.append("")
-        lines.append("| workers | images/s | samples/s |")
-        lines.append("|---|---|---|")
-        for row in data["loader"]:
-            lines.append(f"| {row['num_workers']} | {row['images_per_s']:.1f} | {row['samples_per_s']:.1f} |")
-        stages = data.get("stages_ms_per_image")
-        if stages:
-            lines.append("")
-            lines.append("per image, one process: " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
+        lines.extend(_data_lines(data))
     return "\n".join(lines) + "\n"

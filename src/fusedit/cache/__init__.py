@@ -19,7 +19,6 @@ _EXPORTS = {
     "LatentCache": "fusedit.cache.store",
     "add_cli": "fusedit.cache.cli",
     "collate_cached": "fusedit.cache.data",
-    "compose_cache_config": "fusedit.cache.cli",
     "encoder_fingerprint": "fusedit.cache.keys",
     "row_key": "fusedit.cache.keys",
 }

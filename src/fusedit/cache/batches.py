@@ -18,14 +18,25 @@ def collate_cached(items: list[dict]) -> dict:
         )
     embeds, mask = pad_prompts([item["prompt_embeds"] for item in items])
     slots = len(items[0]["edits"])
+    target = torch.stack([item["target"] for item in items])
+    weights = [item.get("token_weights") for item in items]
+    empty = [item.get("empty_prompt_embeds") for item in items]
+    # Text-to-image rows have no edit image: a condition of 0 tokens, as EditConditioner gives.
+    condition = [torch.stack([item["edits"][s] for item in items]) for s in range(slots)] or [target[:, :0]]
     return {
-        "target": torch.stack([item["target"] for item in items]),
-        "condition": torch.cat([torch.stack([item["edits"][s] for item in items]) for s in range(slots)], dim=1),
+        "target": target,
+        "condition": torch.cat(condition, dim=1),
         "prompt_embeds": embeds,
         "prompt_mask": mask,
         "img_shapes": [[tuple(shape) for shape in item["img_shapes"]] for item in items],
         "prompt": [item["prompt"] for item in items],
         "row": [item["row"] for item in items],
+        # Loss weights of masked rows (all ones for the others), None when no row has a mask.
+        "token_weights": None
+        if all(w is None for w in weights)
+        else torch.stack([torch.ones(target.shape[1]) if w is None else w for w in weights]),
+        # Unpadded empty-prompt encodings (caption dropout picks among them), None when not cached.
+        "empty_prompt_embeds": None if any(e is None for e in empty) else empty,
     }
 
 

@@ -4,51 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
-from fusedit.errors import UserFileNotFoundError, UserInputError
-
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
-
-
-def compose_cache_config(overrides: list[str], config_dir: str | Path = DEFAULT_CONFIG_DIR):
-    """The train config for `overrides`, with the defaults train() fills in (tiny model, sample data)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    config_dir = Path(config_dir)
-    if not (config_dir / "train.yaml").is_file():
-        raise UserFileNotFoundError(f"{config_dir} has no train.yaml; pass --config-dir <repo>/conf")
-    if not any(item.startswith("paths.root_dir=") for item in overrides):
-        overrides = [f"paths.root_dir={os.getcwd()}", *overrides]
-    try:
-        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as error:
-        # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, as train.py
-        # prints it, instead of the traceback of the compose call.
-        raise UserInputError(_one_line(error)) from None
-    from fusedit.data.sample import fill_demo_paths
-
-    fill_demo_paths(cfg)
-    return cfg
-
-
-def _one_line(error: BaseException) -> str:
-    """Hydra's message and the OmegaConf reason under it (first line of each), joined."""
-    message = str(error).split("Config search path:")[0]  # the search path listing is Hydra's debugging aid
-    parts = [" ".join(line.strip() for line in message.splitlines() if line.strip())]
-    if error.__cause__ is not None:
-        parts.append(str(error.__cause__).splitlines()[0])
-    return ": ".join(parts)
+from fusedit.train_config import CONF_DIR, compose_train_config
 
 
 def run_cache(args: argparse.Namespace) -> int:
     from fusedit.cache.training import cached_datamodule
 
-    cfg = compose_cache_config(args.overrides, args.config_dir)
+    cfg = compose_train_config(args.overrides, args.config_dir)
     datamodule = cached_datamodule(cfg)
     rows = datamodule.resolve()
     if args.verify:
@@ -68,8 +31,6 @@ def add_cli(subparsers) -> None:
         "cache.enabled=true`.",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml (model.*, data.*, cache.*)")
-    parser.add_argument(
-        "--config-dir", default=str(DEFAULT_CONFIG_DIR), help="the conf/ directory (default: %(default)s)"
-    )
+    parser.add_argument("--config-dir", default=str(CONF_DIR), help="the conf/ directory (default: %(default)s)")
     parser.add_argument("--verify", action="store_true", help="also read back every row and check its sha256")
     parser.set_defaults(func=run_cache)

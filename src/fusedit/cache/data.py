@@ -30,12 +30,12 @@ from fusedit.data.datamodule import EditDataModule, split_train_val
 from fusedit.data.dataset import EditDataset, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
 from fusedit.data.prompt_length import PATCH
-from fusedit.data.records import Record, read_records
+from fusedit.data.records import Record
 from fusedit.data.validation import PathRefused, Sample, record_problems, resolve_path
 from fusedit.devices import resolve_device, to_dtype
 from fusedit.families import folder_family
 from fusedit.regular_files import not_regular_reason
-from fusedit.step.conditioning import EditInputs
+from fusedit.step.conditioning import EditInputs, pad_prompts, unpadded
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,13 @@ class CachedRow:
 
 # -------------------------------------------------------------------------------------------------- keys of rows
 def hash_record_files(records: list[Record], base_path: Path, allow_absolute: bool, threads: int = 8) -> dict:
-    """row -> (image sha256, [edit sha256]) for every record whose files all resolve and read; others are absent
-    (validation reports them with its usual messages)."""
+    """row -> (image sha256, [edit sha256], mask sha256 or None) for every record whose files all resolve and read;
+    others are absent (validation reports them with its usual messages)."""
     paths: dict[int, list[Path]] = {}
     for record in records:
         try:
-            paths[record.row] = [
-                resolve_path(raw, base_path, allow_absolute) for raw in (record.image, *record.edit_images)
-            ]
+            raws = (record.image, *record.edit_images, *([record.mask] if record.mask else []))
+            paths[record.row] = [resolve_path(raw, base_path, allow_absolute) for raw in raws]
         except PathRefused:
             continue
 
@@ -75,10 +74,12 @@ def hash_record_files(records: list[Record], base_path: Path, allow_absolute: bo
     with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL
         hashes = dict(pool.map(digest, unique))
     out = {}
+    masked = {record.row for record in records if record.mask}
     for row, row_paths in paths.items():
         digests = [hashes[path] for path in row_paths]
         if all(digests):
-            out[row] = (digests[0], digests[1:])
+            mask = digests.pop() if row in masked else None
+            out[row] = (digests[0], digests[1:], mask)
     return out
 
 
@@ -107,11 +108,13 @@ def encode_into_cache(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     shard_bytes: int = 512 << 20,
+    empty_prompts: bool = False,
 ) -> int:
     """Encode `samples` (row -> key in `keys`) with `conditioner` (an EditConditioner: the very code live training
     runs) and add them to `cache` in shards of about `shard_bytes`. Call inside `cache.writer()`. Returns the count.
 
-    Rows with the same key (identical inputs) are encoded once.
+    Rows with the same key (identical inputs) are encoded once. A row's mask is stored as its token weights;
+    `empty_prompts` (caption dropout) also stores the empty prompt encoded with the row's edit image(s).
     """
     unique: dict[str, Sample] = {}
     for sample in samples:
@@ -119,6 +122,7 @@ def encode_into_cache(
     samples = list(unique.values())
     if not samples:
         return 0
+    samples_by_row = {sample.row: sample for sample in samples}
     dataset = EditDataset(samples, max_pixels, edit_max_pixels, max_image_pixels)
     sampler = BucketBatchSampler(dataset.sizes, batch_size, shuffle=False)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
@@ -127,15 +131,19 @@ def encode_into_cache(
         batch["image"] = batch["image"].to(device)
         batch["edit_images"] = [slot.to(device) for slot in batch["edit_images"]]
         inputs = conditioner(batch)
+        empty = conditioner.encode_prompts([""] * len(batch["row"]), batch["edit_images"]) if empty_prompts else None
         shapes = inputs.img_shapes[0]
-        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1)
+        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1) if shapes[1:] else ()
         for i, row in enumerate(batch["row"]):
-            length = inputs.prompt_embeds.shape[1] if inputs.prompt_mask is None else int(inputs.prompt_mask[i].sum())
             tensors = {
                 "target": inputs.target[i].cpu(),
                 "edits": [condition[i].cpu() for condition in conditions],
-                "prompt": inputs.prompt_embeds[i, :length].cpu(),
+                "prompt": unpadded(inputs.prompt_embeds, inputs.prompt_mask, i).cpu(),
             }
+            if inputs.token_weights is not None and samples_by_row[row].mask is not None:
+                tensors["mask"] = inputs.token_weights[i].cpu()
+            if empty is not None:
+                tensors["empty_prompt"] = unpadded(*empty, i).cpu()
             pending.append((keys[row], tensors, {"row": row, "target_shape": shapes[0], "edit_shapes": shapes[1:]}))
         if shard_bytes_of(pending) >= shard_bytes:
             cache.add(pending)
@@ -168,6 +176,8 @@ class CachedEditDataset(Dataset):
             "img_shapes": [target, *edits],
             "prompt": row.prompt,
             "row": row.row,
+            "token_weights": tensors.get("mask"),
+            "empty_prompt_embeds": tensors.get("empty_prompt"),
         }
 
 
@@ -212,15 +222,24 @@ class CachedConditioner(nn.Module):
         """[*edit images, edited, target, prompt] per cached sample, generated with `module`'s transformer."""
         return self.sampler.rows(module, samples, num_inference_steps, seed)
 
-    def forward(self, batch: dict) -> EditInputs:
+    def forward(self, batch: dict, drop_prompts: list[bool] | None = None) -> EditInputs:
+        """`drop_prompts[i]`: sample i uses its cached empty-prompt encoding (caption dropout)."""
         if "target" not in batch:
             raise ValueError("CachedConditioner got a pixel batch; use CachedEditDataModule (cache.enabled=true)")
+        embeds, mask = batch["prompt_embeds"], batch["prompt_mask"]
+        if drop_prompts is not None and any(drop_prompts):
+            empty = batch.get("empty_prompt_embeds")
+            if empty is None:
+                raise ValueError(f"rows {batch['row']} were cached without the empty prompt caption dropout needs")
+            chosen = [empty[i] if drop else unpadded(embeds, mask, i) for i, drop in enumerate(drop_prompts)]
+            embeds, mask = pad_prompts([embed.to(embeds.device) for embed in chosen])
         return EditInputs(
             target=batch["target"],
             condition=batch["condition"],
-            prompt_embeds=batch["prompt_embeds"],
-            prompt_mask=batch["prompt_mask"],
+            prompt_embeds=embeds,
+            prompt_mask=mask,
             img_shapes=batch["img_shapes"],
+            token_weights=batch.get("token_weights"),
         )
 
 
@@ -231,7 +250,9 @@ class CachedEditDataModule(EditDataModule):
     cache_dir: the cache root (one subdirectory per encoder fingerprint). model_path, dtype: the pipeline whose VAE
     and text encoder encode missing rows, in that dtype. build: encode missing rows (else a missing row is an
     error). build_batch_size, build_device ("auto" = the current CUDA device, else CPU), shard_mb: encoding
-    settings. verify: check every row's sha256 when it is read.
+    settings. build_offload: on a CUDA device, stream the text encoder's layers from host memory while encoding
+    (EditConditioner.offload_text_encoder: for GPUs it does not fit). verify: check every row's sha256 when it is
+    read.
     """
 
     def __init__(
@@ -243,6 +264,7 @@ class CachedEditDataModule(EditDataModule):
         build: bool = True,
         build_batch_size: int = 1,
         build_device: str = "auto",
+        build_offload: bool = False,
         verify: bool = True,
         shard_mb: int = 512,
         **data_kwargs,
@@ -256,6 +278,7 @@ class CachedEditDataModule(EditDataModule):
         self.build = bool(build)
         self.build_batch_size = int(build_batch_size)
         self.build_device = build_device
+        self.build_offload = bool(build_offload)
         self.verify = bool(verify)
         self.shard_bytes = int(shard_mb) << 20
         self.cache: LatentCache | None = None
@@ -271,19 +294,23 @@ class CachedEditDataModule(EditDataModule):
     def _load_conditioner(self, device: torch.device) -> nn.Module:
         from fusedit.step.conditioning import EditConditioner
 
-        return EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype)).to(device)
+        conditioner = EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype))
+        if self.build_offload and device.type == "cuda":
+            return conditioner.offload_text_encoder(device)
+        return conditioner.to(device)
 
     def _encode(self, samples: list[Sample], keys: dict[int, str], cache: LatentCache) -> int:
         hp = self.hparams
         device = resolve_device(self.build_device, "cache.device")
-        log.info("cache: encoding %d rows on %s into %s", len(samples), device, cache.dir)
+        offload = " (text encoder streamed from host memory)" if self.build_offload and device.type == "cuda" else ""
+        log.info("cache: encoding %d rows on %s%s into %s", len(samples), device, offload, cache.dir)
         conditioner = self._load_conditioner(device)
         try:
             return encode_into_cache(
                 samples, keys, cache, conditioner,
                 max_pixels=hp.max_pixels, edit_max_pixels=hp.edit_max_pixels, max_image_pixels=hp.max_image_pixels,
                 batch_size=self.build_batch_size, num_workers=hp.num_workers, device=device,
-                shard_bytes=self.shard_bytes,
+                shard_bytes=self.shard_bytes, empty_prompts=hp.caption_dropout > 0,
             )  # fmt: skip
         finally:
             # The encoders are needed for this and nothing else: free them before training starts.
@@ -291,6 +318,13 @@ class CachedEditDataModule(EditDataModule):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _is_cached(self, key: str) -> bool:
+        """Row `key` is cached with all this run reads: with caption dropout, its empty-prompt encoding as well (a
+        row cached without it is encoded again, once)."""
+        entry = self.cache.entries.get(key)
+        needed = {"empty_prompt"} if self.hparams.caption_dropout > 0 else set()
+        return entry is not None and needed <= set(entry.get("extras", []))
 
     def _fit_prompts_of(self, records, keys, hits: set[int], samples: list[Sample]):
         """Prompt lengths judged for every row, cached (`hits`, sizes from its cached latents) or to encode
@@ -310,8 +344,8 @@ class CachedEditDataModule(EditDataModule):
         hp = self.hparams
         started = time.perf_counter()
         cache = self.open_cache()
-        records = read_records(self.metadata, self.columns)
-        hashes = hash_record_files(records, self.base_path, hp.allow_absolute_paths)
+        records = self.read_records()
+        hashes = hash_record_files(records, self.base_path, self.source.allow_absolute)
         keys = {
             row: row_key(cache.hash, record.prompt, *hashes[row]) for record in records if (row := record.row) in hashes
         }
@@ -319,7 +353,7 @@ class CachedEditDataModule(EditDataModule):
         # validation even when its files are cached, so that it is refused (or skipped) the same way.
         family = folder_family(self.model_path)
         wrong = {record.row for record in records if record_problems(record, self.columns, family)}
-        hits = {row for row, key in keys.items() if key in cache.entries and row not in wrong}
+        hits = {row for row, key in keys.items() if self._is_cached(key) and row not in wrong}
         missing = [record for record in records if record.row not in hits]
         encoded = 0
         samples: list[Sample] = []
@@ -336,7 +370,7 @@ class CachedEditDataModule(EditDataModule):
         hits, samples, prompts = self._fit_prompts_of(records, keys, hits, samples)
         if samples:
             with cache.writer():
-                todo = [sample for sample in samples if keys[sample.row] not in cache.entries]
+                todo = [sample for sample in samples if not self._is_cached(keys[sample.row])]  # another rank's too
                 if todo and not self.build:
                     raise FileNotFoundError(
                         f"{len(todo)} of {len(records)} rows of {self.metadata} are not in the cache {cache.dir} "

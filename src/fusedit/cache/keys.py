@@ -37,6 +37,7 @@ fingerprint. Nobody edits single weights of an encoder in place; whoever does mu
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -158,7 +159,10 @@ def _template(pipeline_class: str) -> dict:
     if cls is None:
         raise ValueError(f"model_index.json names pipeline class {pipeline_class!r}, which diffusers does not have")
     # The template is set in __init__; every component may be None (the pipeline only reads configs when present).
-    empty = cls(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None)
+    # QwenImagePipeline (text-to-image) shows the VLM no image and takes no processor.
+    components = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
+    accepted = inspect.signature(cls.__init__).parameters
+    empty = cls(**{name: None for name in components if name in accepted})
     return {
         "prompt_template_encode": empty.prompt_template_encode,
         "prompt_template_encode_start_idx": empty.prompt_template_encode_start_idx,
@@ -198,12 +202,21 @@ def fingerprint_hash(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
-def row_key(fingerprint: str, prompt: str, image_sha256: str, edit_sha256: list[str] | tuple[str, ...]) -> str:
-    """The cache key of one dataset row. Lengths are hashed in, so no two field splits give the same stream."""
+def row_key(
+    fingerprint: str,
+    prompt: str,
+    image_sha256: str,
+    edit_sha256: list[str] | tuple[str, ...],
+    mask_sha256: str | None = None,
+) -> str:
+    """The cache key of one dataset row. Lengths are hashed in, so no two field splits give the same stream; a row
+    without a mask keeps the key it had before masks existed."""
     digest = hashlib.sha256()
     for part in (fingerprint, prompt, image_sha256, *edit_sha256):
         data = part.encode("utf-8")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     digest.update(len(edit_sha256).to_bytes(8, "little"))
+    if mask_sha256 is not None:
+        digest.update(b"mask" + mask_sha256.encode("ascii"))
     return digest.hexdigest()

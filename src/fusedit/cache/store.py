@@ -47,9 +47,19 @@ def tensor_digest(tensors: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+# Tensors a row may hold besides target, edits and prompt: the loss mask reduced to target tokens [T] (a row with
+# a mask) and the empty prompt's encoding [L, D] (encoded when data.caption_dropout > 0).
+EXTRAS = ("mask", "empty_prompt")
+
+
 def row_tensors(key: str, entry: Mapping) -> list[str]:
-    """Tensor names of one row in its shard, in digest order: target, edit images, prompt."""
-    return [f"{key}/target", *(f"{key}/edit.{i}" for i in range(len(entry["edits"]))), f"{key}/prompt"]
+    """Tensor names of one row in its shard, in digest order: target, edit images, prompt, then its extras."""
+    edits = (f"{key}/edit.{i}" for i in range(len(entry["edits"])))
+    return [f"{key}/target", *edits, f"{key}/prompt", *(f"{key}/{name}" for name in entry.get("extras", []))]
+
+
+def _ordered(row: Mapping) -> list[torch.Tensor]:
+    return [row["target"], *row["edits"], row["prompt"], *(row[name] for name in EXTRAS if name in row)]
 
 
 class LatentCache:
@@ -118,7 +128,7 @@ class LatentCache:
         name = f"shard-{number:06d}.safetensors"
         tensors, entries = {}, {}
         for key, row, info in rows:
-            ordered = [row["target"], *row["edits"], row["prompt"]]
+            ordered = _ordered(row)
             entry = {
                 "shard": name,
                 "target": list(info["target_shape"]),
@@ -127,6 +137,8 @@ class LatentCache:
                 "row": int(info["row"]),
                 "sha256": tensor_digest(ordered),
             }
+            if any(name in row for name in EXTRAS):
+                entry["extras"] = [name for name in EXTRAS if name in row]
             for tensor_name, tensor in zip(row_tensors(key, entry), ordered, strict=True):
                 tensors[tensor_name] = tensor.detach().cpu().contiguous()
             entries[key] = entry
@@ -172,7 +184,7 @@ class LatentCache:
         return handle
 
     def read(self, key: str, verify: bool = True) -> dict:
-        """{"target": [T, C], "edits": [[T_i, C]], "prompt": [L, D]} of row `key`."""
+        """{"target": [T, C], "edits": [[T_i, C]], "prompt": [L, D]} of row `key`, plus its `EXTRAS`."""
         entry = self.entries[key]
         path = self.dir / entry["shard"]
         handle = self._handle(entry["shard"])
@@ -184,7 +196,10 @@ class LatentCache:
             raise CacheCorruptError(
                 self._corrupt(path, f"the bytes of row {entry['row']} (key {key[:12]}) do not match their sha256")
             )
-        return {"target": tensors[0], "edits": tensors[1:-1], "prompt": tensors[-1]}
+        extras = entry.get("extras", [])
+        prompt_at = len(tensors) - len(extras) - 1
+        row = {"target": tensors[0], "edits": tensors[1:prompt_at], "prompt": tensors[prompt_at]}
+        return row | dict(zip(extras, tensors[prompt_at + 1 :], strict=True))
 
     def __getstate__(self) -> dict:
         # DataLoader workers get a copy without open file handles; each opens its own.
@@ -197,9 +212,7 @@ class LatentCache:
 
 
 def shard_bytes_of(rows: list[tuple[str, dict[str, torch.Tensor], dict]]) -> int:
-    return sum(
-        t.numel() * t.element_size() for _, row, _ in rows for t in [row["target"], *row["edits"], row["prompt"]]
-    )
+    return sum(t.numel() * t.element_size() for _, row, _ in rows for t in _ordered(row))
 
 
 __all__ = ["CacheCorruptError", "LatentCache"]

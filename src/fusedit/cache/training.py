@@ -26,6 +26,7 @@ def cached_datamodule(cfg: DictConfig) -> CachedEditDataModule:
         build=cache.build,
         build_batch_size=cache.batch_size,
         build_device=cache.device,
+        build_offload=cache.get("offload", False),
         verify=cache.verify,
         shard_mb=cache.shard_mb,
         **data,

@@ -300,36 +300,48 @@ def convert_checkpoint(
     if format is not None and format not in FORMATS:
         raise UserInputError(f"format must be one of {FORMATS}, got {format!r}")
     _check_output(dst, src, overwrite)
-
-    is_lora = (src.is_dir() and (src / "adapter_config.json").is_file()) or (
-        src.is_file() and classify_keys(read_safetensors_header(src)[0], str(src)) == "lora"
-    )
-    if is_lora:
-        if dst.suffix != ".safetensors":
-            raise UserInputError(f"output {dst}: a LoRA is written to one .safetensors file")
-        lora = read_lora(src)
-        layout_in, format_in = lora.layout, lora.format
-        out_format = format or lora.format
-        if direction is None and out_format in STANDARD_ONLY_FORMATS:
-            direction = TO_STANDARD  # its readers know only q/k/v names; the split is exact
-        if direction is not None:
-            lora = convert_lora_layout(lora, direction)
-        write_lora(lora, dst, out_format, TARGET_LAYOUT[direction] if direction is not None else None)
-        return {
-            "kind": "lora",
-            "input_format": format_in,
-            "output_format": out_format,
-            "input_layout": layout_in,
-            "output_layout": lora.layout,
-            # A format change alone is a real conversion; "noop" means the output equals the input.
-            "noop": out_format == format_in and (direction is None or layout_in in (None, TARGET_LAYOUT[direction])),
-            "output": str(dst),
-        }
-
+    if _is_lora_checkpoint(src):
+        return _convert_lora_checkpoint(src, dst, direction, format)
     if format is not None:
         raise UserInputError("--format applies to LoRAs only; this input holds model weights")
     if direction is None:
         raise UserInputError("converting model weights needs a direction (to_merged or to_standard)")
+    return _convert_model_checkpoint(src, dst, direction)
+
+
+def _is_lora_checkpoint(src: Path) -> bool:
+    """A PEFT folder (adapter_config.json) or a single safetensors file whose keys are a LoRA's."""
+    if src.is_dir():
+        return (src / "adapter_config.json").is_file()
+    return src.is_file() and classify_keys(read_safetensors_header(src)[0], str(src)) == "lora"
+
+
+def _convert_lora_checkpoint(src: Path, dst: Path, direction: str | None, format: str | None) -> dict:
+    """A LoRA to one safetensors file in `format` (default: its own) and `direction`'s layout (default: its own)."""
+    if dst.suffix != ".safetensors":
+        raise UserInputError(f"output {dst}: a LoRA is written to one .safetensors file")
+    lora = read_lora(src)
+    layout_in, format_in = lora.layout, lora.format
+    out_format = format or lora.format
+    if direction is None and out_format in STANDARD_ONLY_FORMATS:
+        direction = TO_STANDARD  # its readers know only q/k/v names; the split is exact
+    if direction is not None:
+        lora = convert_lora_layout(lora, direction)
+    write_lora(lora, dst, out_format, TARGET_LAYOUT[direction] if direction is not None else None)
+    return {
+        "kind": "lora",
+        "input_format": format_in,
+        "output_format": out_format,
+        "input_layout": layout_in,
+        "output_layout": lora.layout,
+        # A format change alone is a real conversion; "noop" means the output equals the input.
+        "noop": out_format == format_in and (direction is None or layout_in in (None, TARGET_LAYOUT[direction])),
+        "output": str(dst),
+    }
+
+
+def _convert_model_checkpoint(src: Path, dst: Path, direction: str) -> dict:
+    """Model weights (a single file, a transformer folder or a pipeline folder) to `direction`'s layout."""
     if src.is_file():
         if dst.suffix != ".safetensors":
             raise UserInputError(f"output {dst}: a single-file checkpoint is written to a .safetensors file")
@@ -340,13 +352,7 @@ def convert_checkpoint(
             raise UserInputError(f"{src}: pipeline folder without a transformer/ subfolder")
         with _replaced_whole(dst) as staging:
             report = _convert_transformer_dir(src / "transformer", staging / "transformer", direction)
-            for item in sorted(src.iterdir()):
-                if item.name == "transformer":
-                    continue
-                if item.is_dir():
-                    _copy_tree_atomic(item, staging / item.name)
-                else:
-                    _copy_atomic(item, staging / item.name)
+            _copy_other_components(src, staging)
         return {"kind": "pipeline", **_public(report), "output": str(dst)}
     if (src / "config.json").is_file():
         with _replaced_whole(dst) as staging:
@@ -356,6 +362,17 @@ def convert_checkpoint(
         f"{src}: not a checkpoint fusedit can convert (expected a .safetensors file, a transformer folder with "
         "config.json, a pipeline folder with model_index.json, or a PEFT LoRA folder with adapter_config.json)"
     )
+
+
+def _copy_other_components(pipeline: Path, staging: Path) -> None:
+    """Every item of a pipeline folder but transformer/ (text encoder, VAE, scheduler, ...), copied unchanged."""
+    for item in sorted(pipeline.iterdir()):
+        if item.name == "transformer":
+            continue
+        if item.is_dir():
+            _copy_tree_atomic(item, staging / item.name)
+        else:
+            _copy_atomic(item, staging / item.name)
 
 
 def _public(report: dict) -> dict:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from fusedit.errors import UserInputError, examples
 from fusedit.io import load_safetensors
-from fusedit.model.module_map import BLOCK_LINEARS, BLOCK_MODULE_RE, BLOCKS, TOP_LEVEL_LINEARS, block_module
+from fusedit.model.module_map import ALL_BLOCK_LINEARS, ALL_TOP_LEVEL_LINEARS, BLOCK_MODULE_RE, BLOCKS, block_module
 from fusedit.pickle_files import pickle_refusal
 
 from .layout import layout_of_modules
@@ -47,16 +47,17 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.
 FUSEDIT_METADATA_KEY = "fusedit_lora"
 
 _KOHYA_BLOCK_RE = re.compile(rf"^{BLOCKS}_(\d+)_(.+)$")
-_KOHYA_LEAVES = {leaf.replace(".", "_"): leaf for leaf in BLOCK_LINEARS}
-_KOHYA_TOP = {name.replace(".", "_"): name for name in TOP_LEVEL_LINEARS}
+_KOHYA_LEAVES = {leaf.replace(".", "_"): leaf for leaf in ALL_BLOCK_LINEARS}
+_KOHYA_TOP = {name.replace(".", "_"): name for name in ALL_TOP_LEVEL_LINEARS}
 
 
 def is_qwen_module(module: str) -> bool:
-    """Whether `module` is a Linear of QwenImageTransformer2DModel (either layout)."""
-    if module in TOP_LEVEL_LINEARS:
+    """Whether `module` is a Linear of QwenImageTransformer2DModel or QwenImage21Transformer2DModel (either
+    layout)."""
+    if module in ALL_TOP_LEVEL_LINEARS:
         return True
     match = BLOCK_MODULE_RE.match(module)
-    return bool(match) and match[2] in BLOCK_LINEARS
+    return bool(match) and match[2] in ALL_BLOCK_LINEARS
 
 
 def module_leaf(module: str) -> str:

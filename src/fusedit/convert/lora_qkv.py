@@ -13,6 +13,8 @@ from a merged one) the result is rank r with B = [B_q; B_k; B_v], the original m
 Every merge is recorded (`LoraWeights.qkv_split`, stored in the `fusedit_lora` metadata), so splitting it again
 restores the original ranks, factors and alphas instead of three rank-3r LoRAs (bit for bit, except a block folded
 by a ratio that is not a power of two: it keeps its folded B with the merged scale, the same product).
+
+Qwen-Image-2.1's `img_mlp.gate_up_proj` (= `gate_layer` + `proj`) converts the same way with two blocks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from fusedit.errors import UserInputError
 
-from .layout import DIRECTIONS, QKV_GROUPS, TO_MERGED, proj_role
+from .layout import DIRECTIONS, TO_MERGED, proj_role
 from .lora_formats import LoraModule, LoraWeights, is_power_of_two
 
 
@@ -43,13 +45,15 @@ def _merged_scale(scales: list[float], total_rank: int) -> float:
 
 def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, LoraModule]:
     role = proj_role(name)
-    rows = mod.B.shape[0]
-    if rows % 3:
-        raise UserInputError(f"LoRA {name}: lora_B has {rows} output rows, not divisible by 3 for q/k/v")
-    out = rows // 3
-    parts = [f"{role.attn_prefix}{part}" for part in QKV_GROUPS[role.proj]]
-    if record is not None and sum(record["ranks"]) == mod.rank:
-        offsets = [sum(record["ranks"][:i]) for i in range(3)]
+    rows, count = mod.B.shape[0], len(role.parts)
+    if rows % count:
+        raise UserInputError(
+            f"LoRA {name}: lora_B has {rows} output rows, not divisible by {count} for {', '.join(role.parts)}"
+        )
+    out = rows // count
+    parts = [f"{role.attn_prefix}{part}" for part in role.parts]
+    if record is not None and len(record["ranks"]) == count and sum(record["ranks"]) == mod.rank:
+        offsets = [sum(record["ranks"][:i]) for i in range(count)]
         mask = torch.ones_like(mod.B, dtype=torch.bool)
         for i, r_i in enumerate(record["ranks"]):
             mask[i * out : (i + 1) * out, offsets[i] : offsets[i] + r_i] = False
@@ -76,7 +80,7 @@ def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, 
     }
 
 
-def _merge_group(parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, dict | None]:
+def _merge_group(parts: dict[int, tuple[str, LoraModule]], count: int) -> tuple[LoraModule, dict | None]:
     mods = {i: mod for i, (_, mod) in parts.items()}
     described = ", ".join(
         f"{name} A{list(mod.A.shape)} {mod.A.dtype} B{list(mod.B.shape)} {mod.B.dtype}" for name, mod in parts.values()
@@ -91,21 +95,21 @@ def _merge_group(parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, 
     first = next(iter(mods.values()))
     out, in_features = first.B.shape[0], first.A.shape[1]
     if (
-        len(mods) == 3
+        len(mods) == count
         and len({(m.rank, m.alpha) for m in mods.values()}) == 1
-        and all(torch.equal(mods[0].A, mods[i].A) for i in (1, 2))
+        and all(torch.equal(mods[0].A, mods[i].A) for i in range(1, count))
     ):
-        return LoraModule(mods[0].A, torch.cat([mods[i].B for i in range(3)], dim=0), mods[0].alpha), None
+        return LoraModule(mods[0].A, torch.cat([mods[i].B for i in range(count)], dim=0), mods[0].alpha), None
 
-    ranks = [mods[i].rank if i in mods else 0 for i in range(3)]
+    ranks = [mods[i].rank if i in mods else 0 for i in range(count)]
     total = sum(ranks)
     scale = _merged_scale([m.scale for m in mods.values()], total)
     alpha = scale * total
-    A = torch.cat([mods[i].A for i in range(3) if i in mods], dim=0)
-    B = torch.zeros(3 * out, total, dtype=first.B.dtype)
-    factors = [1.0, 1.0, 1.0]
+    A = torch.cat([mods[i].A for i in range(count) if i in mods], dim=0)
+    B = torch.zeros(count * out, total, dtype=first.B.dtype)
+    factors = [1.0] * count
     offset = 0
-    for i in range(3):
+    for i in range(count):
         if i not in mods:
             continue
         B_i = mods[i].B
@@ -117,7 +121,7 @@ def _merge_group(parts: dict[int, tuple[str, LoraModule]]) -> tuple[LoraModule, 
     assert A.shape == (total, in_features)
     record = {
         "ranks": ranks,
-        "alphas": [mods[i].alpha if i in mods else None for i in range(3)],
+        "alphas": [mods[i].alpha if i in mods else None for i in range(count)],
         "factors": factors,
     }
     return LoraModule(A, B, float(alpha)), record
@@ -141,6 +145,7 @@ def convert_lora_layout(lora: LoraWeights, direction: str) -> LoraWeights:
         return LoraWeights(modules, lora.format, dict(lora.metadata), lora.prefix, qkv_split)
 
     groups: dict[str, dict[int, tuple[str, LoraModule]]] = collections.defaultdict(dict)
+    counts: dict[str, int] = {}
     order: list[str] = []
     for name, mod in lora.modules.items():
         role = proj_role(name)
@@ -151,11 +156,12 @@ def convert_lora_layout(lora: LoraWeights, direction: str) -> LoraWeights:
         if merged_name not in groups:
             order.append(merged_name)
         groups[merged_name][role.index] = (name, mod)
+        counts[merged_name] = len(role.parts)
     for name in order:
         if name not in groups:
             modules[name] = lora.modules[name]
             continue
-        modules[name], record = _merge_group(groups[name])
+        modules[name], record = _merge_group(groups[name], counts[name])
         if record is not None:
             qkv_split[name] = record
     return LoraWeights(modules, lora.format, dict(lora.metadata), lora.prefix, qkv_split)

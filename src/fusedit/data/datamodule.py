@@ -13,16 +13,24 @@ import random
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from fusedit.data.buckets import BucketBatchSampler
 from fusedit.data.dataset import EditDataset, Size, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
 from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
-from fusedit.data.prompt_length import LONG_PROMPT_CHOICES, TEXT_POSITIONS, PromptCounter, text_positions_left
-from fusedit.data.records import Columns, read_records
-from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, format_problems, validate_records
-from fusedit.families import folder_family
+from fusedit.data.prompt_length import (
+    LONG_PROMPT_CHOICES,
+    TEXT_POSITIONS,
+    PromptCounter,
+    TextToImagePromptCounter,
+    text_positions_left,
+)
+from fusedit.data.records import Record
+from fusedit.data.sources import DATA_FORMATS, DataSource, refuse_bad_source
+from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, raise_or_skip, validate_records
+from fusedit.families import TEXT_TO_IMAGE, folder_family
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +67,40 @@ class _ResumableLoader(DataLoader):
         self._position.load_state_dict(state_dict)
 
 
+def refuse_bad_settings(hp) -> None:
+    """`ValueError` naming the first data.* setting out of range: config errors surface at construction (Hydra
+    instantiate), before any file is read."""
+    choices = {"on_error": ON_ERROR_CHOICES, "long_prompt": LONG_PROMPT_CHOICES, "format": DATA_FORMATS}
+    for key, allowed in choices.items():
+        if hp[key] not in allowed:
+            raise ValueError(f"data.{key} must be one of {allowed}, got {hp[key]!r}")
+    minimum = {"batch_size": 1, "num_workers": 0, "dataset_repeat": 1, "max_pixels": TARGET_MULTIPLE**2}
+    for key, least in {**minimum, "val_count": 0, "edit_max_pixels": EDIT_MULTIPLE**2}.items():
+        if hp[key] is not None and hp[key] < least:
+            null = " or null" if key in ("val_count", "edit_max_pixels") else ""
+            raise ValueError(f"data.{key} must be >= {least}{null}, got {hp[key]}")
+    for key, high in {"val_fraction": "1)", "caption_dropout": "1]"}.items():
+        if not (0.0 <= hp[key] < 1.0 or (high == "1]" and hp[key] == 1.0)):
+            raise ValueError(f"data.{key} must be in [0, {high}, got {hp[key]}")
+    if hp.max_image_pixels < hp.max_pixels:
+        raise ValueError(f"data.max_image_pixels ({hp.max_image_pixels}) must be >= data.max_pixels ({hp.max_pixels})")
+    refuse_bad_source(hp)
+
+
+def _plain(value):
+    """Hyperparameters as plain Python: checkpoints load with torch.load(weights_only=True), which refuses PosixPath
+    and OmegaConf containers."""
+    if isinstance(value, Path):
+        return str(value)
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return list(value) if isinstance(value, tuple) else value
+
+
 class EditDataModule(LightningDataModule):
     def __init__(
         self,
-        metadata: str | Path,
+        metadata: str | Path | None = None,
         base_path: str | Path | None = None,
         image_column: str = "image",
         edit_image_column: str = "edit_image",
@@ -84,50 +122,46 @@ class EditDataModule(LightningDataModule):
         validation_threads: int | None = None,
         model_path: str | Path | None = None,
         long_prompt: str = "raise",
+        format: str = "metadata",
+        image_dir: str | Path | None = None,
+        control_dirs: list[str | Path] = (),
+        mask_dir: str | Path | None = None,
+        path: str | Path | None = None,
+        split: str = "train",
+        extract_dir: str | Path | None = None,
+        columns: dict[str, str] | None = None,
+        mask_column: str = "mask",
+        caption_dropout: float = 0.0,
     ):
         """`model_path`: the pipeline folder the rows are judged against (train() passes `model.path`): the number of
         edit images its family takes (`fusedit.families`) and the prompt length its text positions allow
         (`fusedit.data.prompt_length`, counted with its tokenizer and processor; no weight is read). None: one or
         more edit images, prompts not counted. `long_prompt`: "raise" refuses a prompt too long (a bad row, which
-        `on_error=skip` skips), "truncate" shortens it to fit, with a warning naming the row."""
+        `on_error=skip` skips), "truncate" shortens it to fit, with a warning naming the row.
+
+        Where rows come from (`format`, fusedit.data.sources): "metadata" (`metadata`, a CSV/JSONL file), "folder"
+        (`image_dir`, `control_dirs`, `mask_dir`) or "hf" (`path`, `split`, `extract_dir`: a local Hugging Face
+        dataset). `columns` ({role: column}) overrides the *_column names. `caption_dropout`: the probability that
+        a training sample uses the empty prompt (applied by the training step, fusedit.step.loss)."""
         super().__init__()
-        # Config errors surface at construction (Hydra instantiate), before any file is read.
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-        if long_prompt not in LONG_PROMPT_CHOICES:
-            raise ValueError(f"data.long_prompt must be one of {LONG_PROMPT_CHOICES}, got {long_prompt!r}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        if dataset_repeat < 1:
-            raise ValueError(f"data.dataset_repeat must be >= 1, got {dataset_repeat}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        if val_count is not None and val_count < 0:
-            raise ValueError(f"data.val_count must be >= 0, got {val_count}")
-        if max_pixels < TARGET_MULTIPLE**2:
-            raise ValueError(f"data.max_pixels must be >= {TARGET_MULTIPLE**2}, got {max_pixels}")
-        if edit_max_pixels is not None and edit_max_pixels < EDIT_MULTIPLE**2:
-            raise ValueError(f"data.edit_max_pixels must be >= {EDIT_MULTIPLE**2} or null, got {edit_max_pixels}")
-        if max_image_pixels < max_pixels:
-            raise ValueError(f"data.max_image_pixels ({max_image_pixels}) must be >= data.max_pixels ({max_pixels})")
-        # Paths saved as str: checkpoints must load with torch.load(weights_only=True), which refuses PosixPath.
-        self.save_hyperparameters(
-            {
-                key: str(value) if isinstance(value, Path) else value
-                for key, value in locals().items()
-                if key not in ("self", "__class__")
-            }
-        )
-        self.metadata = Path(metadata)
-        self.base_path = Path(base_path) if base_path is not None else self.metadata.parent
-        self.columns = Columns(image_column, edit_image_column, prompt_column)
+        self.save_hyperparameters({k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")})
+        refuse_bad_settings(self.hparams)
+        self.source = DataSource.from_settings(self.hparams)
+        self.metadata = self.source.location  # what messages name: the metadata file, image folder or dataset
+        self.base_path = self.source.base_path
+        self.columns = self.source.columns
         self.train_dataset: EditDataset | None = None
         self.val_dataset: EditDataset | None = None
         self._train_sampler: BucketBatchSampler | None = None
         self._pending_state: dict | None = None
         self._consumed = {"epoch": None, "batches": 0}
+
+    def read_records(self) -> list[Record]:
+        """The configured source's rows (`DataSource.records`), not yet validated. For a text-to-image model
+        (`model_path` is Qwen-Image) the edit_image column may be left out or empty (its rows then have no edit
+        image); a row that does name one is refused by validation."""
+        model_path = self.hparams.model_path
+        return self.source.records(text_to_image=model_path is not None and folder_family(model_path) == TEXT_TO_IMAGE)
 
     def validate(self, records) -> list:
         """Check `records` with this module's settings (files, pixel limit, paths, on_error); the valid samples."""
@@ -138,7 +172,7 @@ class EditDataModule(LightningDataModule):
             base_path=self.base_path,
             columns=self.columns,
             max_image_pixels=hp.max_image_pixels,
-            allow_absolute_paths=hp.allow_absolute_paths,
+            allow_absolute_paths=self.source.allow_absolute,
             on_error=hp.on_error,
             num_threads=hp.validation_threads,
             family=folder_family(hp.model_path) if hp.model_path is not None else None,
@@ -160,10 +194,13 @@ class EditDataModule(LightningDataModule):
         hp = self.hparams
         if hp.model_path is None or not rows:
             return {row: prompt for row, prompt, *_ in rows}
-        counter = PromptCounter(hp.model_path)
+        text_to_image = folder_family(hp.model_path) == TEXT_TO_IMAGE
+        counter = (TextToImagePromptCounter if text_to_image else PromptCounter)(hp.model_path)
         kept, problems = {}, []
         for row, prompt, target, edits in rows:
             limit = text_positions_left([target, *edits])
+            if text_to_image:  # QwenImagePipeline's tokenizer call would cut the rest silently
+                limit = min(limit, counter.tokenizer_max_length)
             length = counter.count(prompt, list(edits))
             if length <= limit:
                 kept[row] = prompt
@@ -174,17 +211,18 @@ class EditDataModule(LightningDataModule):
                     "images (data.long_prompt=truncate)", row, length, shortened, limit,
                 )  # fmt: skip
             else:
+                room = (
+                    f"QwenImagePipeline keeps {limit}"
+                    if text_to_image
+                    else f"the transformer has {limit} text positions left beside this row's images "
+                    f"({TEXT_POSITIONS} in all)"
+                )
                 reason = (
-                    f"prompt is {length} text tokens (template and edit images' vision tokens included), but the "
-                    f"transformer has {limit} text positions left beside this row's images ({TEXT_POSITIONS} in "
-                    "all); shorten it, or set data.long_prompt=truncate"
+                    f"prompt is {length} text tokens (template and edit images' vision tokens included), but {room}; "
+                    "shorten it, or set data.long_prompt=truncate"
                 )
                 problems.append(Problem(row, self.columns.prompt, "", reason))
-        if problems:
-            message = format_problems(self.metadata, problems, len(rows))
-            if hp.on_error == "raise" or not kept:
-                raise DataValidationError(message, problems)
-            log.warning("data.on_error=skip: skipped %d of %d rows.\n%s", len(problems), len(rows), message)
+        raise_or_skip(problems, len(kept), len(rows), self.metadata, hp.on_error)
         return kept
 
     # -- setup --------------------------------------------------------------------------------------------------
@@ -192,7 +230,7 @@ class EditDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return  # validated once, however many stages call setup
         hp = self.hparams
-        samples = self.check_prompt_lengths(self.validate(read_records(self.metadata, self.columns)))
+        samples = self.check_prompt_lengths(self.validate(self.read_records()))
         train, val = split_train_val(samples, val_fraction=hp.val_fraction, val_count=hp.val_count, seed=hp.seed)
         sizes = (hp.max_pixels, hp.edit_max_pixels, hp.max_image_pixels)
         self.train_dataset = EditDataset(train, *sizes)

@@ -12,6 +12,7 @@ from fusedit.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     edit_size,
     load_image,
+    mask_to_tensor,
     resize_edit,
     resize_target,
     target_size,
@@ -58,7 +59,7 @@ class EditDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         target, edits = self.sizes[index]
-        return {
+        item = {
             "image": to_tensor(resize_target(self._load(sample, sample.image), target)),
             "edit_images": [
                 to_tensor(resize_edit(self._load(sample, path), size)) for path, size in zip(sample.edit_images, edits)
@@ -66,10 +67,14 @@ class EditDataset(Dataset):
             "prompt": sample.prompt,
             "row": sample.row,
         }
+        if sample.mask is not None:  # the same crop and resize as its target (validated to have its size)
+            item["mask"] = mask_to_tensor(resize_target(self._load(sample, sample.mask), target))
+        return item
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack one bucket's items: {"image": [B,3,H,W], "edit_images": [per slot: [B,3,h,w]], "prompt", "row"}."""
+    """Stack one bucket's items: {"image": [B,3,H,W], "edit_images": [per slot: [B,3,h,w]], "prompt", "row"}, and
+    "mask": [B,1,H,W] in [0, 1] when any item has one (all ones for those without)."""
     shapes = {(tuple(item["image"].shape), tuple(tuple(e.shape) for e in item["edit_images"])) for item in items}
     if len(shapes) != 1:
         rows = [item["row"] for item in items]
@@ -77,9 +82,13 @@ def collate(items: list[dict]) -> dict:
             f"batch of rows {rows} mixes image sizes {sorted(shapes)}; batches must come from BucketBatchSampler"
         )
     slots = len(items[0]["edit_images"])
-    return {
+    batch = {
         "image": torch.stack([item["image"] for item in items]),
         "edit_images": [torch.stack([item["edit_images"][slot] for item in items]) for slot in range(slots)],
         "prompt": [item["prompt"] for item in items],
         "row": [item["row"] for item in items],
     }
+    if any("mask" in item for item in items):
+        full = torch.ones_like(batch["image"][0, :1])
+        batch["mask"] = torch.stack([item.get("mask", full) for item in items])
+    return batch

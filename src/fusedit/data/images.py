@@ -208,6 +208,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(channels_first.copy()).to(torch.float32).div_(127.5).sub_(1.0)
 
 
+def mask_to_tensor(image: Image.Image) -> torch.Tensor:
+    """Mask image (any mode; its greyscale: white = 1 = learn, black = 0 = ignore) -> float32 [1, H, W] in [0, 1]."""
+    import torch
+
+    grey = np.asarray(image.convert("L"), dtype=np.uint8)
+    return torch.from_numpy(grey.copy()).to(torch.float32).div_(255.0).unsqueeze(0)
+
+
 def to_pil(tensor: torch.Tensor) -> Image.Image:
     """(3, H, W) tensor in [-1, 1] -> RGB PIL image; the text encoder (Qwen2.5-VL) takes edit images as PIL."""
     array = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
@@ -221,6 +229,7 @@ __all__ = [
     "configure_pil_limit",
     "edit_size",
     "load_image",
+    "mask_to_tensor",
     "open_image",
     "resize_edit",
     "resize_target",

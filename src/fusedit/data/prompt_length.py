@@ -10,8 +10,9 @@ shape error inside the transformer, at its batch.
 `L` is counted by the pipeline's own `_get_qwen_prompt_embeds` (its template, image prompt, processor and
 `prompt_template_encode_start_idx`), built from the folder's tokenizer and processor only: a stand-in text encoder
 returns an empty hidden state per token, so no weight is read. The edit images' vision tokens depend only on the
-size the VLM is shown (`vlm_size`, as `fusedit.step.conditioning.EditConditioner._vlm_images` computes it); they are counted once per size on
-a blank image and added to the count of the prompt with the smallest image the processor accepts.
+size the VLM is shown (`fusedit.step.conditioning.vlm_size`, the size the conditioner resizes them to); they are
+counted once per size on a blank image and added to the count of the prompt with the smallest image the processor
+accepts.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 TEXT_POSITIONS = 4096  # diffusers' QwenEmbedRope: pos_freqs over torch.arange(4096)
 LONG_PROMPT_CHOICES = ("raise", "truncate")
-# EditConditioner's VLM area for plain Qwen-Image-Edit (its pipeline's `calculate_dimensions(1024 * 1024, ...)`).
-EDIT_VLM_AREA = 1024 * 1024
 PATCH = 16  # pixels per latent patch: VAE factor 8 x 2x2 packing
 
 
@@ -92,16 +91,10 @@ class PromptCounter(_Shortens):
         self._small = max(factor, math.ceil(math.sqrt(getattr(image_processor, "min_pixels", 0) or 0)))
 
     def vlm_size(self, width: int, height: int) -> tuple[int, int]:
-        """The size an edit image of `width` x `height` is shown to the VLM (`fusedit.step.conditioning.EditConditioner._vlm_images`)."""
-        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+        """The size an edit image of `width` x `height` is shown to the VLM (fusedit.step.conditioning.vlm_size)."""
+        from fusedit.step.conditioning import vlm_size
 
-        if self.multi_image:
-            dims = pipeline_qwenimage_edit_plus.calculate_dimensions(
-                pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE, width / height
-            )
-        else:
-            dims = pipeline_qwenimage_edit.calculate_dimensions(EDIT_VLM_AREA, width / height)
-        return int(dims[0]), int(dims[1])
+        return vlm_size(width, height, self.multi_image)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one counter per data module; sizes repeat across rows
     def _image_tokens(self, size: tuple[int, int]) -> int:

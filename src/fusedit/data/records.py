@@ -34,6 +34,8 @@ class Record:
     # Problems found while parsing this row (a short CSV line, a JSON value of the wrong type): validation reports
     # them with everything else instead of stopping at the first.
     problems: tuple[tuple[str, str], ...] = field(default=())
+    # The loss mask image (white = learn, black = ignore; docs/data.md#masked-loss), None when the row has none.
+    mask: str | None = None
 
 
 ROLES = ("image", "edit_image", "prompt")
@@ -43,13 +45,15 @@ ROLES = ("image", "edit_image", "prompt")
 class Columns:
     """The column name of each role, and the roles (`ROLES`) a file may leave out (see the module docstring).
 
-    An optional role named None is not read at all: None on every record, whatever the file holds.
+    An optional role named None is not read at all: None on every record, whatever the file holds. `mask` is
+    always optional (a file without that column trains every pixel); None does not read it.
     """
 
     image: str | None = "image"
     edit_image: str | None = "edit_image"
     prompt: str | None = "prompt"
     optional: frozenset[str] = frozenset()
+    mask: str | None = "mask"
 
     def __post_init__(self) -> None:
         # A bare string would be read as a set of letters.
@@ -105,7 +109,7 @@ def _read_csv(path: Path, text: str, columns: Columns) -> list[Record]:
         raise MetadataError(f"{path}: line 1: not valid CSV ({error})") from None
     header = [name.strip() for name in header]
     _missing_columns(path, header, columns)
-    position = {name: header.index(name) for name in columns.names() if name in header}
+    position = {name: header.index(name) for name in (*columns.names(), columns.mask) if name in header}
     records = []
     line_end = reader.line_num
     while True:
@@ -125,6 +129,7 @@ def _read_csv(path: Path, text: str, columns: Columns) -> list[Record]:
         # An absent (optional) column is None; a present one gives its cell, "" when the row is short.
         cell = {name: values[index] if index < len(values) else "" for name, index in position.items()}
         image, edit, prompt = (cell.get(name) for name in columns.names())
+        mask = (cell.get(columns.mask) or "").strip() or None  # an empty mask cell: this row trains every pixel
         records.append(
             Record(
                 row=row,
@@ -132,6 +137,7 @@ def _read_csv(path: Path, text: str, columns: Columns) -> list[Record]:
                 edit_images=None if edit is None else split_edit_images(edit),
                 prompt=prompt,
                 problems=tuple(problems),
+                mask=mask,
             )
         )
     if not records:
@@ -187,7 +193,12 @@ def _read_jsonl(path: Path, text: str, columns: Columns) -> list[Record]:
             problems.append((columns.prompt, "must be a string"))
             prompt = ""
         image = image.strip() if isinstance(image, str) else image
-        records.append(Record(line_number, image, edit_images, prompt, tuple(problems)))
+        mask = obj.get(columns.mask) if columns.mask else None
+        if mask is not None and not isinstance(mask, str):
+            problems.append((columns.mask, "must be a string (a path) or null"))
+            mask = None
+        mask = (mask or "").strip() or None
+        records.append(Record(line_number, image, edit_images, prompt, tuple(problems), mask))
     return records
 
 

@@ -1,7 +1,8 @@
 """A small generated dataset with a visible, learnable edit, so `python train.py` runs with no data of its own.
 
 Each input (edit_image) has a square and a circle in random colours and places on a plain background; its target
-(image) is the same picture with the shape named by the prompt turned red. Same arguments -> same bytes.
+(image) is the same picture with the shape named by the prompt turned red. Same arguments -> same bytes. For a
+text-to-image model the targets alone are the data, each with a prompt describing it (`metadata_t2i.csv`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from fusedit.io import atomic_write_path
 
 RED = (220, 30, 30)
 PROMPTS = {"square": "make the square red", "circle": "make the circle red"}
+T2I_PROMPTS = {"square": "a red square beside a circle", "circle": "a red circle beside a square"}
+T2I_METADATA = "metadata_t2i.csv"
 
 
 def _colour(rng: random.Random, low: int, high: int) -> tuple[int, int, int]:
@@ -38,14 +41,15 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def make_sample_dataset(out_dir: str | Path, n: int = 12, size: int = 64, seed: int = 0) -> Path:
-    """Write `n` (edit_image, image, prompt) triples of `size`x`size` PNGs and a metadata.csv; return its path."""
+    """Write `n` (edit_image, image, prompt) triples of `size`x`size` PNGs and a metadata.csv; return its path.
+    Also writes `metadata_t2i.csv`: the targets with prompts describing them, empty edit_image cells."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if size < 16:
         raise ValueError(f"size must be >= 16, got {size}")
     out = Path(out_dir)
     rng = random.Random(seed)
-    rows = []
+    rows, t2i_rows = [], []
     shape_size = max(4, size // 3)
     half = size // 2
     span = max(1, half - shape_size)
@@ -69,31 +73,38 @@ def make_sample_dataset(out_dir: str | Path, n: int = 12, size: int = 64, seed: 
         _save_png(_draw(size, background, square, circle), out / edit_name)
         _save_png(_draw(size, background, edited_square, edited_circle), out / image_name)
         rows.append((image_name, edit_name, PROMPTS[target_shape]))
+        t2i_rows.append((image_name, "", T2I_PROMPTS[target_shape]))
 
+    write_metadata_csv(out / T2I_METADATA, t2i_rows)
     return write_metadata_csv(out / "metadata.csv", rows)
 
 
 SAMPLE_DIR = "sample-data"
 
 
-def default_metadata(cache_dir: str | Path) -> Path:
-    """The generated sample dataset used when `data.metadata` is null (created under `cache_dir` on first use)."""
-    metadata = Path(cache_dir) / SAMPLE_DIR / "metadata.csv"
-    if metadata.is_file():
-        return metadata
-    return make_sample_dataset(metadata.parent)
+def default_metadata(cache_dir: str | Path, text_to_image: bool = False) -> Path:
+    """The generated sample dataset used when `data.metadata` is null (created under `cache_dir` on first use);
+    `text_to_image`: its text-to-image rows (`metadata_t2i.csv`)."""
+    folder = Path(cache_dir) / SAMPLE_DIR
+    metadata = folder / (T2I_METADATA if text_to_image else "metadata.csv")
+    if not metadata.is_file():
+        make_sample_dataset(folder)
+    return metadata
 
 
 def fill_demo_paths(cfg) -> None:
     """Set a composed train config's null `model.path` / `data.metadata` to the tiny demo pipeline and sample data
-    (created under `paths.cache_dir` on first use), in place. The one rule train.py, `fusedit cache` and `fusedit
-    plan` share for "no model / no data given"."""
+    (created under `paths.cache_dir` on first use), in place; a text-to-image `model.path` gets the sample data's
+    text-to-image rows. The one rule train.py, `fusedit cache` and `fusedit plan` share for "no model / no data
+    given"."""
     from omegaconf import open_dict
 
+    from fusedit.families import TEXT_TO_IMAGE, folder_family
     from fusedit.tiny import default_model_path  # torch-heavy; only when a demo path is really needed
 
     with open_dict(cfg):
         if cfg.model.path is None:
             cfg.model.path = str(default_model_path(cfg.paths.cache_dir))
-        if cfg.data.metadata is None:
-            cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir))
+        if cfg.data.get("format", "metadata") == "metadata" and cfg.data.metadata is None:
+            text_to_image = folder_family(cfg.model.path) == TEXT_TO_IMAGE
+            cfg.data.metadata = str(default_metadata(cfg.paths.cache_dir, text_to_image))

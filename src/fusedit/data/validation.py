@@ -61,6 +61,7 @@ class Sample:
     prompt: str
     image_size: tuple[int, int]
     edit_sizes: tuple[tuple[int, int], ...]
+    mask: Path | None = None  # same size as `image` (validated)
 
 
 class PathRefused(ValueError):
@@ -123,9 +124,14 @@ def record_problems(record: Record, columns: Columns, family: str | None = None)
     or empty edit image entry, and more or fewer edit images than `family` takes (`fusedit.families`; None: one
     or more, the edit families' common rule)."""
     problems = [Problem(record.row, column, "", reason) for column, reason in record.problems]
-    if not record.prompt.strip():
+    # What the reader already found wrong (no caption file, no control image, a wrong JSON type) is not reported
+    # a second time as "empty prompt" or "no edit image".
+    reported = {column for column, _ in record.problems}
+    if columns.prompt not in reported and not record.prompt.strip():
         problems.append(Problem(record.row, columns.prompt, "", "empty prompt"))
     edits = record.edit_images
+    if columns.edit_image in reported:
+        return problems
     if not any(edits):  # `"edit_image": []`, or an empty CSV cell
         count_problem = edit_image_count_problem(0, family) if family else "no edit image"
         if count_problem:
@@ -165,6 +171,96 @@ def _warn_duplicates(records: list[Record]) -> None:
         )
 
 
+@dataclass
+class _Checked:
+    """What validation learns about the records: every problem so far, and each row's resolved paths (None where
+    refused) as (column, path as written, resolved path) triples, the target first."""
+
+    problems: list[Problem]
+    paths: dict[int, list[tuple[str, str, Path | None]]]
+
+
+def _resolve_rows(records: list[Record], columns: Columns, base_path: Path, allow_absolute: bool, family) -> _Checked:
+    """The records' own problems (`record_problems`) and every referenced path resolved (`resolve_path`)."""
+    checked = _Checked([], {})
+    for record in records:
+        checked.problems += record_problems(record, columns, family)
+        named = [(columns.image, record.image)] + [(columns.edit_image, e) for e in record.edit_images if e]
+        if record.mask:
+            named.append((columns.mask or "mask", record.mask))
+        reported = {column for column, _ in record.problems}  # e.g. a cell the reader could not use at all
+        row_paths = []
+        for column, raw in named:
+            if column in reported and not raw:
+                row_paths.append((column, raw, None))
+                continue
+            try:
+                row_paths.append((column, raw, resolve_path(raw, base_path, allow_absolute)))
+            except PathRefused as error:
+                checked.problems.append(Problem(record.row, column, raw, str(error)))
+                row_paths.append((column, raw, None))
+        checked.paths[record.row] = row_paths
+    return checked
+
+
+def _decode_all(paths: list[Path], max_image_pixels: int, budget_bytes: int, threads: int | None) -> dict:
+    """path -> oriented (width, height), or the one-line reason it cannot be used; each path decoded once."""
+    budget = DecodeBudget(budget_bytes)
+
+    def check(path: Path) -> tuple[Path, tuple[int, int] | str]:
+        try:
+            return path, check_image(path, max_image_pixels, budget)
+        except ValueError as error:
+            return path, str(error)
+
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        return dict(pool.map(check, sorted(set(paths))))
+
+
+def _sample(record: Record, row_paths: list, sizes: dict, columns: Columns) -> Sample | list[Problem]:
+    """The Sample of a record whose files all decoded, or the problems of those that did not (or of its mask)."""
+    problems = [
+        Problem(record.row, column, raw, sizes[path])
+        for column, raw, path in row_paths
+        if path is not None and isinstance(sizes[path], str)
+    ]
+    if problems:
+        return problems
+    paths = [path for _, _, path in row_paths]
+    if None in paths:  # a refused path: the row is already reported
+        return []
+    mask = paths.pop() if record.mask else None
+    if mask is not None and sizes[mask] != sizes[paths[0]]:
+        width, height = sizes[paths[0]]
+        reason = (
+            f"mask is {sizes[mask][0]}x{sizes[mask][1]}, the image is {width}x{height}; a mask has the target's size"
+        )
+        return [Problem(record.row, columns.mask or "mask", record.mask, reason)]
+    return Sample(
+        row=record.row,
+        image=paths[0],
+        edit_images=tuple(paths[1:]),
+        prompt=record.prompt,
+        image_size=sizes[paths[0]],
+        edit_sizes=tuple(sizes[path] for path in paths[1:]),
+        mask=mask,
+    )
+
+
+def raise_or_skip(problems: list[Problem], kept: int, total: int, metadata: Path | str, on_error: str) -> None:
+    """Refuse (`DataValidationError` listing every problem) unless on_error="skip" leaves `kept` rows; else warn."""
+    if not problems:
+        return
+    problems.sort(key=lambda problem: problem.row)
+    message = format_problems(metadata, problems, total)
+    if on_error == "raise" or not kept:
+        if on_error == "skip":
+            message += "\n(data.on_error=skip, but no valid row is left)"
+        raise DataValidationError(message, problems)
+    bad_rows = len({problem.row for problem in problems})
+    log.warning("data.on_error=skip: skipped %d of %d rows.\n%s", bad_rows, total, message)
+
+
 def validate_records(
     records: list[Record],
     *,
@@ -180,9 +276,10 @@ def validate_records(
 ) -> list[Sample]:
     """Validate every record; return the good ones as `Sample`s.
 
-    `family` (`fusedit.families`, e.g. "qwen-image-edit"): judge each row's number of edit images against what
-    that pipeline takes; None accepts one or more. Images are decoded on `num_threads` threads, at most
-    `decode_budget_bytes` of decoded pixels at a time (`DecodeBudget`).
+    `metadata` names the data in messages (the metadata file, image folder or dataset). `family`
+    (`fusedit.families`, e.g. "qwen-image-edit"): judge each row's number of edit images against what that pipeline
+    takes; None accepts one or more. Images are decoded on `num_threads` threads, at most `decode_budget_bytes` of
+    decoded pixels at a time (`DecodeBudget`). A mask must decode and have its target's size.
 
     on_error="raise": one `DataValidationError` listing every problem. on_error="skip": drop bad rows and log
     how many (still raises when no row is left).
@@ -190,69 +287,18 @@ def validate_records(
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
     columns = columns or Columns()
-    base_path = Path(base_path)
     configure_pil_limit(max_image_pixels)
     _warn_duplicates(records)
-
-    problems: list[Problem] = []
-    resolved: dict[int, tuple[Path | None, list[Path | None]]] = {}
-    for record in records:
-        problems += record_problems(record, columns, family)
-        paths: list[Path | None] = []
-        named = [(columns.image, record.image)] + [(columns.edit_image, e) for e in record.edit_images if e]
-        for column, raw in named:
-            try:
-                paths.append(resolve_path(raw, base_path, allow_absolute_paths))
-            except PathRefused as error:
-                problems.append(Problem(record.row, column, raw, str(error)))
-                paths.append(None)
-        resolved[record.row] = (paths[0], paths[1:])
-
-    unique = sorted({path for image, edits in resolved.values() for path in [image, *edits] if path is not None})
-
-    budget = DecodeBudget(decode_budget_bytes)
-
-    def check(path: Path) -> tuple[Path, tuple[int, int] | str]:
-        try:
-            return path, check_image(path, max_image_pixels, budget)
-        except ValueError as error:
-            return path, str(error)
-
-    workers = num_threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcome = dict(pool.map(check, unique))
-
-    rows_with_problems = {problem.row for problem in problems}
+    checked = _resolve_rows(records, columns, Path(base_path), allow_absolute_paths, family)
+    every_path = [path for row_paths in checked.paths.values() for _, _, path in row_paths if path is not None]
+    sizes = _decode_all(every_path, max_image_pixels, decode_budget_bytes, num_threads)
+    already_bad = {problem.row for problem in checked.problems}
     samples = []
     for record in records:
-        image, edits = resolved[record.row]
-        bad = record.row in rows_with_problems
-        named = [(columns.image, record.image, image)] + [
-            (columns.edit_image, raw, path) for raw, path in zip([e for e in record.edit_images if e], edits)
-        ]
-        for column, raw, path in named:
-            if path is not None and isinstance(outcome[path], str):
-                problems.append(Problem(record.row, column, raw, outcome[path]))
-                bad = True
-        if not bad:
-            samples.append(
-                Sample(
-                    row=record.row,
-                    image=image,
-                    edit_images=tuple(edits),
-                    prompt=record.prompt,
-                    image_size=outcome[image],
-                    edit_sizes=tuple(outcome[path] for path in edits),
-                )
-            )
-
-    if problems:
-        problems.sort(key=lambda problem: problem.row)
-        message = format_problems(metadata, problems, len(records))
-        if on_error == "raise" or not samples:
-            if on_error == "skip":
-                message += "\n(data.on_error=skip, but no valid row is left)"
-            raise DataValidationError(message, problems)
-        bad_rows = len({p.row for p in problems})
-        log.warning("data.on_error=skip: skipped %d of %d rows.\n%s", bad_rows, len(records), message)
+        outcome = _sample(record, checked.paths[record.row], sizes, columns)
+        if isinstance(outcome, list):
+            checked.problems += outcome
+        elif record.row not in already_bad:
+            samples.append(outcome)
+    raise_or_skip(checked.problems, len(samples), len(records), metadata, on_error)
     return samples

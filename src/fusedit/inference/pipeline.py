@@ -55,3 +55,12 @@ def text_to_image_pipeline(pipe: diffusers.DiffusionPipeline) -> diffusers.Diffu
     if isinstance(pipe, diffusers.QwenImagePipeline):
         return pipe
     return diffusers.QwenImagePipeline.from_pipe(pipe)
+
+
+def configure_scheduler(pipe: diffusers.DiffusionPipeline, overrides: dict | None) -> dict:
+    """Replace `pipe`'s scheduler by its class built from its config with `overrides` merged in (a preset's
+    `sampling.scheduler`, e.g. the Lightning presets' exponential time shift; its keys are checked by the
+    preflight, `check_scheduler_overrides`); nothing when `overrides` is empty. Returns the config in use."""
+    if overrides:
+        pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **overrides})
+    return dict(pipe.scheduler.config)

@@ -62,9 +62,21 @@ def _scale(value, key: str) -> float:
         raise UserInputError(f"{key} must be a number, got {value!r}") from None
 
 
-def lora_specs(lora_cfg, loras_cfg) -> list[LoraSpec]:
-    """The LoRAs a config asks for: `lora.path` (+ `lora.scale`) and/or the list `loras: [{path, scale, name}]`."""
+def lora_specs(lora_cfg, loras_cfg, sampling_cfg=None) -> list[LoraSpec]:
+    """The LoRAs a config asks for, in the order they are loaded: a few-step preset's `sampling.lightning_lora`
+    first (at scale 1: the distilled sampler needs all of it), then `lora.path` (+ `lora.scale`) and the list
+    `loras: [{path, scale, name}]` on top. A preset with a `lightning_lora` key (preset=lightning4/8) refuses null."""
     specs: list[LoraSpec] = []
+    if sampling_cfg is not None and "lightning_lora" in sampling_cfg:
+        path = sampling_cfg.get("lightning_lora")
+        if not path:
+            name = sampling_cfg.get("name", "lightning")
+            raise UserInputError(
+                f"preset={name} samples in {sampling_cfg.get('steps')} steps, which only a Lightning LoRA distilled "
+                "for it makes work: set sampling.lightning_lora=<Qwen-Image-Lightning-...safetensors> (the "
+                "lightx2v/Qwen-Image-Lightning file for your model)"
+            )
+        specs.append(LoraSpec(str(path), 1.0, "lightning", key="sampling.lightning_lora"))
     if lora_cfg is not None and lora_cfg.get("path"):
         scale = _scale(lora_cfg.get("scale", 1.0), "lora.scale")
         specs.append(LoraSpec(str(lora_cfg["path"]), scale, lora_cfg.get("name")))
@@ -303,6 +315,28 @@ def _select(cfg: DictConfig, key: str):
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 
 
+def check_scheduler_overrides(model_path, overrides) -> None:
+    """`sampling.scheduler` (a preset's scheduler settings) against the scheduler class `model_path` names in
+    scheduler/scheduler_config.json. Raises UserInputError naming a key that class does not take."""
+    import inspect
+
+    import diffusers
+
+    from fusedit.model.weight_files import read_json
+
+    if not overrides:
+        return
+    config_file = Path(str(model_path)).expanduser() / "scheduler" / "scheduler_config.json"
+    name = str(read_json(config_file).get("_class_name", ""))
+    scheduler_class = getattr(diffusers, name, None)
+    if scheduler_class is None:
+        raise UserInputError(f"{config_file}: unknown scheduler class {name!r}")
+    known = set(inspect.signature(scheduler_class.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserInputError(f"sampling.scheduler: {name} takes no {unknown}; it takes {sorted(known)}")
+
+
 def preflight(cfg: DictConfig) -> Plan:
     """Check `cfg` (an `infer` config) without loading any model; raise one refusal listing every problem."""
     problems = _Problems()
@@ -317,7 +351,7 @@ def preflight(cfg: DictConfig) -> Plan:
     if jobs is not None:
         paths = problems.check(OutputPaths, cfg.output, jobs, bool(cfg.get("overwrite", False)))
         problems.errors.extend(UserInputError(message) for message in unreadable_images(jobs))
-    specs = problems.check(lora_specs, cfg.lora, cfg.loras) or []
+    specs = problems.check(lora_specs, cfg.lora, cfg.loras, cfg.get("sampling")) or []
     lora_files = [problems.check(lora_file, spec) for spec in specs]
     model_ok = problems.check(check_model_path, _select(cfg, "model.path")) is not None
     transformer = _select(cfg, "model.transformer")
@@ -335,6 +369,7 @@ def preflight(cfg: DictConfig) -> Plan:
     if family is not None:
         problems.check(check_jobs_fit, jobs, family)
         sampling = cfg.get("sampling") or {}
+        problems.check(check_scheduler_overrides, cfg.model.path, sampling.get("scheduler"))
         fitted = problems.check(
             check_prompt_lengths, jobs, cfg.model.path, family, sampling.get("width"), sampling.get("height"),
             sampling.get("max_sequence_length", 512), cfg.get("long_prompt", "raise"),

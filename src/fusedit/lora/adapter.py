@@ -24,8 +24,9 @@ from torch import nn
 
 from fusedit.convert import LoraModule, LoraWeights, write_lora
 from fusedit.convert.layout import LAYOUTS
-from fusedit.lora.targets import resolve_targets
+from fusedit.lora.targets import QWEN21_FAMILY, resolve_targets
 from fusedit.model.merged_qkv import is_merged
+from fusedit.model.merged_qwen21 import is_qwen21
 from fusedit.model.module_map import ATTENTION, BLOCKS, LAST_BLOCK_UNUSED, block_module
 
 INIT_CHOICES = ("default", "gaussian")
@@ -33,6 +34,11 @@ INIT_CHOICES = ("default", "gaussian")
 
 def model_layout(transformer: nn.Module) -> str:
     return "merged_qkv" if is_merged(transformer) else "standard"
+
+
+def target_family(transformer: nn.Module) -> str | None:
+    """The family whose LoRA target names `transformer` takes: "qwen-image-2.1", or None for the MMDiT."""
+    return QWEN21_FAMILY if is_qwen21(transformer) else None
 
 
 def has_lora(transformer: nn.Module) -> bool:
@@ -73,7 +79,7 @@ def add_lora(
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
-    target_modules = resolve_targets(targets, model_layout(transformer))
+    target_modules = resolve_targets(targets, model_layout(transformer), target_family(transformer))
     rank_pattern, alpha_pattern = {}, {}
     if init_from is not None:
         # PEFT's scaling is alpha / r (alpha / sqrt(r) with rsLoRA): choose each module's alpha so that it equals

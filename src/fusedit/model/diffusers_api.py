@@ -20,8 +20,11 @@ answers here, installed by `fuse_qkv` and removed by `unfuse_qkv` (instance attr
   `PackedColwiseParallel([1, 1, 1])`, so each rank gets its own heads of q, k *and* v (a plain column split of
   `to_qkv` would hand rank 0 all of q and half of k).
 
-Not reachable from the model: PEFT's own `inject_adapter_in_model` / `get_peft_model` match names without asking
-the model, so standard target names given there still adapt a subset (documented in docs/conversion.md).
+- PEFT's own `inject_adapter_in_model` / `get_peft_model` match target names against `named_modules()` without
+  asking the model, so a standard name matching nothing would leave a silent subset adapted. Each merged attention
+  module therefore holds a `MergedPart` under every q/k/v name it lacks (`to_q`, ..., `add_v_proj`; no parameters,
+  nothing in the state dict): PEFT matches it, cannot adapt it (not a layer type it knows) and raises ValueError
+  with its repr, which names the merged projection to target. Calling it raises the same explanation.
 """
 
 from __future__ import annotations
@@ -36,21 +39,26 @@ from torch import nn
 
 from fusedit.convert.layout import PART_TO_MERGED, proj_role, split_param_key
 from fusedit.convert.lora_formats import module_from_kohya
-from fusedit.model.module_map import ATTENTION, QKV_GROUPS
+from fusedit.model.module_map import ATTENTION, QKV_GROUPS, QWEN21_MLP, QWEN21_MLP_GROUP
 
-# Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR.
+# Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR
+# and a MergedPart under each name of PART_TO_MERGED.
 MODEL_OVERRIDES = ("save_pretrained", "add_adapter", "load_lora_adapter", "_tp_plan")
 SET_PROCESSOR = "set_processor"
 MERGED_NAMES_HELP = ", ".join(f"{merged} (= {' + '.join(parts)})" for merged, parts in QKV_GROUPS.items())
 # A key inside a merged projection: group 2 is what follows the module name (weight, bias, base_layer.weight, ...).
-_INSIDE_MERGED = re.compile(rf"^(.*\.{ATTENTION}\.(?:{'|'.join(QKV_GROUPS)}))\.(.+)$")
+# Qwen-Image-2.1's merged SwiGLU (`img_mlp.gate_up_proj`, fusedit.model.merged_qwen21) included.
+_INSIDE_MERGED = re.compile(
+    rf"^(.*\.(?:{ATTENTION}\.(?:{'|'.join(QKV_GROUPS)})|{QWEN21_MLP}\.(?:{'|'.join(QWEN21_MLP_GROUP)})))\.(.+)$"
+)
 
 
 # ------------------------------------------------------------------------------------------- save_pretrained
 def standard_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict post hook: every merged `weight`/`bias` replaced, in place and in order, by its q, k, v thirds.
+    """State-dict post hook: every merged `weight`/`bias` replaced, in place and in order, by its q, k, v thirds
+    (2.1's `gate_up_proj`: its gate and up halves).
 
-    The thirds are views, not copies (safetensors writes non-overlapping views of one tensor as separate tensors).
+    The parts are views, not copies (safetensors writes non-overlapping views of one tensor as separate tensors).
     Raises ValueError for anything else stored under a merged projection (a LoRA wrapper's
     `base_layer`, fp8 `weight_scale`): no stock loader could read it back.
     """
@@ -69,7 +77,7 @@ def standard_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, l
             )
         attn_module, param = match[1], match[2]
         role = proj_role(attn_module)
-        parts = QKV_GROUPS[role.proj]
+        parts = role.parts
         for part, third in zip(parts, tensor.chunk(len(parts), dim=0), strict=True):
             state_dict[f"{role.attn_prefix}{part}.{param}"] = third
 
@@ -154,7 +162,7 @@ def standard_module_names(model: nn.Module) -> list[str]:
     for name, _ in model.named_modules():
         role = proj_role(name)
         if role is not None and role.merged:
-            names.extend(f"{role.attn_prefix}{part}" for part in QKV_GROUPS[role.proj])
+            names.extend(f"{role.attn_prefix}{part}" for part in role.parts)
     return names
 
 
@@ -272,6 +280,42 @@ def merged_tp_plan(class_plan: dict | None) -> dict | None:
     return plan
 
 
+# ------------------------------------------------------------------------------------- PEFT's own injection
+class MergedPart(nn.Module):
+    """Stands under a q/k/v name (`to_q`, ...) of a merged attention module, which has no such layer of its own.
+
+    PEFT's `inject_adapter_in_model` / `get_peft_model` match `target_modules` against module names without asking
+    the model: a standard name given there would match nothing on a merged model and PEFT would adapt the other
+    targets only (`["to_q", "to_k", "to_v", "to_out.0"]` -> `to_out.0` alone), or say merely "not found". With this
+    module in place PEFT matches the name, cannot adapt it (no parameters: not a layer type any PEFT tuner knows)
+    and raises `ValueError("Target module <this repr> is not supported ...")`; the repr says what to target. It is
+    registered first in its attention module, so PEFT meets it before that block's other projections. No
+    parameters or buffers: the state dict, the forward and every size are as without it.
+    """
+
+    def __init__(self, part: str, merged: str):
+        super().__init__()
+        self.part, self.merged = part, merged
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.part} is merged into {self.merged} (fusedit.fuse_qkv): target {self.merged}, or use "
+            "transformer.add_adapter (it translates whole q/k/v groups), or call fusedit.model.unfuse_qkv first"
+        )
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"attn.{self.part} is no layer of a merged transformer: {self.extra_repr()}")
+
+
+def _add_merged_parts(attn: nn.Module) -> None:
+    # First in attn._modules: PEFT walks named_modules() in order and adapts as it goes.
+    others = [(name, module) for name, module in attn._modules.items() if name not in PART_TO_MERGED]
+    attn._modules.clear()
+    for part, (merged, _) in PART_TO_MERGED.items():
+        attn._modules[part] = MergedPart(part, merged)
+    attn._modules.update(others)
+
+
 # --------------------------------------------------------------------------------------------------- install
 def install_merged_api(model: nn.Module, attention: list[nn.Module], merged_processor: type) -> None:
     """Give the merged `model` the instance-level answers above (idempotent). `attention`: its attention modules;
@@ -283,6 +327,7 @@ def install_merged_api(model: nn.Module, attention: list[nn.Module], merged_proc
     model._tp_plan = merged_tp_plan(type(model)._tp_plan)
     for attn in attention:
         setattr(attn, SET_PROCESSOR, functools.partial(_set_processor, attn, merged_processor))
+        _add_merged_parts(attn)
 
 
 def uninstall_merged_api(model: nn.Module, attention: list[nn.Module]) -> None:
@@ -291,9 +336,13 @@ def uninstall_merged_api(model: nn.Module, attention: list[nn.Module]) -> None:
         model.__dict__.pop(name, None)
     for attn in attention:
         attn.__dict__.pop(SET_PROCESSOR, None)
+        for part in PART_TO_MERGED:
+            if isinstance(attn._modules.get(part), MergedPart):
+                del attn._modules[part]
 
 
 __all__ = [
+    "MergedPart",
     "install_merged_api",
     "merged_tp_plan",
     "standard_state_dict_hook",

@@ -1,9 +1,11 @@
-"""Load a Qwen-Image transformer in the layout the caller wants, whatever layout the checkpoint is in.
+"""Load a Qwen-Image (or Qwen-Image-2.1) transformer in the layout the caller wants, whatever layout the checkpoint
+is in.
 
 Accepted checkpoints: a diffusers pipeline directory (model_index.json + transformer/), a transformer directory
 (config.json + one or several safetensors shards with their index), or a single safetensors file (the config is
 then read from the tensor shapes). Standard checkpoints go through diffusers' `from_pretrained`, the path real
 20B weights take; merged checkpoints are built on the meta device and filled straight from safetensors.
+The model class comes from the transformer config's `_class_name` (a single file: from its keys, 2.1's SwiGLU).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import QwenImageTransformer2DModel
+from diffusers import QwenImage21Transformer2DModel, QwenImageTransformer2DModel
 from safetensors import safe_open
 
 from fusedit.convert.layout import LAYOUTS, model_layout
@@ -28,7 +30,7 @@ from fusedit.convert.single_file import (
 from fusedit.errors import UserFileNotFoundError, UserInputError
 from fusedit.io import read_safetensors_header
 from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
-from fusedit.model.module_map import block_index
+from fusedit.model.module_map import QWEN21_TRANSFORMER_CLASS, block_index
 from fusedit.model.weight_files import transformer_weight_files
 
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -93,8 +95,53 @@ def config_from_header(header: dict[str, dict]) -> dict:
     }
 
 
+def _model_class(config: dict) -> type:
+    return (
+        QwenImage21Transformer2DModel
+        if config.get("_class_name") == QWEN21_TRANSFORMER_CLASS
+        else QwenImageTransformer2DModel
+    )
+
+
+def qwen21_config_from_header(header: dict[str, dict], metadata: dict[str, str]) -> dict | None:
+    """A QwenImage21Transformer2DModel config from tensor shapes, or None when the keys are not 2.1's.
+
+    Head size is `attn.norm_q.weight`'s length; the RoPE axes are not visible in shapes: they come from the file's
+    `config` metadata when present, else diffusers' defaults (the released model's).
+    """
+    shapes = {_strip_prefix(key): value["shape"] for key, value in header.items()}
+    mlp = shapes.get("transformer_blocks.0.img_mlp.gate_layer.weight")
+    if mlp is None and "transformer_blocks.0.img_mlp.gate_up_proj.weight" in shapes:
+        rows, columns = shapes["transformer_blocks.0.img_mlp.gate_up_proj.weight"]
+        mlp = [rows // 2, columns]
+    if mlp is None:
+        return None
+    try:
+        inner_dim, in_channels = shapes["img_in.weight"]
+        context_in_dim = shapes["txt_in.in_layer.weight"][1]
+        head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+        out_channels = shapes["proj_out.weight"][0]
+    except KeyError as error:
+        raise UserInputError(f"not a Qwen-Image-2.1 transformer checkpoint: missing tensor {error}") from None
+    config = json.loads(metadata["config"]) if "config" in metadata else {}
+    config.update(
+        _class_name=QWEN21_TRANSFORMER_CLASS,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_layers=1 + max(index for key in shapes if (index := block_index(key)) is not None),
+        attention_head_dim=head_dim,
+        num_attention_heads=inner_dim // head_dim,
+        context_in_dim=context_in_dim,
+        mlp_ratio=mlp[0] // inner_dim,
+    )
+    return config
+
+
 def _single_file_config(file: Path, zero_cond_t: bool | None) -> dict:
     header, metadata = read_safetensors_header(file)
+    qwen21 = qwen21_config_from_header(header, metadata)
+    if qwen21 is not None:
+        return qwen21
     shapes = config_from_header(header)
     head_dim = int(metadata.get("attention_head_dim", 128))
     if shapes["inner_dim"] % head_dim:
@@ -115,7 +162,7 @@ def _single_file_config(file: Path, zero_cond_t: bool | None) -> dict:
 
 def _load_by_assignment(config: dict, files: list[Path], merged: bool, dtype: torch.dtype | None) -> torch.nn.Module:
     with init_empty_weights():
-        model = QwenImageTransformer2DModel.from_config(config)
+        model = _model_class(config).from_config(config)
     if merged:
         fuse_qkv(model)
     state_dict: dict[str, torch.Tensor] = {}
@@ -145,8 +192,11 @@ def load_transformer(
     layout: str = "merged_qkv",
     dtype: torch.dtype | None = None,
     zero_cond_t: bool | None = None,
-) -> QwenImageTransformer2DModel:
+) -> QwenImageTransformer2DModel | QwenImage21Transformer2DModel:
     """Load the transformer at `path` (pipeline dir, transformer dir or safetensors file) in `layout`.
+
+    Qwen-Image-2.1 transformers load as `QwenImage21Transformer2DModel` ("merged_qkv" there also merges the
+    SwiGLU's gate/up, fusedit.model.merged_qwen21).
 
     `zero_cond_t` matters for a single file only (a folder's config.json says it): True or False is what the
     pipeline the file goes into needs, None takes it from the file (ComfyUI's Edit-2511 marker,
@@ -162,10 +212,11 @@ def load_transformer(
     if transformer_path.is_file():
         config = _single_file_config(transformer_path, zero_cond_t)
         model = _load_by_assignment(config, files, merged=stored == "merged_qkv", dtype=dtype)
-    elif stored == "standard":
-        model = QwenImageTransformer2DModel.from_pretrained(transformer_path, dtype=dtype)
     else:
         config = QwenImageTransformer2DModel.load_config(transformer_path)
-        model = _load_by_assignment(config, files, merged=True, dtype=dtype)
+        if stored == "standard":
+            model = _model_class(config).from_pretrained(transformer_path, dtype=dtype)
+        else:
+            model = _load_by_assignment(config, files, merged=True, dtype=dtype)
 
     return fuse_qkv(model) if layout == "merged_qkv" else unfuse_qkv(model)

@@ -13,7 +13,6 @@ output projections, MLPs, the model's forward) is diffusers' own code.
 from __future__ import annotations
 
 import torch
-from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK, apply_layerwise_casting_hook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
@@ -21,7 +20,15 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
+from fusedit.model import merged_qwen21
 from fusedit.model.diffusers_api import install_merged_api, uninstall_merged_api
+from fusedit.model.linear_merge import (
+    carry_casting_hook,
+    checked_casting_hook,
+    invalidate_hook_caches,
+    merge_linears,
+    split_linear,
+)
 from fusedit.model.module_map import QKV_GROUPS
 
 IMAGE_MERGED = "to_qkv"
@@ -32,7 +39,9 @@ class MergedQKVAttnProcessor:
 
     Same math as diffusers' `QwenDoubleStreamAttnProcessor2_0`; the only difference is that q, k and v of each
     stream come out of one GEMM (`attn.to_qkv`, `attn.add_qkv_proj`). `set_attention_backend` keeps working
-    because the attention call goes through diffusers' `dispatch_attention_fn`.
+    because the attention call goes through diffusers' `dispatch_attention_fn`. `__call__` follows diffusers'
+    processor line for line so the two can be diffed; that is why it is one function over 60 lines
+    (tests/test_imports.py's LONG_ON_PURPOSE).
     """
 
     _attention_backend = None
@@ -105,82 +114,6 @@ class MergedQKVAttnProcessor:
         return img_attn_output, txt_attn_output
 
 
-def _linear_like(template: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A Linear holding exactly `weight` / `bias` (with `template`'s requires_grad), built without initialising.
-
-    `skip_init` builds on the meta device, so no random init runs: it would waste time on 20B weights and torch
-    has none for float8 storage dtypes (`enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn)`).
-    """
-    out_features, in_features = weight.shape
-    linear = torch.nn.utils.skip_init(
-        nn.Linear, in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
-    )
-    linear.weight = nn.Parameter(weight, requires_grad=template.weight.requires_grad)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=template.bias.requires_grad)
-    return linear
-
-
-def _merge_linears(linears: list[nn.Linear]) -> nn.Linear:
-    first = linears[0]
-    for other in linears[1:]:
-        if other.in_features != first.in_features or (other.bias is None) != (first.bias is None):
-            raise ValueError("q/k/v projections disagree in input size or bias; cannot merge them")
-    with torch.no_grad():  # torch.cat is exact in every dtype (float8 included) and shape-only on meta
-        weight = torch.cat([linear.weight for linear in linears], dim=0)
-        bias = None if first.bias is None else torch.cat([linear.bias for linear in linears], dim=0)
-    return _linear_like(first, weight, bias)
-
-
-def _split_linear(merged: nn.Linear, parts: int = 3) -> list[nn.Linear]:
-    if merged.out_features % parts:
-        raise ValueError(f"merged projection has {merged.out_features} outputs, not divisible by {parts}")
-    out_features = merged.out_features // parts
-    linears = []
-    with torch.no_grad():
-        for index in range(parts):
-            rows = slice(index * out_features, (index + 1) * out_features)
-            # clone: a view would keep the whole merged tensor alive after the merged layer is gone
-            bias = None if merged.bias is None else merged.bias[rows].clone()
-            linears.append(_linear_like(merged, merged.weight[rows].clone(), bias))
-    return linears
-
-
-def _casting_hook(linear: nn.Linear, where: str):
-    """The diffusers layerwise-casting hook on `linear` (None when it has none); any other hook is refused."""
-    if hasattr(linear, "_hf_hook"):
-        raise RuntimeError(
-            f"{where} is placed by accelerate (device_map / cpu offload): fuse/unfuse the projections before "
-            "dispatching the model"
-        )
-    registry = getattr(linear, "_diffusers_hook", None)
-    if registry is None:
-        return None
-    others = sorted(set(registry.hooks) - {_LAYERWISE_CASTING_HOOK})
-    if others:
-        raise RuntimeError(
-            f"{where} carries diffusers hooks {others}: fuse/unfuse the projections before enabling them "
-            "(group offloading, caches, ... are applied after fuse_qkv)"
-        )
-    return registry.get_hook(_LAYERWISE_CASTING_HOOK)
-
-
-def _carry_casting_hook(hook, linear: nn.Linear) -> nn.Linear:
-    # The new layer is already in the storage dtype (built from the stored tensors); the hook casts it to the
-    # compute dtype around each forward exactly as it did for the layers it replaces.
-    if hook is not None:
-        apply_layerwise_casting_hook(linear, hook.storage_dtype, hook.compute_dtype, hook.non_blocking)
-    return linear
-
-
-def _invalidate_hook_caches(transformer: nn.Module) -> None:
-    # Hook registries cache the registries below them; replacing hooked layers stales those lists.
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            registry.invalidate_child_registries_cache()
-
-
 def attention_modules(transformer: nn.Module) -> list[nn.Module]:
     blocks = getattr(transformer, "transformer_blocks", None)
     if blocks is None:
@@ -190,28 +123,9 @@ def attention_modules(transformer: nn.Module) -> list[nn.Module]:
 
 def is_merged(transformer: nn.Module) -> bool:
     """True when every block of `transformer` carries the merged projections."""
+    if merged_qwen21.is_qwen21(transformer):
+        return merged_qwen21.is_merged(transformer)
     return all(hasattr(attn, IMAGE_MERGED) for attn in attention_modules(transformer))
-
-
-def _checked_casting_hook(attn: nn.Module, block: int, names: tuple[str, ...]):
-    """The casting hook shared by the layers `names` of `attn` (None if uncast); refuses what cannot be rebuilt."""
-    hooks = []
-    for name in names:
-        module = getattr(attn, name)
-        where = f"transformer_blocks.{block}.attn.{name}"
-        if type(module) is not nn.Linear:
-            raise TypeError(
-                f"{where} is a {type(module).__name__}, not a plain nn.Linear: fuse/unfuse the projections before "
-                "casting, quantizing (fp8 storage) or adding LoRA adapters (fusedit.lora.targets translates target "
-                "names between the layouts)"
-            )
-        hook = _casting_hook(module, where)
-        hooks.append(None if hook is None else (hook.storage_dtype, hook.compute_dtype, hook.non_blocking))
-    if len(set(hooks)) > 1:
-        raise RuntimeError(
-            f"transformer_blocks.{block}.attn: {', '.join(names)} are cast differently ({hooks}); cannot merge them"
-        )
-    return _casting_hook(getattr(attn, names[0]), "")
 
 
 def fuse_qkv(transformer: nn.Module) -> nn.Module:
@@ -220,21 +134,24 @@ def fuse_qkv(transformer: nn.Module) -> nn.Module:
     Works on any storage dtype, float8 included, and keeps diffusers' layerwise casting (the merged layer gets the
     hook its parts had). Every block is checked before any is changed: a refusal (TypeError for a layer that is not
     a plain Linear, RuntimeError for hooks other than layerwise casting) leaves the model as it was.
+    A Qwen-Image-2.1 transformer goes to `fusedit.model.merged_qwen21.fuse_projections` (q/k/v and SwiGLU gate/up).
     """
+    if merged_qwen21.is_qwen21(transformer):
+        return merged_qwen21.fuse_projections(transformer)
     todo = []
     for block, attn in enumerate(attention_modules(transformer)):
         if not hasattr(attn, IMAGE_MERGED):
-            hooks = {merged: _checked_casting_hook(attn, block, names) for merged, names in QKV_GROUPS.items()}
+            hooks = {merged: checked_casting_hook(attn, block, names) for merged, names in QKV_GROUPS.items()}
             todo.append((attn, hooks))
     for attn, hooks in todo:
         for merged_name, names in QKV_GROUPS.items():
-            merged = _merge_linears([getattr(attn, name) for name in names])
+            merged = merge_linears([getattr(attn, name) for name in names])
             for name in names:
                 # Attention keeps `to_k`/`to_v` etc. as attributes; deleting frees the memory right away.
                 delattr(attn, name)
-            setattr(attn, merged_name, _carry_casting_hook(hooks[merged_name], merged))
+            setattr(attn, merged_name, carry_casting_hook(hooks[merged_name], merged))
         attn.set_processor(MergedQKVAttnProcessor())
-    _invalidate_hook_caches(transformer)
+    invalidate_hook_caches(transformer)
     install_merged_api(transformer, attention_modules(transformer), MergedQKVAttnProcessor)
     return transformer
 
@@ -243,18 +160,21 @@ def unfuse_qkv(transformer: nn.Module) -> nn.Module:
     """Split merged projections of every block back into exact q/k/v Linears in place. Returns the model.
 
     Bit for bit in every dtype; layerwise casting is carried over as in `fuse_qkv`, with the same refusals.
+    A Qwen-Image-2.1 transformer goes to `fusedit.model.merged_qwen21.unfuse_projections`.
     """
+    if merged_qwen21.is_qwen21(transformer):
+        return merged_qwen21.unfuse_projections(transformer)
     todo = []
     for block, attn in enumerate(attention_modules(transformer)):
         if hasattr(attn, IMAGE_MERGED):
-            hooks = {merged: _checked_casting_hook(attn, block, (merged,)) for merged in QKV_GROUPS}
+            hooks = {merged: checked_casting_hook(attn, block, (merged,)) for merged in QKV_GROUPS}
             todo.append((attn, hooks))
     uninstall_merged_api(transformer, attention_modules(transformer))
     for attn, hooks in todo:
         for merged_name, names in QKV_GROUPS.items():
-            for name, linear in zip(names, _split_linear(getattr(attn, merged_name)), strict=True):
-                setattr(attn, name, _carry_casting_hook(hooks[merged_name], linear))
+            for name, linear in zip(names, split_linear(getattr(attn, merged_name)), strict=True):
+                setattr(attn, name, carry_casting_hook(hooks[merged_name], linear))
             delattr(attn, merged_name)
         attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
-    _invalidate_hook_caches(transformer)
+    invalidate_hook_caches(transformer)
     return transformer

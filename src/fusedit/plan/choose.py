@@ -1,19 +1,25 @@
 """Training plans: the switches that decide memory, the order they are tried in, and the choice for a GPU.
 
-A plan is five switches, each a config key `train.py` already has:
+A plan is a handful of switches, each a config key `train.py` already has:
 
     checkpoint_every  model.activation_checkpointing    0 (off), 3, 2, 1: recompute every k-th block
     fp8               precision=fp8 vs precision=bf16    frozen base in float8_e4m3fn (half the weight bytes)
+                      (precision=fp32, `fp32`, is predicted when a config asks for it; trainer=auto never picks it)
     cache             cache.enabled                      encode-then-train: encoders never share the GPU with a step
     optim             optim=adamw8bit vs optim=adamw     8-bit optimizer moments
     resident_blocks   model.resident_blocks              null, or N: stream the other blocks from host memory
+    encode            cache.offload / cache.device=cpu   where a cache plan's encoding pass runs (`encode_phase`):
+                                                         "gpu" (the encoders on the GPU alone), "offload" (the text
+                                                         encoder's layers streamed from host memory), "cpu"
 
 `PLAN_ORDER` is the order `trainer=auto` tries them in, fastest first; each stage keeps the previous ones' switches
 and adds one: everything resident (bf16, no checkpointing, live encoders) -> checkpoint every k-th block
 (k = 3, 2, 1: least recomputation first) -> fp8 storage (again k = off, 3, 2, 1) -> encode-then-train from the
 cache -> 8-bit optimizer states -> stream base blocks (as many resident as fit). The first plan whose predicted
 peak is under `MARGIN` of the card wins. The margin (12.5 %: 70 of 80 GB, 21 of 24, 14 of 16, 10.5 of 12) covers
-what the prediction leaves out: the CUDA context, workspaces and allocator fragmentation.
+what the prediction leaves out: the CUDA context, workspaces and allocator fragmentation. A cache plan must fit
+twice: its training step, and its encoding pass before it (`encode_phase`); trainer=auto encodes on the GPU when
+the encoders fit there, else with the text encoder offloaded layer by layer, else on the CPU.
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 
-from fusedit.plan.predict import Estimates, ModelFacts, Prediction, predict
+from fusedit.plan.predict import DEFAULT_PCIE_GBPS, GB, Estimates, ModelFacts, Prediction, predict
 
 MARGIN = 0.875  # a plan fits when its predicted peak is <= MARGIN * the card's memory
 CHECKPOINT_LADDER = (0, 3, 2, 1)
+ENCODE_MODES = ("gpu", "offload", "cpu")  # fastest first
+# Dense bf16 throughput assumed for encoding on the CPU (a many-core AVX-512 / AMX server); a rough figure for the
+# time estimate of encode="cpu", not measured here.
+CPU_ENCODE_TFLOPS = 0.5
 
 
 @dataclass(frozen=True)
@@ -34,10 +44,16 @@ class TrainPlan:
     cache: bool = False
     optim: str = "adamw"
     resident_blocks: int | None = None
-    encode_on_cpu: bool = False  # cache plans whose encoders alone do not fit the card encode on the CPU (one pass)
+    encode: str = "gpu"  # a cache plan's encoding pass: ENCODE_MODES
+    fp32: bool = False  # precision=fp32: fp32 base, encoders and activations, no autocast
+
+    @property
+    def precision(self) -> str:
+        """The conf/precision preset of this plan."""
+        return "fp8" if self.fp8 else "fp32" if self.fp32 else "bf16"
 
     def describe(self) -> str:
-        parts = ["fp8 storage" if self.fp8 else "bf16"]
+        parts = ["fp8 storage" if self.fp8 else "fp32" if self.fp32 else "bf16"]
         parts.append(
             "no activation checkpointing"
             if not self.checkpoint_every
@@ -50,19 +66,22 @@ class TrainPlan:
             parts.append(f"optim={self.optim}")
         if self.resident_blocks is not None:
             parts.append(f"{self.resident_blocks} blocks resident, the rest streamed from host memory")
-        if self.encode_on_cpu:
-            parts.append("dataset encoded on the CPU first (the encoders alone exceed the card)")
+        if self.cache and self.encode == "offload":
+            parts.append("dataset encoded first with the text encoder streamed from host memory layer by layer")
+        elif self.cache and self.encode == "cpu":
+            parts.append("dataset encoded on the CPU first")
         return ", ".join(parts)
 
     def overrides(self) -> list[str]:
         """The train.py overrides that set this plan."""
         return [
-            f"precision={'fp8' if self.fp8 else 'bf16'}",
+            f"precision={self.precision}",
             f"model.activation_checkpointing={self.checkpoint_every}",
             f"cache.enabled={str(self.cache).lower()}",
             f"optim={self.optim}",
             f"model.resident_blocks={'null' if self.resident_blocks is None else self.resident_blocks}",
-            *(["cache.device=cpu"] if self.encode_on_cpu else []),
+            *(["cache.offload=true"] if self.cache and self.encode == "offload" else []),
+            *(["cache.device=cpu"] if self.cache and self.encode == "cpu" else []),
         ]
 
     def to_dict(self) -> dict:
@@ -85,12 +104,60 @@ def plan_order(num_blocks: int, eight_bit: bool = True) -> list[TrainPlan]:
 
 
 @dataclass(frozen=True)
+class EncodePhase:
+    """The encoding pass of an encode-then-train plan (fusedit.cache fills the cache before step 1), per row.
+
+    peak_gpu_gb: weights on the GPU (activations at batch 1 are small next to them and not counted).
+    host_to_gpu_gb_per_row: the offloaded text encoder crosses the bus once per row (it encodes one prompt at a
+    time). s_per_row: "offload": the transfer floor at `pcie_gbps`; "cpu": a rough estimate, 2 x text-encoder
+    parameters x prompt tokens at CPU_ENCODE_TFLOPS (the VAE not counted); "gpu": None (compute-bound, fast).
+    """
+
+    mode: str
+    peak_gpu_gb: float
+    host_to_gpu_gb_per_row: float
+    s_per_row: float | None
+    fits: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "predicted_peak_gpu_gb": round(self.peak_gpu_gb, 2),
+            "host_to_gpu_gb_per_row": round(self.host_to_gpu_gb_per_row, 2),
+            "s_per_row": None if self.s_per_row is None else round(self.s_per_row, 2),
+            "fits": self.fits,
+        }
+
+
+def encode_phase(
+    facts: ModelFacts, mode: str, gpu_gb: float, fp32: bool = False, pcie_gbps: float = DEFAULT_PCIE_GBPS
+) -> EncodePhase:
+    """The encoding pass in `mode` (ENCODE_MODES) for a `gpu_gb` card. "offload" holds the VAE and two of the text
+    encoder's largest layers (the one running and the one prefetched: EditConditioner.offload_text_encoder)."""
+    width = 4 if fp32 else 2
+    text_parameters = facts.encoder_parameters - facts.vae_parameters
+    if mode == "gpu":
+        peak, moved, seconds = facts.encoder_parameters * width / GB, 0.0, None
+    elif mode == "offload":
+        peak = (facts.vae_parameters + 2 * facts.encoder_largest_leaf) * width / GB
+        moved = text_parameters * width / GB
+        seconds = moved / pcie_gbps
+    elif mode == "cpu":
+        peak, moved = 0.0, 0.0
+        seconds = 2 * text_parameters * facts.shape.text_tokens / (CPU_ENCODE_TFLOPS * 1e12)
+    else:
+        raise ValueError(f"encode mode must be one of {ENCODE_MODES}, got {mode!r}")
+    return EncodePhase(mode, peak, moved, seconds, peak <= MARGIN * gpu_gb)
+
+
+@dataclass(frozen=True)
 class Choice:
     plan: TrainPlan
     prediction: Prediction
     gpu_gb: float
-    fits: bool
+    fits: bool  # the training step fits, and so does the encoding pass of a cache plan
     tried: int  # plans predicted before this one was chosen
+    encode: EncodePhase | None = None  # cache plans only
 
     def to_dict(self) -> dict:
         return {
@@ -98,27 +165,35 @@ class Choice:
             "gpu_gb": round(self.gpu_gb, 2),
             "budget_gb": round(MARGIN * self.gpu_gb, 2),
             "fits": self.fits,
+            "encode_phase": None if self.encode is None else self.encode.to_dict(),
             "plan": self.plan.to_dict(),
             "plan_overrides": self.plan.overrides(),
             "plan_description": self.plan.describe(),
         }
 
 
-def encode_phase_gb(facts: ModelFacts) -> float:
-    """GPU memory of the encoding pass of encode-then-train: the text encoder and VAE weights (bf16); their
-    activations at batch 1 are small next to them and not counted."""
-    return facts.encoder_parameters * 2 / 1e9
-
-
 def fits(prediction: Prediction, gpu_gb: float) -> bool:
     return prediction.peak_gpu_gb <= MARGIN * gpu_gb
 
 
-def evaluate(plan: TrainPlan, facts: ModelFacts, estimates: Estimates, gpu_gb: float) -> Choice:
-    """`plan` predicted for a `gpu_gb` card; a cache plan whose encoding pass (the encoders alone on the GPU) would
-    not fit is switched to encoding on the CPU."""
-    if plan.cache and not plan.encode_on_cpu and encode_phase_gb(facts) > MARGIN * gpu_gb:
-        plan = dataclasses.replace(plan, encode_on_cpu=True)
+def evaluate(
+    plan: TrainPlan,
+    facts: ModelFacts,
+    estimates: Estimates,
+    gpu_gb: float,
+    adapt_encode: bool = False,
+    pcie_gbps: float = DEFAULT_PCIE_GBPS,
+) -> Choice:
+    """`plan` predicted for a `gpu_gb` card, its encoding pass too when it trains from the cache. `adapt_encode`
+    (trainer=auto): a cache plan's encoding pass moves down ENCODE_MODES from `plan.encode` to the first that fits."""
+    encode = None
+    if plan.cache:
+        modes = ENCODE_MODES[ENCODE_MODES.index(plan.encode) :] if adapt_encode else (plan.encode,)
+        for mode in modes:
+            encode = encode_phase(facts, mode, gpu_gb, plan.fp32, pcie_gbps)
+            if encode.fits:
+                break
+        plan = dataclasses.replace(plan, encode=encode.mode)
     prediction = predict(
         facts,
         estimates,
@@ -127,11 +202,18 @@ def evaluate(plan: TrainPlan, facts: ModelFacts, estimates: Estimates, gpu_gb: f
         cache=plan.cache,
         optim=plan.optim,
         resident_blocks=plan.resident_blocks,
+        fp32=plan.fp32,
     )
-    return Choice(plan, prediction, gpu_gb, fits(prediction, gpu_gb), 0)
+    return Choice(plan, prediction, gpu_gb, fits(prediction, gpu_gb) and (encode is None or encode.fits), 0, encode)
 
 
-def choose(facts: ModelFacts, estimates: Estimates, gpu_gb: float, eight_bit: bool | None = None) -> Choice:
+def choose(
+    facts: ModelFacts,
+    estimates: Estimates,
+    gpu_gb: float,
+    eight_bit: bool | None = None,
+    pcie_gbps: float = DEFAULT_PCIE_GBPS,
+) -> Choice:
     """The first plan of `plan_order` predicted to fit `gpu_gb`; if none does, the last one (fits=False).
     `eight_bit`: allow optim=adamw8bit (default: when bitsandbytes is installed).
 
@@ -143,7 +225,7 @@ def choose(facts: ModelFacts, estimates: Estimates, gpu_gb: float, eight_bit: bo
     order = plan_order(facts.num_blocks, eight_bit)
     streaming = [plan for plan in order if plan.resident_blocks is not None]
     for tried, plan in enumerate(order[: len(order) - len(streaming)]):
-        choice = evaluate(plan, facts, estimates, gpu_gb)
+        choice = evaluate(plan, facts, estimates, gpu_gb, True, pcie_gbps)
         if choice.fits:
             return dataclasses.replace(choice, tried=tried)
     # streaming: resident counts descend, so the fitting ones form a tail; find its first element
@@ -151,14 +233,14 @@ def choose(facts: ModelFacts, estimates: Estimates, gpu_gb: float, eight_bit: bo
     best = None
     while low <= high:
         middle = (low + high) // 2
-        choice = evaluate(streaming[middle], facts, estimates, gpu_gb)
+        choice = evaluate(streaming[middle], facts, estimates, gpu_gb, True, pcie_gbps)
         if choice.fits:
             best, high = choice, middle - 1
         else:
             low = middle + 1
     if best is not None:
         return best
-    return evaluate(streaming[-1], facts, estimates, gpu_gb)
+    return evaluate(streaming[-1], facts, estimates, gpu_gb, True, pcie_gbps)
 
 
 def first_fitting_change(plan: TrainPlan, facts: ModelFacts, estimates: Estimates, gpu_gb: float) -> Choice | None:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fusedit.errors import UserInputError
-from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate
+from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate, fits
 from fusedit.plan.predict import FULL, Estimates, ModelFacts, model_facts, pipeline_shape, training_shape
 from fusedit.step.precision import PRESETS, Precision
+from fusedit.train_config import CONF_DIR
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def config_plan(cfg: DictConfig) -> TrainPlan:
@@ -32,11 +30,20 @@ def config_plan(cfg: DictConfig) -> TrainPlan:
     return TrainPlan(
         checkpoint_every=int(cfg.model.get("activation_checkpointing") or 0),
         fp8=precision.get("fp8", "none") != "none",
+        fp32=precision.get("fp8", "none") == "none" and precision.get("base_dtype") == "float32",
         cache=bool(cfg.get("cache") and cfg.cache.get("enabled")),
         optim=str(cfg.optim.get("name", "adamw")),
         resident_blocks=cfg.model.get("resident_blocks"),
-        encode_on_cpu=bool(cfg.get("cache") and cfg.cache.get("enabled") and cfg.cache.get("device") == "cpu"),
+        encode=_encode_mode(cfg),
     )
+
+
+def _encode_mode(cfg: DictConfig) -> str:
+    """Where the config's cache fills itself: "cpu" (cache.device=cpu), "offload" (cache.offload) or "gpu"."""
+    cache = cfg.get("cache") or {}
+    if cache.get("device") == "cpu":
+        return "cpu"
+    return "offload" if cache.get("offload") else "gpu"
 
 
 def _largest_bucket(cfg: DictConfig) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
@@ -79,16 +86,17 @@ def config_facts(cfg: DictConfig, size: str | None = None, estimates: Estimates 
 def apply_plan(cfg: DictConfig, plan: TrainPlan) -> None:
     """Write `plan`'s switches into `cfg` (the precision and optim groups' YAML files, as `precision=fp8` would)."""
     with open_dict(cfg):
-        # The precision=fp8 / precision=bf16 presets (fusedit.step.precision.PRESETS, equal to conf/precision/).
-        preset = PRESETS["fp8" if plan.fp8 else "bf16"]
+        # The precision=fp8 / bf16 / fp32 presets (fusedit.step.precision.PRESETS, equal to conf/precision/).
+        preset = PRESETS[plan.precision]
         cfg.precision = OmegaConf.create(
             {"_target_": f"{Precision.__module__}.Precision", **dataclasses.asdict(preset)}
         )
         cfg.model.activation_checkpointing = plan.checkpoint_every
         cfg.model.resident_blocks = plan.resident_blocks
         cfg.cache.enabled = plan.cache
-        if plan.encode_on_cpu:
+        if plan.cache and plan.encode == "cpu":
             cfg.cache.device = "cpu"
+        cfg.cache.offload = plan.cache and plan.encode == "offload"
         if plan.optim != cfg.optim.get("name", "adamw"):
             group = OmegaConf.load(CONF_DIR / "optim" / f"{plan.optim}.yaml")
             group.pop("defaults", None)
@@ -165,10 +173,18 @@ def _no_plan_message(choice: Choice) -> str:
 
 
 def _refusal_message(choice: Choice, fitting: Choice) -> str:
-    head = (
-        f"this run is predicted to need {choice.prediction.peak_gpu_gb:.1f} GB of GPU memory "
-        f"({choice.plan.describe()}) but the GPU has {choice.gpu_gb:.1f} GB (budget {MARGIN * choice.gpu_gb:.1f} GB)"
-    )
+    card = f"the GPU has {choice.gpu_gb:.1f} GB (budget {MARGIN * choice.gpu_gb:.1f} GB)"
+    if choice.encode is not None and not choice.encode.fits and fits(choice.prediction, choice.gpu_gb):
+        head = (
+            f"this run's encoding pass (encode-then-train, encoders {choice.encode.mode}: "
+            f"{choice.plan.describe()}) is predicted to need "
+            f"{choice.encode.peak_gpu_gb:.1f} GB of GPU memory but {card}"
+        )
+    else:
+        head = (
+            f"this run is predicted to need {choice.prediction.peak_gpu_gb:.1f} GB of GPU memory "
+            f"({choice.plan.describe()}) but {card}"
+        )
     if not fitting.fits:
         return head + "; no plan is predicted to fit: lower data.max_pixels or lora.rank"
     current = set(choice.plan.overrides())

@@ -2,19 +2,23 @@
 
 What a training step holds on the GPU, and where each number comes from:
 
-    transformer  frozen weights in their storage dtype (bf16, or float8 + fp32 scales for fp8 storage), minus the
+    transformer  frozen weights in their storage dtype (bf16; fp32 for precision=fp32; float8 + fp32 scales for fp8
+                 storage), minus the
                  blocks streamed from host memory plus the 3 blocks in flight (the one computing, the one
                  prefetched, and in backward the recomputed block whose weights its backward still reads):
                  byte counts of the model built on the meta device (fusedit.bench.shapes, the real config).
     lora         LoRA weights (fp32) + their gradients (fp32) + optimizer state (fusedit.optim's bytes per
-                 parameter: AdamW 8, 8-bit AdamW ~2) + the bf16 copies autocast keeps of them during a step.
+                 parameter: AdamW 8, 8-bit AdamW ~2) + the bf16 copies autocast keeps of them during a step
+                 (none for precision=fp32, which runs without autocast).
     activations  what the step adds on top of the weights (saved activations under the chosen checkpointing,
                  attention and backward transients) less the LoRA gradients and optimizer state it also holds:
                  fusedit.bench.memory's fake-tensor run (live storage bytes), at depth k and 2k for a checkpoint
                  interval k and extrapolated linearly to the real block count (activations are a per-block
                  pattern of period k; at the full shape this reproduces the 60-block fake-tensor runs to 0.01 GB,
-                 tests/test_plan.py), at the largest bucket the data will produce.
-    encoders     the Qwen2.5-VL text encoder and the VAE in the base dtype when they ride along on the GPU
+                 tests/test_plan.py), at the largest bucket the data will produce, in the run's dtype (bf16
+                 autocast, or fp32 throughout for precision=fp32).
+    encoders     the Qwen2.5-VL text encoder and the VAE in the base dtype (bf16, fp32 for precision=fp32) when
+                 they ride along on the GPU
                  (cache.enabled=false); 0 when training from the cache (encode-then-train). Their forward's own
                  activations come before the transformer step, not at its peak, and are not counted.
 
@@ -44,11 +48,37 @@ log = logging.getLogger(__name__)
 
 GB = 1e9
 IN_FLIGHT_BLOCKS = 3  # streamed blocks on the GPU at once (see the module docstring)
-LORA_BYTES_PER_PARAMETER = 4 + 4 + 2  # fp32 weight, fp32 gradient, autocast's bf16 copy during the step
-# fusedit.bench.memory steps as the trainer does (fusedit.step: fp32 LoRA weights under bf16 autocast, torch AdamW):
-# its fp32 gradients (4 B), fp32 moments (2 x 4 B) and autocast's bf16 copies of the LoRA weights (2 B) are part of
-# its `step_gb`; they are counted by LORA_BYTES_PER_PARAMETER + STATE_BYTES_PER_PARAMETER and taken out here.
-_BENCH_LORA_STEP_BYTES = 4 + 2 * 4 + 2
+# Host->GPU copy throughput of pinned memory over a x16 link (GB/s, practical, ~80 % of the link's 32 / 64 GB/s),
+# for the transfer floor of a streaming plan or an offloaded encoder: PCIe 4.0 x16 (RTX 4090, A100 PCIe), PCIe 5.0
+# x16 (H100 / H200 PCIe). Assumed, not measured here; `--pcie-gbps` takes a name or a number.
+PCIE_GBPS = {"pcie4_x16": 25.0, "pcie5_x16": 50.0}
+DEFAULT_PCIE_GBPS = PCIE_GBPS["pcie4_x16"]
+
+
+def parse_bandwidth(text: str) -> float:
+    """A `--pcie-gbps` value (an argparse type): a link name of PCIE_GBPS or a positive number of GB/s."""
+    import argparse
+
+    if text in PCIE_GBPS:
+        return PCIE_GBPS[text]
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected GB/s > 0 or one of {', '.join(PCIE_GBPS)}, got {text!r}")
+    return value
+
+
+# The dtypes a plan runs its frozen base in (precision=bf16 / fp8 share bf16; fp8 storage is its own byte count).
+RUN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Per LoRA parameter: fp32 weight, fp32 gradient, and under bf16 autocast its bf16 copy during the step.
+LORA_BYTES_PER_PARAMETER = {"bf16": 4 + 4 + 2, "fp32": 4 + 4}
+# fusedit.bench.memory steps as the trainer does (fusedit.step: fp32 LoRA weights, under bf16 autocast for bf16,
+# torch AdamW): its fp32 gradients (4 B), fp32 moments (2 x 4 B) and autocast's bf16 copies of the LoRA weights
+# (2 B, bf16 only) are part of its `step_gb`; they are counted by LORA_BYTES_PER_PARAMETER +
+# STATE_BYTES_PER_PARAMETER and taken out here.
+_BENCH_LORA_STEP_BYTES = {"bf16": 4 + 2 * 4 + 2, "fp32": 4 + 2 * 4}
 _ESTIMATE_VERSION = (
     2  # bump when fusedit.bench.memory's method changes (2: the trainer's step, fp32 LoRA under autocast)
 )
@@ -58,9 +88,11 @@ _ESTIMATE_VERSION = (
 class ModelFacts:
     """What the predictor needs to know about the model, all from configs and shapes.
 
-    Bytes are of the frozen transformer by storage ("bf16" or "fp8"): `block_bytes` per transformer block,
+    Bytes are of the frozen transformer by storage ("bf16", "fp32" or "fp8"): `block_bytes` per transformer block,
     `other_bytes` for the rest (embeddings, norm_out, proj_out). `lora_parameters`: trainable count at the run's
-    rank and targets. `encoder_parameters`: text encoder + VAE parameter count.
+    rank and targets. `encoder_parameters`: text encoder + VAE parameter count; `vae_parameters` the VAE's part;
+    `encoder_largest_leaf`: parameters of the text encoder's largest leaf module (what its layer-by-layer offload
+    holds on the GPU at once, fusedit.plan.choose.encode_phase).
     """
 
     shape: BenchShape
@@ -69,6 +101,8 @@ class ModelFacts:
     other_bytes: dict[str, int]
     lora_parameters: int
     encoder_parameters: int
+    vae_parameters: int = 0
+    encoder_largest_leaf: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -123,10 +157,11 @@ def transformer_facts(shape: BenchShape, layout: str) -> tuple[dict[str, int], d
     from fusedit.bench.variants import Variant, build_variant
 
     block_bytes, other_bytes, lora = {}, {}, {}
-    for storage in ("bf16", "fp8"):
+    for storage in ("bf16", "fp32", "fp8"):
         variant = Variant(name=storage, layout=layout, fp8="storage" if storage == "fp8" else "none")
+        dtype = torch.float32 if storage == "fp32" else torch.bfloat16
         counts = {
-            depth: _count(build_variant(variant, shape.replace(num_layers=depth), torch.device("meta"), torch.bfloat16))
+            depth: _count(build_variant(variant, shape.replace(num_layers=depth), torch.device("meta"), dtype))
             for depth in (1, 2)
         }
         block_bytes[storage] = counts[2][0] - counts[1][0]
@@ -163,9 +198,10 @@ QWEN25_VL_7B = {
 
 
 @functools.lru_cache(maxsize=1)
-def full_encoder_parameters() -> int:
-    """Parameters of Qwen2.5-VL-7B + Qwen-Image's VAE (diffusers' default AutoencoderKLQwenImage config), built on
-    the meta device: 8.29 B + 0.13 B."""
+def full_encoder_counts() -> list[int]:
+    """[all, VAE, largest text-encoder leaf] parameters of Qwen2.5-VL-7B + Qwen-Image's VAE (diffusers' default
+    AutoencoderKLQwenImage config), built on the meta device: 8.29 B + 0.13 B; the largest leaf is the token
+    embedding (152064 x 3584)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLQwenImage
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -173,13 +209,22 @@ def full_encoder_parameters() -> int:
     with init_empty_weights():
         text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B))
         vae = AutoencoderKLQwenImage()
-    return sum(p.numel() for module in (text_encoder, vae) for p in module.parameters())
+    return encoder_counts(text_encoder, vae)
 
 
-def _header_parameters(directory: Path) -> int:
+def encoder_counts(text_encoder: torch.nn.Module, vae: torch.nn.Module) -> list[int]:
+    """[all, VAE, largest text-encoder leaf module] parameter counts (ModelFacts' encoder fields)."""
+    vae_count = sum(p.numel() for p in vae.parameters())
+    leaves = (module for module in text_encoder.modules() if not any(True for _ in module.children()))
+    largest = max(sum(p.numel() for p in leaf.parameters(recurse=False)) for leaf in leaves)
+    return [sum(p.numel() for p in text_encoder.parameters()) + vae_count, vae_count, largest]
+
+
+def _header_counts(directory: Path) -> tuple[int, int]:
+    """(parameters, largest tensor) of the safetensors files in `directory`, from their headers."""
     from fusedit.io import read_safetensors_header
 
-    total = 0
+    total = largest = 0
     for file in sorted(directory.glob("*.safetensors")):
         header, _ = read_safetensors_header(file)
         for spec in header.values():
@@ -187,7 +232,8 @@ def _header_parameters(directory: Path) -> int:
             for size in spec["shape"]:
                 count *= size
             total += count
-    return total
+            largest = max(largest, count)
+    return total, largest
 
 
 def pipeline_shape(model_path: str | os.PathLike, base: BenchShape) -> BenchShape:
@@ -210,29 +256,30 @@ def model_facts(
     encoders built on the meta device when `model_path` is None (kept in `estimates`, a ~30 s build)."""
     block_bytes, other_bytes, lora = transformer_facts(shape, layout)
     if model_path is None:
-        key = json.dumps([_ESTIMATE_VERSION, "full encoder parameters", QWEN25_VL_7B], sort_keys=True)
-        encoders = int(estimates.get(key, full_encoder_parameters) if estimates else full_encoder_parameters())
+        key = json.dumps([_ESTIMATE_VERSION, "full encoder counts", QWEN25_VL_7B], sort_keys=True)
+        encoders, vae, leaf = estimates.get(key, full_encoder_counts) if estimates else full_encoder_counts()
     else:
-        encoders = sum(_header_parameters(Path(model_path) / part) for part in ("text_encoder", "vae"))
-    return ModelFacts(shape, layout, block_bytes, other_bytes, lora, encoders)
+        (text, leaf), (vae, _) = (_header_counts(Path(model_path) / part) for part in ("text_encoder", "vae"))
+        encoders = text + vae
+    return ModelFacts(shape, layout, block_bytes, other_bytes, lora, int(encoders), int(vae), int(leaf))
 
 
 # ---------------------------------------------------------------------------------------------------- activations
-def _estimate_key(shape: BenchShape, layout: str, every: int, depth: int) -> str:
+def _estimate_key(shape: BenchShape, layout: str, every: int, depth: int, run_dtype: str = "bf16") -> str:
     import diffusers
 
     fields = dataclasses.asdict(shape.replace(num_layers=depth, name=""))
-    return json.dumps(
-        [_ESTIMATE_VERSION, torch.__version__, diffusers.__version__, layout, every, fields], sort_keys=True
-    )
+    key = [_ESTIMATE_VERSION, torch.__version__, diffusers.__version__, layout, every, fields]
+    # bf16 keys stay as they were before fp32 was planned, so that kept estimates stay valid.
+    return json.dumps(key if run_dtype == "bf16" else [*key, run_dtype], sort_keys=True)
 
 
-def _fake_step_gb(shape: BenchShape, layout: str, every: int, depth: int) -> float:
+def _fake_step_gb(shape: BenchShape, layout: str, every: int, depth: int, run_dtype: str = "bf16") -> float:
     from fusedit.bench.memory import estimate_step_memory
     from fusedit.bench.variants import Variant
 
     variant = Variant(name=f"ckpt{every}", layout=layout, checkpoint_every=every)
-    return estimate_step_memory(variant, shape.replace(num_layers=depth), torch.bfloat16)["step_gb"]
+    return estimate_step_memory(variant, shape.replace(num_layers=depth), RUN_DTYPES[run_dtype])["step_gb"]
 
 
 class Estimates:
@@ -261,18 +308,19 @@ class Estimates:
             self._save()
         return self._cache[key]
 
-    def activations_gb(self, facts: ModelFacts, every: int) -> float:
-        """Step activations at `facts.shape` (all its blocks) under checkpointing of every `every`-th block."""
+    def activations_gb(self, facts: ModelFacts, every: int, run_dtype: str = "bf16") -> float:
+        """Step activations at `facts.shape` (all its blocks) under checkpointing of every `every`-th block, in
+        `run_dtype` ("bf16": bf16 base under autocast; "fp32": precision=fp32)."""
         depth = max(every, 1)
         low, high = (
             self.get(
-                _estimate_key(facts.shape, facts.layout, every, d),
-                lambda d=d: _fake_step_gb(facts.shape, facts.layout, every, d),
+                _estimate_key(facts.shape, facts.layout, every, d, run_dtype),
+                lambda d=d: _fake_step_gb(facts.shape, facts.layout, every, d, run_dtype),
             )
             for d in (depth, 2 * depth)
         )
         step_gb = low + (high - low) / depth * (facts.num_blocks - depth)
-        return step_gb - facts.lora_parameters * _BENCH_LORA_STEP_BYTES / GB
+        return step_gb - facts.lora_parameters * _BENCH_LORA_STEP_BYTES[run_dtype] / GB
 
 
 # ---------------------------------------------------------------------------------------------------- one plan
@@ -285,20 +333,25 @@ def predict(
     cache: bool,
     optim: str = "adamw",
     resident_blocks: int | None = None,
-    encoder_bytes_per_parameter: int = 2,
+    fp32: bool = False,
 ) -> Prediction:
-    """Predicted memory of a training step with these switches (module docstring for each part)."""
-    storage = "fp8" if fp8 else "bf16"
+    """Predicted memory of a training step with these switches (module docstring for each part). `fp32`:
+    precision=fp32 (fp32 base, encoders and activations, no autocast); not with `fp8`."""
+    if fp8 and fp32:
+        raise ValueError("fp8 storage runs under bf16 autocast; it is not an fp32 plan")
+    run_dtype = "fp32" if fp32 else "bf16"
+    storage = "fp8" if fp8 else run_dtype
     block = facts.block_bytes[storage]
     streamed = 0 if resident_blocks is None else facts.num_blocks - min(resident_blocks, facts.num_blocks)
     on_gpu_blocks = facts.num_blocks - streamed + (min(IN_FLIGHT_BLOCKS, streamed) if streamed else 0)
     if optim not in STATE_BYTES_PER_PARAMETER:
         raise UserInputError(f"unknown optimizer {optim!r}; one of {sorted(STATE_BYTES_PER_PARAMETER)}")
-    lora_bytes = facts.lora_parameters * (LORA_BYTES_PER_PARAMETER + STATE_BYTES_PER_PARAMETER[optim])
+    lora_bytes = facts.lora_parameters * (LORA_BYTES_PER_PARAMETER[run_dtype] + STATE_BYTES_PER_PARAMETER[optim])
+    encoder_bytes_per_parameter = RUN_DTYPES[run_dtype].itemsize
     return Prediction(
         transformer_gb=(facts.other_bytes[storage] + on_gpu_blocks * block) / GB,
         lora_gb=lora_bytes / GB,
-        activations_gb=estimates.activations_gb(facts, checkpoint_every),
+        activations_gb=estimates.activations_gb(facts, checkpoint_every, run_dtype),
         encoders_gb=0.0 if cache else facts.encoder_parameters * encoder_bytes_per_parameter / GB,
         host_gb=streamed * block / GB,
         moved_gb_per_step=2 * streamed * block / GB,

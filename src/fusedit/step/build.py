@@ -23,7 +23,7 @@ from torch import nn
 from fusedit.devices import to_dtype
 from fusedit.lora.adapter import add_lora, lora_inputs_follow_autocast
 from fusedit.model.loading import load_transformer
-from fusedit.step.config import LoraSpec, ModelConfig
+from fusedit.step.config import LAYOUTS, LoraSpec, ModelConfig
 from fusedit.step.precision import Precision
 
 STAGES = ("load", "fuse", "fp8", "lora", "stream", "activation_checkpointing", "compile")
@@ -66,8 +66,8 @@ def fuse(model: nn.Module, layout: str) -> nn.Module:
     splits them; a model already in `layout` is left as it is."""
     from fusedit.model.merged_qkv import fuse_qkv, unfuse_qkv
 
-    if layout not in ("merged_qkv", "standard"):
-        raise ValueError(f"layout must be merged_qkv or standard, got {layout!r}")
+    if layout not in LAYOUTS:  # any other word would unfuse silently (a config's layout is checked by ModelConfig)
+        raise ValueError(f"layout must be one of {' | '.join(LAYOUTS)}, got {layout!r}")
     _enter_stage(model, "fuse")
     return fuse_qkv(model) if layout == "merged_qkv" else unfuse_qkv(model)
 
@@ -127,11 +127,7 @@ def activation_checkpointing(model: nn.Module, every: int = 1, offload: bool = F
     the saved block inputs in CPU memory until backward (fusedit.model.checkpointing)."""
     from fusedit.model.checkpointing import checkpoint_blocks
 
-    if every < 0:
-        raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
-    if offload and every == 0:
-        raise ValueError("model.checkpoint_offload=true needs model.activation_checkpointing >= 1")
-    _enter_stage(model, "activation_checkpointing")
+    _enter_stage(model, "activation_checkpointing")  # checkpoint_blocks refuses a negative `every`, offload without it
     return checkpoint_blocks(model, every, offload)
 
 
@@ -165,7 +161,7 @@ def build_transformer(
     transformer = lora(transformer, **dataclasses.asdict(lora_spec), dtype=precision.lora_dtype)
     if model.resident_blocks is not None:
         transformer = stream(transformer, model.resident_blocks)
-    if model.activation_checkpointing or model.checkpoint_offload:
+    if model.activation_checkpointing:  # ModelConfig refuses checkpoint_offload without it
         transformer = activation_checkpointing(
             transformer, model.activation_checkpointing, offload=model.checkpoint_offload
         )

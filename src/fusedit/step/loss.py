@@ -11,12 +11,15 @@ position it lands on (2 ranks x batch 1 = 1 rank x batch 2).
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch import nn
 
 from fusedit.model.attention import ATTENTION_BACKENDS, attention_backend
 from fusedit.step.conditioning import EditInputs, trim_prompt_padding
 from fusedit.step.objective import FlowMatchObjective
+from fusedit.step.token_weights import edit_difference_weights
 
 
 def _generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -96,4 +99,28 @@ class EditLoss:
         x0 = inputs.target.float()
         sigmas, noise = self.draw(x0, seed, rows)
         prediction = self.predict_velocity(transformer, self.objective.noisy(x0, noise, sigmas), inputs, sigmas)
-        return self.objective.loss(prediction, self.objective.target(x0, noise), sigmas), sigmas
+        target = self.objective.target(x0, noise)
+        return self.objective.loss(prediction, target, sigmas, self.token_weights(inputs)), sigmas
+
+    def token_weights(self, inputs: EditInputs) -> torch.Tensor | None:
+        """[B, target tokens] loss weights: the batch's mask (`inputs.token_weights`) times, with
+        `objective.mask_from_edit`, the soft mask of the (target, edit image) pair; None when neither is on."""
+        weights = inputs.token_weights
+        if self.objective.mask_from_edit:
+            if inputs.condition.shape[1] == 0:
+                raise ValueError("objective.mask_from_edit needs an edit image; text-to-image rows have none")
+            soft = edit_difference_weights(
+                inputs.target, inputs.condition, inputs.img_shapes, self.objective.mask_from_edit_floor
+            )
+            weights = soft if weights is None else weights.to(soft.device, soft.dtype) * soft
+        return weights
+
+
+def dropped_captions(seed: int, rows, probability: float) -> list[bool]:
+    """Per sample: whether it trains on the empty prompt (`data.caption_dropout` = `probability`).
+
+    Drawn from (`seed`, dataset row) alone, as the noise is (`sample_seeds`; the trainer's seed already holds the
+    step), but from its own stream: turning dropout on does not change any noise draw."""
+    if probability <= 0.0:
+        return [False] * len(rows)
+    return [random.Random(f"caption-dropout/{seed}").random() < probability for seed in sample_seeds(seed, rows)]

@@ -81,6 +81,8 @@ class FlowMatchObjective:
         logit_std: float = 1.0,
         num_train_timesteps: int = 1000,
         scheduler_config: dict | None = None,
+        mask_from_edit: bool = False,
+        mask_from_edit_floor: float = 0.1,
     ):
         if sampling not in SAMPLING_CHOICES:
             raise ValueError(f"objective.sampling must be one of {SAMPLING_CHOICES}, got {sampling!r}")
@@ -90,6 +92,10 @@ class FlowMatchObjective:
             raise ValueError(f"objective.logit_std must be > 0, got {logit_std}")
         if num_train_timesteps < 2:
             raise ValueError(f"objective.num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        if not 0.0 <= mask_from_edit_floor <= 1.0:
+            raise ValueError(f"objective.mask_from_edit_floor must be in [0, 1], got {mask_from_edit_floor}")
+        self.mask_from_edit = bool(mask_from_edit)
+        self.mask_from_edit_floor = float(mask_from_edit_floor)
         self.sampling = sampling
         self.weighting = weighting
         self.mu = float(mu)
@@ -151,9 +157,24 @@ class FlowMatchObjective:
     def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """Weighted MSE in float32: per-sample mean over tokens and channels, then mean over the batch."""
-        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        sigmas: torch.Tensor,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Weighted MSE in float32: per-sample mean over tokens and channels, then mean over the batch.
+
+        token_weights [B, tokens] (a loss mask, fusedit.step.token_weights): the per-sample mean over tokens is the
+        masked mean sum_t w_t e_t / sum_t w_t (a sample with no weight at all contributes 0)."""
+        squared = (prediction.float() - target.float()).pow(2)
+        if token_weights is None:
+            per_sample = squared.flatten(1).mean(1)
+        else:
+            weights = token_weights.to(squared.device, torch.float32)
+            per_token = squared.mean(-1)
+            per_sample = (per_token * weights).sum(1) / weights.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
         return (per_sample * self.weights(sigmas).to(per_sample.device)).mean()
 
 

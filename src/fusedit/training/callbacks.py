@@ -6,9 +6,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
@@ -147,14 +148,18 @@ class ValidationRow:
 
 class ValidationImages(Callback):
     """Every `every_n_steps` steps edit a few samples with the current LoRA and save one labelled sheet per round
-    (input | output | target, the prompt below each row) as `<dirpath>/step-XXXXXX.png`; with wandb as a logger
-    also log each sample's sheet, and its input / output / target, as wandb image panels (`val/...`).
+    (input | output | target, the prompt below each row; output | target for a text-to-image model) as
+    `<dirpath>/step-XXXXXX.png`; with wandb or TensorBoard as a logger also log each sample's sheet, and its
+    input / output / target, as image panels (`val/samples`, `val/output`, `val/input`, `val/target`; TensorBoard
+    holds one image per tag and step: `val/samples` is the round's whole sheet, the others end in the sample's
+    index, `val/output/0`).
     `keep_last` > 0 keeps only that many of the `step-XXXXXX.png` sheets.
 
     The samples are the user's own `samples` (each `{edit_image: path or [paths], prompt: str, image: optional
     target path}`, checked before the model loads by `fusedit.training.validate_config`), else the first
-    `num_samples` held-out (else training) samples. Generation is diffusers' own QwenImageEdit(Plus)Pipeline with
-    the training transformer plugged in (few steps, no CFG), so what is logged is what a user of the LoRA gets.
+    `num_samples` held-out (else training) samples. Generation is diffusers' own QwenImageEdit(Plus)Pipeline (or
+    QwenImagePipeline, from the prompt alone, for a text-to-image model) with the training transformer plugged in
+    (few steps, no CFG), so what is logged is what a user of the LoRA gets.
     Training from the cache, the conditioner generates from the cached encodings with the VAE decoder alone
     (fusedit.cache.validation).
 
@@ -207,7 +212,7 @@ class ValidationImages(Callback):
 
         out = []
         for sample in self.user_samples:
-            paths = sample["edit_image"]
+            paths = sample.get("edit_image") or []  # none for a text-to-image model
             paths = [paths] if isinstance(paths, str) else list(paths)
             inputs = [load_image(self.base_path / path) for path in paths]
             target = load_image(self.base_path / sample["image"]) if sample.get("image") else None
@@ -228,13 +233,14 @@ class ValidationImages(Callback):
             rows = conditioner.validation_rows(pl_module, self._samples(trainer), self.num_inference_steps, self.seed)
             return [ValidationRow(list(row[:-3]), row[-3], row[-2], row[-1]) for row in rows]
         source = conditioner.pipeline
+        components = {"processor": source.processor} if not conditioner.text_to_image else {}
         pipeline = type(source)(
             scheduler=type(source.scheduler).from_config(source.scheduler.config),
             vae=source.vae,
             text_encoder=source.text_encoder,
             tokenizer=source.tokenizer,
-            processor=source.processor,
             transformer=pl_module.transformer,
+            **components,
         )
         pipeline.set_progress_bar_config(disable=True)
         samples = (
@@ -248,9 +254,11 @@ class ValidationImages(Callback):
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
                 # A target fixes the size; a user's sample without one gets the pipeline's own size choice.
                 size = {"height": target.height, "width": target.width} if target is not None else {}
+                # Text-to-image (QwenImagePipeline) generates from the prompt alone.
+                image = {} if conditioner.text_to_image else {"image": edits if conditioner.multi_image else edits[0]}
                 with torch.autocast(pl_module.device.type, enabled=False):
                     edited = pipeline(
-                        image=edits if conditioner.multi_image else edits[0],
+                        **image,
                         prompt=prompt,
                         num_inference_steps=self.num_inference_steps,
                         true_cfg_scale=self.true_cfg_scale,
@@ -270,23 +278,41 @@ class ValidationImages(Callback):
             self.write(rows, step, trainer.loggers)
 
     def write(self, rows: list[ValidationRow], step: int, loggers=()) -> Path:
-        """The sheet file for `rows` at `step`, and the wandb panels for every wandb logger among `loggers`."""
+        """The sheet file for `rows` at `step`, and the image panels of every wandb / TensorBoard logger among
+        `loggers`."""
         sheets = [sample_sheet(row) for row in rows]
         path = self.dirpath / f"step-{step:06d}.png"
+        grid = _stack(sheets)
         with atomic_write_path(path) as tmp:
-            _stack(sheets).save(tmp, format="PNG")
+            grid.save(tmp, format="PNG")
         prune_steps(self.dirpath, "step-*.png", self.keep_last)
         self.last_path = path
         self._last_step = step
+        panels = {"val/samples": sheets, "val/output": [row.edited for row in rows]}
+        if all(row.inputs for row in rows):  # a text-to-image model has no input
+            panels["val/input"] = [row.inputs[0] for row in rows]
+        targets = [row.target for row in rows if row.target is not None]
+        if targets:
+            panels["val/target"] = targets
+        prompts = [row.prompt for row in rows]
         for logger in loggers:
             if isinstance(logger, WandbLogger):
-                prompts = [row.prompt for row in rows]
-                logger.log_image(key="val/samples", images=sheets, step=step, caption=prompts)
-                logger.log_image(key="val/output", images=[row.edited for row in rows], step=step, caption=prompts)
-                logger.log_image(key="val/input", images=[row.inputs[0] for row in rows], step=step, caption=prompts)
-                targets = [row.target for row in rows if row.target is not None]
-                if targets:
-                    logger.log_image(key="val/target", images=targets, step=step)
+                for key, images in panels.items():
+                    caption = {"caption": prompts} if len(images) == len(prompts) else {}
+                    logger.log_image(key=key, images=images, step=step, **caption)
+            elif isinstance(logger, TensorBoardLogger):
+                # TensorBoard holds one image per tag and step: the round's grid (the PNG written above) as
+                # val/samples, each sample's panels as val/<panel>/<index>; the prompts as text.
+                writer = logger.experiment
+                writer.add_image("val/samples", np.asarray(grid), step, dataformats="HWC")
+                for key, images in panels.items():
+                    if key == "val/samples":
+                        continue
+                    for index, image in enumerate(images):
+                        writer.add_image(f"{key}/{index}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+                for index, prompt in enumerate(prompts):
+                    writer.add_text(f"val/prompt/{index}", prompt, step)
+                writer.flush()
         return path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from fusedit.lora.adapter import lora_parameters
 from fusedit.step.conditioning import EditConditioner, EditInputs
-from fusedit.step.loss import EditLoss
+from fusedit.step.loss import EditLoss, dropped_captions
 from fusedit.step.objective import FlowMatchObjective
 from fusedit.training.checkpoint_checks import OTHER_RUN_HINT, check_state_dict
 
@@ -69,8 +69,14 @@ class EditLoRAModule(LightningModule):
         val_seed: int = 1234,
         fixed_noise: bool = False,
         attention: str = "auto",
+        caption_dropout: float = 0.0,
     ):
+        """`caption_dropout`: probability that a training sample uses the empty prompt (`data.caption_dropout`),
+        drawn per (seed, step, row) by `fusedit.step.loss.dropped_captions`."""
         super().__init__()
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.caption_dropout = float(caption_dropout)
         self.edit_loss = EditLoss(objective, attention)
         self.attention = attention
         self.transformer = transformer
@@ -128,10 +134,16 @@ class EditLoRAModule(LightningModule):
         return self.edit_loss.loss(self.transformer, inputs, seed, rows)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        inputs = self.conditioner(batch)
         rows = batch.get("row")
         # Without row numbers, the rank keeps the ranks' draws apart.
         seed = self._step_seed() if rows is not None else self._step_seed() + self.global_rank
+        if self.caption_dropout > 0.0:
+            drop = dropped_captions(
+                seed, rows if rows is not None else range(len(batch["prompt"])), self.caption_dropout
+            )
+            inputs = self.conditioner(batch, drop_prompts=drop)
+        else:
+            inputs = self.conditioner(batch)
         loss, _ = self.compute_loss(inputs, seed, rows=rows)
         batch_size = inputs.target.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)

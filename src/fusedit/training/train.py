@@ -243,6 +243,7 @@ def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | Non
         seed=cfg.seed,
         fixed_noise=cfg.get("fixed_noise", False),
         attention=model.attention,
+        caption_dropout=float(cfg.data.get("caption_dropout", 0.0)),
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
+from fusedit.families import EDIT, EDIT_2509, EDIT_2511, TEXT_TO_IMAGE
 from fusedit.regular_files import not_regular_reason
 from fusedit.step.config import typed_configs
 
@@ -26,6 +27,10 @@ class ConfigError(UserInputError):
 def _number(cfg: DictConfig, key: str):
     value = OmegaConf.select(cfg, key)
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# The families training runs (fusedit.families; Qwen-Image-2.1 has the model layer only).
+TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511)
 
 
 def _check_model(path: str, problems: list[str]) -> None:
@@ -44,24 +49,41 @@ def _check_model(path: str, problems: list[str]) -> None:
     if kind != "pipeline":
         what = f"a {kind}" + (f" ({family})" if family else "")
         problems.append(
-            f"model.path={path} is {what}, but training needs a Qwen-Image-Edit pipeline folder "
-            "(model_index.json with transformer/, vae/, text_encoder/, tokenizer/, processor/)"
+            f"model.path={path} is {what}, but training needs a Qwen-Image(-Edit) pipeline folder "
+            "(model_index.json with transformer/, vae/, text_encoder/, tokenizer/; processor/ for the edit models)"
         )
-    elif not str(family).startswith("qwen-image-edit"):
+    elif family not in TRAINED_FAMILIES:
         problems.append(
-            f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains "
-            "Qwen-Image-Edit LoRAs (Qwen-Image-Edit, -2509, -2511)"
+            f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains LoRAs for "
+            "Qwen-Image (text-to-image, also -2512) and Qwen-Image-Edit (-2509, -2511)"
         )
+
+
+def _model_family(cfg: DictConfig) -> str | None:
+    """The family (fusedit.families) of `model.path` from its JSON files, or None when it cannot be told (null:
+    the tiny edit demo; a bad folder is reported by `_check_model`)."""
+    from fusedit.families import folder_family
+
+    path = OmegaConf.select(cfg, "model.path")
+    if path is None:
+        return EDIT  # fill_demo_paths: the tiny Qwen-Image-Edit pipeline
+    try:
+        return folder_family(Path(str(path)).expanduser())
+    except (ValueError, OSError):
+        return None
 
 
 def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list[str]) -> None:
-    """`callbacks.validation_images.samples`: each {edit_image: path or [paths], prompt, image: optional target}."""
+    """`callbacks.validation_images.samples`: each {edit_image: path or [paths], prompt, image: optional target};
+    a text-to-image model's samples have no edit_image."""
     key = "callbacks.validation_images"
     samples = OmegaConf.select(cfg, f"{key}.samples")
     if not samples:
         return
     if OmegaConf.select(cfg, "cache.enabled"):
         problems.append(f"{key}.samples needs the text encoder, which cache.enabled=true does not load")
+    # The model's family says whether samples take an edit image; unknown (no file checks), either form passes.
+    family = _model_family(cfg) if check_paths or OmegaConf.select(cfg, "model.path") is None else None
     base = Path(str(OmegaConf.select(cfg, f"{key}.base_path") or ".")).expanduser()
     for index, sample in enumerate(samples):
         where = f"{key}.samples[{index}]"
@@ -75,9 +97,17 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
             problems.append(f"{where}.prompt must be a non-empty text")
         edit = sample.get("edit_image")
         paths = [edit] if isinstance(edit, str) else list(edit) if OmegaConf.is_list(edit) else None
-        if not paths:
+        if family == TEXT_TO_IMAGE and edit is not None:
+            problems.append(
+                f"{where}.edit_image: model.path is Qwen-Image (text-to-image), which takes no input image; "
+                "give {prompt: ..., image: optional target}"
+            )
+            continue
+        needs_edit = family not in (TEXT_TO_IMAGE, None)
+        if (edit is None and needs_edit) or (edit is not None and not paths):
             problems.append(f"{where}.edit_image must be an image path or a list of them, got {edit!r}")
             continue
+        paths = paths or []
         if not check_paths:
             continue
         from fusedit.data.validation import check_image
@@ -222,6 +252,23 @@ def _check_accelerator(cfg: DictConfig, problems: list[str]) -> None:
         )
 
 
+TENSORBOARD_HINT = (
+    "logger=tensorboard needs tensorboard: pip install 'fusedit[tensorboard]' (or pip install tensorboard)"
+)
+
+
+def _logger_problems(cfg: DictConfig) -> list[str]:
+    """A TensorBoard logger without tensorboard installed (Lightning would fail after the model loads)."""
+    import importlib.util
+
+    targets = [
+        str(logger.get("_target_", "")) for logger in (cfg.get("logger") or {}).values() if OmegaConf.is_dict(logger)
+    ]
+    wants_tensorboard = any(target.endswith("TensorBoardLogger") for target in targets)
+    has_writer = any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+    return [TENSORBOARD_HINT] if wants_tensorboard and not has_writer else []
+
+
 def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at this machine's files and devices
     (model.path, data.metadata, ckpt_path, lora.init_from; a CUDA GPU for a GPU trainer profile)."""
@@ -231,9 +278,15 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     except (ValueError, TypeError) as error:
         problems.append(str(error))
     problems += _loop_problems(cfg)
+    problems += _logger_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg, problems)
     _check_validation_samples(cfg, check_paths, problems)
+    if OmegaConf.select(cfg, "objective.mask_from_edit") and check_paths and _model_family(cfg) == TEXT_TO_IMAGE:
+        problems.append(
+            "objective.mask_from_edit=true weighs the target's tokens by how much they differ from the edit image; "
+            "model.path is Qwen-Image (text-to-image), whose rows have none. Set objective.mask_from_edit=false"
+        )
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)

@@ -1,0 +1,56 @@
+"""The train config a `fusedit` subcommand composes from `python train.py` overrides (`fusedit cache`, `fusedit plan`).
+
+One home for what those commands must do alike so that they see the run `train.py` would make: the same conf/, the
+same `paths.root_dir` default, Hydra's errors as one line, and the defaults `train()` fills in (tiny model, sample
+data) when the overrides leave `model.path` / `data.metadata` null.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fusedit.errors import UserFileNotFoundError, UserInputError
+
+# The repository's conf/ (fusedit is installed editable from the repository it trains in).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_train_config(overrides: list[str], config_dir: str | Path = CONF_DIR, fill_demo: bool = True):
+    """`conf/train.yaml` composed with `overrides`, as `python train.py overrides` composes it.
+
+    `paths.root_dir` defaults to the working directory, as train.py's `@hydra.main` sets it; `fill_demo=False`
+    leaves a null `model.path` / `data.metadata` null (`fusedit plan --size full` reads neither). Raises
+    UserFileNotFoundError when `config_dir` has no train.yaml and UserInputError (one line: Hydra's message and
+    OmegaConf's reason) for a misspelt key, group or value.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = Path(config_dir)
+    if not (config_dir / "train.yaml").is_file():
+        raise UserFileNotFoundError(f"{config_dir} has no train.yaml; pass --config-dir <repo>/conf")
+    if not any(item.startswith("paths.root_dir=") for item in overrides):
+        overrides = [f"paths.root_dir={os.getcwd()}", *overrides]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, as train.py
+        # prints it, instead of the traceback of the compose call.
+        raise UserInputError(_one_line(error)) from None
+    if fill_demo:
+        from fusedit.data.sample import fill_demo_paths
+
+        fill_demo_paths(cfg)
+    return cfg
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's message and the OmegaConf reason under it (first line of each), joined."""
+    message = str(error).split("Config search path:")[0]  # the search path listing is Hydra's debugging aid
+    parts = [" ".join(line.strip() for line in message.splitlines() if line.strip())]
+    if error.__cause__ is not None:
+        parts.append(str(error.__cause__).splitlines()[0])
+    return ": ".join(parts)
