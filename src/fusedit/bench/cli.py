@@ -69,6 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_step_options(parser: argparse.ArgumentParser) -> None:
+    """--warmup, --steps, --order, --seed and --threads: how the variants are stepped (defaults per --size)."""
+    warmup, steps, threads = (
+        ", ".join(f"{size} {getattr(values, field)}" for size, values in SIZE_DEFAULTS.items())
+        for field in ("warmup", "steps", "cpu_threads")
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help=f"untimed steps per variant (compile happens here; default {warmup})"
+    )
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps per variant (default {steps})")
+    parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=None,
+        help="interleaved: every variant is built first, then their timed steps run round-robin, so a machine's "
+        "changing load falls on all alike (needs memory for all the models at once); sequential: one variant after "
+        "another. Default: interleaved on a CPU, sequential on a GPU",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help=f"torch CPU threads (default {threads}; None: torch's choice)"
+    )
+
+
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -107,26 +131,7 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    warmup, steps, threads = (
-        ", ".join(f"{size} {getattr(values, field)}" for size, values in SIZE_DEFAULTS.items())
-        for field in ("warmup", "steps", "cpu_threads")
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help=f"untimed steps per variant (compile happens here; default {warmup})"
-    )
-    parser.add_argument("--steps", type=int, default=None, help=f"timed steps per variant (default {steps})")
-    parser.add_argument(
-        "--order",
-        choices=ORDERS,
-        default=None,
-        help="interleaved: every variant is built first, then their timed steps run round-robin, so a machine's "
-        "changing load falls on all alike (needs memory for all the models at once); sequential: one variant after "
-        "another. Default: interleaved on a CPU, sequential on a GPU",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, default=None, help=f"torch CPU threads (default {threads}; None: torch's choice)"
-    )
+    _add_step_options(parser)
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="SDPA backend preference")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON (atomically)")
     parser.add_argument("--markdown", dest="markdown_path", default=None, help="write the markdown table too")
