@@ -81,6 +81,24 @@ def test_folder_settings_are_checked_at_construction(tmp_path):
         loaded(format="folder", image_dir=tmp_path, control_dirs=[tmp_path / "nope"])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.format=folder"], "data.format=folder needs data.image_dir"),
+        (["data.format=hf", "data.path=/d", "data.image_dir=/t"], "data.image_dir belongs to another format"),
+        (["data.format=lmdb"], "data.format must be one of"),
+        (["data.caption_dropout=2"], r"data.caption_dropout must be in \[0, 1\], got 2"),
+    ],
+)
+def test_bad_data_source_settings_are_one_line_before_anything_is_built(overrides, message):
+    from fusedit.errors import UserInputError
+    from fusedit.training.validate_config import validate_train_config
+    from tests.training_utils import compose_train
+
+    with pytest.raises(UserInputError, match=message):
+        validate_train_config(compose_train(overrides), check_paths=False)
+
+
 # -- Hugging Face datasets -----------------------------------------------------------------------------------------
 datasets = pytest.importorskip("datasets")
 
@@ -131,3 +149,14 @@ def test_hf_dataset_errors_name_the_column_and_row(tmp_path):
         loaded(format="hf", path=tmp_path / "paths.parquet")
     assert "1 of 2 rows are bad" in str(error.value)
     assert "row 1, column 'image': '../outside.png': path escapes data.base_path" in str(error.value)
+
+
+def test_hf_mask_column_is_an_image_column_like_the_others(tmp_path):
+    path = imagefolder(tmp_path)
+    save_image(tmp_path / "m1.png", SIZES[1], (255, 255, 255))
+    lines = [json.loads(line) for line in (path / "metadata.jsonl").read_text().splitlines()]
+    for index, line in enumerate(lines):
+        line["mask_file_name"] = "m1.png" if index == 1 else None
+    (path / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    module = loaded(format="hf", path=path, columns=HF_COLUMNS)
+    assert [s.mask for s in module.train_dataset.samples] == [None, tmp_path / "m1.png", None]

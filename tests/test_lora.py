@@ -54,7 +54,7 @@ def test_add_lora_validates_its_arguments(tiny_edit_path):
     with pytest.raises(ValueError, match="rank must be >= 1"):
         add_lora(model, rank=0)
     with pytest.raises(ValueError, match="init"):
-        add_lora(model, rank=4, init="pissa")
+        add_lora(model, rank=4, init="svd")
     with pytest.raises(ValueError, match="alpha"):
         add_lora(model, rank=4, alpha=-1)
     add_lora(model, rank=4, targets="attn")

@@ -7,6 +7,7 @@ pytest's cache directory so that later runs on the same machine reuse them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -191,3 +192,23 @@ def test_trainer_auto_writes_the_chosen_plan_into_the_config(tmp_path, tiny_edit
     # The tiny model fits anything: the first plan in the order (bf16, everything resident, live encoders).
     assert record["fits"] and record["plan"] == TrainPlan().to_dict()
     assert cfg.precision.name == "bf16" and cfg.trainer.accelerator == "gpu" and not cfg.cache.enabled
+
+
+def test_fusedit_plan_prints_the_encoding_pass_and_the_transfer_floor_at_the_given_bandwidth(
+    tiny_edit_path, tmp_path, capsys
+):
+    from fusedit.cli import main
+
+    overrides = [f"model.path={tiny_edit_path}", f"plan.estimates={tmp_path / 'estimates.json'}", "trainer=12gb"]
+    assert (
+        main(["plan", "--gpu-gb", "12", "--pcie-gbps", "pcie5_x16", "--json", str(tmp_path / "p.json"), *overrides])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "encoding pass (offload):" in out and "at 50 GB/s" in out
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["pcie_gbps"] == 50.0 and report["encode_phase"]["mode"] == "offload"
+    assert report["host_to_gpu_floor_s"] == pytest.approx(report["host_to_gpu_gb_per_step"] / 50, abs=1e-3)
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", "--gpu-gb", "12", "--pcie-gbps", "0", *overrides])
+    assert refused.value.code == 2 and "expected GB/s > 0" in capsys.readouterr().err

@@ -194,3 +194,21 @@ def test_the_trainer_base_is_not_offered_as_a_choice():
     with pytest.raises(ConfigCompositionException) as error:
         compose_train(["trainer=defualt"])
     assert "default" not in str(error.value).split("Available options", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["callbacks=ema", "callbacks.ema.decay=0.99", "optim=prodigy", "lora.type=dora", "model=standard"],
+        ["optim=adafactor", "lora.init=pissa_niter_4", "precision=bf16", "lora=attn"],
+        ["optim=schedulefree", "lora.init=olora", "lora.use_rslora=true", "trainer=ddp"],
+    ],
+)
+def test_optimizers_ema_and_adapter_options_compose_with_the_other_groups(overrides):
+    from fusedit.step.config import typed_configs
+    from fusedit.training.validate_config import validate_train_config
+
+    cfg = compose_train(overrides)
+    validate_train_config(cfg, check_paths=False)  # a valid combination: nothing refused
+    _, lora, _ = typed_configs(cfg)
+    assert (lora.type, lora.init) == (cfg.lora.type, cfg.lora.init)

@@ -147,6 +147,7 @@ _PATCH_SUFFIXES = {
     ".w_norm": "norm weight",
     ".b_norm": "norm bias",
     ".dora_scale": "DoRA magnitude",
+    ".lora_magnitude_vector": "DoRA magnitude",  # PEFT's / diffusers' name (fusedit's lora.type=dora export)
     ".lora_mid.weight": "LoCon mid factor",
     ".reshape_weight": "reshape instruction",
 }

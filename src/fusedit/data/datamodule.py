@@ -30,7 +30,7 @@ from fusedit.data.prompt_length import (
 from fusedit.data.records import Record
 from fusedit.data.sources import DATA_FORMATS, DataSource, refuse_bad_source
 from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, raise_or_skip, validate_records
-from fusedit.families import TEXT_TO_IMAGE, folder_family
+from fusedit.families import QWEN_IMAGE_21, TEXT_TO_IMAGE, folder_family
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,9 @@ class EditDataModule(LightningDataModule):
         rows and counts, or those rows left out with `on_error=skip`). Rows from the files and rows from the cache
         (`fusedit.cache.data`) are judged here alike. No pipeline (`model_path` None): every prompt as it is."""
         hp = self.hparams
-        if hp.model_path is None or not rows:
+        if hp.model_path is None or not rows or folder_family(hp.model_path) == QWEN_IMAGE_21:
+            # 2.1: its Qwen3-VL prompt counter is not written yet; prompts go as they are (the 2.1 RoPE has no
+            # fixed text-position budget next to the images in diffusers' transformer).
             return {row: prompt for row, prompt, *_ in rows}
         text_to_image = folder_family(hp.model_path) == TEXT_TO_IMAGE
         counter = (TextToImagePromptCounter if text_to_image else PromptCounter)(hp.model_path)

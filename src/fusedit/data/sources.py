@@ -20,7 +20,10 @@ REQUIRED = {"metadata": "metadata", "folder": "image_dir", "hf": "path"}
 
 
 def refuse_bad_source(hp) -> None:
-    """`ValueError` for a format without its required setting, or with another format's settings."""
+    """`ValueError` for an unknown format, a format without its required setting, or with another format's
+    settings. `hp`: the data module's hyperparameters or the `data` config node."""
+    if hp.format not in DATA_FORMATS:
+        raise ValueError(f"data.format must be one of {DATA_FORMATS}, got {hp.format!r}")
     required = REQUIRED[hp.format]
     if hp[required] is None:
         raise ValueError(f"data.format={hp.format} needs data.{required}")

@@ -22,14 +22,50 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fusedit.convert import LoraModule, LoraWeights, write_lora
+from fusedit.convert import TO_STANDARD, LoraModule, LoraWeights, convert_lora_layout, write_lora
 from fusedit.convert.layout import LAYOUTS
 from fusedit.lora.targets import QWEN21_FAMILY, resolve_targets
 from fusedit.model.merged_qkv import is_merged
 from fusedit.model.merged_qwen21 import is_qwen21
 from fusedit.model.module_map import ATTENTION, BLOCKS, LAST_BLOCK_UNUSED, block_module
 
-INIT_CHOICES = ("default", "gaussian")
+INIT_CHOICES = ("default", "gaussian", "pissa", "olora")  # and PEFT's "pissa_niter_<k>" (randomised SVD)
+# Initialisations that move part of the base weight into the adapter (W_res = W - scale * B0 @ A0), after PEFT's
+# `init_lora_weights`: the export must subtract that part again (`lora_weights`).
+BASE_CHANGING_INITS = ("pissa", "olora")
+
+
+# lora.type: PEFT's LoRA and DoRA (LoraConfig(use_dora=True)). LoKr and LoHa are refused (UNSUPPORTED_TYPES): fusedit
+# writes adapters as diffusers LoRA files, and their Kronecker / Hadamard factors are no B @ A; on the merged to_qkv
+# they factorise the stacked [3d, d] matrix as a whole, which does not split into per-q/k/v factors at all.
+TYPES = ("lora", "dora")
+UNSUPPORTED_TYPES = {
+    "lokr": "a LoKr's Kronecker factors",
+    "loha": "a LoHa's Hadamard factors",
+}
+
+
+def check_type(adapter_type: str) -> None:
+    """ValueError naming why for a `lora.type` fusedit cannot train and export."""
+    if adapter_type in UNSUPPORTED_TYPES:
+        raise ValueError(
+            f"lora.type={adapter_type} is not supported: fusedit exports diffusers LoRA files (lora_A / lora_B), and "
+            f"{UNSUPPORTED_TYPES[adapter_type]} are not low-rank factors (on the merged to_qkv they factorise the "
+            "stacked q/k/v matrix, which does not split per projection); use lora.type=lora or dora"
+        )
+    if adapter_type not in TYPES:
+        raise ValueError(f"lora.type must be one of {TYPES}, got {adapter_type!r}")
+
+
+def check_init(init: str) -> None:
+    """ValueError unless `init` is one of INIT_CHOICES or PEFT's `pissa_niter_<k>` (k >= 1)."""
+    niter = init.removeprefix("pissa_niter_") if isinstance(init, str) and init.startswith("pissa_niter_") else None
+    if init not in INIT_CHOICES and not (niter is not None and niter.isdigit() and int(niter) >= 1):
+        raise ValueError(f"lora.init must be one of {INIT_CHOICES} or pissa_niter_<k>, got {init!r}")
+
+
+def changes_base(init: str) -> bool:
+    return isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)
 
 
 def model_layout(transformer: nn.Module) -> str:
@@ -62,20 +98,14 @@ def add_lora(
     use_rslora: bool = False,
     dtype: torch.dtype | None = torch.float32,
     init_from: LoraWeights | None = None,
+    type: str = "lora",  # noqa: A002 - the config key's name (lora.type)
 ) -> nn.Module:
     """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place.
 
     `init_from`: a LoRA in the model's layout (fusedit.lora.init_from.read_init_lora): its modules get its own
     ranks and scales and start from its factors; the other targeted modules start as `init` says.
     """
-    if int(rank) < 1:
-        raise ValueError(f"lora.rank must be >= 1, got {rank}")
-    if alpha is not None and float(alpha) <= 0:
-        raise ValueError(f"lora.alpha must be > 0, got {alpha}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
-    if init not in INIT_CHOICES:
-        raise ValueError(f"lora.init must be one of {INIT_CHOICES}, got {init!r}")
+    _check_arguments(rank, alpha, dropout, init, type, init_from)
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
@@ -95,6 +125,7 @@ def add_lora(
         exclude_modules=unused_modules(transformer, target_modules) or None,
         init_lora_weights=True if init == "default" else init,
         use_rslora=bool(use_rslora),
+        use_dora=type == "dora",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
@@ -108,7 +139,30 @@ def add_lora(
             parameter.requires_grad_(True)
     if init_from is not None:
         _copy_factors(transformer, init_from)
+    if changes_base(init):  # the start s * B0 @ A0 was taken out of the base weight: kept for the export
+        transformer._fusedit_initial_factors = {
+            name: (module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone())
+            for name, module in transformer.named_modules()
+            if isinstance(module, LoraLayer) and "default" in module.lora_A
+        }
     return transformer
+
+
+def _check_arguments(rank, alpha, dropout, init: str, adapter_type: str, init_from) -> None:
+    if int(rank) < 1:
+        raise ValueError(f"lora.rank must be >= 1, got {rank}")
+    if alpha is not None and float(alpha) <= 0:
+        raise ValueError(f"lora.alpha must be > 0, got {alpha}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
+    check_init(init)
+    check_type(adapter_type)
+    if adapter_type == "dora" and (changes_base(init) or init_from is not None):
+        raise ValueError(
+            "lora.type=dora starts its magnitude from the base weight: not with lora.init=pissa/olora or lora.init_from"
+        )
+    if changes_base(init) and init_from is not None:
+        raise ValueError(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
 
 
 def _copy_factors(transformer: nn.Module, weights: LoraWeights) -> None:
@@ -132,28 +186,90 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
 
     Each module's alpha is read back from PEFT's own `scaling` (alpha / r, or alpha / sqrt(r) with rsLoRA) as
     `scaling * rank`, so a file read with the usual scale = alpha / rank reproduces the trained update exactly.
+
+    After a PiSSA / OLoRA initialisation (`lora.init`) the model's base weight is W_res = W - s * B0 @ A0, so the
+    update to the original W is s * (B @ A - B0 @ A0) = s * [B | -B0] @ [A ; A0]: a LoRA of rank 2r with the same
+    scale (PEFT's own PiSSA-to-LoRA conversion, `path_initial_model_for_weight_conversion`). Applied to the stock
+    model it gives exactly the trained model's weights.
     """
+    initial = getattr(transformer, "_fusedit_initial_factors", None) or {}
     modules: dict[str, LoraModule] = {}
     for name, module in transformer.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            rank = module.r["default"]
+            scale = float(module.scaling["default"])
             A = module.lora_A["default"].weight.detach()
             B = module.lora_B["default"].weight.detach()
-            modules[name] = LoraModule(A, B, float(module.scaling["default"]) * rank)
+            if name in initial:
+                A0, B0 = initial[name]
+                A, B = torch.cat([A, A0.to(A)]), torch.cat([B, -B0.to(B)], dim=1)
+            modules[name] = LoraModule(A, B, scale * A.shape[0])
     if not modules:
         raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
     return LoraWeights(modules, format="diffusers", metadata={key: str(value) for key, value in metadata.items()})
+
+
+def dora_magnitudes(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """Module -> DoRA magnitude vector m [out_features] (empty without DoRA)."""
+    return {
+        name: module.lora_magnitude_vector["default"].weight.detach()
+        for name, module in transformer.named_modules()
+        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_magnitude_vector", {})
+    }
 
 
 def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "standard", **metadata: str) -> Path:
     """Write the adapter to `path` (atomically) as a diffusers LoRA in `layout`; `metadata` is stored with it.
 
     Conversion between the layouts is fusedit.convert's (exact: a merged to_qkv LoRA becomes q/k/v LoRAs sharing
-    A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata).
+    A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata). A DoRA adapter adds
+    each module's magnitude vector (`export_dora`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
+    magnitudes = dora_magnitudes(transformer)
+    if magnitudes:
+        return export_dora(lora_weights(transformer, **metadata), magnitudes, path, layout)
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)
+
+
+def export_dora(weights: LoraWeights, magnitudes: dict[str, torch.Tensor], path, layout: str = "standard") -> Path:
+    """A DoRA adapter as diffusers writes one: the LoRA's keys plus `transformer.<module>.lora_magnitude_vector`
+    and `use_dora: true` in its LoraConfig metadata, which diffusers' `load_lora_weights` rebuilds.
+
+    DoRA's weight is m * (W + s B A) / ||W + s B A||, the norm taken per output row. The rows of the merged to_qkv
+    are the rows of q, k and v, so on the merged layout m splits into q/k/v magnitudes by rows exactly as B does:
+    the standard-layout file is exact. Only the standard layout is written: fusedit's own LoRA reader (inference,
+    conversion) does not read DoRA, and stock diffusers needs the standard layout.
+    """
+    import json
+
+    from fusedit.convert.lora_formats import DIFFUSERS_METADATA_KEY, lora_to_state_dict
+    from fusedit.io import save_safetensors_atomic
+    from fusedit.model.module_map import QKV_GROUPS, QWEN21_MLP_GROUP
+
+    if layout != "standard":
+        raise ValueError("a DoRA adapter is exported in the standard layout only (callbacks.lora_export.layout)")
+    if weights.layout != "standard":
+        weights = convert_lora_layout(weights, TO_STANDARD)
+    groups = {**QKV_GROUPS, **QWEN21_MLP_GROUP}  # merged leaf -> its parts, in row order
+    split: dict[str, torch.Tensor] = {}
+    for module, magnitude in magnitudes.items():
+        prefix, _, leaf = module.rpartition(".")
+        if leaf in groups:  # rows of the stacked parts, in concatenation order, as many as each part's B has
+            parts = [f"{prefix}.{part}" for part in groups[leaf]]
+            sizes = [weights.modules[part].B.shape[0] for part in parts]
+            for part, rows in zip(parts, magnitude.split(sizes), strict=True):
+                split[part] = rows.clone()
+        else:
+            split[module] = magnitude
+    tensors, metadata = lora_to_state_dict(weights, "diffusers")
+    for module, magnitude in split.items():
+        tensors[f"transformer.{module}.lora_magnitude_vector"] = magnitude.contiguous()
+    config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+    config["transformer.use_dora"] = True  # diffusers keys its LoraConfig fields by component
+    metadata[DIFFUSERS_METADATA_KEY] = json.dumps(config)
+    save_safetensors_atomic(tensors, path, metadata)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

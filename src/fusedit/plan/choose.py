@@ -88,16 +88,17 @@ class TrainPlan:
         return asdict(self)
 
 
-def plan_order(num_blocks: int, eight_bit: bool = True) -> list[TrainPlan]:
+def plan_order(num_blocks: int, eight_bit: bool = True, optim: str = "adamw") -> list[TrainPlan]:
     """Every plan in the order `trainer=auto` tries them (module docstring); streaming last, most resident first.
-    `eight_bit=False` (bitsandbytes not installed) leaves the 8-bit optimizer out."""
-    optim = "adamw8bit" if eight_bit else "adamw"
-    plans = [TrainPlan(checkpoint_every=k) for k in CHECKPOINT_LADDER]
-    plans += [TrainPlan(checkpoint_every=k, fp8=True) for k in CHECKPOINT_LADDER]
-    plans += [TrainPlan(checkpoint_every=k, fp8=True, cache=True) for k in CHECKPOINT_LADDER]
-    plans += [TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim=optim)] if eight_bit else []
+    `optim`: the run's optimizer, kept by every plan; only AdamW is switched to its 8-bit version, and not with
+    `eight_bit=False` (bitsandbytes not installed). Another optimizer the user chose is never replaced."""
+    low = "adamw8bit" if eight_bit and optim == "adamw" else optim
+    plans = [TrainPlan(checkpoint_every=k, optim=optim) for k in CHECKPOINT_LADDER]
+    plans += [TrainPlan(checkpoint_every=k, fp8=True, optim=optim) for k in CHECKPOINT_LADDER]
+    plans += [TrainPlan(checkpoint_every=k, fp8=True, cache=True, optim=optim) for k in CHECKPOINT_LADDER]
+    plans += [TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim=low)] if low != optim else []
     plans += [
-        TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim=optim, resident_blocks=resident)
+        TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim=low, resident_blocks=resident)
         for resident in range(num_blocks - 1, -1, -1)
     ]
     return plans
@@ -213,16 +214,17 @@ def choose(
     gpu_gb: float,
     eight_bit: bool | None = None,
     pcie_gbps: float = DEFAULT_PCIE_GBPS,
+    optim: str = "adamw",
 ) -> Choice:
     """The first plan of `plan_order` predicted to fit `gpu_gb`; if none does, the last one (fits=False).
-    `eight_bit`: allow optim=adamw8bit (default: when bitsandbytes is installed).
+    `eight_bit`: allow optim=adamw8bit (default: when bitsandbytes is installed); `optim`: the run's optimizer.
 
     The streaming tail is searched by bisection (the peak grows with the resident block count)."""
     if eight_bit is None:
         from fusedit.optim import bitsandbytes_available
 
         eight_bit = bitsandbytes_available()
-    order = plan_order(facts.num_blocks, eight_bit)
+    order = plan_order(facts.num_blocks, eight_bit, optim)
     streaming = [plan for plan in order if plan.resident_blocks is not None]
     for tried, plan in enumerate(order[: len(order) - len(streaming)]):
         choice = evaluate(plan, facts, estimates, gpu_gb, True, pcie_gbps)
@@ -245,5 +247,5 @@ def choose(
 
 def first_fitting_change(plan: TrainPlan, facts: ModelFacts, estimates: Estimates, gpu_gb: float) -> Choice | None:
     """For a plan that does not fit: the first plan in `plan_order` that fits (what to switch to), or None."""
-    choice = choose(facts, estimates, gpu_gb)
+    choice = choose(facts, estimates, gpu_gb, optim=plan.optim)
     return choice if choice.fits else None

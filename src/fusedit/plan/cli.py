@@ -9,6 +9,18 @@ from fusedit.plan.predict import DEFAULT_PCIE_GBPS, parse_bandwidth
 from fusedit.train_config import compose_train_config
 
 
+def _encode_line(encode: dict | None) -> str:
+    """The encoding pass of a cache plan, one line (empty for live encoders)."""
+    if encode is None:
+        return ""
+    seconds = "" if encode["s_per_row"] is None else f", ~{encode['s_per_row']:.2f} s per row"
+    return (
+        f"  encoding pass ({encode['mode']}): {encode['predicted_peak_gpu_gb']:.2f} GB on the GPU, "
+        f"{encode['host_to_gpu_gb_per_row']:.2f} GB host->GPU per row{seconds}: "
+        f"{'fits' if encode['fits'] else 'does NOT fit'}\n"
+    )
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from fusedit.io import write_json_atomic
     from fusedit.plan.report import plan_report
@@ -20,11 +32,13 @@ def run_plan(args: argparse.Namespace) -> int:
     print(
         f"plan: {report['plan_description']}\n"
         f"  predicted peak GPU memory {report['predicted_peak_gpu_gb']:.2f} GB ({parts}) of {report['gpu_gb']:.1f} GB"
-        f" (budget {report['budget_gb']:.1f} GB): {'fits' if report['fits'] else 'does NOT fit'}\n"
+        f" (budget {report['budget_gb']:.1f} GB): "
+        f"{'fits' if report['predicted_peak_gpu_gb'] <= report['budget_gb'] else 'does NOT fit'}\n"
         f"  host (pinned) memory {report['predicted_host_gb']:.2f} GB, host->GPU "
         f"{report['host_to_gpu_gb_per_step']:.2f} GB per step (transfer floor {report['host_to_gpu_floor_s']:.2f} s"
         f" at {report['pcie_gbps']:g} GB/s; compute floor {report['compute_floor_s']})\n"
-        f"  overrides: {' '.join(report['plan_overrides'])}"
+        + _encode_line(report.get("encode_phase"))
+        + f"  overrides: {' '.join(report['plan_overrides'])}"
         + (f"\n  fits with: {' '.join(report['fits_with'])}" if report.get("fits_with") else "")
     )
     if args.json:

@@ -142,7 +142,7 @@ def resolve_training_plan(cfg: DictConfig) -> dict | None:
     estimates = Estimates(settings.get("estimates"))
     facts = config_facts(cfg, estimates=estimates)
     if auto:
-        choice = choose(facts, estimates, float(gpu_gb))
+        choice = choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim)
         if not choice.fits:
             raise UserInputError(_no_plan_message(choice))
         apply_plan(cfg, choice.plan)
@@ -150,7 +150,9 @@ def resolve_training_plan(cfg: DictConfig) -> dict | None:
     else:
         choice = evaluate(config_plan(cfg), facts, estimates, float(gpu_gb))
         if not choice.fits:
-            raise UserInputError(_refusal_message(choice, choose(facts, estimates, float(gpu_gb))))
+            raise UserInputError(
+                _refusal_message(choice, choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim))
+            )
     record = {"auto": auto, **choice.to_dict()}
     log.info("plan: %s", record)
     return record

@@ -28,10 +28,11 @@ def plan_report(
         estimates = Estimates(cfg.plan.get("estimates") if cfg.get("plan") else None)
     facts = config_facts(cfg, size=size, estimates=estimates)
     auto = bool(cfg.get("plan", {}).get("auto", False))
+    plan = config_plan(cfg)
     choice = (
-        choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
+        choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps, optim=plan.optim)
         if auto
-        else evaluate(config_plan(cfg), facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
+        else evaluate(plan, facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
     )
     # Here, not at the top: the package imports this module, and train.py's plan check (plan.config) needs none of
     # what bench.flops brings in (the LoRA targets, the convert package).
@@ -55,6 +56,6 @@ def plan_report(
         "encoder_parameters": facts.encoder_parameters,
     }
     if not choice.fits and not auto:
-        fitting = choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
+        fitting = choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps, optim=plan.optim)
         report["fits_with"] = fitting.plan.overrides() if fitting.fits else None
     return report

@@ -44,6 +44,9 @@ class EditInputs:
     img_shapes: list[list[tuple[int, int, int]]]  # per sample: target then each edit image (if any), latent patches
     # [B, target tokens] float32 loss weights from the rows' masks (fusedit.step.token_weights); None: no mask.
     token_weights: torch.Tensor | None = None
+    # Qwen-Image-2.1 only (fusedit.step.conditioning_qwen21): [B, text tokens] bool, the Qwen3-VL image slots of the
+    # prompt. Its presence selects 2.1's layout: references first, target last, img_shapes in that order.
+    image_slots: torch.Tensor | None = None
 
     @property
     def tokens_per_sample(self) -> int:

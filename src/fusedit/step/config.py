@@ -69,8 +69,10 @@ class LoraSpec:
 
     targets: a named set (attn, attn_mlp, full: fusedit.lora.targets) or module names of either layout. rank: r.
     alpha: lora_alpha (None: alpha = rank); strength = alpha / rank (alpha / sqrt(rank) with use_rslora).
-    dropout: lora_dropout. init: `default` (A kaiming, B zero) or `gaussian`. init_from: a LoRA file to start from
-    (fusedit.lora.init_from: read and checked against rank and targets by the lora stage).
+    dropout: lora_dropout. init: `default` (A kaiming, B zero), `gaussian`, or PEFT's `pissa` / `pissa_niter_<k>` /
+    `olora` (which move the base weight's principal part into the adapter; fusedit.lora.adapter exports the
+    difference). init_from: a LoRA file to start from (fusedit.lora.init_from: read and checked against rank and
+    targets by the lora stage). type: `lora` or `dora` (PEFT's use_dora; fusedit.lora.adapter.check_type).
     """
 
     targets: str | list[str] = field(default="attn_mlp")
@@ -80,6 +82,7 @@ class LoraSpec:
     init: str = "default"
     use_rslora: bool = False
     init_from: str | None = None
+    type: str = "lora"
 
 
 def typed_configs(cfg) -> tuple[ModelConfig, LoraSpec, Precision]:

@@ -76,10 +76,12 @@ class EditLoss:
         as conditioning. The transformer gets the prompt embeddings' dtype; the attention backend chosen here also
         runs the backward."""
         dtype = inputs.prompt_embeds.dtype
-        hidden = torch.cat([noisy.to(dtype), inputs.condition.to(dtype)], dim=1)
         prompt_embeds, prompt_mask = inputs.prompt_embeds, inputs.prompt_mask
         if self.trim_padding:
             prompt_embeds, prompt_mask = trim_prompt_padding(prompt_embeds, prompt_mask)
+        if inputs.image_slots is not None:
+            return self._predict_qwen21(transformer, noisy.to(dtype), inputs, sigmas, prompt_embeds, prompt_mask)
+        hidden = torch.cat([noisy.to(dtype), inputs.condition.to(dtype)], dim=1)
         with attention_backend(self.attention):
             output = transformer(
                 hidden_states=hidden,
@@ -90,6 +92,25 @@ class EditLoss:
                 return_dict=False,
             )[0]
         return output[:, : noisy.shape[1]]
+
+    def _predict_qwen21(self, transformer, noisy, inputs, sigmas, prompt_embeds, prompt_mask) -> torch.Tensor:
+        """Qwen-Image-2.1, as QwenImage21ModularPipeline's denoiser calls it: [references, target] tokens, the
+        prompt's image slots plus one per 4 target tokens as `img_mask`, the target's output tokens (the last)."""
+        from fusedit.step.conditioning_qwen21 import joint_vision_mask
+
+        hidden = torch.cat([inputs.condition.to(noisy.dtype), noisy], dim=1)
+        image_slots = inputs.image_slots[:, : prompt_embeds.shape[1]]  # trimming cuts trailing padding only
+        with attention_backend(self.attention):
+            output = transformer(
+                hidden_states=hidden,
+                timestep=sigmas.to(device=hidden.device, dtype=noisy.dtype),
+                encoder_hidden_states=prompt_embeds,
+                encoder_hidden_states_mask=None if prompt_mask is None else prompt_mask.bool(),
+                img_shapes=inputs.img_shapes,
+                img_mask=joint_vision_mask(image_slots, noisy.shape[1]),
+                return_dict=False,
+            )[0]
+        return output[:, -noisy.shape[1] :]
 
     def loss(
         self, transformer: nn.Module, inputs: EditInputs, seed: int, rows=None
@@ -107,6 +128,8 @@ class EditLoss:
         `objective.mask_from_edit`, the soft mask of the (target, edit image) pair; None when neither is on."""
         weights = inputs.token_weights
         if self.objective.mask_from_edit:
+            if inputs.image_slots is not None:  # its img_shapes list the references first: not written for 2.1 yet
+                raise ValueError("objective.mask_from_edit is not available for Qwen-Image-2.1 yet")
             if inputs.condition.shape[1] == 0:
                 raise ValueError("objective.mask_from_edit needs an edit image; text-to-image rows have none")
             soft = edit_difference_weights(

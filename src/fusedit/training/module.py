@@ -11,6 +11,7 @@ dataset row); see fusedit.step.loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from fusedit.lora.adapter import lora_parameters
+from fusedit.optim import evaluation_mode, set_train_mode
 from fusedit.step.conditioning import EditConditioner, EditInputs
 from fusedit.step.loss import EditLoss, dropped_captions
 from fusedit.step.objective import FlowMatchObjective
@@ -180,6 +182,21 @@ class EditLoRAModule(LightningModule):
         if grads:
             # torch's own total norm (what clip_grad_norm_ computes): foreach kernels on CUDA, not two per tensor.
             self.log("train/grad_norm", torch.nn.utils.get_total_norm([g.float() for g in grads]))
+
+    # -- schedule-free optimizers: training point y while training, averaged point x for validation ----------------
+    # (fusedit.optim). Checkpoints are written in training mode, between steps, and restore it exactly; exports and
+    # validation images switch through fusedit.optim.evaluation_mode as well.
+    def on_train_start(self) -> None:
+        set_train_mode(self.trainer.optimizers, True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._evaluation = contextlib.ExitStack()
+        self._evaluation.enter_context(evaluation_mode(self.trainer.optimizers))
+
+    def on_validation_epoch_end(self) -> None:
+        evaluation = getattr(self, "_evaluation", None)
+        if evaluation is not None:
+            evaluation.close()
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -46,6 +46,7 @@ from fusedit.training.checkpoint import (
 )
 from fusedit.training.checkpoint_checks import check_checkpoint_file
 from fusedit.training.console import quiet_third_party_output, without_wandb_anonymous
+from fusedit.training.ema import LoRAEMA
 from fusedit.training.module import EditLoRAModule
 from fusedit.training.run_dir import RUN_CONFIG, RunDirLock, check_same_run, check_writable, is_first_process
 from fusedit.training.signals import GracefulStop
@@ -223,16 +224,30 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     for callback_cfg in (cfg.get("callbacks") or {}).values():
         if isinstance(callback_cfg, DictConfig) and "_target_" in callback_cfg:
             callbacks.append(instantiate(callback_cfg))
-    return callbacks
+    # The EMA updates first in each hook (Lightning calls callbacks in list order), so validation images drawn after
+    # step N see the average that includes step N. (Lightning itself moves checkpoint callbacks to the end.)
+    return sorted(callbacks, key=lambda callback: not isinstance(callback, LoRAEMA))
 
 
 # ---------------------------------------------------------------------------------------------------- train
+def conditioner_class(model_path: Path) -> type[nn.Module]:
+    """The frozen encoders' class for the pipeline at `model_path`: Qwen21Conditioner for Qwen-Image-2.1 (Qwen3-VL,
+    references in the text stream), EditConditioner for the MMDiT pipelines."""
+    from fusedit.families import QWEN_IMAGE_21, folder_family
+
+    if folder_family(Path(model_path)) == QWEN_IMAGE_21:
+        from fusedit.step.conditioning_qwen21 import Qwen21Conditioner
+
+        return Qwen21Conditioner
+    return EditConditioner
+
+
 def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | None = None) -> EditLoRAModule:
     """Transformer (ordered transforms), frozen conditioner (unless given), objective and optimizer -> the module."""
     model, lora_spec, precision = typed_configs(cfg)
     transformer = build_transformer(model_path, model, lora_spec, precision)
     if conditioner is None:
-        conditioner = EditConditioner.from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
+        conditioner = conditioner_class(model_path).from_pretrained(model_path, dtype=to_dtype(precision.base_dtype))
     objective = instantiate(cfg.objective, scheduler_config=conditioner.scheduler_config)
     return EditLoRAModule(
         transformer,

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
-from fusedit.families import EDIT, EDIT_2509, EDIT_2511, TEXT_TO_IMAGE
+from fusedit.families import EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21, TEXT_TO_IMAGE
 from fusedit.regular_files import not_regular_reason
 from fusedit.step.config import typed_configs
 
@@ -29,8 +29,8 @@ def _number(cfg: DictConfig, key: str):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-# The families training runs (fusedit.families; Qwen-Image-2.1 has the model layer only).
-TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511)
+# The families training runs (fusedit.families).
+TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21)
 
 
 def _check_model(path: str, problems: list[str]) -> None:
@@ -55,7 +55,7 @@ def _check_model(path: str, problems: list[str]) -> None:
     elif family not in TRAINED_FAMILIES:
         problems.append(
             f"model.path={path} is a {family} pipeline ({report.get('pipeline_class')}); fusedit trains LoRAs for "
-            "Qwen-Image (text-to-image, also -2512) and Qwen-Image-Edit (-2509, -2511)"
+            "Qwen-Image (text-to-image, also -2512), Qwen-Image-Edit (-2509, -2511) and Qwen-Image-2.1"
         )
 
 
@@ -121,6 +121,33 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
                 problems.append(f"{where}.{field} {base / str(path)}: {error}")
 
 
+def _adapter_type_problems(cfg: DictConfig) -> list[str]:
+    """`lora.type` (fusedit.lora.adapter.check_type) and what DoRA cannot be combined with."""
+    from fusedit.lora.adapter import changes_base, check_type
+
+    adapter_type = OmegaConf.select(cfg, "lora.type", default="lora")
+    try:
+        check_type(adapter_type)
+    except ValueError as error:
+        return [str(error)]
+    if adapter_type != "dora":
+        return []
+    problems = []
+    if changes_base(OmegaConf.select(cfg, "lora.init")) or OmegaConf.select(cfg, "lora.init_from"):
+        problems.append(
+            "lora.type=dora starts its magnitude from the base weight: not with lora.init=pissa/olora or lora.init_from"
+        )
+    if OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
+        problems.append("lora.type=dora reads the frozen weight for its row norms: use precision=bf16 or fp32, not fp8")
+    export = OmegaConf.select(cfg, "callbacks.lora_export", default=None)
+    if export is not None and (export.get("layout", "standard") != "standard" or export.get("merged_copy")):
+        problems.append(
+            "lora.type=dora is exported in the standard layout only: callbacks.lora_export.layout=standard "
+            "and merged_copy=false"
+        )
+    return problems
+
+
 def _lora_problems(cfg: DictConfig) -> list[str]:
     problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
@@ -135,6 +162,21 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
     dropout = _number(cfg, "lora.dropout")
     if dropout is None or not 0.0 <= dropout < 1.0:
         problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
+    init = OmegaConf.select(cfg, "lora.init")
+    try:
+        from fusedit.lora.adapter import changes_base, check_init
+
+        check_init(init)
+        if changes_base(init) and OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
+            problems.append(
+                f"lora.init={init} subtracts the adapter's start from the base weight, which fp8 storage cannot hold "
+                "exactly: use precision=bf16 or fp32"
+            )
+        if changes_base(init) and OmegaConf.select(cfg, "lora.init_from"):
+            problems.append(f"lora.init={init} starts from the base weight's own factors: not with lora.init_from")
+    except ValueError as error:
+        problems.append(str(error))
+    problems += _adapter_type_problems(cfg)
     try:
         from fusedit.lora.targets import resolve_targets
 
@@ -142,6 +184,36 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
         resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
     except ValueError as error:
         problems.append(f"lora.targets: {error}")
+    return problems
+
+
+def _optimizer_problems(cfg: DictConfig) -> list[str]:
+    """The optimizer's package, and the combinations it cannot run (fusedit.optim, fusedit.training.ema)."""
+    from fusedit.optim import missing_package_hint
+
+    problems = []
+    name = OmegaConf.select(cfg, "optim.name")
+    hint = missing_package_hint(str(name))
+    if hint:
+        problems.append(hint)
+    ema = OmegaConf.select(cfg, "callbacks.ema")
+    if name == "schedulefree":
+        schedule = OmegaConf.select(cfg, "optim.scheduler.name")
+        if schedule != "constant":
+            problems.append(
+                f"optim=schedulefree replaces the LR decay by averaging: optim.scheduler.name must be constant (with "
+                f"optional warmup_steps), got {schedule!r}"
+            )
+        if ema is not None:
+            problems.append(
+                "callbacks=ema with optim=schedulefree: the schedule-free optimizer already averages its iterates "
+                "(its exports are the average); use one of the two"
+            )
+    decay = OmegaConf.select(cfg, "callbacks.ema.decay", default=None)
+    if ema is not None and not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 <= decay < 1):
+        problems.append(f"callbacks.ema.decay must be a number in [0, 1), got {decay!r}")
+    if ema is not None and "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        problems.append("callbacks=ema is not supported with trainer=fsdp: each rank would average its own shard")
     return problems
 
 
@@ -160,11 +232,7 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     if clip is not None and (_number(cfg, "optim.grad_clip") is None or not clip > 0):
         problems.append(f"optim.grad_clip must be > 0 or null (off), got {clip!r}")
 
-    if OmegaConf.select(cfg, "optim.name") == "adamw8bit":
-        from fusedit.optim import BITSANDBYTES_HINT, bitsandbytes_available
-
-        if not bitsandbytes_available():
-            problems.append(BITSANDBYTES_HINT)
+    problems += _optimizer_problems(cfg)
 
     seed = OmegaConf.select(cfg, "seed")
     # numpy's and torch's generators take seeds in [0, 2**32): Lightning's seed_everything warns and replaces
@@ -189,6 +257,27 @@ def _loop_problems(cfg: DictConfig) -> list[str]:
     streak = OmegaConf.select(cfg, "faults.max_consecutive_nonfinite")
     if streak is not None and (not isinstance(streak, int) or streak < 1):
         problems.append(f"faults.max_consecutive_nonfinite must be an integer >= 1, got {streak!r}")
+    return problems
+
+
+def _data_source_problems(cfg: DictConfig) -> list[str]:
+    """data.format and its settings, data.caption_dropout: what EditDataModule refuses when it is built, as one line
+    before anything is (fusedit.data.sources)."""
+    from fusedit.data.sources import refuse_bad_source
+
+    data = cfg.get("data")
+    if data is None or "format" not in data:
+        return []
+    problems = []
+    dropout = data.get("caption_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        problems.append(f"data.caption_dropout must be in [0, 1], got {dropout!r}")
+    if data.format == "metadata" and data.get("metadata") is None:
+        return problems  # the generated sample data (fusedit.data.sample.fill_demo_paths)
+    try:
+        refuse_bad_source(data)
+    except ValueError as error:
+        problems.append(str(error))
     return problems
 
 
@@ -278,6 +367,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     except (ValueError, TypeError) as error:
         problems.append(str(error))
     problems += _loop_problems(cfg)
+    problems += _data_source_problems(cfg)
     problems += _logger_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg, problems)
@@ -287,6 +377,10 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
             "objective.mask_from_edit=true weighs the target's tokens by how much they differ from the edit image; "
             "model.path is Qwen-Image (text-to-image), whose rows have none. Set objective.mask_from_edit=false"
         )
+    if OmegaConf.select(cfg, "cache.enabled") and check_paths and _model_family(cfg) == QWEN_IMAGE_21:
+        from fusedit.cache.training import QWEN21_CACHE_REFUSAL
+
+        problems.append(f"cache.enabled=true: {QWEN21_CACHE_REFUSAL}")
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)

@@ -1,0 +1,69 @@
+"""train.py on the tiny Qwen-Image-2.1: trains, exports a standard-layout LoRA that diffusers' 2.1 pipeline loads
+with its strength and that changes its output."""
+
+import pytest
+import torch
+
+from fusedit.data import make_sample_dataset
+from fusedit.training.train import train
+from tests.training_utils import train_cfg
+
+
+@pytest.fixture(scope="module")
+def qwen21_run(tmp_path_factory, tiny_qwen21_path) -> dict:
+    tmp_path = tmp_path_factory.mktemp("qwen21-run")
+    metadata = make_sample_dataset(tmp_path / "data", n=2, size=64)
+    # alpha != rank: the exported strength (alpha / r = 2) must reach diffusers.
+    return train(train_cfg(tmp_path, tiny_qwen21_path, metadata, ["trainer.max_steps=2", "lora.alpha=8"]))
+
+
+def test_train_py_trains_qwen21_and_exports_the_standard_layout(qwen21_run):
+    from fusedit.convert import read_lora
+
+    assert torch.isfinite(torch.tensor(qwen21_run["metrics"]["train/loss"]))
+    lora = read_lora(qwen21_run["lora_path"])
+    assert lora.layout == "standard"
+    names = set(lora.modules)
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.img_mlp.gate_layer"} <= names
+    assert not any("to_qkv" in name or "gate_up_proj" in name for name in names)
+
+
+def test_exported_lora_loads_in_diffusers_qwen21_pipeline_and_changes_its_output(qwen21_run, tiny_qwen21_path):
+    from diffusers import ModularPipeline
+
+    pipe = ModularPipeline.from_pretrained(str(tiny_qwen21_path))
+    pipe.load_components(dtype=torch.float32)
+
+    def generate():
+        return pipe(prompt="make the square red", num_inference_steps=2, height=64, width=64, output_resolution=64,
+                    generator=torch.Generator().manual_seed(0), output="images")  # fmt: skip
+
+    base = torch.tensor(list(generate()[0].getdata()), dtype=torch.float32)
+    pipe.load_lora_weights(str(qwen21_run["lora_path"]), adapter_name="trained")
+    # The strength (lora_alpha 8 / r 4 = 2) is kept: diffusers' update equals the trained one read back by fusedit.
+    from fusedit.convert import read_lora
+
+    trained = read_lora(qwen21_run["lora_path"]).modules["transformer_blocks.0.attn.to_q"]
+    assert trained.alpha == 8.0
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    loaded = to_q.scaling["trained"] * to_q.lora_B["trained"].weight @ to_q.lora_A["trained"].weight
+    torch.testing.assert_close(loaded, trained.delta(), rtol=1e-6, atol=1e-8)
+    pipe.set_adapters(["trained"], [1000.0])  # 2 steps move the LoRA little: scale it far above float noise
+    changed = torch.tensor(list(generate()[0].getdata()), dtype=torch.float32)
+    assert (changed - base).abs().max() > 1
+
+
+def test_the_cache_refuses_qwen21_before_loading(tiny_qwen21_path, tmp_path):
+    from fusedit.cache.training import refuse_qwen21
+    from fusedit.errors import UserInputError
+    from fusedit.training.validate_config import ConfigError, validate_train_config
+    from tests.training_utils import compose_train
+
+    metadata = make_sample_dataset(tmp_path / "data", n=1, size=64)
+    cfg = compose_train([f"model.path={tiny_qwen21_path}", f"data.metadata={metadata}", "logger=csv"])
+    validate_train_config(cfg)  # 2.1 trains live
+    cfg.cache.enabled = True
+    with pytest.raises(ConfigError, match=r"cache.enabled=true: the latent cache does not hold Qwen-Image-2.1"):
+        validate_train_config(cfg)
+    with pytest.raises(UserInputError, match=r"train 2.1 with cache.enabled=false"):
+        refuse_qwen21(tiny_qwen21_path)  # what `fusedit cache` runs first
