@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import fusedit.bench.cli as bench_cli
 import fusedit.bench.run as bench_run
 from fusedit.bench import build_parser, main, markdown_table, measure_data, parse_variant, parse_variants, run_bench
 from fusedit.bench.flops import peak_tflops, step_flops
@@ -186,6 +187,25 @@ def test_variant_names_compose_in_any_order_and_are_reported_canonically():
 def test_bad_variant_names_are_refused_naming_the_token(name, message):
     with pytest.raises(ValueError, match=message):
         parse_variant(name)
+
+
+def test_the_default_tiny_cpu_run_is_quick(monkeypatch):
+    """Issue 14: `fusedit bench --size tiny` on a shared CPU ends within a minute: no compiled variant (minutes of
+    C++ build each), one warm-up step, four timed steps, one thread."""
+    asked = {}
+
+    def record(shape, variants, device, dtype, **kwargs):
+        asked.update(kwargs, variants=[v.name for v in variants], threads=torch.get_num_threads())
+        return {"variants": []}
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(bench_cli, "run_bench", record)
+    try:
+        assert main(build_parser().parse_args(["bench", "--size", "tiny", "--device", "cpu"])) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert asked["variants"] == [v for v in DEFAULT_VARIANTS["tiny"] if "compile" not in v]
+    assert (asked["warmup"], asked["steps"], asked["threads"], asked["interleave"]) == (1, 4, 1, None)
 
 
 def test_default_variants_per_size():
@@ -362,7 +382,15 @@ def test_time_budget_skips_what_would_not_fit_and_reports_are_rewritten_after_ev
 
     monkeypatch.setattr(bench_run, "_now", lambda: clock[0])
     monkeypatch.setattr(bench_run, "run_variant", one_minute_each)
-    args = _bench_args(tmp_path, "--variants", "standard,merged,merged+ckpt,merged+mask", "--time-budget", "2.5")
+    args = _bench_args(
+        tmp_path,
+        "--variants",
+        "standard,merged,merged+ckpt,merged+mask",
+        "--time-budget",
+        "2.5",
+        "--order",
+        "sequential",
+    )
     assert main(args) == 0
     # The report on disk before each variant: what ran so far, the rest pending.
     assert on_disk == [["pending"] * 4, ["ok", "pending", "pending", "pending"]]
@@ -388,13 +416,35 @@ def test_a_stopped_run_leaves_the_variants_it_finished(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_run, "run_variant", stopped_during_the_second)
     with pytest.raises(KeyboardInterrupt):
-        main(_bench_args(tmp_path, "--variants", "standard,merged,merged+ckpt"))
+        main(_bench_args(tmp_path, "--variants", "standard,merged,merged+ckpt", "--order", "sequential"))
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["complete"] is False
     assert [v["status"] for v in report["variants"]] == ["ok", "pending", "pending"]
     assert report["variants"][0]["step_s"] > 0 and report["baseline"] == "standard"
     table = (tmp_path / "bench.md").read_text()
     assert "**partial report**: 1 of 3 variants done" in table and "| merged | pending: not run yet" in table
+
+
+def test_a_cpu_run_times_the_variants_steps_round_robin(monkeypatch):
+    real_make_step, calls = bench_run.make_step, []
+
+    def logged(model, inputs, variant, *args, **kwargs):
+        step = real_make_step(model, inputs, variant, *args, **kwargs)
+
+        def logged_step():
+            calls.append(variant.name)
+            return step()
+
+        return logged_step
+
+    monkeypatch.setattr(bench_run, "make_step", logged)
+    report = run_bench(MICRO, parse_variants("standard,merged"), "cpu", torch.float32, warmup=1, steps=3)
+    assert report["settings"]["order"] == "interleaved"
+    # Each one's warm-up step after its build, three timed rounds of one step each, then one profiled step each:
+    # a change of load during the timed steps hits both variants.
+    assert calls == ["standard", "merged"] * 5
+    assert [len(v["times_s"]) for v in report["variants"]] == [3, 3]
+    assert all(v["status"] == "ok" and v["peak_mem_gb"] is not None for v in report["variants"])
 
 
 def test_out_of_memory_is_reported_and_its_memory_released_before_the_next_variant(monkeypatch):
@@ -418,7 +468,9 @@ def test_out_of_memory_is_reported_and_its_memory_released_before_the_next_varia
 
     monkeypatch.setattr(bench_run, "build_variant", build_then_run_out_of_memory)
     monkeypatch.setattr(bench_run, "release_memory", release)
-    report = run_bench(MICRO, parse_variants("merged,standard"), "cpu", torch.float32, warmup=1, steps=1)
+    report = run_bench(
+        MICRO, parse_variants("merged,standard"), "cpu", torch.float32, warmup=1, steps=1, interleave=False
+    )  # a GPU's order: one variant at a time, its memory handed back before the next
     failed, ran = report["variants"]
     assert (
         failed["status"] == "failed"

@@ -1,6 +1,6 @@
 """`fusedit bench`: the LoRA training step of every optimisation variant, timed side by side in one run.
 
-    fusedit bench --size tiny                          # CPU, seconds
+    fusedit bench --size tiny                          # CPU, about a minute: eager variants, steps interleaved
     fusedit bench --size full --json bench.json        # GPU: 60 blocks, 8192 image + 256 text tokens
     fusedit bench --size full --layers 12 --variants standard,merged,merged+compile
     fusedit bench --size full --time-budget 8 --json bench.json   # starts no variant that would end past 8 min

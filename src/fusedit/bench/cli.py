@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -44,11 +45,52 @@ def _minutes(text: str) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class SizeDefaults:
+    """What --warmup, --steps and --threads default to for one --size."""
+
+    warmup: int
+    steps: int
+    cpu_threads: int | None  # torch CPU threads on a CPU run; None: torch's choice
+
+
+# The tiny run is a quick check on a shared CPU (issue 14: under a minute): one warm-up step compiles, four timed
+# steps still give quartiles, and one thread: the tiny shape is too small for threads to pay, and on a loaded
+# 2-core machine torch's default two threads (OpenMP waiting on a busy core) made each step ~9x slower (10 s vs
+# 1.1 s measured). The full run keeps two and five, and torch's threads.
+SIZE_DEFAULTS = {"tiny": SizeDefaults(1, 4, 1), "full": SizeDefaults(2, 5, None)}
+ORDERS = ("interleaved", "sequential")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only the bench subcommand (for `python -m fusedit.bench` and tests)."""
     parser = argparse.ArgumentParser(prog="fusedit")
     add_cli(parser.add_subparsers(dest="command", required=True))
     return parser
+
+
+def _add_step_options(parser: argparse.ArgumentParser) -> None:
+    """--warmup, --steps, --order, --seed and --threads: how the variants are stepped (defaults per --size)."""
+    warmup, steps, threads = (
+        ", ".join(f"{size} {getattr(values, field)}" for size, values in SIZE_DEFAULTS.items())
+        for field in ("warmup", "steps", "cpu_threads")
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help=f"untimed steps per variant (compile happens here; default {warmup})"
+    )
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps per variant (default {steps})")
+    parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=None,
+        help="interleaved: every variant is built first, then their timed steps run round-robin, so a machine's "
+        "changing load falls on all alike (needs memory for all the models at once); sequential: one variant after "
+        "another. Default: interleaved on a CPU, sequential on a GPU",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help=f"torch CPU threads (default {threads}; None: torch's choice)"
+    )
 
 
 def add_cli(subparsers) -> None:
@@ -66,7 +108,8 @@ def add_cli(subparsers) -> None:
         "--variants",
         default=None,
         help="comma-separated variants, each a layout (standard | merged) followed by '+'-joined modifiers from "
-        f"{{{', '.join(MODIFIERS)}}}; 'all' = {','.join(CATALOGUE)}. Default per size: {defaults}",
+        f"{{{', '.join(MODIFIERS)}}}; 'all' = {','.join(CATALOGUE)}. Default per size: {defaults}; on a CPU "
+        "without the compiled ones (their C++ build takes minutes each)",
     )
     parser.add_argument(
         "--time-budget",
@@ -88,10 +131,7 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile happens here)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_step_options(parser)
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="SDPA backend preference")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON (atomically)")
     parser.add_argument("--markdown", dest="markdown_path", default=None, help="write the markdown table too")
@@ -144,40 +184,61 @@ def _write_reports(args, report: dict) -> str:
     return table
 
 
-def _progress_line(report: dict, device: torch.device, time_budget: float | None) -> str:
-    """One stderr line: what will run (before the first variant), else how the last finished variant went."""
-    finished = [r for r in report["variants"] if r["status"] != "pending"]
-    if not finished:
+def _progress_lines(report: dict, device: torch.device, time_budget: float | None, shown: set[int]) -> list[str]:
+    """stderr lines: what will run (before the first variant), then one per variant as it finishes (an interleaved
+    run finishes them out of order); `shown` holds the indices already told and is updated."""
+    if not shown and all(r["status"] == "pending" for r in report["variants"]):
         names = ", ".join(r["name"] for r in report["variants"])
         budget = "" if time_budget is None else f", time budget {time_budget:g} min"
-        return f"fusedit bench: {report['shape']['name']} on {device}: {names}{budget}"
-    last, detail = finished[-1], ""
-    if last["status"] == "ok":
-        detail = f"{last['step_s']:.4g} s/step, "
-    elif last.get("est_peak_mem_gb") is not None:
-        detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
-    elif last["reason"]:
-        detail = f"{last['reason'].splitlines()[0][:200]}, "
-    wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
-    return (
-        f"fusedit bench: [{len(finished)}/{len(report['variants'])}] {last['name']}: {last['status']} "
-        f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)"
-    )
+        order = report["settings"].get("order")
+        return [f"fusedit bench: {report['shape']['name']} on {device}, {order}: {names}{budget}"]
+    lines = []
+    for index, last in enumerate(report["variants"]):
+        if last["status"] == "pending" or index in shown:
+            continue
+        shown.add(index)
+        detail = ""
+        if last["status"] == "ok":
+            detail = f"{last['step_s']:.4g} s/step, "
+        elif last.get("est_peak_mem_gb") is not None:
+            detail = f"predicted peak {last['est_peak_mem_gb']:.2f} GB, "
+        elif last["reason"]:
+            detail = f"{last['reason'].splitlines()[0][:200]}, "
+        wall = "" if last.get("wall_s") is None else f"wall {last['wall_s']:.0f} s, "
+        lines.append(
+            f"fusedit bench: [{len(shown)}/{len(report['variants'])}] {last['name']}: {last['status']} "
+            f"({detail}{wall}{report['elapsed_s']:.0f} s elapsed)"
+        )
+    return lines
+
+
+def _variants(args, device: torch.device, timed: bool) -> list | None:
+    # Names first (parse_variants): a typo in --variants should stop the run before anything is built.
+    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
+    if args.variants is None and variants and device.type == "cpu" and timed:
+        # Inductor's C++ build takes minutes per compiled variant on a 2-core CPU (281 s and 232 s measured, the
+        # six other tiny variants 40 s together), which would turn the quick tiny check into ten minutes; and a
+        # CPU's compiled step says nothing of the GPU's. `--variants merged+compile,...` still times them here.
+        variants = [variant for variant in variants if not variant.compile]
+    return variants
 
 
 def main(args) -> int:
-    # Names first: a typo in --variants should stop the run before anything is built.
-    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     timed = not args.estimate_only
+    variants = _variants(args, device, timed)
     _refuse_untimeable(args, device, timed)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    defaults = SIZE_DEFAULTS[args.size]
+    threads = defaults.cpu_threads if args.threads is None and device.type == "cpu" else args.threads
+    if threads is not None:
+        torch.set_num_threads(threads)
     command = "fusedit " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv else None
+    shown: set[int] = set()
 
     def progress(report: dict) -> None:
         _write_reports(args, report)
-        print(_progress_line(report, device, args.time_budget), file=sys.stderr, flush=True)
+        for line in _progress_lines(report, device, args.time_budget, shown):
+            print(line, file=sys.stderr, flush=True)
 
     if args.data_only:
         report = {"schema": SCHEMA, "command": command, "variants": []}
@@ -187,8 +248,8 @@ def main(args) -> int:
             variants,
             device,
             _bench_dtype(args, device, timed),
-            warmup=args.warmup,
-            steps=args.steps,
+            warmup=defaults.warmup if args.warmup is None else args.warmup,
+            steps=defaults.steps if args.steps is None else args.steps,
             seed=args.seed,
             attention=args.attention,
             command=command,
@@ -196,6 +257,7 @@ def main(args) -> int:
             on_progress=progress,
             estimate_memory=args.estimate_memory,
             timed=timed,
+            interleave=None if args.order is None else args.order == "interleaved",
         )
     if args.data or args.data_only:
         side = args.data_image_size

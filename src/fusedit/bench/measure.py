@@ -7,7 +7,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 from torch import nn
@@ -40,6 +40,33 @@ def time_steps(step: Callable[[], float], device: torch.device, warmup: int, ste
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times, loss
+
+
+def time_steps_round_robin(
+    steps: Mapping[Hashable, Callable[[], float]], device: torch.device, rounds: int
+) -> tuple[dict[Hashable, list[float]], dict[Hashable, float], dict[Hashable, Exception]]:
+    """`rounds` rounds of one timed call of every step in turn (A B C, A B C, ...), so that load that comes and goes
+    on the machine (a shared CPU) falls on every variant alike instead of on whichever was running at the time.
+
+    Returns the seconds of each timed call and the last loss, per key, and the exception of each step that raised
+    (that step is left out of the later rounds; the others go on).
+    """
+    times = {key: [] for key in steps}
+    losses = {key: float("nan") for key in steps}
+    errors: dict[Hashable, Exception] = {}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            if key in errors:
+                continue
+            start = time.perf_counter()
+            try:
+                losses[key] = step()
+                synchronize(device)
+            except Exception as error:  # one broken variant must not stop the others' rounds
+                errors[key] = error
+                continue
+            times[key].append(time.perf_counter() - start)
+    return times, losses, errors
 
 
 def summarize(times: list[float]) -> dict[str, float]:

@@ -14,7 +14,15 @@ from collections.abc import Callable
 import torch
 
 from fusedit.bench.flops import peak_tflops, step_flops
-from fusedit.bench.measure import PeakMemory, count_qkv_matmuls, profile_step, summarize, synchronize, time_steps
+from fusedit.bench.measure import (
+    PeakMemory,
+    count_qkv_matmuls,
+    profile_step,
+    summarize,
+    synchronize,
+    time_steps,
+    time_steps_round_robin,
+)
 from fusedit.bench.memory import estimate_step_memory
 from fusedit.bench.shapes import BenchShape, make_inputs
 from fusedit.bench.variants import BASELINES, BENCH_PRECISIONS, Variant, build_variant, make_step
@@ -61,32 +69,31 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _measure(
-    variant: Variant,
-    shape: BenchShape,
-    device: torch.device,
-    dtype: torch.dtype,
-    warmup: int,
-    steps: int,
-    seed: int,
-    attention: str,
-) -> dict:
-    # Everything the variant allocates is local to this frame: it is gone once the frame is (returned or unwound),
-    # which run_variant relies on to hand the memory back before the next variant builds its model.
+@dataclasses.dataclass
+class _Built:
+    """One variant ready to step: the model (kept for the QKV GEMM count) and the trainer's step on it."""
+
+    model: torch.nn.Module
+    step: Callable[[], float]
+
+
+def _build(variant: Variant, shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: int) -> _Built:
     torch.manual_seed(seed)
     model = build_variant(variant, shape, device, dtype, seed)
     parameters = list(lora_parameters(model).values())
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type == "cuda")
     inputs = make_inputs(shape, device, dtype, seed)
     step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"), dtype, seed)
-    memory = PeakMemory(device)
-    with attention_backend(attention):
-        synchronize(device)
-        memory.baseline()
-        with memory:
-            times, loss = time_steps(step, device, warmup, steps)
-        counts = profile_step(step, device)
-        qkv = count_qkv_matmuls(model, dtype)
+    return _Built(model, step)
+
+
+def _measured_fields(
+    built: _Built, variant: Variant, shape: BenchShape, device: torch.device, dtype: torch.dtype, times, loss, memory
+) -> dict:
+    """A variant's result fields from its timed steps and peak memory, plus one profiled step (GEMMs, SDPA backend)
+    and the QKV GEMM count; call under the run's `attention_backend`."""
+    counts = profile_step(built.step, device)
+    qkv = count_qkv_matmuls(built.model, dtype)
     stats = summarize(times)
     flops = step_flops(shape, variant.layout)["step"]
     tflops = flops / stats["step_s"] / 1e12
@@ -107,6 +114,28 @@ def _measure(
     }
 
 
+def _measure(
+    variant: Variant,
+    shape: BenchShape,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    steps: int,
+    seed: int,
+    attention: str,
+) -> dict:
+    # Everything the variant allocates is local to this frame: it is gone once the frame is (returned or unwound),
+    # which run_variant relies on to hand the memory back before the next variant builds its model.
+    built = _build(variant, shape, device, dtype, seed)
+    memory = PeakMemory(device)
+    with attention_backend(attention):
+        synchronize(device)
+        memory.baseline()
+        with memory:
+            times, loss = time_steps(built.step, device, warmup, steps)
+        return _measured_fields(built, variant, shape, device, dtype, times, loss, memory)
+
+
 def release_memory(device: torch.device) -> None:
     """Give back what a finished (or failed) variant held: compiled code, reference cycles, cached CUDA blocks."""
     torch._dynamo.reset()
@@ -115,6 +144,26 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def _new_result(variant: Variant) -> dict:
+    return {"name": variant.name, "description": variant.description, "status": "ok", "reason": None}
+
+
+def _add_memory_estimate(result: dict, variant: Variant, shape: BenchShape, dtype: torch.dtype, seed: int) -> None:
+    try:
+        estimate = estimate_step_memory(variant, shape, dtype, seed)
+        result.update(est_peak_mem_gb=estimate["peak_gb"], memory_estimate=estimate)
+    except ValueError as error:  # a variant the estimate cannot represent (offload): say so, time it anyway
+        result["memory_estimate"] = {"error": str(error)}
+
+
+def _failure(error: Exception) -> dict:
+    """The status fields of a variant whose build or step raised `error` (out of memory says so)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return {"status": "failed", "reason": f"out of memory: {str(error).splitlines()[0]}"}
+    trace = "".join(traceback.format_exception(error))
+    return {"status": "failed", "reason": f"{type(error).__name__}: {error}", "traceback": trace}
 
 
 def run_variant(
@@ -135,13 +184,9 @@ def run_variant(
     `estimate_memory`: also predict the step's peak memory on fake tensors (fusedit.bench.memory), fields
     `est_peak_mem_gb` and `memory_estimate`. `timed=False`: only that prediction, status `estimated`.
     """
-    result = {"name": variant.name, "description": variant.description, "status": "ok", "reason": None}
+    result = _new_result(variant)
     if estimate_memory or not timed:
-        try:
-            estimate = estimate_step_memory(variant, shape, dtype, seed)
-            result.update(est_peak_mem_gb=estimate["peak_gb"], memory_estimate=estimate)
-        except ValueError as error:  # a variant the estimate cannot represent (offload): say so, time it anyway
-            result["memory_estimate"] = {"error": str(error)}
+        _add_memory_estimate(result, variant, shape, dtype, seed)
         if not timed:
             error = result["memory_estimate"].get("error")
             return {**result, "status": "skipped" if error else "estimated", "reason": error}
@@ -150,10 +195,8 @@ def run_variant(
         return {**result, "status": "skipped", "reason": reason}
     try:
         result.update(_measure(variant, shape, device, dtype, warmup, steps, seed, attention))
-    except torch.OutOfMemoryError as error:
-        result.update(status="failed", reason=f"out of memory: {str(error).splitlines()[0]}")
     except Exception as error:  # one broken variant must not lose the others' numbers
-        result.update(status="failed", reason=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        result.update(_failure(error))
     # Only now (outside the except blocks, whose exception and traceback kept the failed step's frames and their
     # tensors alive) is everything the variant built unreachable.
     release_memory(device)
@@ -199,6 +242,23 @@ def finalize_report(report: dict) -> dict:
     return report
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every variant of one `run_bench` call shares."""
+
+    shape: BenchShape
+    device: torch.device
+    dtype: torch.dtype
+    warmup: int
+    steps: int
+    seed: int
+    attention: str
+    start: float
+    time_budget_s: float | None
+    estimate_memory: bool
+    on_progress: Callable[[dict], None] | None
+
+
 def run_bench(
     shape: BenchShape,
     variants: list[Variant],
@@ -213,9 +273,14 @@ def run_bench(
     on_progress: Callable[[dict], None] | None = None,
     estimate_memory: bool = False,
     timed: bool = True,
+    interleave: bool | None = None,
 ) -> dict:
     """Time every variant on the same shape, inputs and seed; returns the report dict (schema `fusedit.bench/1`).
 
+    `interleave` (default: on a CPU): hold every variant at once and time their steps round-robin
+    (`_run_interleaved`), so that a machine's changing load falls on all of them alike; otherwise (a GPU, where at
+    the full shape two variants do not fit together and each one's peak memory must be its own) one variant after
+    another (`run_variant`). Settings field `order` says which.
     `on_progress(report)` is called before the first variant and after each one with the report so far (the
     variants not run yet have status `pending`, `complete` is false until the last), so a run that is killed
     still leaves the numbers it had. With `time_budget_s`, a variant is not started when the time elapsed plus
@@ -227,44 +292,146 @@ def run_bench(
         raise ValueError(f"need warmup >= 0 and steps >= 1, got warmup={warmup}, steps={steps}")
     if time_budget_s is not None and time_budget_s <= 0:
         raise ValueError(f"the time budget must be > 0, got {time_budget_s} s")
-    start = _now()
+    interleaved = timed and (device.type == "cpu" if interleave is None else interleave)
+    run = _Run(
+        shape, device, dtype, warmup, steps, seed, attention, _now(), time_budget_s, estimate_memory, on_progress
+    )
     report = _new_report(shape, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s)
-    report["settings"].update(timed=timed, memory_estimate=estimate_memory or not timed)
+    report["settings"].update(
+        timed=timed,
+        memory_estimate=estimate_memory or not timed,
+        order="interleaved" if interleaved else "sequential",
+    )
+    _publish(report, run)
+    if interleaved:
+        _run_interleaved(report, variants, run)
+    else:
+        _run_sequential(report, variants, run, timed)
+    return report
+
+
+def _publish(report: dict, run: _Run) -> None:
+    report["elapsed_s"] = _now() - run.start
+    report["complete"] = all(r["status"] != "pending" for r in report["variants"])
     finalize_report(report)
-    if on_progress is not None:
-        on_progress(report)
+    if run.on_progress is not None:
+        run.on_progress(report)
+
+
+def _over_budget(variant: Variant, done: list[tuple[Variant, dict]], run: _Run) -> dict | None:
+    """The `skipped` result of a variant that would end past the time budget, else None."""
+    elapsed, estimate = _now() - run.start, _estimate_s(variant, done)
+    if run.time_budget_s is None or elapsed + estimate <= run.time_budget_s:
+        return None
+    return {
+        **_pending(variant),
+        "status": "skipped",
+        "reason": f"time budget: {elapsed / 60:.1f} min elapsed + ~{estimate / 60:.1f} min expected "
+        f"> {run.time_budget_s / 60:.1f} min",
+    }
+
+
+def _run_sequential(report: dict, variants: list[Variant], run: _Run, timed: bool) -> None:
     done: list[tuple[Variant, dict]] = []
     for index, variant in enumerate(variants):
-        elapsed = _now() - start
-        estimate = _estimate_s(variant, done)
-        if time_budget_s is not None and elapsed + estimate > time_budget_s:
-            result = _over_budget(variant, elapsed, estimate, time_budget_s)
-        else:
+        result = _over_budget(variant, done, run)
+        if result is None:
             began = _now()
             result = run_variant(
-                variant, shape, device, dtype, warmup, steps, seed, attention,
-                estimate_memory=estimate_memory, timed=timed,
+                variant, run.shape, run.device, run.dtype, run.warmup, run.steps, run.seed, run.attention,
+                estimate_memory=run.estimate_memory, timed=timed,
             )  # fmt: skip
             if result["status"] != "skipped":  # a variant this device cannot run took no time to say so
                 result["wall_s"] = _now() - began
         done.append((variant, result))
         report["variants"][index] = result
-        report["elapsed_s"] = _now() - start
-        report["complete"] = index == len(variants) - 1
-        finalize_report(report)
-        if on_progress is not None:
-            on_progress(report)
-    return report
+        _publish(report, run)
 
 
-def _over_budget(variant: Variant, elapsed: float, estimate: float, time_budget_s: float) -> dict:
-    """The result of a variant not started because it would end past the time budget (all in seconds)."""
-    return {
-        **_pending(variant),
-        "status": "skipped",
-        "reason": f"time budget: {elapsed / 60:.1f} min elapsed + ~{estimate / 60:.1f} min expected "
-        f"> {time_budget_s / 60:.1f} min",
-    }
+@dataclasses.dataclass
+class _Warm:
+    """A variant of an interleaved run, built and warmed up, waiting for its timed steps."""
+
+    built: _Built
+    memory: PeakMemory
+    times: list[float]  # its first timed step when there is no warm-up (that step measured the memory)
+    loss: float
+    wall_s: float
+
+
+def _warm_up(variant: Variant, run: _Run) -> _Warm:
+    began = _now()
+    built = _build(variant, run.shape, run.device, run.dtype, run.seed)
+    memory = PeakMemory(run.device)
+    synchronize(run.device)
+    memory.baseline()
+    # The variant's peak memory is measured here, on its own steps right after its build: during the timed rounds
+    # every variant's model is resident, which a process-wide measure (RSS growth) would also count.
+    with memory:
+        times, loss = time_steps(built.step, run.device, run.warmup, 0 if run.warmup else 1)
+    return _Warm(built, memory, times, loss, _now() - began)
+
+
+def _run_interleaved(report: dict, variants: list[Variant], run: _Run) -> None:
+    """Build and warm up each variant in turn (compiling happens here; not compared), time `steps` rounds of one
+    step of each (`time_steps_round_robin`), then profile each. All the models are held at once: a CPU run of the
+    tiny or a partial shape affords it. `release_memory` (which resets torch.compile's caches) runs once, at the
+    end: between variants it would make the variants still to be timed compile again."""
+    with attention_backend(run.attention):
+        warm = _warm_up_all(report, variants, run)
+        rounds = run.steps - (0 if run.warmup else 1)  # without warm-up, the first timed step ran in _warm_up
+        times, losses, errors = time_steps_round_robin({i: w.built.step for i, w in warm.items()}, run.device, rounds)
+        for index, w in warm.items():
+            began = _now()
+            result = {**report["variants"][index], "status": "ok", "reason": None}  # keeps a memory estimate
+            try:
+                if index in errors:
+                    raise errors[index]
+                loss = losses[index] if times[index] else w.loss
+                result.update(
+                    _measured_fields(
+                        w.built,
+                        variants[index],
+                        run.shape,
+                        run.device,
+                        run.dtype,
+                        w.times + times[index],
+                        loss,
+                        w.memory,
+                    )
+                )
+            except Exception as error:
+                result.update(_failure(error))
+            result["wall_s"] = w.wall_s + sum(times[index]) + (_now() - began)
+            report["variants"][index] = result
+            _publish(report, run)
+        warm.clear()
+    release_memory(run.device)
+
+
+def _warm_up_all(report: dict, variants: list[Variant], run: _Run) -> dict[int, _Warm]:
+    """Each variant built and warmed up, by its index; those that cannot run here, would pass the time budget or
+    fail are reported at once. The others stay `pending` (with their memory estimate, if asked) until timed."""
+    warm: dict[int, _Warm] = {}
+    done: list[tuple[Variant, dict]] = []
+    for index, variant in enumerate(variants):
+        result = report["variants"][index]
+        if run.estimate_memory:
+            _add_memory_estimate(result, variant, run.shape, run.dtype, run.seed)
+        reason = variant.unsupported(run.device)
+        if reason is not None:
+            result.update(status="skipped", reason=reason)
+        elif (skipped := _over_budget(variant, done, run)) is not None:
+            result.update(skipped)
+        else:
+            try:
+                warm[index] = _warm_up(variant, run)
+                done.append((variant, {"wall_s": warm[index].wall_s}))
+                continue
+            except Exception as error:  # one broken variant must not lose the others' numbers
+                result.update(_failure(error))
+        _publish(report, run)
+    return warm
 
 
 def _speedup_uncertainty(result: dict, base: dict | None) -> None:
