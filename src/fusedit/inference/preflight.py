@@ -27,7 +27,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fusedit.errors import Refusal, UserFileNotFoundError, UserInputError
-from fusedit.families import EDIT_2511, PIPELINE_CLASSES, TEXT_TO_IMAGE, edit_image_count_problem, is_edit_family
+from fusedit.families import (
+    EDIT_2511,
+    PIPELINE_CLASSES,
+    QWEN_IMAGE_21,
+    TEXT_TO_IMAGE,
+    edit_image_count_problem,
+    is_edit_family,
+)
 from fusedit.inference.inputs import Job, collect_jobs, unreadable_images
 from fusedit.inference.outputs import OutputPaths
 from fusedit.pickle_files import pickle_refusal
@@ -157,6 +164,11 @@ def model_family(path: str | os.PathLike) -> str:
         raise UserInputError(
             f"model.path={path}: `fusedit detect` reports family {family!r}; inference supports "
             f"{', '.join(PIPELINE_CLASSES)}"
+        )
+    if family == QWEN_IMAGE_21:  # its sampling is diffusers' modular pipeline, which infer.py does not drive yet
+        raise UserInputError(
+            f"model.path={path} is Qwen-Image-2.1: infer.py does not run it yet; use diffusers' "
+            "ModularPipeline.from_pretrained(path) with pipe.load_lora_weights(lora) (docs/qwen-image-2.1.md)"
         )
     return family
 
