@@ -72,7 +72,7 @@ class LoraSpec:
     dropout: lora_dropout. init: `default` (A kaiming, B zero), `gaussian`, or PEFT's `pissa` / `pissa_niter_<k>` /
     `olora` (which move the base weight's principal part into the adapter; fusedit.lora.adapter exports the
     difference). init_from: a LoRA file to start from (fusedit.lora.init_from: read and checked against rank and
-    targets by the lora stage). type: `lora` or `dora` (PEFT's use_dora; fusedit.lora.adapter.check_type).
+    targets by the lora stage). type: `lora` or `dora` (PEFT's use_dora; fusedit.lora.choices.check_type).
     """
 
     targets: str | list[str] = field(default="attn_mlp")

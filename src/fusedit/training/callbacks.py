@@ -16,6 +16,7 @@ from PIL import Image
 from fusedit.convert.layout import LAYOUTS
 from fusedit.io import atomic_write_path
 from fusedit.lora.adapter import export_lora
+from fusedit.step.conditioning_qwen21 import Qwen21Conditioner
 from fusedit.training.ema import find_ema, user_weights
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ class ValidationImages(Callback):
     @rank_zero_only
     def log_images(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
-        if not hasattr(pl_module.conditioner, "pipeline") and not hasattr(pl_module.conditioner, "validation_rows"):
+        if isinstance(pl_module.conditioner, Qwen21Conditioner):
             # Qwen-Image-2.1 (fusedit.step.conditioning_qwen21): its sampling runs through diffusers' modular
             # pipeline, which this callback does not drive yet; training goes on without the images.
             if not getattr(self, "_warned_no_pipeline", False):

@@ -122,8 +122,8 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
 
 
 def _adapter_type_problems(cfg: DictConfig) -> list[str]:
-    """`lora.type` (fusedit.lora.adapter.check_type) and what DoRA cannot be combined with."""
-    from fusedit.lora.adapter import changes_base, check_type
+    """`lora.type` (fusedit.lora.choices.check_type) and what DoRA cannot be combined with."""
+    from fusedit.lora.choices import changes_base, check_type
 
     adapter_type = OmegaConf.select(cfg, "lora.type", default="lora")
     try:
@@ -164,7 +164,7 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"lora.dropout must be in [0, 1), got {OmegaConf.select(cfg, 'lora.dropout')!r}")
     init = OmegaConf.select(cfg, "lora.init")
     try:
-        from fusedit.lora.adapter import changes_base, check_init
+        from fusedit.lora.choices import changes_base, check_init
 
         check_init(init)
         if changes_base(init) and OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
