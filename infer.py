@@ -24,4 +24,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from fusedit.train_config import exit_on_bad_overrides
+
+    exit_on_bad_overrides("infer", sys.argv[1:])  # a misspelt key as one line, exit 2 (Hydra: five lines, exit 1)
     main()

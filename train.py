@@ -37,7 +37,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from fusedit.train_config import exit_on_bad_overrides
     from fusedit.training.run_dir import resume_hydra_overrides
+
+    exit_on_bad_overrides("train", sys.argv[1:])  # a misspelt key as one line, exit 2 (Hydra: five lines, exit 1)
 
     # A resume logs into the run it continues, not into a stray new run dir (fusedit.training.run_dir).
     sys.argv += resume_hydra_overrides(sys.argv[1:])

@@ -321,3 +321,25 @@ def test_a_resume_with_a_refused_value_is_not_recorded(tmp_path):
         [f"ckpt_path={run}", "trainer.max_steps=7"],
         [f"ckpt_path={run}"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "expected"),
+    [
+        ("train.py", "optim.lrr=1e-4", "fusedit: error: Could not override 'optim.lrr'."),
+        ("train.py", "optim=prodigyy", "Available options in 'optim':"),
+        ("infer.py", "sampling.stepz=2", "fusedit: error: Could not override 'sampling.stepz'."),
+    ],
+)
+def test_a_misspelt_key_on_the_script_command_line_is_one_line_exit_2(script, override, expected, tmp_path):
+    # Hydra's own report is five lines and exit 1 (fusedit.train_config.exit_on_bad_overrides runs first).
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), override],
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.splitlines()) == 1 and expected in result.stderr, result.stderr

@@ -24,27 +24,49 @@ def compose_train_config(overrides: list[str], config_dir: str | Path = CONF_DIR
     UserFileNotFoundError when `config_dir` has no train.yaml and UserInputError (one line: Hydra's message and
     OmegaConf's reason) for a misspelt key, group or value.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     config_dir = Path(config_dir)
     if not (config_dir / "train.yaml").is_file():
         raise UserFileNotFoundError(f"{config_dir} has no train.yaml; pass --config-dir <repo>/conf")
     if not any(item.startswith("paths.root_dir=") for item in overrides):
         overrides = [f"paths.root_dir={os.getcwd()}", *overrides]
-    try:
-        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as error:
-        # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, as train.py
-        # prints it, instead of the traceback of the compose call.
-        raise UserInputError(_one_line(error)) from None
+    cfg = _compose("train", overrides, config_dir)
     if fill_demo:
         from fusedit.data.sample import fill_demo_paths
 
         fill_demo_paths(cfg)
     return cfg
+
+
+def _compose(config_name: str, overrides: list[str], config_dir: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, instead of the
+        # traceback of the compose call.
+        raise UserInputError(_one_line(error)) from None
+
+
+def exit_on_bad_overrides(config_name: str, args: list[str], config_dir: str | Path = CONF_DIR) -> None:
+    """Exit 2 with one `fusedit: error:` line when Hydra would refuse the command line's overrides.
+
+    For `python train.py` / `infer.py` before `@hydra.main` runs: Hydra itself prints a misspelt key as five lines
+    and exits 1. Only a plain run is checked here (every argument a `key=value` override, none of Hydra's own
+    `hydra.*` keys): a multirun's sweep values, `--cfg` and the other flags are Hydra's to read and report.
+    """
+    import sys
+
+    if not args or any(arg.startswith(("-", "hydra.", "+hydra.", "~hydra.")) or "=" not in arg for arg in args):
+        return
+    try:
+        _compose(config_name, args, Path(config_dir))
+    except UserInputError as error:
+        print(f"fusedit: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _one_line(error: BaseException) -> str:
