@@ -71,7 +71,7 @@ def forward_and_input_grads(model, inputs):
     inputs["hidden_states"].requires_grad_(True)
     inputs["encoder_hidden_states"].requires_grad_(True)
     out = model(**inputs).sample
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum().backward()
     return out.detach(), inputs["hidden_states"].grad, inputs["encoder_hidden_states"].grad
 
 
@@ -244,12 +244,13 @@ PROJECTIONS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_qkv", "img_mlp.ga
 
 
 def projection_weights(model):
-    return [
-        block.get_submodule(name).weight
+    # A merged model keeps a parameterless MergedPart under each standard name (fusedit.model.diffusers_api).
+    modules = [
+        block.get_submodule(name.split(".")[0])._modules.get(name.split(".")[1])
         for block in model.transformer_blocks
         for name in (*PROJECTIONS, "img_mlp.gate_up_proj")
-        if hasattr(block.get_submodule(name.split(".")[0]), name.split(".")[1])
     ]
+    return [module.weight for module in modules if isinstance(module, torch.nn.Linear)]
 
 
 @pytest.mark.parametrize("layers", [1, 2])
