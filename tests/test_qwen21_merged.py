@@ -158,9 +158,18 @@ def test_set_attn_processor_on_a_merged_model_installs_the_merged_counterpart(re
     assert type(restored.transformer_blocks[0].attn.processor) is QwenImage21AttnProcessor
 
 
+@pytest.fixture
+def fp32_matmul():
+    """fp32 GEMMs on CUDA, not TF32: another test (an inference profile) may have switched TF32 on for the process."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_flex_path_gradients_match_diffusers_on_gpu(reference_model, checkpointing):
+def test_flex_path_gradients_match_diffusers_on_gpu(reference_model, checkpointing, fp32_matmul):
     if not torch.cuda.is_available():
         pytest.skip("flex_attention's backward needs a GPU")
     reference = copy.deepcopy(reference_model).cuda()
