@@ -142,3 +142,77 @@ class TextToImagePromptCounter(_Shortens):
         if edit_sizes:
             raise ValueError("a text-to-image prompt has no edit images")
         return len(self.tokenizer(self.template.format(prompt))["input_ids"]) - self.template_start
+
+
+# Qwen-Image-2.1 (diffusers' QwenImage21Rope): one position axis for the joint sequence. Every text token takes
+# the next position; an image block takes max(latent height, latent width) of them (its own grid is centred on 0
+# on the other two axes), references in their text slots and the target last. The table holds positions
+# 0 .. 8191 (`torch.arange(8192)`, then 1,024 negative ones for the centred grids): a position past 8191 reads a
+# negative position's entry, silently, so the last one used (the target's, after all the text and references)
+# must stay below QWEN21_POSITIONS.
+QWEN21_POSITIONS = 8192
+QWEN21_TOKEN_PIXELS = 16  # one 2.1 latent token per 16x16 pixels (16x VAE, no 2x2 packing)
+
+
+def qwen21_reference_size(width: int, height: int, output_resolution: int) -> tuple[int, int]:
+    """The size (width, height, pixels) diffusers' 2.1 pipeline resizes a reference of `width` x `height` to: about
+    `output_resolution` squared pixels in its aspect, sides multiples of 32 (`calculate_dimensions`)."""
+    from diffusers.modular_pipelines.qwenimage21.encoders import calculate_dimensions
+
+    resized_width, resized_height, _ = calculate_dimensions(output_resolution * output_resolution, width / height)
+    return int(resized_width), int(resized_height)
+
+
+def qwen21_text_positions_left(reference_sizes: list[tuple[int, int]]) -> int:
+    """The most text tokens a 2.1 prompt may have beside references of `reference_sizes` (width, height in pixels,
+    as the pipeline resized them): QWEN21_POSITIONS minus one for the target's own and the references' positions."""
+    taken = sum(max(w, h) // QWEN21_TOKEN_PIXELS for w, h in reference_sizes)
+    return QWEN21_POSITIONS - 1 - taken
+
+
+class _PositionCountingEncoder:
+    """Stands in for Qwen3-VL in diffusers' `get_qwenimage21_prompt_embeds`: one zero-width hidden state per input
+    token, and the `model.norm` it hooks (never called)."""
+
+    dtype = None
+
+    def __init__(self):
+        import torch
+
+        self.model = SimpleNamespace(norm=torch.nn.Identity())
+
+    def __call__(self, input_ids, attention_mask, **_):
+        import torch
+
+        return SimpleNamespace(hidden_states=[torch.zeros(*input_ids.shape, 1)])
+
+
+class Qwen21PromptCounter(_Shortens):
+    """Counts the text tokens of a Qwen-Image-2.1 prompt as diffusers' pipeline encodes it (`count(prompt,
+    reference_sizes)`): its template (system prefix dropped, one `<imageN>` slot per reference) through the
+    folder's Qwen3-VL processor, minus the image slots, which the references' latent tokens fill.
+
+    Only the processor is read (no weights): `get_qwenimage21_prompt_embeds` runs with a stand-in encoder on the
+    smallest images the processor takes; the slots are counted from its image mask and taken off, so the count
+    does not depend on the references' sizes (their positions are `qwen21_text_positions_left`'s)."""
+
+    def __init__(self, pipeline_dir: str | Path):
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(Path(pipeline_dir) / "processor")
+        self.tokenizer = self.processor.tokenizer
+        image_processor = self.processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        self._small = max(factor, math.ceil(math.sqrt(getattr(image_processor, "min_pixels", 0) or 0)))
+        self._encoder = _PositionCountingEncoder()
+
+    def count(self, prompt: str, reference_sizes: list[tuple[int, int]] = ()) -> int:
+        """Text tokens of `prompt` with `len(reference_sizes)` references (their sizes do not change it)."""
+        from diffusers.modular_pipelines.qwenimage21.encoders import get_qwenimage21_prompt_embeds
+        from PIL import Image
+
+        images = [Image.new("RGB", (self._small, self._small)) for _ in reference_sizes] or None
+        embeds, _, image_slots = get_qwenimage21_prompt_embeds(
+            self._encoder, self.processor, prompt=[prompt], image=images, device="cpu"
+        )
+        return int(embeds.shape[1]) - int(image_slots.sum())
