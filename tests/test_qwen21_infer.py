@@ -69,11 +69,12 @@ def sampler(tiny_qwen21_path):
     pipe = pipeline_from_folder(tiny_qwen21_path, load_transformer(tiny_qwen21_path, "standard"), torch.float32)
     reference = Image.new("RGB", (64, 32), (20, 130, 30))
 
-    def run(layout: str, specs: list[LoraSpec]):
+    def run(layout: str, specs: list[LoraSpec], generate: bool = True):
         transformer = load_transformer(tiny_qwen21_path, layout, dtype=torch.float32)
         records = load_loras(transformer, specs)
         pipe.update_components(transformer=transformer)
-        return sample(pipe, "a green field", [reference], **SAMPLE), transformer, records
+        image = sample(pipe, "a green field", [reference], **SAMPLE) if generate else None
+        return image, transformer, records
 
     return run
 
@@ -94,7 +95,7 @@ def test_merged_and_standard_give_the_same_image_with_a_lora_in_every_format(sam
 
 def test_a_lora_loads_at_the_strength_it_states_times_the_scale(sampler, lora, tmp_path):
     file = write_lora(lora, tmp_path / "kohya.safetensors", "kohya")  # alphas as tensors, one per module
-    _, transformer, records = sampler("merged_qkv", [LoraSpec(str(file), 0.5, "mine")])
+    _, transformer, records = sampler("merged_qkv", [LoraSpec(str(file), 0.5, "mine")], generate=False)
     assert records[0]["alpha_over_rank"] == [0.5, 1.0, 2.0]
     block = transformer.transformer_blocks[1]
 
@@ -170,6 +171,11 @@ def test_a_transformer_or_option_of_the_other_family_is_refused(tiny_qwen21_path
     out = f"output={tmp_path / 'o.png'}"
     cfg = cfg_for(tiny_qwen21_path, f"input={references[1]}", "prompt=x", out, f"model.transformer={tiny_t2i_path}")
     with pytest.raises(UserInputError, match=r"is a Qwen-Image \(MMDiT\) transformer, but model.path is a qwen-im"):
+        preflight(cfg)
+    mmdit_lora = LoraWeights({"transformer_blocks.0.attn.add_q_proj": LoraModule(torch.ones(1, 32), torch.ones(32, 1))})
+    file = write_lora(mmdit_lora, tmp_path / "mmdit.safetensors")
+    cfg = cfg_for(tiny_qwen21_path, f"input={references[1]}", "prompt=x", out, f"lora.path={file}")
+    with pytest.raises(UserInputError, match=r"targets attn.add_q_proj, which a qwen-image-2.1 transformer does not"):
         preflight(cfg)
     cfg = cfg_for(tiny_t2i_path, "prompt=x", out)
     with pytest.raises(UserInputError, match=r"^sampling.output_resolution is Qwen-Image-2.1's"):

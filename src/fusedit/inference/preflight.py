@@ -196,12 +196,27 @@ def _check_transformer(path: Path, family: str | None) -> None:
         )
 
 
-def _check_lora_kind(spec: LoraSpec, file: Path) -> None:
+def _check_lora_kind(spec: LoraSpec, file: Path, family: str | None = None) -> None:
+    """`file` is a LoRA, and none of its block modules is one only the other family (MMDiT / 2.1) has."""
+    from fusedit.model.module_map import BLOCK_LINEARS, QWEN21_BLOCK_LINEARS
+
     report = _detect(file, spec.key)
     if report["kind"] != "lora":  # `lora_file` gives a file, so the other kind is a whole model's weights
         raise UserInputError(
             f"{spec.key}={file} holds transformer weights ({report.get('layers')} blocks), not a LoRA; other "
             "transformer weights go in model.transformer"
+        )
+    if family is None:
+        return
+    # Names both families share (attn.to_q, ...) are checked against the loaded model's shapes when attached.
+    own, other = (
+        (QWEN21_BLOCK_LINEARS, BLOCK_LINEARS) if family == QWEN_IMAGE_21 else (BLOCK_LINEARS, QWEN21_BLOCK_LINEARS)
+    )
+    foreign = sorted(set(report["target_modules"]) & (set(other) - set(own)))
+    if foreign:
+        raise UserInputError(
+            f"{spec.key}={file} targets {', '.join(foreign)}, which a {family} transformer does not have: a LoRA "
+            f"for {'the Qwen-Image MMDiT' if family == QWEN_IMAGE_21 else 'Qwen-Image-2.1'}?"
         )
 
 
@@ -442,7 +457,7 @@ def preflight(cfg: DictConfig) -> Plan:
     if transformer is not None:
         problems.check(_check_transformer, Path(str(transformer)).expanduser(), family)
     for spec, file in zip(specs, lora_files, strict=True):
-        problems.check(_check_lora_kind, spec, file)
+        problems.check(_check_lora_kind, spec, file, family)
     if family is not None:
         problems.check(check_jobs_fit, jobs, family)
         sampling = cfg.get("sampling") or {}
