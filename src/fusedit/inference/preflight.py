@@ -300,14 +300,14 @@ class _PromptLimits:
         return self._counters[kind]
 
     def _qwen21(self, sizes: list[tuple[int, int]]):
-        from fusedit.data.prompt_length import QWEN21_POSITIONS, qwen21_reference_size, qwen21_text_positions_left
+        from fusedit.data.prompt_length import QWEN21_ROPE_POSITIONS, qwen21_reference_size, qwen21_text_positions_left
         from fusedit.inference.qwen21 import DEFAULT_OUTPUT_RESOLUTION
 
         resolution = int(self.output_resolution or DEFAULT_OUTPUT_RESOLUTION)
         limit = qwen21_text_positions_left([qwen21_reference_size(w, h, resolution) for w, h in sizes])
         what = (
             f"Qwen-Image-2.1's RoPE has {limit} text positions left beside the target and {len(sizes)} reference(s) "
-            f"({QWEN21_POSITIONS} in all)"
+            f"({QWEN21_ROPE_POSITIONS} in all)"
         )
         return self._counter("2.1"), sizes, limit, what
 
