@@ -172,7 +172,9 @@ def test_a_transformer_or_option_of_the_other_family_is_refused(tiny_qwen21_path
     cfg = cfg_for(tiny_qwen21_path, f"input={references[1]}", "prompt=x", out, f"model.transformer={tiny_t2i_path}")
     with pytest.raises(UserInputError, match=r"is a Qwen-Image \(MMDiT\) transformer, but model.path is a qwen-im"):
         preflight(cfg)
-    mmdit_lora = LoraWeights({"transformer_blocks.0.attn.add_q_proj": LoraModule(torch.ones(1, 32), torch.ones(32, 1))})
+    mmdit_lora = LoraWeights(
+        {"transformer_blocks.0.attn.add_q_proj": LoraModule(torch.ones(1, 32), torch.ones(32, 1), 1.0)}
+    )
     file = write_lora(mmdit_lora, tmp_path / "mmdit.safetensors")
     cfg = cfg_for(tiny_qwen21_path, f"input={references[1]}", "prompt=x", out, f"lora.path={file}")
     with pytest.raises(UserInputError, match=r"targets attn.add_q_proj, which a qwen-image-2.1 transformer does not"):
