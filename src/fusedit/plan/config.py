@@ -35,6 +35,7 @@ def config_plan(cfg: DictConfig) -> TrainPlan:
         optim=str(cfg.optim.get("name", "adamw")),
         resident_blocks=cfg.model.get("resident_blocks"),
         encode=_encode_mode(cfg),
+        ema=bool(cfg.get("callbacks") and cfg.callbacks.get("ema")),
     )
 
 
@@ -142,7 +143,7 @@ def resolve_training_plan(cfg: DictConfig) -> dict | None:
     estimates = Estimates(settings.get("estimates"))
     facts = config_facts(cfg, estimates=estimates)
     if auto:
-        choice = choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim)
+        choice = choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim, ema=config_plan(cfg).ema)
         if not choice.fits:
             raise UserInputError(_no_plan_message(choice))
         apply_plan(cfg, choice.plan)
@@ -151,7 +152,7 @@ def resolve_training_plan(cfg: DictConfig) -> dict | None:
         choice = evaluate(config_plan(cfg), facts, estimates, float(gpu_gb))
         if not choice.fits:
             raise UserInputError(
-                _refusal_message(choice, choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim))
+                _refusal_message(choice, choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim, ema=config_plan(cfg).ema))
             )
     record = {"auto": auto, **choice.to_dict()}
     log.info("plan: %s", record)
