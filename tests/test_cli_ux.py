@@ -217,7 +217,6 @@ def test_fusedit_loads_models_without_dtype_deprecation_warnings(tiny_edit_path)
     assert deprecations == []
 
 
-
 def test_training_loads_its_encoders_without_progress_bars_and_prodigy_prints_nothing(tiny_edit_path, capfd):
     """diffusers' "Loading pipeline components..." bar (training's VAE + text encoder) and prodigyopt's "Using
     decoupled weight decay" print are gone from a run's output; the bar stays on for everyone else after the load."""

@@ -54,9 +54,7 @@ def weights_per_step():
     return Record()
 
 
-def test_ema_export_is_the_expected_average_of_the_step_weights(
-    tmp_path, tiny_edit_path, conditioner, batch, capsys
-):
+def test_ema_export_is_the_expected_average_of_the_step_weights(tmp_path, tiny_edit_path, conditioner, batch, capsys):
     module = lora_module(tiny_edit_path, conditioner, "adamw", ["optim.lr=1e-2"])
     record = weights_per_step()
     ema = LoRAEMA(decay=DECAY)
