@@ -341,9 +341,13 @@ def test_a_resume_with_a_refused_value_is_not_recorded(tmp_path):
 @pytest.mark.parametrize(
     ("script", "override", "expected"),
     [
-        ("train.py", "optim.lrr=1e-4", "fusedit: error: Could not override 'optim.lrr'."),
+        ("train.py", "optim.lrr=1e-4", "fusedit: error: unknown setting 'optim.lrr'; did you mean optim.lr?"),
         ("train.py", "optim=prodigyy", "Available options in 'optim':"),
-        ("infer.py", "sampling.stepz=2", "fusedit: error: Could not override 'sampling.stepz'."),
+        (
+            "infer.py",
+            "sampling.stepz=2",
+            "fusedit: error: unknown setting 'sampling.stepz'; did you mean sampling.steps?",
+        ),
     ],
 )
 def test_a_misspelt_key_on_the_script_command_line_is_one_line_exit_2(script, override, expected, tmp_path):
