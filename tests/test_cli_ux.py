@@ -1,5 +1,5 @@
-"""What a user sees: a config error before the heavy imports, a progress bar in steps, no deprecation noise from
-fusedit's own loading calls, and `+key=` overrides that still work when a run is resumed."""
+"""What a user sees: a config error before the heavy imports, a progress bar in steps, no deprecation noise or
+progress bars from fusedit's own loading calls, and `+key=` overrides that still work when a run is resumed."""
 
 from __future__ import annotations
 
@@ -215,6 +215,21 @@ def test_fusedit_loads_models_without_dtype_deprecation_warnings(tiny_edit_path)
         if issubclass(warning.category, (FutureWarning, DeprecationWarning)) and "dtype" in str(warning.message)
     ]
     assert deprecations == []
+
+
+def test_training_loads_its_encoders_without_progress_bars_and_prodigy_prints_nothing(tiny_edit_path, capfd):
+    """diffusers' "Loading pipeline components..." bar (training's VAE + text encoder) and prodigyopt's "Using
+    decoupled weight decay" print are gone from a run's output; the bar stays on for everyone else after the load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from fusedit.optim import prodigy
+    from fusedit.step.conditioning import EditConditioner
+
+    EditConditioner.from_pretrained(tiny_edit_path, dtype=torch.float32)
+    prodigy([torch.nn.Parameter(torch.zeros(2))], weight_decay=0.01)  # conf/optim/prodigy.yaml's decay
+    out, err = capfd.readouterr()
+    assert "Loading pipeline components" not in out + err and "decoupled" not in out + err, out + err
+    assert diffusers_logging.is_progress_bar_enabled()
 
 
 # ---------------------------------------------------------------------------------------------------- resume
