@@ -67,11 +67,3 @@ def test_the_cache_refuses_qwen21_before_loading(tiny_qwen21_path, tmp_path):
         validate_train_config(cfg)
     with pytest.raises(UserInputError, match=r"train 2.1 with cache.enabled=false"):
         refuse_qwen21(tiny_qwen21_path)  # what `fusedit cache` runs first
-
-
-def test_infer_refuses_qwen21_in_one_line_before_loading(tiny_qwen21_path):
-    from fusedit.errors import UserInputError
-    from fusedit.inference.preflight import model_family
-
-    with pytest.raises(UserInputError, match=r"is Qwen-Image-2.1: infer.py does not run it yet"):
-        model_family(tiny_qwen21_path)
