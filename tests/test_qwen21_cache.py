@@ -93,3 +93,14 @@ def test_the_qwen21_cache_re_encodes_a_changed_row_or_encoder(tmp_path, tiny_qwe
     config.write_text(json.dumps({**json.loads(config.read_text()), "fusedit_test": 1}))
     third = cached(data, tmp_path / "cache", model)
     assert third.stats["encoded"] == 3 and third.cache.dir != first.cache.dir
+
+
+def test_config_checks_take_the_qwen21_cache_and_refuse_its_offload(tmp_path, tiny_qwen21_path, data):
+    from fusedit.training.validate_config import ConfigError, validate_train_config
+    from tests.training_utils import compose_train
+
+    cfg = compose_train([f"model.path={tiny_qwen21_path}", f"data.metadata={data}", "logger=csv", "cache.enabled=true"])
+    validate_train_config(cfg)  # was refused: "the latent cache does not hold Qwen-Image-2.1 encodings yet"
+    cfg.cache.offload = True
+    with pytest.raises(ConfigError, match=r"cache.offload=true streams the MMDiT text encoder's layers"):
+        validate_train_config(cfg)

@@ -51,11 +51,3 @@ def test_exported_lora_loads_in_diffusers_qwen21_pipeline_and_changes_its_output
     pipe.set_adapters(["trained"], [1000.0])  # 2 steps move the LoRA little: scale it far above float noise
     changed = torch.tensor(list(generate()[0].getdata()), dtype=torch.float32)
     assert (changed - base).abs().max() > 1
-
-
-def test_infer_refuses_qwen21_in_one_line_before_loading(tiny_qwen21_path):
-    from fusedit.errors import UserInputError
-    from fusedit.inference.preflight import model_family
-
-    with pytest.raises(UserInputError, match=r"is Qwen-Image-2.1: infer.py does not run it yet"):
-        model_family(tiny_qwen21_path)

@@ -54,6 +54,15 @@ def qwen21_text_positions_left(reference_sizes: list[tuple[int, int]]) -> int:
     return QWEN21_ROPE_POSITIONS - 1 - sum(max(h // PATCH, w // PATCH) for w, h in reference_sizes)
 
 
+def qwen21_reference_size(width: int, height: int, output_resolution: int) -> tuple[int, int]:
+    """The size (width, height, pixels) diffusers' 2.1 pipeline resizes a reference of `width` x `height` to: about
+    `output_resolution` squared pixels in its aspect, sides multiples of 32 (`calculate_dimensions`)."""
+    from diffusers.modular_pipelines.qwenimage21.encoders import calculate_dimensions
+
+    resized_width, resized_height, _ = calculate_dimensions(output_resolution * output_resolution, width / height)
+    return int(resized_width), int(resized_height)
+
+
 class _TokenCountingEncoder:
     """Stands in for Qwen2.5-VL in `_get_qwen_prompt_embeds`: one zero-width hidden state per input token."""
 
