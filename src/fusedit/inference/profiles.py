@@ -14,6 +14,7 @@ adapter layers to skip them), casting before offloading (the offload hooks move 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -73,6 +74,22 @@ def check_profile(profile) -> tuple[str, torch.device]:
     return offload, device
 
 
+def _group_offload_modules(pipe, **kwargs) -> None:
+    """What `DiffusionPipeline.enable_group_offload` does, for a modular pipeline (Qwen-Image-2.1's), which has no
+    such method: each nn.Module component offloaded by its own `enable_group_offload` (diffusers models) or by
+    diffusers' `apply_group_offloading` (the transformers text encoder). The modular pipeline's execution device
+    then comes from the group hooks (`ModularPipeline._execution_device`)."""
+    from diffusers.hooks import apply_group_offloading
+
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if hasattr(component, "enable_group_offload"):
+            component.enable_group_offload(**kwargs)
+        else:
+            apply_group_offloading(module=component, **kwargs)
+
+
 def apply_profile(pipe, profile) -> dict:
     """Apply `profile` (a config node) to `pipe` in place. Returns what was applied, for the run's record."""
     offload, device = check_profile(profile)
@@ -99,7 +116,8 @@ def apply_profile(pipe, profile) -> dict:
     else:
         group = profile.get("group", {}) or {}
         offload_type = group.get("offload_type", "block_level")
-        pipe.enable_group_offload(
+        group_offload = getattr(pipe, "enable_group_offload", None) or functools.partial(_group_offload_modules, pipe)
+        group_offload(
             onload_device=device,
             offload_device=torch.device("cpu"),
             offload_type=offload_type,
