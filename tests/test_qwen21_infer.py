@@ -174,6 +174,15 @@ def test_model_and_sequential_offload_are_refused_for_2_1(tiny_qwen21_path):
         check_family_options(cfg, "qwen-image-2.1")
 
 
+def test_profile_auto_picks_group_offload_for_2_1_where_it_picks_model_offload_otherwise():
+    from fusedit.inference.profiles import auto_profile_name
+
+    assert [auto_profile_name(gb, "qwen-image-2.1") for gb in (None, 85.1, 24.0, 12.9)] == [
+        "cpu", "high_vram", "12gb", "12gb"
+    ]  # fmt: skip
+    assert auto_profile_name(24.0) == "24gb"
+
+
 def test_a_long_prompt_is_truncated_to_the_2_1_positions_when_asked(tiny_qwen21_path, references, tmp_path):
     from fusedit.data.prompt_length import Qwen21PromptCounter
 

@@ -474,7 +474,7 @@ def preflight(cfg: DictConfig) -> Plan:
     from fusedit.inference.profiles import check_profile, resolve_auto_profile  # torch, imported by detect already
 
     with open_dict(cfg):  # profile=auto: the detected GPU's profile from here on (infer() reads cfg.profile)
-        cfg.profile = resolve_auto_profile(cfg.profile)
+        cfg.profile = resolve_auto_profile(cfg.profile, family)
     problems.check(check_profile, cfg.profile)
     if family is not None:
         problems.check(check_family_options, cfg, family)
