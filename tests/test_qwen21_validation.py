@@ -14,7 +14,7 @@ from fusedit.step.precision import Precision
 from tests.data_helpers import write_csv
 
 
-def test_cached_qwen21_validation_samples_what_the_pipeline_samples(tmp_path, tiny_qwen21_path, monkeypatch):
+def test_cached_qwen21_validation_samples_what_the_pipeline_samples(tmp_path, tiny_qwen21_path, monkeypatch, capfd):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -36,9 +36,11 @@ def test_cached_qwen21_validation_samples_what_the_pipeline_samples(tmp_path, ti
     module = SimpleNamespace(device=torch.device("cpu"), transformer=transformer)
 
     conditioner = CachedConditioner(tiny_qwen21_path)
+    capfd.readouterr()
     with monkeypatch.context() as patch:  # from the cache: no Qwen3-VL
         patch.setattr(Qwen3VLForConditionalGeneration, "from_pretrained", None)
         ((reference, edited, target, prompt),) = conditioner.validation_rows(module, [data.train_dataset[0]], 2, 0)
+    assert "it/s]" not in capfd.readouterr().err  # no denoise-loop progress bar in a training log
     assert prompt == "make it red" and reference.size == edited.size == target.size == (64, 32)
 
     live = Qwen21Conditioner.from_pretrained(tiny_qwen21_path)

@@ -151,7 +151,7 @@ class Qwen21CachedSampler(CachedSampler):
 
     @torch.no_grad()
     def rows(self, module, samples: list[dict], num_inference_steps: int, seed: int) -> list[list]:
-        from fusedit.inference.qwen21 import decode, encoded_pipeline, sample_encoded, unpack
+        from fusedit.inference.qwen21 import decode, disable_progress_bars, encoded_pipeline, sample_encoded, unpack
         from fusedit.step.token_weights import PIXELS_PER_TOKEN
 
         if not samples:
@@ -168,7 +168,7 @@ class Qwen21CachedSampler(CachedSampler):
                 packed = inputs.condition.split([h * w for _, h, w in references], dim=1) if references else ()
                 latents = [unpack(p, h, w) for p, (_, h, w) in zip(packed, references, strict=True)]
                 pipe = encoded_pipeline(module.transformer, vae, self.scheduler_cls.from_config(self.scheduler_config))
-                pipe.set_progress_bar_config(disable=True)
+                disable_progress_bars(pipe)
                 with torch.autocast(device.type, enabled=False):
                     edited = sample_encoded(
                         pipe,

@@ -184,3 +184,14 @@ def decode(vae: nn.Module, latents: torch.Tensor) -> list[PIL.Image.Image]:
     decoder = QwenImage21DecodeStep().init_pipeline()
     decoder.update_components(vae=vae)
     return decoder(latents=latents, output_type="pil", output="images")
+
+
+def disable_progress_bars(pipe) -> None:
+    """Turn off the denoise loop's tqdm bar of a 2.1 modular pipeline (training's validation rounds print none).
+    `ModularPipeline.set_progress_bar_config` reaches only its top-level blocks; the loop sits deeper."""
+    pending = list(pipe._blocks.sub_blocks.values())  # `pipe.blocks` is a copy; diffusers' own method reads _blocks
+    while pending:
+        block = pending.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        pending += list(getattr(block, "sub_blocks", {}).values())

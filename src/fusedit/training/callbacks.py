@@ -299,14 +299,14 @@ class ValidationImages(Callback):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.image_processor import VaeImageProcessor
 
-        from fusedit.inference.qwen21 import pipeline_from_components, sample
+        from fusedit.inference.qwen21 import disable_progress_bars, pipeline_from_components, sample
 
         conditioner = pl_module.conditioner
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(conditioner.scheduler_config)
         pipe = pipeline_from_components(
             pl_module.transformer, conditioner.vae, conditioner.text_encoder, conditioner.processor, scheduler
         )
-        pipe.set_progress_bar_config(disable=True)
+        disable_progress_bars(pipe)
         samples = self.user_rows() if self.user_samples else self.dataset_rows(trainer, VaeImageProcessor().postprocess)
         rows = []
         was_training = pl_module.transformer.training
