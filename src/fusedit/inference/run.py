@@ -83,7 +83,7 @@ def _run_record(cfg: DictConfig, family: str, pipe, lora_records: list, profile_
 def _job_mode(job: Job, family: str) -> str:
     if job.images:
         return "edit"
-    return "text-to-image" if family == TEXT_TO_IMAGE else "text-to-image (edit model)"
+    return "text-to-image" if family in (TEXT_TO_IMAGE, QWEN_IMAGE_21) else "text-to-image (edit model)"
 
 
 def _enhanced_prompt(cfg: DictConfig, job_pipe, job: Job, images: list, entry: dict) -> str:
