@@ -106,6 +106,10 @@ def test_the_pipeline_around_modules_in_memory_samples_what_the_folder_pipeline_
                                     folder_pipe.scheduler)  # fmt: skip
     assert pipe.text_encoder is folder_pipe.text_encoder and pipe.transformer is transformer
     assert torch.equal(sample(pipe, "a cat", [], **{**SAMPLE, "seed": 3}), expected)
+    # sampling.qwen21_true_cfg_scale > 1: diffusers' ClassifierFreeGuidance against the negative prompt.
+    guided = sample(pipe, "a cat", [], **{**SAMPLE, "seed": 3}, guidance_scale=4.0, negative_prompt="blurry")
+    assert pipe.guider.guidance_scale == 4.0 and pipe.requires_unconditional_embeds
+    assert (guided - expected).abs().max() > 0.01
 
 
 def test_a_lora_loads_at_the_strength_it_states_times_the_scale(sampler, lora, tmp_path):
