@@ -1,5 +1,5 @@
-"""train.py on the tiny Qwen-Image-2.1: trains, exports a standard-layout LoRA that diffusers' 2.1 pipeline loads
-with its strength and that changes its output."""
+"""train.py on the tiny Qwen-Image-2.1: trains, draws validation images, exports a standard-layout LoRA that
+diffusers' 2.1 pipeline loads with its strength and that changes its output."""
 
 import pytest
 import torch
@@ -13,8 +13,23 @@ from tests.training_utils import train_cfg
 def qwen21_run(tmp_path_factory, tiny_qwen21_path) -> dict:
     tmp_path = tmp_path_factory.mktemp("qwen21-run")
     metadata = make_sample_dataset(tmp_path / "data", n=2, size=64)
-    # alpha != rank: the exported strength (alpha / r = 2) must reach diffusers.
-    return train(train_cfg(tmp_path, tiny_qwen21_path, metadata, ["trainer.max_steps=2", "lora.alpha=8"]))
+    # alpha != rank: the exported strength (alpha / r = 2) must reach diffusers. A validation round at step 2.
+    overrides = ["trainer.max_steps=2", "lora.alpha=8", "data.val_count=1", "callbacks.validation_images.num_samples=1"]
+    overrides += ["callbacks.validation_images.every_n_steps=2", "callbacks.validation_images.num_inference_steps=2"]
+    return train(train_cfg(tmp_path, tiny_qwen21_path, metadata, overrides))
+
+
+def test_validation_images_during_qwen21_training(qwen21_run):
+    """The held-out row sampled by diffusers' 2.1 modular pipeline with the trained LoRA: input | output | target
+    at the row's size (64 x 64), its prompt below."""
+    from PIL import Image
+
+    from fusedit.training.callbacks import PROMPT_HEIGHT
+
+    samples = qwen21_run["run_dir"] / "samples"
+    assert sorted(path.name for path in samples.iterdir()) == ["step-000002.png"]
+    sheet = Image.open(samples / "step-000002.png")
+    assert sheet.size == (3 * 64, 14 + 64 + PROMPT_HEIGHT)
 
 
 def test_train_py_trains_qwen21_and_exports_the_standard_layout(qwen21_run):
@@ -51,27 +66,3 @@ def test_exported_lora_loads_in_diffusers_qwen21_pipeline_and_changes_its_output
     pipe.set_adapters(["trained"], [1000.0])  # 2 steps move the LoRA little: scale it far above float noise
     changed = torch.tensor(list(generate()[0].getdata()), dtype=torch.float32)
     assert (changed - base).abs().max() > 1
-
-
-def test_the_cache_refuses_qwen21_before_loading(tiny_qwen21_path, tmp_path):
-    from fusedit.cache.training import refuse_qwen21
-    from fusedit.errors import UserInputError
-    from fusedit.training.validate_config import ConfigError, validate_train_config
-    from tests.training_utils import compose_train
-
-    metadata = make_sample_dataset(tmp_path / "data", n=1, size=64)
-    cfg = compose_train([f"model.path={tiny_qwen21_path}", f"data.metadata={metadata}", "logger=csv"])
-    validate_train_config(cfg)  # 2.1 trains live
-    cfg.cache.enabled = True
-    with pytest.raises(ConfigError, match=r"cache.enabled=true: the latent cache does not hold Qwen-Image-2.1"):
-        validate_train_config(cfg)
-    with pytest.raises(UserInputError, match=r"train 2.1 with cache.enabled=false"):
-        refuse_qwen21(tiny_qwen21_path)  # what `fusedit cache` runs first
-
-
-def test_infer_refuses_qwen21_in_one_line_before_loading(tiny_qwen21_path):
-    from fusedit.errors import UserInputError
-    from fusedit.inference.preflight import model_family
-
-    with pytest.raises(UserInputError, match=r"is Qwen-Image-2.1: infer.py does not run it yet"):
-        model_family(tiny_qwen21_path)
