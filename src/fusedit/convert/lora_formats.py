@@ -123,7 +123,7 @@ class LoraWeights:
 
     @property
     def adapter_type(self) -> str:
-        """"dora" when its modules carry DoRA magnitudes (all of them: `lora_from_state_dict`), else "lora"."""
+        """ "dora" when its modules carry DoRA magnitudes (all of them: `lora_from_state_dict`), else "lora"."""
         return "dora" if any(mod.magnitude is not None for mod in self.modules.values()) else "lora"
 
 

@@ -171,7 +171,9 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
             if name in initial:
                 A0, B0 = initial[name]
                 A, B = torch.cat([A, A0.to(A)]), torch.cat([B, -B0.to(B)], dim=1)
-            magnitude = module.lora_magnitude_vector["default"].weight.detach() if module.use_dora.get("default") else None
+            magnitude = (
+                module.lora_magnitude_vector["default"].weight.detach() if module.use_dora.get("default") else None
+            )
             modules[name] = LoraModule(A, B, scale * A.shape[0], magnitude)
     if not modules:
         raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
