@@ -77,6 +77,7 @@ def sampler(tiny_qwen21_path):
         image = sample(pipe, prompt, list(references), **{**SAMPLE, **kwargs}) if generate else None
         return image, transformer, records
 
+    run.pipe = pipe
     return run
 
 
@@ -92,6 +93,23 @@ def test_merged_and_standard_give_the_same_image_with_a_lora_in_every_format(sam
         actual, _, records = sampler("merged_qkv", [LoraSpec(str(file), 0.7)])
         assert records[0]["applied_layout"] == "merged_qkv"
         assert relative_error(actual, expected) <= 1e-4, name
+
+
+def test_the_pipeline_around_modules_in_memory_samples_what_the_folder_pipeline_samples(sampler, lora, tmp_path):
+    """`pipeline_from_components` (training's validation images) shares the modules and gives the same image."""
+    from fusedit.inference.qwen21 import pipeline_from_components, sample
+
+    file = write_lora(lora, tmp_path / "lora.safetensors", "diffusers")
+    expected, transformer, _ = sampler("merged_qkv", [LoraSpec(str(file))], references=(), prompt="a cat", seed=3)
+    folder_pipe = sampler.pipe
+    pipe = pipeline_from_components(transformer, folder_pipe.vae, folder_pipe.text_encoder, folder_pipe.processor,
+                                    folder_pipe.scheduler)  # fmt: skip
+    assert pipe.text_encoder is folder_pipe.text_encoder and pipe.transformer is transformer
+    assert torch.equal(sample(pipe, "a cat", [], **{**SAMPLE, "seed": 3}), expected)
+    # sampling.qwen21_true_cfg_scale > 1: diffusers' ClassifierFreeGuidance against the negative prompt.
+    guided = sample(pipe, "a cat", [], **{**SAMPLE, "seed": 3}, guidance_scale=4.0, negative_prompt="blurry")
+    assert pipe.guider.guidance_scale == 4.0 and pipe.requires_unconditional_embeds
+    assert (guided - expected).abs().max() > 0.01
 
 
 def test_a_lora_loads_at_the_strength_it_states_times_the_scale(sampler, lora, tmp_path):
