@@ -151,6 +151,8 @@ _PATCH_SUFFIXES = {
     ".lora_mid.weight": "LoCon mid factor",
     ".reshape_weight": "reshape instruction",
 }
+# LyCORIS adapters (fusedit's lora.type=lokr|loha export writes these keys): a file of only these is named by type.
+_LYCORIS_MARKERS = {".lokr_": "LoKr", ".hada_": "LoHa"}
 _PATCH_RE = re.compile(r"\.(hada_|lokr_|oft_|boft_|a1\.weight|a2\.weight|b1\.weight|b2\.weight)")
 # Module prefixes ComfyUI's Qwen-Image key map accepts (comfy/lora.py model_lora_keys_unet), with the format a
 # file using them is reported as (and written back in by default). `lora_unet_` / `lycoris_` flatten the module
@@ -231,6 +233,13 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     if not keys:
         raise UserInputError(f"{what}: no tensors")
     patches = [k for k in keys if k.endswith(tuple(_PATCH_SUFFIXES)) or _PATCH_RE.search(k)]
+    lycoris = sorted({name for k in patches for marker, name in _LYCORIS_MARKERS.items() if marker in k})
+    only_lycoris = all(k.endswith(_ALPHA_SUFFIX) or any(m in k for m in _LYCORIS_MARKERS) for k in keys)
+    if len(lycoris) == 1 and only_lycoris:
+        raise UserInputError(
+            f"{what}: is a {lycoris[0]} adapter ({examples(patches, 2)}), not a LoRA: fusedit's inference and "
+            "conversion apply lora_A/lora_B (lora_down/lora_up) pairs only. Load it in ComfyUI (LoraLoaderModelOnly)"
+        )
     if patches:
         kinds = sorted({next((v for s, v in _PATCH_SUFFIXES.items() if k.endswith(s)), "LyCORIS") for k in patches})
         raise UserInputError(

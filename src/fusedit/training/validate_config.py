@@ -122,16 +122,31 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
 
 
 def _adapter_type_problems(cfg: DictConfig) -> list[str]:
-    """`lora.type` (fusedit.lora.choices.check_type) and what DoRA cannot be combined with."""
-    from fusedit.lora.choices import changes_base, check_type
+    """`lora.type` (fusedit.lora.choices.check_type) and what DoRA, LoKr and LoHa cannot be combined with."""
+    from fusedit.lora.choices import changes_base, check_type, lycoris_problems
 
     adapter_type = OmegaConf.select(cfg, "lora.type", default="lora")
     try:
         check_type(adapter_type)
     except ValueError as error:
         return [str(error)]
+    export = OmegaConf.select(cfg, "callbacks.lora_export", default=None)
+    factor = OmegaConf.select(cfg, "lora.decompose_factor", default=-1)
+    if not isinstance(factor, int) or isinstance(factor, bool) or not (factor == -1 or factor >= 1):
+        return [f"lora.decompose_factor must be -1 or an integer >= 1, got {factor!r}"]
+    if factor != -1 and adapter_type != "lokr":
+        return [f"lora.decompose_factor is LoKr's: set lora.type=lokr or leave it at -1 (lora.type={adapter_type})"]
     if adapter_type != "dora":
-        return []
+        layouts = () if export is None else (export.get("layout", "standard"), export.get("merged_copy") and "merged")
+        return lycoris_problems(
+            adapter_type,
+            OmegaConf.select(cfg, "lora.init"),
+            OmegaConf.select(cfg, "lora.init_from"),
+            _number(cfg, "lora.dropout"),
+            OmegaConf.select(cfg, "lora.use_rslora"),
+            OmegaConf.select(cfg, "precision.fp8", default="none"),
+            [layout for layout in layouts if layout],
+        )
     problems = []
     if changes_base(OmegaConf.select(cfg, "lora.init")) or OmegaConf.select(cfg, "lora.init_from"):
         problems.append(
@@ -139,7 +154,6 @@ def _adapter_type_problems(cfg: DictConfig) -> list[str]:
         )
     if OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
         problems.append("lora.type=dora reads the frozen weight for its row norms: use precision=bf16 or fp32, not fp8")
-    export = OmegaConf.select(cfg, "callbacks.lora_export", default=None)
     if export is not None and (export.get("layout", "standard") != "standard" or export.get("merged_copy")):
         problems.append(
             "lora.type=dora is exported in the standard layout only: callbacks.lora_export.layout=standard "
