@@ -14,13 +14,15 @@ from fusedit.cli import main as fusedit_main
 from fusedit.convert import read_lora
 from fusedit.errors import UserInputError
 from fusedit.lora.adapter import export_lora
-from fusedit.lora.lycoris import MERGED_GROUPS, exact_factor
+from fusedit.lora.lycoris import MERGED_GROUPS, exact_factor, w1_rows
 from fusedit.step.build import build_transformer, load
 from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.precision import Precision
 from fusedit.training.ema import LoRAEMA
+from fusedit.training.validate_config import ConfigError, validate_train_config
 from tests.test_lora import _inputs, _randomise
 from tests.test_optim import fit, lora_state
+from tests.training_utils import compose_train
 
 PREFIX = "diffusion_model."
 NAMES = {"lokr": "LoKr", "loha": "LoHa"}
@@ -100,14 +102,19 @@ def test_export_gives_each_projection_the_trained_update(tmp_path, tiny_edit_pat
         read_lora(path)
 
 
-def test_lokr_whose_update_does_not_split_is_refused_with_the_factor_that_fixes_it(tiny_edit_path):
+def test_lokr_whose_update_does_not_split_is_refused_with_the_factor_that_fixes_it(tiny_edit_path, sample_metadata):
     # tiny to_qkv [96, 32]: PEFT's default factorisation gives w1 8 rows, which 3 does not divide
-    with pytest.raises(ValueError, match=r"w1 with 8 rows, not a multiple of 3.*lora.decompose_factor=12"):
+    message = r"w1 with 8 rows, not a multiple of 3.*set lora.decompose_factor=12 \(or model.layout=standard\)$"
+    paths = [f"model.path={tiny_edit_path}", f"data.metadata={sample_metadata}", "lora=attn", "lora.type=lokr"]
+    with pytest.raises(ConfigError, match=message):  # before the model loads, from its config.json
+        validate_train_config(compose_train(paths))
+    validate_train_config(compose_train([*paths, "lora.decompose_factor=12"]))
+    validate_train_config(compose_train([*paths, "model=standard"]))  # q/k/v apart: nothing to split
+    with pytest.raises(UserInputError, match=message):  # and when the adapter is added, for callers of the stages
         build_transformer(tiny_edit_path, ModelConfig(), LoraSpec("attn", rank=2, type="lokr"), Precision())
-    assert exact_factor(9216, 3) == 96  # Qwen-Image's to_qkv: PEFT's default (96, 96) is already exact
-    build_transformer(
-        tiny_edit_path, ModelConfig(), LoraSpec("attn", rank=2, type="lokr", decompose_factor=12), Precision()
-    )
+    assert exact_factor(9216, 3) == 96 and w1_rows(9216) == 96  # Qwen-Image's to_qkv: PEFT's default is exact
+    spec = LoraSpec("attn", rank=2, type="lokr", decompose_factor=12)
+    build_transformer(tiny_edit_path, ModelConfig(), spec, Precision())
 
 
 def lycoris_module(tiny_edit_path, conditioner, adapter_type: str):
@@ -116,7 +123,6 @@ def lycoris_module(tiny_edit_path, conditioner, adapter_type: str):
 
     from fusedit.step.objective import FlowMatchObjective
     from fusedit.training.module import EditLoRAModule
-    from tests.training_utils import compose_train
 
     cfg = compose_train(["optim.lr=1e-2"])
     torch.manual_seed(0)
@@ -139,10 +145,17 @@ def conditioner(tiny_edit_path):
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory) -> dict:
-    from fusedit.data import EditDataModule, make_sample_dataset
+def sample_metadata(tmp_path_factory):
+    from fusedit.data import make_sample_dataset
 
-    datamodule = EditDataModule(make_sample_dataset(tmp_path_factory.mktemp("data"), n=2, size=32), batch_size=2)
+    return make_sample_dataset(tmp_path_factory.mktemp("data"), n=2, size=32)
+
+
+@pytest.fixture(scope="module")
+def batch(sample_metadata) -> dict:
+    from fusedit.data import EditDataModule
+
+    datamodule = EditDataModule(sample_metadata, batch_size=2)
     datamodule.setup()
     return next(iter(datamodule.train_dataloader()))
 
@@ -176,9 +189,19 @@ def test_loha_training_moves_every_factor(tiny_edit_path, conditioner, batch):
     assert all(not torch.equal(value, start[name]) for name, value in lora_state(module).items())
 
 
-def test_detect_names_the_adapter_type(tmp_path, tiny_edit_path, capsys):
+def test_detect_convert_and_infer_name_the_adapter_type(tmp_path, tiny_edit_path, capsys):
+    from fusedit.inference.preflight import LoraSpec as InferLora
+    from fusedit.inference.preflight import lora_file
+
     trained = build_transformer(tiny_edit_path, ModelConfig(), LoraSpec("attn", rank=2, type="loha"), Precision())
     path = export_lora(trained, tmp_path / "loha.safetensors")
-    assert fusedit_main(["detect", str(path)]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "is a LoHa adapter" in lines[0] and "ComfyUI" in lines[0]
+    for command in (
+        ["detect", str(path)],
+        ["convert", "--input", str(path), "--output", str(tmp_path / "o.safetensors")],
+    ):
+        assert fusedit_main(command) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "is a LoHa adapter" in lines[0] and "ComfyUI" in lines[0], lines
+    # infer.py's preflight reads the header only, before the pipeline loads
+    with pytest.raises(UserInputError, match=r"^lora.path=.*loha.safetensors: is a LoHa adapter"):
+        lora_file(InferLora(str(path)))

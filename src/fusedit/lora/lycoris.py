@@ -15,7 +15,8 @@ Its update's row blocks are the q/k/v updates, and:
 - LoKr: row i of kron(w1, w2) is row i // b of w1 times row i % b of w2. When 3 divides a, the block of rows of
   part k is kron(w1[k a/3 : (k+1) a/3], w2): q/k/v are LoKr adapters sharing w2 (exact export). When a = 1 it is
   kron(w1, w2[k b/3 : (k+1) b/3]) (exact too). Otherwise a block cuts through w1's rows, and a part is no
-  Kronecker product of the same shape: `check_exact_split` refuses such a model before step 1, naming the
+  Kronecker product of the same shape: such a run is refused before the model loads (config validation, from the
+  transformer's config.json) and again when the adapter is added (`check_exact_split`), naming the
   `lora.decompose_factor` that makes a divisible by 3 (PEFT puts `decompose_factor` rows in w1 when it divides
   out). Qwen-Image's to_qkv ([9216, 3072]) gets a = 96 by PEFT's default factorisation: exact.
 
@@ -35,9 +36,11 @@ from pathlib import Path
 
 import torch
 from peft import LoHaConfig, LoKrConfig
+from peft.tuners.lokr.layer import factorization
 from peft.tuners.lycoris_utils import LycorisLayer
 from torch import nn
 
+from fusedit.errors import UserInputError
 from fusedit.model.module_map import QKV_GROUPS, QWEN21_MLP_GROUP
 
 MERGED_GROUPS = {**QKV_GROUPS, **QWEN21_MLP_GROUP}  # merged leaf -> its parts, in row order
@@ -85,22 +88,34 @@ def exact_factor(out_features: int, parts: int) -> int | None:
     return min(divisors, key=lambda f: abs(math.log(f / math.sqrt(out_features))), default=None)
 
 
+def split_refusal(module: str, out_features: int, parts: tuple[str, ...], rows: int) -> str | None:
+    """Why a LoKr on merged `module` ([out_features, ...], w1 with `rows` rows) has no exact standard-layout split
+    (one line naming the `lora.decompose_factor` that gives one), or None when it has."""
+    if rows % len(parts) == 0 or rows == 1:
+        return None
+    return (
+        f"lora.type=lokr: {module} ([{out_features}, ...]) would get a Kronecker factor w1 with {rows} rows, not a "
+        f"multiple of {len(parts)}, so its update does not split into {'/'.join(parts)} LoKr factors for the "
+        f"standard-layout export; set lora.decompose_factor={exact_factor(out_features, len(parts))} "
+        "(or model.layout=standard)"
+    )
+
+
+def w1_rows(out_features: int, decompose_factor: int = -1) -> int:
+    """The row count PEFT's LoKr gives w1 on a Linear with `out_features` outputs (its own `factorization`)."""
+    return factorization(out_features, int(decompose_factor))[0]
+
+
 def check_exact_split(transformer: nn.Module) -> None:
-    """ValueError (one line) when a LoKr on a merged module cannot be exported exactly in the standard layout."""
+    """UserInputError (one line) when a LoKr on a merged module cannot be exported exactly in the standard layout."""
     for name, layer in lycoris_layers(transformer).items():
         parts = _parts(name)
         factors = _factors(layer)
         if parts is None or "lokr_w1" not in factors and "lokr_w1_a" not in factors:
             continue
-        rows = _lokr_w1_rows(factors)
-        if rows % len(parts) and rows != 1:
-            out_features = layer.get_base_layer().out_features
-            fix = exact_factor(out_features, len(parts))
-            raise ValueError(
-                f"lora.type=lokr: {name} ([{out_features}, ...]) got a Kronecker factor w1 with {rows} rows, not a "
-                f"multiple of {len(parts)}, so its update does not split into {'/'.join(parts)} LoKr factors for "
-                f"the standard-layout export; set lora.decompose_factor={fix} (or model.layout=standard)"
-            )
+        refusal = split_refusal(name, layer.get_base_layer().out_features, parts, _lokr_w1_rows(factors))
+        if refusal:
+            raise UserInputError(refusal)
 
 
 def _split_factors(factors: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ problem; `python train.py` prints it as a single error without a traceback (see 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -160,6 +161,35 @@ def _adapter_type_problems(cfg: DictConfig) -> list[str]:
             "and merged_copy=false"
         )
     return problems
+
+
+def _lokr_split_problems(cfg: DictConfig) -> list[str]:
+    """lora.type=lokr on the merged to_qkv / add_qkv_proj: refused from the transformer's config.json, before the
+    model loads, when the update would not split exactly into q/k/v (fusedit.lora.lycoris). Imports PEFT (and
+    torch), so it runs last and for LoKr only; Qwen-Image-2.1 is checked when the adapter is added."""
+    if OmegaConf.select(cfg, "lora.type") != "lokr" or OmegaConf.select(cfg, "model.layout") != "merged_qkv":
+        return []
+    if _model_family(cfg) == QWEN_IMAGE_21:
+        return []
+    path = OmegaConf.select(cfg, "model.path")
+    try:
+        config = json.loads((Path(str(path)).expanduser() / "transformer" / "config.json").read_text())
+        inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no readable MMDiT config (model.path null: the demo; 2.1): checked when the adapter is added
+    from fusedit.lora.lycoris import split_refusal, w1_rows
+    from fusedit.lora.targets import resolve_targets
+    from fusedit.model.module_map import QKV_GROUPS
+
+    targets = OmegaConf.select(cfg, "lora.targets")
+    targets = OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets
+    factor = OmegaConf.select(cfg, "lora.decompose_factor", default=-1)
+    rows = w1_rows(3 * inner, factor)
+    for leaf in (name for name in resolve_targets(targets, "merged_qkv") if name in QKV_GROUPS):
+        refusal = split_refusal(f"attn.{leaf}", 3 * inner, QKV_GROUPS[leaf], rows)
+        if refusal:
+            return [refusal]
+    return []
 
 
 def _lora_problems(cfg: DictConfig) -> list[str]:
@@ -395,6 +425,8 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
         from fusedit.cache.training import QWEN21_CACHE_REFUSAL
 
         problems.append(f"cache.enabled=true: {QWEN21_CACHE_REFUSAL}")
+    if check_paths and not problems:
+        problems += _lokr_split_problems(cfg)
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
