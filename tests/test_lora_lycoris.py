@@ -14,7 +14,7 @@ from fusedit.cli import main as fusedit_main
 from fusedit.convert import read_lora
 from fusedit.errors import UserInputError
 from fusedit.lora.adapter import export_lora
-from fusedit.lora.lycoris import MERGED_GROUPS, exact_factor, w1_rows
+from fusedit.lora.lycoris import MERGED_GROUPS, exact_factor, lycoris_layers, w1_rows
 from fusedit.step.build import build_transformer, load
 from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.precision import Precision
@@ -117,6 +117,11 @@ def test_lokr_whose_update_does_not_split_is_refused_with_the_factor_that_fixes_
     build_transformer(tiny_edit_path, ModelConfig(), spec, Precision())
 
 
+def adapter_updates(module) -> list[torch.Tensor]:
+    """Every adapted layer's weight update (PEFT's get_delta_weight)."""
+    return [layer.get_delta_weight("default") for layer in lycoris_layers(module.transformer).values()]
+
+
 def lycoris_module(tiny_edit_path, conditioner, adapter_type: str):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -168,7 +173,8 @@ def test_lokr_training_moves_every_factor_and_resume_with_ema_is_exact(tmp_path,
     fit(module, batch, 2, callbacks=[uninterrupted_ema])
     uninterrupted = lora_state(module)
     moved = [name for name, value in uninterrupted.items() if not torch.equal(value, start[name])]
-    assert len(moved) == len(start), f"untrained factors: {set(start) - set(moved)}"  # w1 = 0 at the start moves too
+    assert len(moved) == len(start), f"untrained factors: {set(start) - set(moved)}"
+    assert all(update.any() for update in adapter_updates(module))  # w1 = 0 at the start: the update was 0
 
     first = lycoris_module(tiny_edit_path, conditioner, "lokr")
     fit(first, batch, 1, callbacks=[LoRAEMA(decay=0.5)]).save_checkpoint(tmp_path / "step1.ckpt")
@@ -185,8 +191,10 @@ def test_loha_training_moves_every_factor(tiny_edit_path, conditioner, batch):
     module = lycoris_module(tiny_edit_path, conditioner, "loha")
     start = lora_state(module)
     assert start and all(".hada_" in name for name in start)
+    assert not any(update.any() for update in adapter_updates(module))  # w2b = 0 at the start
     fit(module, batch, 1)
     assert all(not torch.equal(value, start[name]) for name, value in lora_state(module).items())
+    assert all(update.any() for update in adapter_updates(module))  # the gradient reached w2b
 
 
 def test_detect_convert_and_infer_name_the_adapter_type(tmp_path, tiny_edit_path, capsys):
