@@ -1,5 +1,5 @@
-"""What a user sees: a config error before the heavy imports, a progress bar in steps, no deprecation noise from
-fusedit's own loading calls, and `+key=` overrides that still work when a run is resumed."""
+"""What a user sees: a config error before the heavy imports, a progress bar in steps, no deprecation noise or
+progress bars from fusedit's own loading calls, and `+key=` overrides that still work when a run is resumed."""
 
 from __future__ import annotations
 
@@ -217,6 +217,21 @@ def test_fusedit_loads_models_without_dtype_deprecation_warnings(tiny_edit_path)
     assert deprecations == []
 
 
+def test_training_loads_its_encoders_without_progress_bars_and_prodigy_prints_nothing(tiny_edit_path, capfd):
+    """diffusers' "Loading pipeline components..." bar (training's VAE + text encoder) and prodigyopt's "Using
+    decoupled weight decay" print are gone from a run's output; the bar stays on for everyone else after the load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from fusedit.optim import prodigy
+    from fusedit.step.conditioning import EditConditioner
+
+    EditConditioner.from_pretrained(tiny_edit_path, dtype=torch.float32)
+    prodigy([torch.nn.Parameter(torch.zeros(2))], weight_decay=0.01)  # conf/optim/prodigy.yaml's decay
+    out, err = capfd.readouterr()
+    assert "Loading pipeline components" not in out + err and "decoupled" not in out + err, out + err
+    assert diffusers_logging.is_progress_bar_enabled()
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 def _run_dir(tmp_path, saved: list[str]):
     """A run directory as `python train.py` leaves it: its overrides and a checkpoint (only its step is read here:
@@ -326,9 +341,13 @@ def test_a_resume_with_a_refused_value_is_not_recorded(tmp_path):
 @pytest.mark.parametrize(
     ("script", "override", "expected"),
     [
-        ("train.py", "optim.lrr=1e-4", "fusedit: error: Could not override 'optim.lrr'."),
+        ("train.py", "optim.lrr=1e-4", "fusedit: error: unknown setting 'optim.lrr'; did you mean optim.lr?"),
         ("train.py", "optim=prodigyy", "Available options in 'optim':"),
-        ("infer.py", "sampling.stepz=2", "fusedit: error: Could not override 'sampling.stepz'."),
+        (
+            "infer.py",
+            "sampling.stepz=2",
+            "fusedit: error: unknown setting 'sampling.stepz'; did you mean sampling.steps?",
+        ),
     ],
 )
 def test_a_misspelt_key_on_the_script_command_line_is_one_line_exit_2(script, override, expected, tmp_path):

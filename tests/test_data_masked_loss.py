@@ -136,6 +136,32 @@ def test_a_mask_of_another_size_is_refused_naming_the_row(tmp_path):
         EditDataModule(metadata).setup()
 
 
+def test_an_all_black_mask_is_refused_naming_the_row_and_file(tmp_path):
+    """An all-black mask weights every token 0: the row would train on a loss of exactly 0. Refused at validation
+    (before any model loads), for a mask column and for data.mask_dir alike; a mask with one grey pixel is kept."""
+    metadata = masked_csv(tmp_path)
+    save_image(tmp_path / "mask_1.png", (32, 32), (0, 0, 0))
+    pixels = np.zeros((32, 32), np.uint8)
+    pixels[5, 5] = 1
+    Image.fromarray(pixels).save(tmp_path / "mask_3.png")  # all but black: trains that token a little
+    with pytest.raises(
+        DataValidationError, match=r"row 3, column 'mask', path 'mask_1.png': mask is all black"
+    ) as caught:
+        EditDataModule(metadata).setup()
+    assert "row 5" not in str(caught.value) and "1 of 4 rows are bad" in str(caught.value)
+
+    pairs(tmp_path / "folder")
+    save_image(tmp_path / "folder" / "masks" / "s1.png", (32, 48), (0, 0, 0))
+    folder = EditDataModule(
+        format="folder",
+        image_dir=tmp_path / "folder" / "targets",
+        control_dirs=[tmp_path / "folder" / "controls"],
+        mask_dir=tmp_path / "folder" / "masks",
+    )
+    with pytest.raises(DataValidationError, match=r"s1.png.*: mask is all black"):
+        folder.setup()
+
+
 def test_mask_dir_matches_targets_by_stem(tmp_path):
     pairs(tmp_path)
     save_image(tmp_path / "masks" / "s1.png", (32, 48), (255, 255, 255))

@@ -7,6 +7,8 @@ on the way), so a lazy import that would close a cycle counts as much as a top-l
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fusedit"
@@ -179,3 +181,12 @@ def test_the_length_check_sees_methods_and_nested_functions(tmp_path):
         "fusedit.mod:outer": 7,
         "fusedit.mod:outer.inner": 5,
     }
+
+
+def test_fusedit_detect_means_the_module_whatever_was_imported_first():
+    # A lazy `detect` function beside the `fusedit.detect` submodule meant one or the other by import order.
+    code = (
+        "import fusedit, types; from fusedit import detect; assert isinstance(detect, types.ModuleType); "
+        "import fusedit.detect as m; assert fusedit.detect is m and callable(m.detect)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -212,3 +212,27 @@ def test_fusedit_plan_prints_the_encoding_pass_and_the_transfer_floor_at_the_giv
     with pytest.raises(SystemExit) as refused:
         main(["plan", "--gpu-gb", "12", "--pcie-gbps", "0", *overrides])
     assert refused.value.code == 2 and "expected GB/s > 0" in capsys.readouterr().err
+
+
+def test_the_ema_copy_of_the_lora_is_predicted_as_torch_holds_it():
+    """callbacks=ema adds what LoRAEMA's AveragedModel really holds (its parameters and buffers, counted here) to the
+    predicted peak, and the config's callbacks=ema reaches the plan."""
+    from types import SimpleNamespace
+
+    from fusedit.plan.config import config_plan
+    from fusedit.training.ema import LoRAEMA
+
+    facts = _tiny_facts(num_layers=2)
+    estimates = Estimates()
+    without = predict(facts, estimates, fp8=False, checkpoint_every=1, cache=True)
+    with_ema = predict(facts, estimates, fp8=False, checkpoint_every=1, cache=True, ema=True)
+
+    lora = {f"p{i}": torch.nn.Parameter(torch.zeros(n)) for i, n in enumerate((facts.lora_parameters - 5, 5))}
+    ema = LoRAEMA(decay=0.9)
+    ema.on_fit_start(None, SimpleNamespace(trainable_parameters=lambda: lora))
+    held = [*ema.average.parameters(), *ema.average.buffers()]
+    held_bytes = sum(tensor.numel() * tensor.element_size() for tensor in held)
+    assert (with_ema.peak_gpu_gb - without.peak_gpu_gb) * 1e9 == pytest.approx(held_bytes, abs=1e-3)
+
+    assert config_plan(full_cfg(["callbacks=ema"])).ema and not config_plan(full_cfg([])).ema
+    assert "EMA" in choose(facts, estimates, 80, optim="adamw", ema=True).plan.describe()

@@ -51,27 +51,3 @@ def test_exported_lora_loads_in_diffusers_qwen21_pipeline_and_changes_its_output
     pipe.set_adapters(["trained"], [1000.0])  # 2 steps move the LoRA little: scale it far above float noise
     changed = torch.tensor(list(generate()[0].getdata()), dtype=torch.float32)
     assert (changed - base).abs().max() > 1
-
-
-def test_the_cache_refuses_qwen21_before_loading(tiny_qwen21_path, tmp_path):
-    from fusedit.cache.training import refuse_qwen21
-    from fusedit.errors import UserInputError
-    from fusedit.training.validate_config import ConfigError, validate_train_config
-    from tests.training_utils import compose_train
-
-    metadata = make_sample_dataset(tmp_path / "data", n=1, size=64)
-    cfg = compose_train([f"model.path={tiny_qwen21_path}", f"data.metadata={metadata}", "logger=csv"])
-    validate_train_config(cfg)  # 2.1 trains live
-    cfg.cache.enabled = True
-    with pytest.raises(ConfigError, match=r"cache.enabled=true: the latent cache does not hold Qwen-Image-2.1"):
-        validate_train_config(cfg)
-    with pytest.raises(UserInputError, match=r"train 2.1 with cache.enabled=false"):
-        refuse_qwen21(tiny_qwen21_path)  # what `fusedit cache` runs first
-
-
-def test_infer_refuses_qwen21_in_one_line_before_loading(tiny_qwen21_path):
-    from fusedit.errors import UserInputError
-    from fusedit.inference.preflight import model_family
-
-    with pytest.raises(UserInputError, match=r"is Qwen-Image-2.1: infer.py does not run it yet"):
-        model_family(tiny_qwen21_path)

@@ -13,7 +13,7 @@ from fusedit.data import make_sample_dataset
 from fusedit.lora.adapter import export_lora
 from fusedit.training.callbacks import LoRAExport, ValidationImages
 from fusedit.training.ema import LoRAEMA
-from fusedit.training.train import build_callbacks
+from fusedit.training.train import _report, build_callbacks
 from tests.test_optim import fit, lora_module, lora_state
 from tests.training_utils import compose_train
 
@@ -54,11 +54,12 @@ def weights_per_step():
     return Record()
 
 
-def test_ema_export_is_the_expected_average_of_the_step_weights(tmp_path, tiny_edit_path, conditioner, batch):
+def test_ema_export_is_the_expected_average_of_the_step_weights(tmp_path, tiny_edit_path, conditioner, batch, capsys):
     module = lora_module(tiny_edit_path, conditioner, "adamw", ["optim.lr=1e-2"])
     record = weights_per_step()
     ema = LoRAEMA(decay=DECAY)
-    fit(module, batch, 3, callbacks=[ema, record, LoRAExport(tmp_path / "lora")])
+    export = LoRAExport(tmp_path / "lora")
+    trainer = fit(module, batch, 3, callbacks=[ema, record, export])
 
     # torch.optim.swa_utils' EMA: the first update copies, then ema = decay * ema + (1 - decay) * w
     expected = record.steps[0]
@@ -78,6 +79,14 @@ def test_ema_export_is_the_expected_average_of_the_step_weights(tmp_path, tiny_e
     for key in reference:
         torch.testing.assert_close(averaged[key], reference[key], rtol=1e-6, atol=1e-8)
     assert max((raw[key] - averaged[key]).abs().max() for key in raw) > 1e-4
+
+    # The end-of-run summary lists both files (it listed final.safetensors alone).
+    written = [tmp_path / "lora/final.safetensors", tmp_path / "lora/final-ema.safetensors"]
+    assert export.final_paths == written
+    result = {"run_dir": tmp_path, "lora_path": written[0], "lora_files": written, "checkpoint": None, "metrics": {}}
+    _report(result, trainer)
+    summary = capsys.readouterr().out
+    assert all(summary.count(str(path)) == 1 for path in written), summary
 
 
 def test_validation_images_are_drawn_with_the_ema(tmp_path, tiny_edit_path, conditioner, batch, monkeypatch):

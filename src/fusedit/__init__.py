@@ -1,6 +1,8 @@
 """fusedit: LoRA fine-tuning of Qwen-Image-Edit with merged QKV projections.
 
 The public helpers are imported lazily so that `import fusedit` stays cheap (no torch/diffusers import).
+`fusedit.detect` is the submodule (its function is `fusedit.detect.detect`): a lazy function of the same name was
+replaced by the module as soon as anything imported `fusedit.detect`, so what the name meant depended on import order.
 """
 
 from fusedit._lazy import lazy_getattr
@@ -13,7 +15,6 @@ _EXPORTS = {
     "is_merged": "fusedit.model.merged_qkv",
     "load_transformer": "fusedit.model.loading",
     "convert_state_dict": "fusedit.convert",
-    "detect": "fusedit.detect",
     "make_tiny": "fusedit.tiny",
 }
 

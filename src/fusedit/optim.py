@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -104,7 +105,10 @@ def prodigy(params: Iterable[torch.nn.Parameter], **kwargs) -> torch.optim.Optim
         from prodigyopt import Prodigy
     except ImportError as error:
         raise UserInputError(PACKAGES["prodigy"][1]) from error
-    return Prodigy(params, **_plain(kwargs))
+    # Prodigy's constructor print()s "Using decoupled weight decay" whenever weight_decay > 0 (prodigyopt 1.1): no
+    # logger or flag turns it off, and decoupled decay is what optim=prodigy documents, so it tells nothing.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Prodigy(params, **_plain(kwargs))
 
 
 def adafactor(params: Iterable[torch.nn.Parameter], **kwargs) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ data) when the overrides leave `model.path` / `data.metadata` null.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from fusedit.errors import UserFileNotFoundError, UserInputError
@@ -39,16 +40,77 @@ def compose_train_config(overrides: list[str], config_dir: str | Path = CONF_DIR
 
 def _compose(config_name: str, overrides: list[str], config_dir: Path):
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import ConfigCompositionException, HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    _refuse_added_settings(config_name, overrides, config_dir)
     try:
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
             return compose(config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as error:
-        # A misspelt key or option: Hydra's own message (which names it and the fix) as one line, instead of the
-        # traceback of the compose call.
+    except ConfigCompositionException as error:
+        unknown = _UNKNOWN_KEY.match(str(error))
+        if unknown is not None and "not in struct" in str(error.__cause__):
+            # Hydra's hint "To append to your config use +key=value" leads to a key nothing reads; name the
+            # setting meant instead.
+            key = unknown.group(1)
+            others = [item for item in overrides if item.split("=", 1)[0] != key]
+            raise UserInputError(
+                f"unknown setting '{key}'{_did_you_mean(key, config_name, others, config_dir)}"
+            ) from None
         raise UserInputError(_one_line(error)) from None
+    except (HydraException, OmegaConfBaseException) as error:
+        # A misspelt option or value: Hydra's own message (which names it and the choices) as one line, instead of
+        # the traceback of the compose call.
+        raise UserInputError(_one_line(error)) from None
+
+
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
+
+
+def _refuse_added_settings(config_name: str, overrides: list[str], config_dir: Path) -> None:
+    """Refuse `+key=value` for a key conf/ does not define: fusedit reads only its own settings, so Hydra would add
+    a key that nothing reads and the run would go on without it. `+group=option` (a config group folder) stays
+    Hydra's to add; `+hydra.*` is Hydra's own.
+    """
+    for item in overrides:
+        if not item.startswith("+") or item.startswith(("++", "+hydra.", "+hydra/")):
+            continue
+        key = item[1:].split("=", 1)[0]
+        if (config_dir / key.replace(".", "/")).is_dir():
+            continue
+        others = [other for other in overrides if other != item]
+        raise UserInputError(
+            f"'{item}' adds a setting fusedit does not read (it reads only those conf/ defines)"
+            f"{_did_you_mean(key, config_name, others, config_dir)}"
+        )
+
+
+def _did_you_mean(key: str, config_name: str, overrides: list[str], config_dir: Path) -> str:
+    """'; did you mean optim.lr?' from the dotted keys of the config the other overrides compose, or ''."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = _compose(config_name, overrides, config_dir)
+    except UserInputError:
+        return ""
+
+    def dotted(node, prefix: str = ""):
+        for name, value in node.items():
+            path = f"{prefix}{name}"
+            yield path
+            if isinstance(value, dict):
+                yield from dotted(value, f"{path}.")
+
+    names = list(dotted(OmegaConf.to_container(cfg, resolve=False)))
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    if not close:  # the right name one level deeper or higher (`optim.d_coef` for `optim.optimizer.d_coef`)
+        by_leaf = {}
+        for name in names:
+            by_leaf.setdefault(name.rsplit(".", 1)[-1], name)
+        close = [by_leaf[leaf] for leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], by_leaf, n=1, cutoff=0.8)]
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def exit_on_bad_overrides(config_name: str, args: list[str], config_dir: str | Path = CONF_DIR) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fusedit.cache.batches import collate_cached
+from fusedit.cache.batches import collate_cached, pad_slots
 from fusedit.cache.keys import encoder_fingerprint, file_sha256, row_key
 from fusedit.cache.store import LatentCache, shard_bytes_of
 from fusedit.data.buckets import BucketBatchSampler
@@ -55,7 +55,10 @@ def hash_record_files(records: list[Record], base_path: Path, allow_absolute: bo
     paths: dict[int, list[Path]] = {}
     for record in records:
         try:
-            raws = (record.image, *record.edit_images, *([record.mask] if record.mask else []))
+            # An empty edit_image cell (Qwen-Image-2.1's text-to-image rows) names no file; an empty entry among
+            # others is a row problem validation reports.
+            edits = [raw for raw in record.edit_images if raw]
+            raws = (record.image, *edits, *([record.mask] if record.mask else []))
             paths[record.row] = [resolve_path(raw, base_path, allow_absolute) for raw in raws]
         except PathRefused:
             continue
@@ -110,8 +113,8 @@ def encode_into_cache(
     shard_bytes: int = 512 << 20,
     empty_prompts: bool = False,
 ) -> int:
-    """Encode `samples` (row -> key in `keys`) with `conditioner` (an EditConditioner: the very code live training
-    runs) and add them to `cache` in shards of about `shard_bytes`. Call inside `cache.writer()`. Returns the count.
+    """Encode `samples` (row -> key in `keys`) with `conditioner` (an EditConditioner or a Qwen21Conditioner: the
+    very code live training runs) and add them to `cache` in shards of about `shard_bytes`. Call inside `cache.writer()`. Returns the count.
 
     Rows with the same key (identical inputs) are encoded once. A row's mask is stored as its token weights;
     `empty_prompts` (caption dropout) also stores the empty prompt encoded with the row's edit image(s).
@@ -132,19 +135,28 @@ def encode_into_cache(
         batch["edit_images"] = [slot.to(device) for slot in batch["edit_images"]]
         inputs = conditioner(batch)
         empty = conditioner.encode_prompts([""] * len(batch["row"]), batch["edit_images"]) if empty_prompts else None
+        # Qwen-Image-2.1 (image_slots set) lists the references first and the target last; the MMDiT the reverse.
+        qwen21 = inputs.image_slots is not None
         shapes = inputs.img_shapes[0]
-        conditions = inputs.condition.split([h * w for _, h, w in shapes[1:]], dim=1) if shapes[1:] else ()
+        target_shape, edit_shapes = (shapes[-1], shapes[:-1]) if qwen21 else (shapes[0], shapes[1:])
+        conditions = inputs.condition.split([h * w for _, h, w in edit_shapes], dim=1) if edit_shapes else ()
         for i, row in enumerate(batch["row"]):
+            prompt = unpadded(inputs.prompt_embeds, inputs.prompt_mask, i).cpu()
             tensors = {
                 "target": inputs.target[i].cpu(),
                 "edits": [condition[i].cpu() for condition in conditions],
-                "prompt": unpadded(inputs.prompt_embeds, inputs.prompt_mask, i).cpu(),
+                "prompt": prompt,
             }
             if inputs.token_weights is not None and samples_by_row[row].mask is not None:
                 tensors["mask"] = inputs.token_weights[i].cpu()
             if empty is not None:
-                tensors["empty_prompt"] = unpadded(*empty, i).cpu()
-            pending.append((keys[row], tensors, {"row": row, "target_shape": shapes[0], "edit_shapes": shapes[1:]}))
+                tensors["empty_prompt"] = unpadded(*empty[:2], i).cpu()
+            if qwen21:
+                tensors["image_slots"] = inputs.image_slots[i, : len(prompt)].cpu()
+                if empty is not None:
+                    tensors["empty_image_slots"] = empty[2][i, : len(tensors["empty_prompt"])].cpu()
+            info = {"row": row, "target_shape": target_shape, "edit_shapes": edit_shapes}
+            pending.append((keys[row], tensors, info))
         if shard_bytes_of(pending) >= shard_bytes:
             cache.add(pending)
             pending = []
@@ -169,15 +181,18 @@ class CachedEditDataset(Dataset):
         row = self.rows[index]
         tensors = self.cache.read(row.key, verify=self.verify)
         target, edits = row.bucket
+        qwen21 = "image_slots" in tensors  # Qwen-Image-2.1: references first, target last (as its transformer takes)
         return {
             "target": tensors["target"],
             "edits": tensors["edits"],
             "prompt_embeds": tensors["prompt"],
-            "img_shapes": [target, *edits],
+            "img_shapes": [*edits, target] if qwen21 else [target, *edits],
             "prompt": row.prompt,
             "row": row.row,
             "token_weights": tensors.get("mask"),
             "empty_prompt_embeds": tensors.get("empty_prompt"),
+            "image_slots": tensors.get("image_slots"),
+            "empty_image_slots": tensors.get("empty_image_slots"),
         }
 
 
@@ -226,12 +241,17 @@ class CachedConditioner(nn.Module):
         """`drop_prompts[i]`: sample i uses its cached empty-prompt encoding (caption dropout)."""
         if "target" not in batch:
             raise ValueError("CachedConditioner got a pixel batch; use CachedEditDataModule (cache.enabled=true)")
-        embeds, mask = batch["prompt_embeds"], batch["prompt_mask"]
+        embeds, mask, slots = batch["prompt_embeds"], batch["prompt_mask"], batch.get("image_slots")
         if drop_prompts is not None and any(drop_prompts):
             empty = batch.get("empty_prompt_embeds")
             if empty is None:
                 raise ValueError(f"rows {batch['row']} were cached without the empty prompt caption dropout needs")
             chosen = [empty[i] if drop else unpadded(embeds, mask, i) for i, drop in enumerate(drop_prompts)]
+            if slots is not None:  # Qwen-Image-2.1: the image slots go with the prompt chosen
+                empty_slots = batch["empty_image_slots"]
+                slots = pad_slots(
+                    [empty_slots[i] if drop else slots[i, : len(chosen[i])] for i, drop in enumerate(drop_prompts)]
+                ).to(slots.device)
             embeds, mask = pad_prompts([embed.to(embeds.device) for embed in chosen])
         return EditInputs(
             target=batch["target"],
@@ -240,6 +260,7 @@ class CachedConditioner(nn.Module):
             prompt_mask=mask,
             img_shapes=batch["img_shapes"],
             token_weights=batch.get("token_weights"),
+            image_slots=slots,
         )
 
 
@@ -292,9 +313,12 @@ class CachedEditDataModule(EditDataModule):
         return self.cache
 
     def _load_conditioner(self, device: torch.device) -> nn.Module:
-        from fusedit.step.conditioning import EditConditioner
+        from fusedit.training.train import conditioner_class
 
-        conditioner = EditConditioner.from_pretrained(self.model_path, dtype=to_dtype(self.dtype))
+        cls = conditioner_class(self.model_path)  # the class live training uses (EditConditioner, Qwen21Conditioner)
+        if self.build_offload and device.type == "cuda" and not hasattr(cls, "offload_text_encoder"):
+            raise ValueError(f"cache.offload=true is not available for {cls.__name__} (model.path {self.model_path})")
+        conditioner = cls.from_pretrained(self.model_path, dtype=to_dtype(self.dtype))
         if self.build_offload and device.type == "cuda":
             return conditioner.offload_text_encoder(device)
         return conditioner.to(device)

@@ -5,8 +5,9 @@ files, so a changed image or prompt gets a new key (and is encoded again) while 
 (and is never encoded again). The fingerprint covers everything else the encodings depend on:
 
 - the fusedit cache format version (bumped whenever the preprocessing or the stored layout changes),
-- the pipeline class (Edit vs Edit-2509/2511: template, VLM image size, multi-image),
-- its prompt template, template drop index and the VLM image areas (read from diffusers' pipeline class),
+- the pipeline class (Edit vs Edit-2509/2511: template, VLM image size, multi-image; Qwen-Image-2.1),
+- its prompt template, template drop index and the VLM image areas (read from diffusers' pipeline class; for 2.1
+  the system prompt and image template of diffusers' 2.1 encoder and the stored row layout),
 - the diffusers version (the encoding code is diffusers' own `encode_prompt` / `_encode_vae_image`),
 - the files of the VAE, text encoder, tokenizer and processor, by content (`content_digest`, below),
 - the encoder dtype and the resize settings (`data.max_pixels`, `data.edit_max_pixels`).
@@ -153,8 +154,11 @@ def _template(pipeline_class: str) -> dict:
     """The prompt template and VLM image sizes of `pipeline_class`, from diffusers itself (no weights loaded)."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 
+    from fusedit.families import QWEN21_PIPELINE_PREFIX
     from fusedit.step.conditioning import EDIT_VLM_AREA
 
+    if pipeline_class.startswith(QWEN21_PIPELINE_PREFIX):
+        return _qwen21_template()
     cls = getattr(diffusers, pipeline_class, None)
     if cls is None:
         raise ValueError(f"model_index.json names pipeline class {pipeline_class!r}, which diffusers does not have")
@@ -170,6 +174,18 @@ def _template(pipeline_class: str) -> dict:
         "edit_vlm_area": EDIT_VLM_AREA,
         "plus_condition_image_size": pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE,
         "vae_image_size": getattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", None),
+    }
+
+
+def _qwen21_template() -> dict:
+    """Qwen-Image-2.1's prompt template pieces (diffusers' `get_qwenimage21_prompt_embeds` builds the prompt from
+    them) and the stored row layout: references first, target last, the Qwen3-VL image slots beside the prompt."""
+    from diffusers.modular_pipelines.qwenimage21 import encoders
+
+    return {
+        "system_prompt": encoders.QWENIMAGE21_SYSTEM_PROMPT,
+        "image_template": encoders.QWENIMAGE21_IMAGE_TEMPLATE,
+        "layout": "qwen-image-2.1: references first, target last, image_slots",
     }
 
 

@@ -48,8 +48,9 @@ def tensor_digest(tensors: list[torch.Tensor]) -> str:
 
 
 # Tensors a row may hold besides target, edits and prompt: the loss mask reduced to target tokens [T] (a row with
-# a mask) and the empty prompt's encoding [L, D] (encoded when data.caption_dropout > 0).
-EXTRAS = ("mask", "empty_prompt")
+# a mask), the empty prompt's encoding [L, D] (encoded when data.caption_dropout > 0) and, for Qwen-Image-2.1, the
+# Qwen3-VL image slots of the prompt and of the empty prompt ([L] bool; fusedit.step.conditioning_qwen21).
+EXTRAS = ("mask", "empty_prompt", "image_slots", "empty_image_slots")
 
 
 def row_tensors(key: str, entry: Mapping) -> list[str]:

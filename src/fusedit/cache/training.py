@@ -14,28 +14,8 @@ def cache_enabled(cfg: DictConfig) -> bool:
     return bool(cfg.get("cache") and cfg.cache.get("enabled"))
 
 
-QWEN21_CACHE_REFUSAL = (
-    "the latent cache does not hold Qwen-Image-2.1 encodings yet (its rows keep the references first and the "
-    "Qwen3-VL image slots); train 2.1 with cache.enabled=false"
-)
-
-
-def refuse_qwen21(model_path) -> None:
-    """UserInputError (one line) when `model_path` is a Qwen-Image-2.1 pipeline, which the cache cannot hold yet."""
-    from fusedit.errors import UserInputError
-    from fusedit.families import QWEN_IMAGE_21, folder_family
-
-    if (
-        model_path is not None
-        and Path(str(model_path)).is_dir()
-        and folder_family(Path(str(model_path))) == QWEN_IMAGE_21
-    ):
-        raise UserInputError(f"model.path={model_path}: {QWEN21_CACHE_REFUSAL}")
-
-
 def cached_datamodule(cfg: DictConfig) -> CachedEditDataModule:
     """The data module `cfg.data` describes, reading encodings from `cfg.cache.dir` (encoding missing rows)."""
-    refuse_qwen21(cfg.model.path)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.pop("_target_", None)
     cache = cfg.cache

@@ -20,17 +20,11 @@ from fusedit.data.buckets import BucketBatchSampler
 from fusedit.data.dataset import EditDataset, Size, collate, plan_sizes
 from fusedit.data.errors import DataValidationError
 from fusedit.data.images import DEFAULT_MAX_IMAGE_PIXELS, EDIT_MULTIPLE, TARGET_MULTIPLE
-from fusedit.data.prompt_length import (
-    LONG_PROMPT_CHOICES,
-    TEXT_POSITIONS,
-    PromptCounter,
-    TextToImagePromptCounter,
-    text_positions_left,
-)
+from fusedit.data.prompt_length import LONG_PROMPT_CHOICES, prompt_counter
 from fusedit.data.records import Record
 from fusedit.data.sources import DATA_FORMATS, DataSource, refuse_bad_source
 from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, raise_or_skip, validate_records
-from fusedit.families import QWEN_IMAGE_21, TEXT_TO_IMAGE, folder_family
+from fusedit.families import TEXT_TO_IMAGE, folder_family
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +186,12 @@ class EditDataModule(LightningDataModule):
         rows and counts, or those rows left out with `on_error=skip`). Rows from the files and rows from the cache
         (`fusedit.cache.data`) are judged here alike. No pipeline (`model_path` None): every prompt as it is."""
         hp = self.hparams
-        if hp.model_path is None or not rows or folder_family(hp.model_path) == QWEN_IMAGE_21:
-            # 2.1: its Qwen3-VL prompt counter is not written yet; prompts go as they are (the 2.1 RoPE has no
-            # fixed text-position budget next to the images in diffusers' transformer).
+        if hp.model_path is None or not rows:
             return {row: prompt for row, prompt, *_ in rows}
-        text_to_image = folder_family(hp.model_path) == TEXT_TO_IMAGE
-        counter = (TextToImagePromptCounter if text_to_image else PromptCounter)(hp.model_path)
+        counter = prompt_counter(hp.model_path)
         kept, problems = {}, []
         for row, prompt, target, edits in rows:
-            limit = text_positions_left([target, *edits])
-            if text_to_image:  # QwenImagePipeline's tokenizer call would cut the rest silently
-                limit = min(limit, counter.tokenizer_max_length)
+            limit = counter.limit(target, list(edits))
             length = counter.count(prompt, list(edits))
             if length <= limit:
                 kept[row] = prompt
@@ -213,15 +202,9 @@ class EditDataModule(LightningDataModule):
                     "images (data.long_prompt=truncate)", row, length, shortened, limit,
                 )  # fmt: skip
             else:
-                room = (
-                    f"QwenImagePipeline keeps {limit}"
-                    if text_to_image
-                    else f"the transformer has {limit} text positions left beside this row's images "
-                    f"({TEXT_POSITIONS} in all)"
-                )
                 reason = (
-                    f"prompt is {length} text tokens (template and edit images' vision tokens included), but {room}; "
-                    "shorten it, or set data.long_prompt=truncate"
+                    f"prompt is {length} text tokens ({counter.counted}), but "
+                    f"{counter.room(limit)}; shorten it, or set data.long_prompt=truncate"
                 )
                 problems.append(Problem(row, self.columns.prompt, "", reason))
         raise_or_skip(problems, len(kept), len(rows), self.metadata, hp.on_error)

@@ -90,11 +90,16 @@ def resolve_path(raw: str, base_path: Path, allow_absolute: bool = False) -> Pat
     return Path(candidate)
 
 
-def check_image(path: Path, max_image_pixels: int, budget: DecodeBudget | None = None) -> tuple[int, int]:
+def check_image(
+    path: Path, max_image_pixels: int, budget: DecodeBudget | None = None, mask: bool = False
+) -> tuple[int, int]:
     """Decode `path` fully; return its oriented (width, height) or raise ValueError with a one-line reason.
 
     Only a regular file is opened (a FIFO would block, /dev/zero never ends). With `budget`, the decode waits
-    until its bytes (`decode_bytes`, from the header) fit beside the other threads' decodes.
+    until its bytes (`decode_bytes`, from the header) fit beside the other threads' decodes. A `mask` must also
+    have a pixel that is not black, read as the dataset reads it (RGB, then greyscale; fusedit.data.images): an
+    all-black mask weights every token 0, so its row would add nothing to the loss, and a batch of such rows
+    would train on a loss of exactly 0 without a word.
     """
     reason = not_regular_reason(path)
     if reason is not None:
@@ -116,6 +121,11 @@ def check_image(path: Path, max_image_pixels: int, budget: DecodeBudget | None =
         raise ValueError("cannot read file (permission denied)") from None
     except Exception as error:  # noqa: BLE001 - any decoder failure means the same thing: this row is unusable
         raise ValueError(f"corrupt or truncated image ({type(error).__name__}: {error})") from None
+    if mask and image.convert("L").getextrema()[1] == 0:
+        raise ValueError(
+            "mask is all black (every pixel 0 = ignore): this row would add nothing to the loss; make the region "
+            "to learn white, or drop the mask to train every pixel"
+        )
     return image.size
 
 
@@ -203,26 +213,32 @@ def _resolve_rows(records: list[Record], columns: Columns, base_path: Path, allo
     return checked
 
 
-def _decode_all(paths: list[Path], max_image_pixels: int, budget_bytes: int, threads: int | None) -> dict:
-    """path -> oriented (width, height), or the one-line reason it cannot be used; each path decoded once."""
+def _decode_all(
+    paths: list[Path], max_image_pixels: int, budget_bytes: int, threads: int | None, masks: set[Path] = frozenset()
+) -> dict:
+    """(path, is a mask) -> oriented (width, height), or the one-line reason it cannot be used; each path decoded
+    once per role (`check_image`: a mask has a rule of its own)."""
     budget = DecodeBudget(budget_bytes)
+    jobs = sorted({(path, False) for path in paths} | {(path, True) for path in masks})
 
-    def check(path: Path) -> tuple[Path, tuple[int, int] | str]:
+    def check(job: tuple[Path, bool]) -> tuple[tuple[Path, bool], tuple[int, int] | str]:
         try:
-            return path, check_image(path, max_image_pixels, budget)
+            return job, check_image(job[0], max_image_pixels, budget, mask=job[1])
         except ValueError as error:
-            return path, str(error)
+            return job, str(error)
 
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        return dict(pool.map(check, sorted(set(paths))))
+        return dict(pool.map(check, jobs))
 
 
 def _sample(record: Record, row_paths: list, sizes: dict, columns: Columns) -> Sample | list[Problem]:
-    """The Sample of a record whose files all decoded, or the problems of those that did not (or of its mask)."""
+    """The Sample of a record whose files all decoded, or the problems of those that did not (or of its mask).
+    `sizes`: `_decode_all`'s, keyed by (path, is a mask); the mask is the last of `row_paths`."""
+    roles = [bool(record.mask) and index == len(row_paths) - 1 for index in range(len(row_paths))]
     problems = [
-        Problem(record.row, column, raw, sizes[path])
-        for column, raw, path in row_paths
-        if path is not None and isinstance(sizes[path], str)
+        Problem(record.row, column, raw, sizes[path, is_mask])
+        for (column, raw, path), is_mask in zip(row_paths, roles, strict=True)
+        if path is not None and isinstance(sizes[path, is_mask], str)
     ]
     if problems:
         return problems
@@ -230,19 +246,18 @@ def _sample(record: Record, row_paths: list, sizes: dict, columns: Columns) -> S
     if None in paths:  # a refused path: the row is already reported
         return []
     mask = paths.pop() if record.mask else None
-    if mask is not None and sizes[mask] != sizes[paths[0]]:
-        width, height = sizes[paths[0]]
-        reason = (
-            f"mask is {sizes[mask][0]}x{sizes[mask][1]}, the image is {width}x{height}; a mask has the target's size"
-        )
+    width, height = sizes[paths[0], False]
+    if mask is not None and sizes[mask, True] != (width, height):
+        mask_width, mask_height = sizes[mask, True]
+        reason = f"mask is {mask_width}x{mask_height}, the image is {width}x{height}; a mask has the target's size"
         return [Problem(record.row, columns.mask or "mask", record.mask, reason)]
     return Sample(
         row=record.row,
         image=paths[0],
         edit_images=tuple(paths[1:]),
         prompt=record.prompt,
-        image_size=sizes[paths[0]],
-        edit_sizes=tuple(sizes[path] for path in paths[1:]),
+        image_size=(width, height),
+        edit_sizes=tuple(sizes[path, False] for path in paths[1:]),
         mask=mask,
     )
 
@@ -279,7 +294,7 @@ def validate_records(
     `metadata` names the data in messages (the metadata file, image folder or dataset). `family`
     (`fusedit.families`, e.g. "qwen-image-edit"): judge each row's number of edit images against what that pipeline
     takes; None accepts one or more. Images are decoded on `num_threads` threads, at most `decode_budget_bytes` of
-    decoded pixels at a time (`DecodeBudget`). A mask must decode and have its target's size.
+    decoded pixels at a time (`DecodeBudget`). A mask must decode, have its target's size and not be all black.
 
     on_error="raise": one `DataValidationError` listing every problem. on_error="skip": drop bad rows and log
     how many (still raises when no row is left).
@@ -290,8 +305,13 @@ def validate_records(
     configure_pil_limit(max_image_pixels)
     _warn_duplicates(records)
     checked = _resolve_rows(records, columns, Path(base_path), allow_absolute_paths, family)
-    every_path = [path for row_paths in checked.paths.values() for _, _, path in row_paths if path is not None]
-    sizes = _decode_all(every_path, max_image_pixels, decode_budget_bytes, num_threads)
+    every_path, masks = [], set()
+    for record in records:
+        row_paths = [path for _, _, path in checked.paths[record.row]]
+        if record.mask and row_paths[-1] is not None:
+            masks.add(row_paths.pop())
+        every_path += [path for path in row_paths if path is not None]
+    sizes = _decode_all(every_path, max_image_pixels, decode_budget_bytes, num_threads, masks)
     already_bad = {problem.row for problem in checked.problems}
     samples = []
     for record in records:

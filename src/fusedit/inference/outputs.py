@@ -89,9 +89,19 @@ class OutputPaths:
 def save_image(image: Image.Image, path: Path) -> None:
     from fusedit.io import atomic_write_path  # imports torch: not at module level, infer.py's preflight imports this
 
+    image_format = path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
+    if image_format == "JPEG" and image.mode == "RGBA":  # Qwen-Image-2.1 decodes alpha; JPEG has none
+        image = _on_white(image)
     with atomic_write_path(path) as tmp:
         # The temp name has no image suffix, so the format is named explicitly.
-        image.save(tmp, format=(path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"))
+        image.save(tmp, format=image_format)
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An RGBA image composited over white (as diffusers shows a 2.1 RGBA reference to Qwen3-VL)."""
+    white = Image.new("RGB", image.size, (255, 255, 255))
+    white.paste(image, mask=image.getchannel("A"))
+    return white
 
 
 def _fit_height(image: Image.Image, height: int) -> Image.Image:
@@ -104,7 +114,10 @@ def _fit_height(image: Image.Image, height: int) -> Image.Image:
 def comparison_sheet(panels: list[tuple[str, Image.Image]]) -> Image.Image:
     """Panels side by side at the output's height, each with its label above it (input | output [| target])."""
     height = next(image for label, image in panels if label == "output").height
-    fitted = [(label, _fit_height(image.convert("RGB"), height)) for label, image in panels]
+    fitted = [
+        (label, _fit_height(_on_white(image) if image.mode == "RGBA" else image.convert("RGB"), height))
+        for label, image in panels
+    ]
     sheet = Image.new("RGB", (sum(image.width for _, image in fitted), height + LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(sheet)
     x = 0

@@ -2,9 +2,10 @@
 
 The pipeline class follows the model family that `fusedit.detect` reports for the checkpoint, never a guess
 from the file name: Qwen-Image (text-to-image), Qwen-Image-Edit, Qwen-Image-Edit-2509 / -2511 (several edit
-images). Everything except the transformer (VAE, Qwen2.5-VL text encoder, tokenizer, processor, scheduler) is
-loaded by diffusers' own `from_pretrained`; the transformer comes from `fusedit.model.load_transformer` in the
-layout asked for, so the merged-QKV model runs inside diffusers' own sampler.
+images), Qwen-Image-2.1 (diffusers' modular `QwenImage21ModularPipeline`, built in `fusedit.inference.qwen21`).
+Everything except the transformer (VAE, text encoder, tokenizer, processor, scheduler) is loaded by diffusers' own
+`from_pretrained`; the transformer comes from `fusedit.model.load_transformer` in the layout asked for, so the
+merged model runs inside diffusers' own sampler.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import diffusers
 import torch
 
-from fusedit.families import PIPELINE_CLASSES
+from fusedit.families import PIPELINE_CLASSES, QWEN_IMAGE_21
 from fusedit.inference.preflight import model_family
 from fusedit.inference.profiles import torch_dtype
 from fusedit.model import load_transformer
@@ -41,6 +42,10 @@ def build_pipeline(
         dtype=dtype,
         zero_cond_t=family == "qwen-image-edit-2511",
     )
+    if family == QWEN_IMAGE_21:
+        from fusedit.inference.qwen21 import pipeline_from_folder
+
+        return pipeline_from_folder(path, transformer, dtype), family
     pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
     pipe = pipeline_class.from_pretrained(str(path), transformer=transformer, dtype=dtype)
     return pipe, family
@@ -52,8 +57,8 @@ def text_to_image_pipeline(pipe: diffusers.DiffusionPipeline) -> diffusers.Diffu
     Qwen-Image-Edit shares Qwen-Image's architecture and text encoder, so an edit checkpoint can also generate from
     text alone; only the prompt template differs, and `QwenImagePipeline` brings its own.
     """
-    if isinstance(pipe, diffusers.QwenImagePipeline):
-        return pipe
+    if isinstance(pipe, diffusers.QwenImagePipeline | diffusers.QwenImage21ModularPipeline):
+        return pipe  # 2.1's modular pipeline runs with and without references
     return diffusers.QwenImagePipeline.from_pipe(pipe)
 
 
@@ -62,5 +67,9 @@ def configure_scheduler(pipe: diffusers.DiffusionPipeline, overrides: dict | Non
     `sampling.scheduler`, e.g. the Lightning presets' exponential time shift; its keys are checked by the
     preflight, `check_scheduler_overrides`); nothing when `overrides` is empty. Returns the config in use."""
     if overrides:
-        pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **overrides})
+        scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **overrides})
+        if isinstance(pipe, diffusers.QwenImage21ModularPipeline):
+            pipe.update_components(scheduler=scheduler)  # a modular pipeline keeps specs of its components
+        else:
+            pipe.scheduler = scheduler
     return dict(pipe.scheduler.config)

@@ -168,11 +168,6 @@ def model_family(path: str | os.PathLike) -> str:
             f"model.path={path}: `fusedit detect` reports family {family!r}; inference supports "
             f"{', '.join(PIPELINE_CLASSES)}"
         )
-    if family == QWEN_IMAGE_21:  # its sampling is diffusers' modular pipeline, which infer.py does not drive yet
-        raise UserInputError(
-            f"model.path={path} is Qwen-Image-2.1: infer.py does not run it yet; use diffusers' "
-            "ModularPipeline.from_pretrained(path) with pipe.load_lora_weights(lora) (docs/qwen-image-2.1.md)"
-        )
     return family
 
 
@@ -187,6 +182,12 @@ def _check_transformer(path: Path, family: str | None) -> None:
     # Only Edit-2511 is visible in a transformer's own files (zero_cond_t in a folder's config, ComfyUI's marker
     # tensor in a single file); the other families share one transformer. A single file without the marker may
     # still be 2511 (not every tool writes it), so only a folder's config can say "not 2511".
+    is_21 = report.get("family") == QWEN_IMAGE_21  # 2.1's own keys (SwiGLU) say it in every kind of file
+    if family is not None and is_21 != (family == QWEN_IMAGE_21):
+        raise UserInputError(
+            f"model.transformer={path} is a {'Qwen-Image-2.1' if is_21 else 'Qwen-Image (MMDiT)'} transformer, but "
+            f"model.path is a {family} pipeline; use the matching pipeline"
+        )
     is_2511 = report.get("family") == EDIT_2511
     says_not_2511 = report["kind"] != "model_file" and not is_2511
     if family is not None and ((is_2511 and family != EDIT_2511) or (says_not_2511 and family == EDIT_2511)):
@@ -198,12 +199,27 @@ def _check_transformer(path: Path, family: str | None) -> None:
         )
 
 
-def _check_lora_kind(spec: LoraSpec, file: Path) -> None:
+def _check_lora_kind(spec: LoraSpec, file: Path, family: str | None = None) -> None:
+    """`file` is a LoRA, and none of its block modules is one only the other family (MMDiT / 2.1) has."""
+    from fusedit.model.module_map import BLOCK_LINEARS, QWEN21_BLOCK_LINEARS
+
     report = _detect(file, spec.key)
     if report["kind"] != "lora":  # `lora_file` gives a file, so the other kind is a whole model's weights
         raise UserInputError(
             f"{spec.key}={file} holds transformer weights ({report.get('layers')} blocks), not a LoRA; other "
             "transformer weights go in model.transformer"
+        )
+    if family is None:
+        return
+    # Names both families share (attn.to_q, ...) are checked against the loaded model's shapes when attached.
+    own, other = (
+        (QWEN21_BLOCK_LINEARS, BLOCK_LINEARS) if family == QWEN_IMAGE_21 else (BLOCK_LINEARS, QWEN21_BLOCK_LINEARS)
+    )
+    foreign = sorted(set(report["target_modules"]) & (set(other) - set(own)))
+    if foreign:
+        raise UserInputError(
+            f"{spec.key}={file} targets {', '.join(foreign)}, which a {family} transformer does not have: a LoRA "
+            f"for {'the Qwen-Image MMDiT' if family == QWEN_IMAGE_21 else 'Qwen-Image-2.1'}?"
         )
 
 
@@ -221,7 +237,7 @@ MAX_SEQUENCE_LENGTH = 1024  # diffusers' Qwen-Image pipelines refuse a larger sa
 
 def check_prompt_lengths(
     jobs: list[Job], model_path, family: str, width=None, height=None, max_sequence_length: int = 512,
-    long_prompt: str = "raise",
+    long_prompt: str = "raise", output_resolution=None,
 ) -> list[Job]:  # fmt: skip
     """The jobs, each with a prompt that fits what the pipeline encodes: refused otherwise (`long_prompt="raise"`:
     UserInputError, one line per job naming its source, the count and the limit) or shortened to fit with a
@@ -231,7 +247,9 @@ def check_prompt_lengths(
     transformer's text positions left beside the images (each input at about 1 MP in its own aspect, as the edit
     pipelines size it, the output at `width` x `height` or the first input's size). Text-to-image jobs
     (QwenImagePipeline, also run for the jobs without an input on an edit model): `max_sequence_length`, where
-    that pipeline's `encode_prompt` cuts the prompt embedding.
+    that pipeline's `encode_prompt` cuts the prompt embedding. Qwen-Image-2.1 jobs (with or without references):
+    the RoPE positions left beside the references (`qwen21_text_positions_left`, each reference as the pipeline
+    resizes it at `output_resolution`), counted with 2.1's template and Qwen3-VL processor.
     """
     from fusedit.data.prompt_length import LONG_PROMPT_CHOICES
 
@@ -242,7 +260,7 @@ def check_prompt_lengths(
             f"sampling.max_sequence_length={max_sequence_length}: diffusers' Qwen-Image pipelines take 1 to "
             f"{MAX_SEQUENCE_LENGTH}"
         )
-    limits = _PromptLimits(model_path, family, width, height, int(max_sequence_length))
+    limits = _PromptLimits(model_path, family, width, height, int(max_sequence_length), output_resolution)
     kept, problems = [], []
     for job in jobs:
         counter, sizes, limit, what = limits.of(job)
@@ -269,18 +287,32 @@ def check_prompt_lengths(
 class _PromptLimits:
     """Per job: (counter, edit image sizes, the most text tokens its pipeline encodes whole, that limit in words)."""
 
-    def __init__(self, model_path, family: str, width, height, max_sequence_length: int):
+    def __init__(self, model_path, family: str, width, height, max_sequence_length: int, output_resolution=None):
         self.model_path, self.family = model_path, family
         self.output = (int(width), int(height)) if width and height else None
         self.max_sequence_length = max_sequence_length
-        self._counters: dict[bool, object] = {}
+        self.output_resolution = output_resolution
+        self._counters: dict[str, object] = {}
 
-    def _counter(self, edit: bool):
-        from fusedit.data.prompt_length import PromptCounter, TextToImagePromptCounter
+    def _counter(self, kind: str):
+        from fusedit.data.prompt_length import PromptCounter, Qwen21PromptCounter, TextToImagePromptCounter
 
-        if edit not in self._counters:
-            self._counters[edit] = (PromptCounter if edit else TextToImagePromptCounter)(self.model_path)
-        return self._counters[edit]
+        if kind not in self._counters:
+            counter_class = {"edit": PromptCounter, "t2i": TextToImagePromptCounter, "2.1": Qwen21PromptCounter}[kind]
+            self._counters[kind] = counter_class(self.model_path)
+        return self._counters[kind]
+
+    def _qwen21(self, sizes: list[tuple[int, int]]):
+        from fusedit.data.prompt_length import QWEN21_ROPE_POSITIONS, qwen21_reference_size, qwen21_text_positions_left
+        from fusedit.inference.qwen21 import DEFAULT_OUTPUT_RESOLUTION
+
+        resolution = int(self.output_resolution or DEFAULT_OUTPUT_RESOLUTION)
+        limit = qwen21_text_positions_left([qwen21_reference_size(w, h, resolution) for w, h in sizes])
+        what = (
+            f"Qwen-Image-2.1's RoPE has {limit} text positions left beside the target and {len(sizes)} reference(s) "
+            f"({QWEN21_ROPE_POSITIONS} in all)"
+        )
+        return self._counter("2.1"), sizes, limit, what
 
     def of(self, job: Job):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
@@ -288,21 +320,23 @@ class _PromptLimits:
 
         from fusedit.data.prompt_length import TEXT_POSITIONS, text_positions_left
 
+        sizes = []
+        for image in job.images:
+            with Image.open(image) as header:  # the header only; a regular file (checked in the first stage)
+                sizes.append(header.size)
+        if self.family == QWEN_IMAGE_21:
+            return self._qwen21(sizes)
         if not (job.images and is_edit_family(self.family)):
             limit = self.max_sequence_length
             what = (
                 f"the text-to-image pipeline encodes only the first {limit} (sampling.max_sequence_length, at most "
                 f"{MAX_SEQUENCE_LENGTH}) and would cut the rest"
             )
-            return self._counter(False), [], limit, what
-        sizes = []
-        for image in job.images:
-            with Image.open(image) as header:  # the header only; a regular file (checked in the first stage)
-                sizes.append(header.size)
+            return self._counter("t2i"), [], limit, what
         condition = [calculate_dimensions(1024 * 1024, w / h)[:2] for w, h in sizes]
         limit = text_positions_left([self.output or tuple(map(int, condition[0])), *condition])
         what = f"the transformer has {limit} text positions left beside the images ({TEXT_POSITIONS} in all)"
-        return self._counter(True), sizes, limit, what
+        return self._counter("edit"), sizes, limit, what
 
 
 class _Problems:
@@ -352,6 +386,50 @@ def check_scheduler_overrides(model_path, overrides) -> None:
         raise UserInputError(f"sampling.scheduler: {name} takes no {unknown}; it takes {sorted(known)}")
 
 
+def _folder_family(path) -> str | None:
+    """The family named by the pipeline folder's JSON files, or None (then `model_family` reports why)."""
+    from fusedit.families import folder_family
+
+    try:
+        return folder_family(Path(str(path)).expanduser())
+    except (ValueError, OSError):
+        return None
+
+
+QWEN21_PRESETS = ("fast", "balanced", "quality")  # their steps apply; their true_cfg_scale is the MMDiT's
+
+
+def check_family_options(cfg: DictConfig, family: str) -> None:
+    """Options one family has and the other lacks, refused in one line each: for Qwen-Image-2.1 the Lightning
+    presets (lightx2v's LoRAs are the MMDiT's), prompt enhancement (written for Qwen2.5-VL's chat) and profiles
+    that offload or store fp8 (not wired to the modular pipeline); for the MMDiT `sampling.output_resolution`."""
+    sampling = cfg.get("sampling") or {}
+    profile = cfg.profile
+    if family != QWEN_IMAGE_21:
+        if sampling.get("output_resolution") is not None:
+            raise UserInputError(
+                "sampling.output_resolution is Qwen-Image-2.1's; the Qwen-Image pipelines take sampling.height / "
+                "sampling.width"
+            )
+        return
+    problems = []
+    if "lightning_lora" in sampling:
+        problems.append(
+            f"preset={sampling.get('name')} is for the Qwen-Image MMDiT's Lightning LoRAs (lightx2v), not "
+            f"Qwen-Image-2.1: use preset={'|'.join(QWEN21_PRESETS)}"
+        )
+    if cfg.get("enhance_prompt"):
+        problems.append("enhance_prompt=true rewrites with Qwen2.5-VL's edit chat; it is not wired for Qwen-Image-2.1")
+    if profile.get("offload", "none") != "none" or profile.get("fp8_storage"):
+        problems.append(
+            f"profile={profile.get('name')} (offload={profile.get('offload')}, fp8_storage="
+            f"{profile.get('fp8_storage')}) is not wired for Qwen-Image-2.1's modular pipeline yet: use "
+            "profile=high_vram or profile=cpu (offload=none, no fp8 storage)"
+        )
+    if problems:
+        raise UserInputError("\n  ".join(problems))
+
+
 def preflight(cfg: DictConfig) -> Plan:
     """Check `cfg` (an `infer` config) without loading any model; raise one refusal listing every problem."""
     problems = _Problems()
@@ -366,9 +444,11 @@ def preflight(cfg: DictConfig) -> Plan:
     if jobs is not None:
         paths = problems.check(OutputPaths, cfg.output, jobs, bool(cfg.get("overwrite", False)))
         problems.errors.extend(UserInputError(message) for message in unreadable_images(jobs))
-    specs = problems.check(lora_specs, cfg.lora, cfg.loras, cfg.get("sampling")) or []
-    lora_files = [problems.check(lora_file, spec) for spec in specs]
     model_ok = problems.check(check_model_path, _select(cfg, "model.path")) is not None
+    # A Lightning preset on 2.1 is refused below as such, not asked for its (MMDiT) Lightning LoRA here.
+    is_21 = model_ok and _folder_family(cfg.model.path) == QWEN_IMAGE_21
+    specs = problems.check(lora_specs, cfg.lora, cfg.loras, None if is_21 else cfg.get("sampling")) or []
+    lora_files = [problems.check(lora_file, spec) for spec in specs]
     transformer = _select(cfg, "model.transformer")
     if transformer is not None and not Path(str(transformer)).expanduser().exists():
         problems.errors.append(UserFileNotFoundError(f"model.transformer={transformer} does not exist"))
@@ -380,7 +460,7 @@ def preflight(cfg: DictConfig) -> Plan:
     if transformer is not None:
         problems.check(_check_transformer, Path(str(transformer)).expanduser(), family)
     for spec, file in zip(specs, lora_files, strict=True):
-        problems.check(_check_lora_kind, spec, file)
+        problems.check(_check_lora_kind, spec, file, family)
     if family is not None:
         problems.check(check_jobs_fit, jobs, family)
         sampling = cfg.get("sampling") or {}
@@ -388,6 +468,7 @@ def preflight(cfg: DictConfig) -> Plan:
         fitted = problems.check(
             check_prompt_lengths, jobs, cfg.model.path, family, sampling.get("width"), sampling.get("height"),
             sampling.get("max_sequence_length", 512), cfg.get("long_prompt", "raise"),
+            sampling.get("output_resolution"),
         )  # fmt: skip
         jobs = fitted if fitted is not None else jobs
     from fusedit.inference.profiles import check_profile, resolve_auto_profile  # torch, imported by detect already
@@ -395,5 +476,7 @@ def preflight(cfg: DictConfig) -> Plan:
     with open_dict(cfg):  # profile=auto: the detected GPU's profile from here on (infer() reads cfg.profile)
         cfg.profile = resolve_auto_profile(cfg.profile)
     problems.check(check_profile, cfg.profile)
+    if family is not None:
+        problems.check(check_family_options, cfg, family)
     problems.raise_if_any()
     return Plan(jobs=jobs, paths=paths, loras=specs, family=family)

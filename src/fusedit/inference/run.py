@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fusedit
-from fusedit.families import TEXT_TO_IMAGE
+from fusedit.families import QWEN_IMAGE_21, TEXT_TO_IMAGE
 from fusedit.inference.enhance import enhance_prompt
 from fusedit.inference.inputs import Job, load_rgb
 from fusedit.inference.lora import load_loras
@@ -37,6 +37,28 @@ def _call_kwargs(cfg: DictConfig, prompt: str, images: list, multi_image: bool, 
     if images:
         kwargs["image"] = images if multi_image else images[0]
     return kwargs
+
+
+def _generate(cfg: DictConfig, family: str, job_pipe, prompt: str, images: list, multi_image: bool, seed: int):
+    """One output image: the MMDiT pipelines' `__call__`, or for 2.1 `fusedit.inference.qwen21.sample` (the modular
+    pipeline, which training's validation images call too)."""
+    if family != QWEN_IMAGE_21:
+        return job_pipe(**_call_kwargs(cfg, prompt, images, multi_image, seed)).images[0]
+    from fusedit.inference.qwen21 import sample
+
+    sampling = cfg.sampling
+    return sample(
+        job_pipe,
+        prompt,
+        images,
+        num_inference_steps=int(sampling.steps),
+        seed=seed,
+        guidance_scale=float(sampling.qwen21_true_cfg_scale),
+        negative_prompt=sampling.negative_prompt,
+        height=sampling.height,
+        width=sampling.width,
+        output_resolution=sampling.get("output_resolution"),
+    )
 
 
 def _run_record(cfg: DictConfig, family: str, pipe, lora_records: list, profile_record: dict) -> dict:
@@ -99,7 +121,7 @@ def _run_job(cfg: DictConfig, plan: Plan, job_pipe, index: int, job: Job, multi_
     prompt = _enhanced_prompt(cfg, job_pipe, job, images, entry) if cfg.enhance_prompt else job.prompt
     seed = int(cfg.sampling.seed) + index
     job_pipe.set_progress_bar_config(desc=f"[{index + 1}/{len(plan.jobs)}] {job.name}")
-    output = job_pipe(**_call_kwargs(cfg, prompt, images, multi_image, seed)).images[0]
+    output = _generate(cfg, plan.family, job_pipe, prompt, images, multi_image, seed)
 
     image_path = plan.paths.image(job)
     save_image(output, image_path)

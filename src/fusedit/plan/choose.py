@@ -8,6 +8,7 @@ A plan is a handful of switches, each a config key `train.py` already has:
     cache             cache.enabled                      encode-then-train: encoders never share the GPU with a step
     optim             optim=adamw8bit vs optim=adamw     8-bit optimizer moments
     resident_blocks   model.resident_blocks              null, or N: stream the other blocks from host memory
+    ema               callbacks=ema                      the EMA copy of the LoRA; kept from the config, never switched
     encode            cache.offload / cache.device=cpu   where a cache plan's encoding pass runs (`encode_phase`):
                                                          "gpu" (the encoders on the GPU alone), "offload" (the text
                                                          encoder's layers streamed from host memory), "cpu"
@@ -46,6 +47,7 @@ class TrainPlan:
     resident_blocks: int | None = None
     encode: str = "gpu"  # a cache plan's encoding pass: ENCODE_MODES
     fp32: bool = False  # precision=fp32: fp32 base, encoders and activations, no autocast
+    ema: bool = False  # callbacks=ema: an averaged copy of the LoRA parameters (fusedit.plan.predict)
 
     @property
     def precision(self) -> str:
@@ -64,6 +66,8 @@ class TrainPlan:
         parts.append("encode-then-train (cache)" if self.cache else "live encoders on the GPU")
         if self.optim != "adamw":
             parts.append(f"optim={self.optim}")
+        if self.ema:
+            parts.append("EMA of the LoRA")
         if self.resident_blocks is not None:
             parts.append(f"{self.resident_blocks} blocks resident, the rest streamed from host memory")
         if self.cache and self.encode == "offload":
@@ -88,10 +92,11 @@ class TrainPlan:
         return asdict(self)
 
 
-def plan_order(num_blocks: int, eight_bit: bool = True, optim: str = "adamw") -> list[TrainPlan]:
+def plan_order(num_blocks: int, eight_bit: bool = True, optim: str = "adamw", ema: bool = False) -> list[TrainPlan]:
     """Every plan in the order `trainer=auto` tries them (module docstring); streaming last, most resident first.
     `optim`: the run's optimizer, kept by every plan; only AdamW is switched to its 8-bit version, and not with
-    `eight_bit=False` (bitsandbytes not installed). Another optimizer the user chose is never replaced."""
+    `eight_bit=False` (bitsandbytes not installed). Another optimizer the user chose is never replaced. `ema`
+    (callbacks=ema) is kept by every plan."""
     low = "adamw8bit" if eight_bit and optim == "adamw" else optim
     plans = [TrainPlan(checkpoint_every=k, optim=optim) for k in CHECKPOINT_LADDER]
     plans += [TrainPlan(checkpoint_every=k, fp8=True, optim=optim) for k in CHECKPOINT_LADDER]
@@ -101,7 +106,7 @@ def plan_order(num_blocks: int, eight_bit: bool = True, optim: str = "adamw") ->
         TrainPlan(checkpoint_every=1, fp8=True, cache=True, optim=low, resident_blocks=resident)
         for resident in range(num_blocks - 1, -1, -1)
     ]
-    return plans
+    return [dataclasses.replace(plan, ema=ema) for plan in plans]
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,7 @@ def evaluate(
         optim=plan.optim,
         resident_blocks=plan.resident_blocks,
         fp32=plan.fp32,
+        ema=plan.ema,
     )
     return Choice(plan, prediction, gpu_gb, fits(prediction, gpu_gb) and (encode is None or encode.fits), 0, encode)
 
@@ -215,16 +221,18 @@ def choose(
     eight_bit: bool | None = None,
     pcie_gbps: float = DEFAULT_PCIE_GBPS,
     optim: str = "adamw",
+    ema: bool = False,
 ) -> Choice:
     """The first plan of `plan_order` predicted to fit `gpu_gb`; if none does, the last one (fits=False).
-    `eight_bit`: allow optim=adamw8bit (default: when bitsandbytes is installed); `optim`: the run's optimizer.
+    `eight_bit`: allow optim=adamw8bit (default: when bitsandbytes is installed); `optim`: the run's optimizer;
+    `ema`: whether the run keeps an EMA of the LoRA (callbacks=ema).
 
     The streaming tail is searched by bisection (the peak grows with the resident block count)."""
     if eight_bit is None:
         from fusedit.optim import bitsandbytes_available
 
         eight_bit = bitsandbytes_available()
-    order = plan_order(facts.num_blocks, eight_bit, optim)
+    order = plan_order(facts.num_blocks, eight_bit, optim, ema)
     streaming = [plan for plan in order if plan.resident_blocks is not None]
     for tried, plan in enumerate(order[: len(order) - len(streaming)]):
         choice = evaluate(plan, facts, estimates, gpu_gb, True, pcie_gbps)
@@ -247,5 +255,5 @@ def choose(
 
 def first_fitting_change(plan: TrainPlan, facts: ModelFacts, estimates: Estimates, gpu_gb: float) -> Choice | None:
     """For a plan that does not fit: the first plan in `plan_order` that fits (what to switch to), or None."""
-    choice = choose(facts, estimates, gpu_gb, optim=plan.optim)
+    choice = choose(facts, estimates, gpu_gb, optim=plan.optim, ema=plan.ema)
     return choice if choice.fits else None

@@ -35,6 +35,7 @@ def config_plan(cfg: DictConfig) -> TrainPlan:
         optim=str(cfg.optim.get("name", "adamw")),
         resident_blocks=cfg.model.get("resident_blocks"),
         encode=_encode_mode(cfg),
+        ema=bool(cfg.get("callbacks") and cfg.callbacks.get("ema")),
     )
 
 
@@ -141,18 +142,18 @@ def resolve_training_plan(cfg: DictConfig) -> dict | None:
     gpu_gb = settings.get("gpu_gb") or detected_gpu_gb()
     estimates = Estimates(settings.get("estimates"))
     facts = config_facts(cfg, estimates=estimates)
+    asked = config_plan(cfg)
     if auto:
-        choice = choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim)
+        choice = choose(facts, estimates, float(gpu_gb), optim=asked.optim, ema=asked.ema)
         if not choice.fits:
             raise UserInputError(_no_plan_message(choice))
         apply_plan(cfg, choice.plan)
         print(_chosen_message(choice), flush=True)
     else:
-        choice = evaluate(config_plan(cfg), facts, estimates, float(gpu_gb))
+        choice = evaluate(asked, facts, estimates, float(gpu_gb))
         if not choice.fits:
-            raise UserInputError(
-                _refusal_message(choice, choose(facts, estimates, float(gpu_gb), optim=config_plan(cfg).optim))
-            )
+            fitting = choose(facts, estimates, float(gpu_gb), optim=asked.optim, ema=asked.ema)
+            raise UserInputError(_refusal_message(choice, fitting))
     record = {"auto": auto, **choice.to_dict()}
     log.info("plan: %s", record)
     return record

@@ -9,7 +9,12 @@ What a training step holds on the GPU, and where each number comes from:
                  byte counts of the model built on the meta device (fusedit.bench.shapes, the real config).
     lora         LoRA weights (fp32) + their gradients (fp32) + optimizer state (fusedit.optim's bytes per
                  parameter: AdamW 8, 8-bit AdamW ~2) + the bf16 copies autocast keeps of them during a step
-                 (none for precision=fp32, which runs without autocast).
+                 (none for precision=fp32, which runs without autocast). With callbacks=ema, the average:
+                 torch's AveragedModel holds one copy of every LoRA parameter in its dtype (fp32) plus its
+                 `n_averaged` int64 buffer (fusedit.training.ema averages the LoRA parameters alone, no PEFT
+                 module or buffer is copied): EMA_BYTES_PER_PARAMETER per parameter + EMA_BUFFER_BYTES. Swapping
+                 the average in for validation clones the raw weights once more, between steps, not at a step's
+                 peak.
     activations  what the step adds on top of the weights (saved activations under the chosen checkpointing,
                  attention and backward transients) less the LoRA gradients and optimizer state it also holds:
                  fusedit.bench.memory's fake-tensor run (live storage bytes), at depth k and 2k for a checkpoint
@@ -78,6 +83,9 @@ LORA_BYTES_PER_PARAMETER = {"bf16": 4 + 4 + 2, "fp32": 4 + 4}
 # torch AdamW): its fp32 gradients (4 B), fp32 moments (2 x 4 B) and autocast's bf16 copies of the LoRA weights
 # (2 B, bf16 only) are part of its `step_gb`; they are counted by LORA_BYTES_PER_PARAMETER +
 # STATE_BYTES_PER_PARAMETER and taken out here.
+# callbacks=ema (fusedit.training.ema): AveragedModel's fp32 copy of each LoRA parameter, and its n_averaged buffer.
+EMA_BYTES_PER_PARAMETER = 4
+EMA_BUFFER_BYTES = 8
 _BENCH_LORA_STEP_BYTES = {"bf16": 4 + 2 * 4 + 2, "fp32": 4 + 2 * 4}
 _ESTIMATE_VERSION = (
     2  # bump when fusedit.bench.memory's method changes (2: the trainer's step, fp32 LoRA under autocast)
@@ -334,9 +342,10 @@ def predict(
     optim: str = "adamw",
     resident_blocks: int | None = None,
     fp32: bool = False,
+    ema: bool = False,
 ) -> Prediction:
     """Predicted memory of a training step with these switches (module docstring for each part). `fp32`:
-    precision=fp32 (fp32 base, encoders and activations, no autocast); not with `fp8`."""
+    precision=fp32 (fp32 base, encoders and activations, no autocast); not with `fp8`. `ema`: callbacks=ema."""
     if fp8 and fp32:
         raise ValueError("fp8 storage runs under bf16 autocast; it is not an fp32 plan")
     run_dtype = "fp32" if fp32 else "bf16"
@@ -347,6 +356,8 @@ def predict(
     if optim not in STATE_BYTES_PER_PARAMETER:
         raise UserInputError(f"unknown optimizer {optim!r}; one of {sorted(STATE_BYTES_PER_PARAMETER)}")
     lora_bytes = facts.lora_parameters * (LORA_BYTES_PER_PARAMETER[run_dtype] + STATE_BYTES_PER_PARAMETER[optim])
+    if ema:
+        lora_bytes += facts.lora_parameters * EMA_BYTES_PER_PARAMETER + EMA_BUFFER_BYTES
     encoder_bytes_per_parameter = RUN_DTYPES[run_dtype].itemsize
     return Prediction(
         transformer_gb=(facts.other_bytes[storage] + on_gpu_blocks * block) / GB,

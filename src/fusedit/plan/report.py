@@ -30,7 +30,7 @@ def plan_report(
     auto = bool(cfg.get("plan", {}).get("auto", False))
     plan = config_plan(cfg)
     choice = (
-        choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps, optim=plan.optim)
+        choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps, optim=plan.optim, ema=plan.ema)
         if auto
         else evaluate(plan, facts, estimates, gpu_gb, pcie_gbps=pcie_gbps)
     )
@@ -56,6 +56,6 @@ def plan_report(
         "encoder_parameters": facts.encoder_parameters,
     }
     if not choice.fits and not auto:
-        fitting = choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps, optim=plan.optim)
+        fitting = choose(facts, estimates, gpu_gb, pcie_gbps=pcie_gbps, optim=plan.optim, ema=plan.ema)
         report["fits_with"] = fitting.plan.overrides() if fitting.fits else None
     return report

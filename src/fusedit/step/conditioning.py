@@ -14,6 +14,8 @@ builds them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -113,6 +115,27 @@ def vlm_size(width: int, height: int, multi_image: bool) -> tuple[int, int]:
     return int(dims[0]), int(dims[1])
 
 
+@contextlib.contextmanager
+def no_loading_progress_bars() -> Iterator[None]:
+    """diffusers' "Loading pipeline components..." and transformers' "Loading checkpoint shards" bars off for the
+    loads inside, restored after. A training run (and `fusedit cache`) loads its encoders once, in seconds, before
+    its own progress bar: the bars are noise there (on the tiny pipeline they were most of a run's output), and
+    inference, which calls diffusers directly, keeps them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled[0]:
+            diffusers_logging.enable_progress_bar()
+        if enabled[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """The Qwen-Image(-Edit) pipeline at `path` without its transformer (VAE, text encoder, tokenizer, the edit
     pipelines' processor, scheduler). Raises FileNotFoundError without model_index.json, ValueError for a pipeline
@@ -123,7 +146,8 @@ def load_edit_pipeline(path: str | Path, dtype: torch.dtype | None = None) -> Di
             f"model.path {path} is not a diffusers pipeline directory (no model_index.json); training needs the "
             "VAE and text encoder next to the transformer"
         )
-    pipeline = DiffusionPipeline.from_pretrained(path, transformer=None, dtype=dtype)
+    with no_loading_progress_bars():
+        pipeline = DiffusionPipeline.from_pretrained(path, transformer=None, dtype=dtype)
     if not isinstance(pipeline, TRAINABLE_PIPELINES):
         raise ValueError(
             f"model.path {path} holds a {type(pipeline).__name__}; fusedit trains Qwen-Image pipelines "

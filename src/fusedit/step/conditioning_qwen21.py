@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from fusedit.step.conditioning import EditInputs, pad_prompts
+from fusedit.step.conditioning import EditInputs, no_loading_progress_bars, pad_prompts
 from fusedit.step.token_weights import mask_to_tokens
 
 # Latent tokens per Qwen3-VL image slot: the transformer expands each slot into a 2x2 group (diffusers'
@@ -49,12 +49,13 @@ def load_qwen21_components(path: str | Path, dtype: torch.dtype | None = None) -
         if not (path / name).is_dir():
             raise FileNotFoundError(f"model.path {path} has no {name}/ folder; training 2.1 needs the whole pipeline")
     kwargs = {} if dtype is None else {"torch_dtype": dtype}
-    return {
-        "vae": AutoencoderKLQwenImage21.from_pretrained(path / "vae", **kwargs),
-        "text_encoder": Qwen3VLForConditionalGeneration.from_pretrained(path / "text_encoder", **kwargs),
-        "processor": Qwen3VLProcessor.from_pretrained(path / "processor"),
-        "scheduler_config": dict(FlowMatchEulerDiscreteScheduler.load_config(path / "scheduler")),
-    }
+    with no_loading_progress_bars():  # as for the other families (fusedit.step.conditioning)
+        return {
+            "vae": AutoencoderKLQwenImage21.from_pretrained(path / "vae", **kwargs),
+            "text_encoder": Qwen3VLForConditionalGeneration.from_pretrained(path / "text_encoder", **kwargs),
+            "processor": Qwen3VLProcessor.from_pretrained(path / "processor"),
+            "scheduler_config": dict(FlowMatchEulerDiscreteScheduler.load_config(path / "scheduler")),
+        }
 
 
 def to_rgba(images: torch.Tensor) -> torch.Tensor:

@@ -128,12 +128,15 @@ class EditLoss:
         `objective.mask_from_edit`, the soft mask of the (target, edit image) pair; None when neither is on."""
         weights = inputs.token_weights
         if self.objective.mask_from_edit:
-            if inputs.image_slots is not None:  # its img_shapes list the references first: not written for 2.1 yet
-                raise ValueError("objective.mask_from_edit is not available for Qwen-Image-2.1 yet")
             if inputs.condition.shape[1] == 0:
                 raise ValueError("objective.mask_from_edit needs an edit image; text-to-image rows have none")
+            # Qwen-Image-2.1 (image_slots set) lists the references first and the target last in img_shapes.
             soft = edit_difference_weights(
-                inputs.target, inputs.condition, inputs.img_shapes, self.objective.mask_from_edit_floor
+                inputs.target,
+                inputs.condition,
+                inputs.img_shapes,
+                self.objective.mask_from_edit_floor,
+                target_last=inputs.image_slots is not None,
             )
             weights = soft if weights is None else weights.to(soft.device, soft.dtype) * soft
         return weights

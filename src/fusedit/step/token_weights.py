@@ -23,7 +23,7 @@ def mask_to_tokens(mask: torch.Tensor) -> torch.Tensor:
 
 
 def edit_difference_weights(
-    target: torch.Tensor, condition: torch.Tensor, img_shapes: list, floor: float = 0.1
+    target: torch.Tensor, condition: torch.Tensor, img_shapes: list, floor: float = 0.1, target_last: bool = False
 ) -> torch.Tensor:
     """Soft mask [B, target tokens] float32 from how much each target token differs from the first edit image:
 
@@ -32,9 +32,14 @@ def edit_difference_weights(
     x0: packed clean target latents [B, T, C]; e: the first edit image's packed latents, resampled (bilinear, on
     the token grid) to the target's grid when its size differs. The most changed token weighs 1, an unchanged one
     `floor` (so the rest of the image is still held in place).
+
+    `img_shapes[0]` lists the target first, then the edit images (the MMDiT), or with `target_last` the edit images
+    first and the target last (Qwen-Image-2.1, whose tokens are 16x16 pixels in row-major order too); `condition`
+    holds the edit images' tokens in that order, so the first edit image's come first either way.
     """
-    _, height, width = img_shapes[0][0]
-    _, edit_height, edit_width = img_shapes[0][1]
+    shapes = img_shapes[0]
+    _, height, width = shapes[-1] if target_last else shapes[0]
+    _, edit_height, edit_width = shapes[0] if target_last else shapes[1]
     edit = condition[:, : edit_height * edit_width].float()
     if (edit_height, edit_width) != (height, width):
         grid = edit.transpose(1, 2).reshape(edit.shape[0], edit.shape[2], edit_height, edit_width)

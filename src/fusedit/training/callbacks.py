@@ -69,6 +69,7 @@ class LoRAExport(Callback):
         self.merged_copy = bool(merged_copy)
         self.keep_last = int(keep_last)
         self.last_path: Path | None = None
+        self.final_paths: list[Path] = []  # every file the end-of-training export wrote (the run's summary lists them)
         self._last_step: int | None = None
         self._pending: int | None = None
 
@@ -78,11 +79,14 @@ class LoRAExport(Callback):
         (fusedit.training.ema); a schedule-free optimizer's averaged point either way."""
         path = self.dirpath / f"{name}.safetensors"
         meta = {"step": str(step), **({"ema_decay": str(find_ema(pl_module.trainer).decay)} if ema else {})}
+        written = [path]
         with user_weights(pl_module, ema=ema):
             export_lora(pl_module.transformer, path, layout=self.layout, **meta)
             if self.merged_copy and self.layout != "merged_qkv":
-                merged_path = self.dirpath / f"{name}.merged_qkv.safetensors"
-                export_lora(pl_module.transformer, merged_path, "merged_qkv", **meta)
+                written.append(self.dirpath / f"{name}.merged_qkv.safetensors")
+                export_lora(pl_module.transformer, written[-1], "merged_qkv", **meta)
+        if name.startswith("final"):
+            self.final_paths += written
         if ema:
             return path
         self.last_path = path

@@ -352,8 +352,8 @@ def fit(cfg: DictConfig, module: EditLoRAModule, datamodule, callbacks: list[Cal
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "checkpoint", "metrics", "stopped_by",
-    "exit_code"}."""
+    """Train a LoRA as `cfg` says. Returns {"run_dir", "lora_path", "lora_files" (every file of the final export),
+    "checkpoint", "metrics", "stopped_by", "exit_code"}."""
     # One process trains in a run dir at a time (fusedit.training.run_dir): the lock is taken before anything is
     # written there and held until the run ends.
     with RunDirLock(_run_dir_of(cfg)):
@@ -386,6 +386,7 @@ def train(cfg: DictConfig) -> dict:
         result = {
             "run_dir": run_dir,
             "lora_path": next((cb.last_path for cb in callbacks if isinstance(cb, LoRAExport)), None),
+            "lora_files": next((cb.final_paths for cb in callbacks if isinstance(cb, LoRAExport)), []),
             "checkpoint": checkpoint if checkpoint.is_file() else None,
             "metrics": metrics,
             "stopped_by": stop.stopped_by if stop else None,
@@ -409,17 +410,23 @@ def _finished_result(cfg: DictConfig, run_dir: Path, ckpt_file: Path) -> dict | 
         return None
     if max_steps < 0 or step < max_steps:
         return None
-    final = Path(str(cfg.callbacks.lora_export.dirpath)) / "final.safetensors" if cfg.get("callbacks") else None
+    lora_dir = Path(str(cfg.callbacks.lora_export.dirpath)) if cfg.get("callbacks") else None
+    final = lora_dir / "final.safetensors" if lora_dir is not None else None
     lora_path = final if final is not None and final.is_file() else None
+    # final-ema / merged copies beside it, as the end-of-run summary lists them
+    others = sorted(set(lora_dir.glob("final*.safetensors")) - {final}) if lora_path is not None else []
     print(
         f"fusedit: run {run_dir} already finished: its checkpoint {ckpt_file} is at step {step} and "
         f"trainer.max_steps={max_steps}; nothing to train (raise trainer.max_steps to train longer)\n"
-        f"  LoRA:       {lora_path or '(none written)'}\n  run dir:    {run_dir}",
+        f"  LoRA:       {lora_path or '(none written)'}\n"
+        + "".join(f"              {path}\n" for path in others)
+        + f"  run dir:    {run_dir}",
         flush=True,
     )
     return {
         "run_dir": run_dir,
         "lora_path": lora_path,
+        "lora_files": [lora_path, *others] if lora_path is not None else [],
         "checkpoint": ckpt_file,
         "metrics": {},
         "stopped_by": None,
@@ -435,6 +442,8 @@ def _report(result: dict, trainer: Trainer) -> None:
     if "train/loss" in result["metrics"]:
         lines[0] += f", last train/loss {result['metrics']['train/loss']:.4g}"
     lines.append(f"  LoRA:       {result['lora_path'] or '(none written)'}")
+    # every file of the final export: the EMA LoRA (callbacks=ema) and merged-layout copies beside final.safetensors
+    lines += [f"              {path}" for path in result.get("lora_files", []) if path != result["lora_path"]]
     if result["checkpoint"]:
         lines.append(f"  checkpoint: {result['checkpoint']}  (resume: python train.py ckpt_path={result['run_dir']})")
     for logger in trainer.loggers:

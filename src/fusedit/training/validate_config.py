@@ -421,10 +421,11 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
             "objective.mask_from_edit=true weighs the target's tokens by how much they differ from the edit image; "
             "model.path is Qwen-Image (text-to-image), whose rows have none. Set objective.mask_from_edit=false"
         )
-    if OmegaConf.select(cfg, "cache.enabled") and check_paths and _model_family(cfg) == QWEN_IMAGE_21:
-        from fusedit.cache.training import QWEN21_CACHE_REFUSAL
-
-        problems.append(f"cache.enabled=true: {QWEN21_CACHE_REFUSAL}")
+    if OmegaConf.select(cfg, "cache.offload") and check_paths and _model_family(cfg) == QWEN_IMAGE_21:
+        problems.append(
+            "cache.offload=true streams the MMDiT text encoder's layers while encoding; Qwen-Image-2.1's Qwen3-VL "
+            "encoder is not streamed. Set cache.offload=false"
+        )
     if check_paths and not problems:
         problems += _lokr_split_problems(cfg)
     if check_paths and not problems:
