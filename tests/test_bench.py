@@ -22,7 +22,7 @@ from fusedit.bench import build_parser, main, markdown_table, measure_data, pars
 from fusedit.bench.flops import peak_tflops, step_flops
 from fusedit.bench.measure import count_qkv_matmuls
 from fusedit.bench.run import VARIANT_FIELDS, finalize_report
-from fusedit.bench.shapes import SHAPES, BenchShape, build_random_transformer, make_inputs
+from fusedit.bench.shapes import QWEN21_SHAPES, SHAPES, BenchShape, build_random_transformer, make_inputs
 from fusedit.bench.variants import CATALOGUE, DEFAULT_VARIANTS, VARIANTS, build_variant
 from fusedit.lora.adapter import add_lora
 from fusedit.model.attention import attention_backend
@@ -32,6 +32,11 @@ from fusedit.model.merged_qkv import fuse_qkv
 MICRO = SHAPES["tiny"].replace(
     num_layers=1, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
     joint_attention_dim=64, target_size=(64, 64), edit_sizes=((64, 64),), text_tokens=8, lora_rank=4,
+)  # fmt: skip
+# Qwen-Image-2.1's, with two references of different sizes (three prompt text runs around them).
+MICRO21 = QWEN21_SHAPES["tiny"].replace(
+    num_layers=2, num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+    joint_attention_dim=64, target_size=(64, 64), edit_sizes=((64, 64), (32, 64)), text_tokens=9, lora_rank=4,
 )  # fmt: skip
 
 
@@ -92,6 +97,58 @@ def test_flops_formula_equals_torch_flop_counter_on_the_real_model(layout, targe
     assert backward.get_total_flops() == expected["backward"]
 
 
+@pytest.mark.parametrize("layout", ["standard", "merged_qkv"])
+def test_qwen21_flops_formula_equals_torch_flop_counter_on_the_real_model(layout):
+    # Both layouts do the same GEMM work (5 projections or 2); the exact SDPA processor's per-segment attention.
+    from fusedit.step.conditioning_qwen21 import joint_vision_mask
+
+    shape = MICRO21.replace(batch=2)
+    model = build_random_transformer(shape, "cpu", torch.float32)
+    if layout == "merged_qkv":
+        fuse_qkv(model)
+    add_lora(model, rank=shape.lora_rank, targets=shape.lora_targets)
+    inputs = make_inputs(shape, "cpu", torch.float32)
+    with attention_backend("math"):
+        with FlopCounterMode(display=False) as forward:
+            out = model(
+                hidden_states=torch.cat([inputs.condition, inputs.target], 1),
+                timestep=torch.full((shape.batch,), 0.5),
+                encoder_hidden_states=inputs.prompt_embeds,
+                img_shapes=inputs.img_shapes,
+                img_mask=joint_vision_mask(inputs.image_slots, inputs.target.shape[1]),
+                return_dict=False,
+            )[0]
+        with FlopCounterMode(display=False) as backward:
+            out[:, -inputs.target.shape[1] :].square().mean().backward()
+    expected = step_flops(shape, layout)
+    assert forward.get_total_flops() == expected["forward"]
+    assert backward.get_total_flops() == expected["backward"]
+
+
+def test_qwen21_full_shape_is_diffusers_default_config():
+    """`--size full --family qwen-image-2.1` is QwenImage21Transformer2DModel's default config (the released model's)."""
+    import inspect
+
+    from diffusers import QwenImage21Transformer2DModel
+
+    from fusedit.bench.shapes import transformer_config
+
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(QwenImage21Transformer2DModel.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    config = transformer_config(QWEN21_SHAPES["full"])
+    assert {name: defaults[name] for name in config} == {**config, "axes_dims_rope": defaults["axes_dims_rope"]}
+    assert tuple(defaults["axes_dims_rope"]) == config["axes_dims_rope"]
+    full = QWEN21_SHAPES["full"]
+    assert (full.num_layers, full.inner_dim, full.tokens, full.reference_slots) == (32, 4096, 8448, 1024)
+    merged, standard = step_flops(full, "merged_qkv"), step_flops(full, "standard")
+    # Same base GEMM work in both layouts: 2 * 13 d^2 per token per block forward dominates.
+    assert merged["base_forward"] == standard["base_forward"]
+    assert merged["base_forward"] == pytest.approx(32 * 2 * 13 * 4096**2 * 8448, rel=0.01)
+
+
 def test_full_shape_flops_and_peaks():
     full = SHAPES["full"]
     assert (full.inner_dim, full.image_tokens, full.tokens) == (3072, 8192, 8448)
@@ -122,6 +179,28 @@ def test_qkv_projections_take_six_gemms_per_block_standard_and_two_merged():
     assert standard["base"] == 6 and merged["base"] == 2
     assert standard["lora"] == 12 and merged["lora"] == 4  # A and B per adapted projection
     assert merged["backward"] < standard["backward"]
+
+
+def test_qwen21_projections_take_five_gemms_per_block_standard_and_two_merged():
+    standard, merged = (
+        count_qkv_matmuls(
+            build_variant(parse_variant(name), MICRO21, torch.device("cpu"), torch.float32), torch.float32
+        )
+        for name in ("2.1:standard", "2.1:merged")
+    )
+    # q, k, v, gate, up: 5 -> 2 (to_qkv, img_mlp.gate_up_proj); LoRA A and B per adapted projection.
+    assert (standard["base"], standard["lora"], merged["base"], merged["lora"]) == (5, 10, 2, 4)
+
+
+def test_qwen21_variant_names_and_families():
+    assert parse_variant("2.1:merged+ckpt+compile").name == "2.1:merged+compile+ckpt"
+    assert parse_variant("2.1:merged").family == "qwen-image-2.1" and parse_variant("merged").family == "qwen-image"
+    both = [v.name for v in parse_variants("standard,2.1:merged+ckpt", ("qwen-image", "qwen-image-2.1"))]
+    assert both == ["standard", "2.1:standard", "2.1:merged+ckpt"]
+    assert [v.name for v in parse_variants("merged", ("qwen-image-2.1",))] == ["2.1:merged"]
+    assert "gate/up" in parse_variant("2.1:merged").description
+    with pytest.raises(ValueError, match="must start with a layout, got 'turbo'"):
+        parse_variant("2.1:turbo")
 
 
 def test_variant_names_and_parsing():
@@ -204,7 +283,11 @@ def test_the_default_tiny_cpu_run_is_quick(monkeypatch):
         assert main(build_parser().parse_args(["bench", "--size", "tiny", "--device", "cpu"])) == 0
     finally:
         torch.set_num_threads(threads)
-    assert asked["variants"] == [v for v in DEFAULT_VARIANTS["tiny"] if "compile" not in v]
+    # Both families side by side by default at tiny (issue 16): the MMDiT's eager defaults, then 2.1's pair.
+    assert asked["variants"] == [v for v in DEFAULT_VARIANTS["tiny"] if "compile" not in v] + [
+        "2.1:standard",
+        "2.1:merged",
+    ]
     assert (asked["warmup"], asked["steps"], asked["threads"], asked["interleave"]) == (1, 4, 1, None)
 
 
@@ -222,6 +305,28 @@ def test_default_variants_per_size():
 
 
 # -- end to end -------------------------------------------------------------------------------------------------------
+
+
+def test_both_families_interleave_in_one_run_each_against_its_own_baseline():
+    names = ["standard", "2.1:standard", "2.1:merged"]
+    shapes = {"qwen-image": MICRO, "qwen-image-2.1": MICRO21}
+    report = run_bench(shapes, parse_variants(names), "cpu", torch.float32, warmup=0, steps=2)
+    results = _check_report(report, names)
+    assert report["settings"]["order"] == "interleaved"
+    assert report["baselines"] == {"qwen-image": "standard", "qwen-image-2.1": "2.1:standard"}
+    assert report["baseline"] == "standard" and report["shape"]["family"] == "qwen-image"
+    assert report["shapes"]["qwen-image-2.1"]["inner_dim"] == 64
+    merged = results["2.1:merged"]
+    assert merged["speedup_vs_baseline"] == pytest.approx(results["2.1:standard"]["step_s"] / merged["step_s"])
+    # Same random 2.1 model, inputs and seed in both layouts: the same loss; 5 -> 2 projections measured.
+    assert merged["loss"] == pytest.approx(results["2.1:standard"]["loss"], rel=1e-5)
+    assert merged["loss"] != pytest.approx(results["standard"]["loss"], rel=1e-3)
+    assert results["2.1:merged"]["step_tflop"] * 1e12 == step_flops(MICRO21, "merged_qkv")["step"]
+    assert results["2.1:standard"]["qkv_matmuls_per_block"]["base"] == 5
+    table = markdown_table(report)
+    assert "Qwen-Image-2.1 shape" in table and "| vs standard / 2.1:standard |" in table
+    with pytest.raises(ValueError, match="no benchmark shape for the variants of family qwen-image-2.1"):
+        run_bench(MICRO, parse_variants("2.1:merged"), "cpu", torch.float32, steps=1)
 
 
 def _check_report(report, names):

@@ -10,7 +10,7 @@ import torch
 
 from fusedit.bench import build_parser, main, markdown_table
 from fusedit.bench.memory import LiveStorageBytes, _storage_bytes, estimate_step_memory
-from fusedit.bench.shapes import SHAPES, make_inputs
+from fusedit.bench.shapes import QWEN21_SHAPES, SHAPES, make_inputs
 from fusedit.bench.variants import build_variant, make_step, parse_variants
 from fusedit.lora.adapter import lora_parameters
 from fusedit.step.objective import FlowMatchObjective
@@ -66,6 +66,25 @@ def test_fake_estimate_equals_the_real_step_tracked_the_same_way(name):
     assert estimate["resident_gb"] == pytest.approx(resident, rel=1e-9)
     assert estimate["peak_gb"] == pytest.approx(peak, rel=1e-9)
     assert estimate["step_gb"] > 0
+
+
+def test_qwen21_fake_estimate_equals_the_real_step_tracked_the_same_way():
+    # 2.1's token layout comes from the values of its image-slot mask: computed for real (RealMetadata), counted.
+    shape = QWEN21_SHAPES["tiny"].replace(num_layers=2, target_size=(64, 64), edit_sizes=((64, 96),), text_tokens=8)
+    variant = parse_variants("2.1:merged+ckpt")[0]
+    estimate = estimate_step_memory(variant, shape, torch.float32)
+    model = build_variant(variant, shape, torch.device("cpu"), torch.float32)
+    optimizer = torch.optim.AdamW(list(lora_parameters(model).values()), lr=1e-5)
+    inputs = dataclasses.replace(make_inputs(shape, "cpu", torch.float32), prompt_mask=None)
+    step = make_step(model, inputs, variant, optimizer, FlowMatchObjective(weighting="none"), torch.float32)
+    resident = [*model.parameters(), *model.buffers(), inputs.target, inputs.condition, inputs.prompt_embeds]
+    resident.append(inputs.image_slots)
+    with LiveStorageBytes(resident) as tracker:
+        step()
+        step()
+    resident_bytes = _storage_bytes(resident)
+    assert estimate["resident_gb"] == pytest.approx(resident_bytes / 1e9, rel=1e-9)
+    assert estimate["peak_gb"] == pytest.approx((resident_bytes + tracker.peak) / 1e9, rel=1e-9)
 
 
 def test_checkpointing_and_fp8_storage_lower_the_estimate():

@@ -195,7 +195,7 @@ def test_load_lora_adapter_converts_a_standard_lora_exactly(tmp_path):
 def test_load_lora_adapter_refuses_what_it_cannot_convert():
     lora, _ = standard_lora()
     merged = fuse_qkv(tiny_transformer())
-    with pytest.raises(ValueError, match=r"this LoRA names separate q/k/v .*add_k_proj.*network_alphas"):
+    with pytest.raises(ValueError, match=r"this LoRA names separate projections .*add_k_proj.*network_alphas"):
         merged.load_lora_adapter(lora, prefix="transformer", network_alphas={"x": 1.0})
     rank_clash = {"transformer.r": 4, "transformer.lora_alpha": 4}  # contradicts the tensors' rank 2
     with pytest.raises(ValueError, match=r"cannot be converted to the merged layout \(LoRA: .* rank 2"):

@@ -98,3 +98,22 @@ def test_fp8_after_lora_is_refused():
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_qkv"]), model)
     with pytest.raises(RuntimeError, match="before LoRA"):
         apply_fp8_storage(model)
+
+
+def test_qwen21_in_fp8_storage_keeps_its_shared_modulation_and_entry_exit_layers():
+    from tests.test_qwen21_merged import make_inputs as qwen21_inputs
+    from tests.test_qwen21_merged import tiny_qwen21
+
+    reference = fuse_qkv(tiny_qwen21())
+    quantized = apply_fp8_storage(copy.deepcopy(reference), compute_dtype=torch.float32)
+    kinds = {name: type(module) for name, module in quantized.named_modules() if isinstance(module, nn.Linear)}
+    # every block Linear (the merged to_qkv and gate_up_proj included) is stored in fp8; nothing outside the blocks
+    assert {kind for name, kind in kinds.items() if name.startswith("transformer_blocks.")} == {Fp8StorageLinear}
+    kept = {name for name, kind in kinds.items() if kind is nn.Linear}
+    assert "modulation.1" in kept  # one matrix feeds every block's scales and gates
+    assert kept == {name for name in kinds if not name.startswith("transformer_blocks.")}
+    assert quantized.modulation[1].weight.dtype == torch.float32
+    inputs = qwen21_inputs(1)
+    with torch.no_grad():
+        error = relative_error(quantized(**inputs).sample, reference(**inputs).sample)
+    assert 0 < error < 0.1

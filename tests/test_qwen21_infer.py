@@ -69,13 +69,15 @@ def sampler(tiny_qwen21_path):
     pipe = pipeline_from_folder(tiny_qwen21_path, load_transformer(tiny_qwen21_path, "standard"), torch.float32)
     reference = Image.new("RGB", (64, 32), (20, 130, 30))
 
-    def run(layout: str, specs: list[LoraSpec], generate: bool = True):
+    def run(layout: str, specs: list[LoraSpec], generate: bool = True, prompt="a green field", references=(reference,),
+            **kwargs):  # fmt: skip
         transformer = load_transformer(tiny_qwen21_path, layout, dtype=torch.float32)
         records = load_loras(transformer, specs)
         pipe.update_components(transformer=transformer)
-        image = sample(pipe, "a green field", [reference], **SAMPLE) if generate else None
+        image = sample(pipe, prompt, list(references), **{**SAMPLE, **kwargs}) if generate else None
         return image, transformer, records
 
+    run.pipe = pipe
     return run
 
 
@@ -91,6 +93,23 @@ def test_merged_and_standard_give_the_same_image_with_a_lora_in_every_format(sam
         actual, _, records = sampler("merged_qkv", [LoraSpec(str(file), 0.7)])
         assert records[0]["applied_layout"] == "merged_qkv"
         assert relative_error(actual, expected) <= 1e-4, name
+
+
+def test_the_pipeline_around_modules_in_memory_samples_what_the_folder_pipeline_samples(sampler, lora, tmp_path):
+    """`pipeline_from_components` (training's validation images) shares the modules and gives the same image."""
+    from fusedit.inference.qwen21 import pipeline_from_components, sample
+
+    file = write_lora(lora, tmp_path / "lora.safetensors", "diffusers")
+    expected, transformer, _ = sampler("merged_qkv", [LoraSpec(str(file))], references=(), prompt="a cat", seed=3)
+    folder_pipe = sampler.pipe
+    pipe = pipeline_from_components(transformer, folder_pipe.vae, folder_pipe.text_encoder, folder_pipe.processor,
+                                    folder_pipe.scheduler)  # fmt: skip
+    assert pipe.text_encoder is folder_pipe.text_encoder and pipe.transformer is transformer
+    assert torch.equal(sample(pipe, "a cat", [], **{**SAMPLE, "seed": 3}), expected)
+    # sampling.qwen21_true_cfg_scale > 1: diffusers' ClassifierFreeGuidance against the negative prompt.
+    guided = sample(pipe, "a cat", [], **{**SAMPLE, "seed": 3}, guidance_scale=4.0, negative_prompt="blurry")
+    assert pipe.guider.guidance_scale == 4.0 and pipe.requires_unconditional_embeds
+    assert (guided - expected).abs().max() > 0.01
 
 
 def test_a_lora_loads_at_the_strength_it_states_times_the_scale(sampler, lora, tmp_path):
@@ -114,7 +133,10 @@ def test_a_lora_loads_at_the_strength_it_states_times_the_scale(sampler, lora, t
         torch.testing.assert_close(loaded, 0.5 * lora.modules[f"transformer_blocks.1.{leaf}"].delta(), msg=leaf)
 
 
-def test_infer_edits_with_several_references_and_generates_from_text(tiny_qwen21_path, references, lora, tmp_path):
+def test_infer_edits_with_several_references_and_generates_from_text(tiny_qwen21_path, references, lora, sampler,
+                                                                      tmp_path):  # fmt: skip
+    """infer() on a CSV (a two-reference edit row, a text-only row), with the 12gb profile's switches on the CPU
+    (group offload of every component, fp8 weight storage, VAE tiling/slicing)."""
     from fusedit.inference.run import infer
 
     file = write_lora(lora, tmp_path / "lora.safetensors", "comfyui")
@@ -123,15 +145,23 @@ def test_infer_edits_with_several_references_and_generates_from_text(tiny_qwen21
         f"edit_image,prompt\n{references[0]}|{references[1]},the cat of 1 on the sofa of 2\n,a red square\n"
     )
     cfg = cfg_for(tiny_qwen21_path, f"input={table}", "csv.allow_absolute_paths=true", f"output={tmp_path / 'out'}",
-                  f"lora.path={file}", "lora.scale=0.8")  # fmt: skip
+                  f"lora.path={file}", "lora.scale=0.8", "profile=12gb", "profile.device=cpu",
+                  "profile.dtype=float32")  # fmt: skip
     record = infer(cfg)
+    assert record["profile"] | {"device": "cpu"} == {**record["profile"], "offload": "group", "fp8_storage": True}
     assert record["pipeline"] == "QwenImage21ModularPipeline" and record["layout"] == "merged_qkv"
     assert record["loras"][0]["scale"] == 0.8 and record["loras"][0]["format"] == "comfyui"
     edit, text_only = record["images"]
-    assert (edit["mode"], len(edit["inputs"]), text_only["mode"]) == ("edit", 2, "text-to-image (edit model)")
+    assert (edit["mode"], len(edit["inputs"]), text_only["mode"]) == ("edit", 2, "text-to-image")
     with Image.open(edit["output"]) as image:  # the last reference's aspect (square) at output_resolution
         assert (image.mode, image.size) == ("RGBA", (64, 64))
     assert json.loads((tmp_path / "out" / "run.json").read_text())["family"] == "qwen-image-2.1"
+    # The text-only job's image against sample() without the profile (fp32 weights, no hooks), same LoRA and seed:
+    # fp8 storage rounds the weights, so close, not equal.
+    expected, _, _ = sampler("merged_qkv", [LoraSpec(str(file), 0.8)], prompt="a red square", references=(), seed=1)
+    with Image.open(text_only["output"]) as image:
+        actual = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255
+    assert 0 < (actual - expected).abs().mean() < 8 / 255
 
 
 # ---------------------------------------------------------------------------------------- refused before loading
@@ -139,7 +169,6 @@ def test_infer_edits_with_several_references_and_generates_from_text(tiny_qwen21
     "overrides,message",
     [
         (["preset=lightning4"], r"^preset=lightning4 is for the Qwen-Image MMDiT's Lightning LoRAs"),
-        (["profile.offload=group"], r"^profile=cpu \(offload=group, fp8_storage=False\) is not wired for Qwen-Ima"),
         (["enhance_prompt=true"], r"^enhance_prompt=true rewrites with Qwen2.5-VL"),
         (["prompt=" + "a" * 9000], r": the prompt is 9\d{3} text tokens .* Qwen-Image-2.1's RoPE has 8187 text posi"),
     ],
@@ -153,6 +182,23 @@ def test_what_2_1_does_not_take_is_one_line_before_loading(tiny_qwen21_path, ref
         preflight(cfg)
     errors = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith("fusedit: error: "), errors
+
+
+def test_model_and_sequential_offload_are_refused_for_2_1(tiny_qwen21_path):
+    from fusedit.inference.preflight import check_family_options
+
+    cfg = cfg_for(tiny_qwen21_path, "profile=24gb")  # on a CPU check_profile refuses it too: asked here alone
+    with pytest.raises(UserInputError, match=r"^profile=24gb \(offload=model\) is not wired for Qwen-Image-2.1"):
+        check_family_options(cfg, "qwen-image-2.1")
+
+
+def test_profile_auto_picks_group_offload_for_2_1_where_it_picks_model_offload_otherwise():
+    from fusedit.inference.profiles import auto_profile_name
+
+    assert [auto_profile_name(gb, "qwen-image-2.1") for gb in (None, 85.1, 24.0, 12.9)] == [
+        "cpu", "high_vram", "12gb", "12gb"
+    ]  # fmt: skip
+    assert auto_profile_name(24.0) == "24gb"
 
 
 def test_a_long_prompt_is_truncated_to_the_2_1_positions_when_asked(tiny_qwen21_path, references, tmp_path):

@@ -71,7 +71,7 @@ def forward_and_input_grads(model, inputs):
     inputs["hidden_states"].requires_grad_(True)
     inputs["encoder_hidden_states"].requires_grad_(True)
     out = model(**inputs).sample
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum().backward()
     return out.detach(), inputs["hidden_states"].grad, inputs["encoder_hidden_states"].grad
 
 
@@ -158,9 +158,18 @@ def test_set_attn_processor_on_a_merged_model_installs_the_merged_counterpart(re
     assert type(restored.transformer_blocks[0].attn.processor) is QwenImage21AttnProcessor
 
 
+@pytest.fixture
+def fp32_matmul():
+    """fp32 GEMMs on CUDA, not TF32: another test (an inference profile) may have switched TF32 on for the process."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_flex_path_gradients_match_diffusers_on_gpu(reference_model, checkpointing):
+def test_flex_path_gradients_match_diffusers_on_gpu(reference_model, checkpointing, fp32_matmul):
     if not torch.cuda.is_available():
         pytest.skip("flex_attention's backward needs a GPU")
     reference = copy.deepcopy(reference_model).cuda()
@@ -244,12 +253,13 @@ PROJECTIONS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_qkv", "img_mlp.ga
 
 
 def projection_weights(model):
-    return [
-        block.get_submodule(name).weight
+    # A merged model keeps a parameterless MergedPart under each standard name (fusedit.model.diffusers_api).
+    modules = [
+        block.get_submodule(name.split(".")[0])._modules.get(name.split(".")[1])
         for block in model.transformer_blocks
         for name in (*PROJECTIONS, "img_mlp.gate_up_proj")
-        if hasattr(block.get_submodule(name.split(".")[0]), name.split(".")[1])
     ]
+    return [module.weight for module in modules if isinstance(module, torch.nn.Linear)]
 
 
 @pytest.mark.parametrize("layers", [1, 2])

@@ -1,5 +1,5 @@
-"""train.py on the tiny Qwen-Image-2.1: trains, exports a standard-layout LoRA that diffusers' 2.1 pipeline loads
-with its strength and that changes its output."""
+"""train.py on the tiny Qwen-Image-2.1: trains, draws validation images, exports a standard-layout LoRA that
+diffusers' 2.1 pipeline loads with its strength and that changes its output."""
 
 import pytest
 import torch
@@ -13,8 +13,23 @@ from tests.training_utils import train_cfg
 def qwen21_run(tmp_path_factory, tiny_qwen21_path) -> dict:
     tmp_path = tmp_path_factory.mktemp("qwen21-run")
     metadata = make_sample_dataset(tmp_path / "data", n=2, size=64)
-    # alpha != rank: the exported strength (alpha / r = 2) must reach diffusers.
-    return train(train_cfg(tmp_path, tiny_qwen21_path, metadata, ["trainer.max_steps=2", "lora.alpha=8"]))
+    # alpha != rank: the exported strength (alpha / r = 2) must reach diffusers. A validation round at step 2.
+    overrides = ["trainer.max_steps=2", "lora.alpha=8", "data.val_count=1", "callbacks.validation_images.num_samples=1"]
+    overrides += ["callbacks.validation_images.every_n_steps=2", "callbacks.validation_images.num_inference_steps=2"]
+    return train(train_cfg(tmp_path, tiny_qwen21_path, metadata, overrides))
+
+
+def test_validation_images_during_qwen21_training(qwen21_run):
+    """The held-out row sampled by diffusers' 2.1 modular pipeline with the trained LoRA: input | output | target
+    at the row's size (64 x 64), its prompt below."""
+    from PIL import Image
+
+    from fusedit.training.callbacks import PROMPT_HEIGHT
+
+    samples = qwen21_run["run_dir"] / "samples"
+    assert sorted(path.name for path in samples.iterdir()) == ["step-000002.png"]
+    sheet = Image.open(samples / "step-000002.png")
+    assert sheet.size == (3 * 64, 14 + 64 + PROMPT_HEIGHT)
 
 
 def test_train_py_trains_qwen21_and_exports_the_standard_layout(qwen21_run):

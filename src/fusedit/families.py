@@ -43,7 +43,18 @@ EDIT_IMAGE_COUNTS: dict[str, tuple[int, int | None]] = {
 
 
 def is_edit_family(family: str) -> bool:
-    return family != TEXT_TO_IMAGE
+    """Whether `family` edits: a prompt may come with edit (reference) images. Every family but Qwen-Image.
+
+    Qwen-Image-2.1 edits and also draws from text alone, in one model, so this is True for it while
+    `needs_edit_image` is False: ask that one where a prompt without an edit image is to be judged.
+    """
+    return EDIT_IMAGE_COUNTS[family][1] != 0
+
+
+def needs_edit_image(family: str) -> bool:
+    """Whether every prompt of `family` needs at least one edit image: the Qwen-Image-Edit models (their
+    pipelines' `image` is required); not Qwen-Image (it takes none) nor Qwen-Image-2.1 (references optional)."""
+    return EDIT_IMAGE_COUNTS[family][0] > 0
 
 
 def pipeline_family(pipeline_class: str, zero_cond_t: bool) -> str:

@@ -12,11 +12,13 @@ import torch
 from fusedit.bench import __doc__ as BENCH_DOC
 from fusedit.bench.data import measure_data
 from fusedit.bench.run import SCHEMA, markdown_table, run_bench
-from fusedit.bench.shapes import SHAPES, BenchShape
+from fusedit.bench.shapes import FAMILIES, MMDIT, SHAPES, SHAPES_BY_FAMILY, BenchShape
 from fusedit.bench.variants import (
     CATALOGUE,
-    DEFAULT_VARIANTS,
+    FAMILY_DEFAULT_VARIANTS,
+    FAMILY_PREFIX,
     MODIFIERS,
+    default_variants,
     parse_variants,
 )
 from fusedit.devices import DTYPES, resolve_device
@@ -103,12 +105,25 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--layers", type=int, default=None, help="number of transformer blocks (partial model)")
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt length (default: the size's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
-    defaults = "; ".join(f"{size}: {','.join(names)}" for size, names in DEFAULT_VARIANTS.items())
+    parser.add_argument(
+        "--family",
+        choices=[*FAMILIES, "all"],
+        default=None,
+        help="which transformer: qwen-image (the MMDiT of Qwen-Image-Edit), qwen-image-2.1 (the single-stream "
+        "QwenImage21Transformer2DModel) or all (both side by side, each against its own baseline): whose default "
+        "variants run, and which family a --variants name without the '2.1:' prefix stands for. Default: the "
+        "defaults of all at --size tiny and of qwen-image at full; unprefixed names are qwen-image's",
+    )
+    defaults = "; ".join(
+        f"{size}: {','.join(default_variants(size, FAMILIES if size == 'tiny' else (MMDIT,)))}"
+        for size in FAMILY_DEFAULT_VARIANTS[MMDIT]
+    )
     parser.add_argument(
         "--variants",
         default=None,
         help="comma-separated variants, each a layout (standard | merged) followed by '+'-joined modifiers from "
-        f"{{{', '.join(MODIFIERS)}}}; 'all' = {','.join(CATALOGUE)}. Default per size: {defaults}; on a CPU "
+        f"{{{', '.join(MODIFIERS)}}}, prefixed with '{FAMILY_PREFIX[FAMILIES[1]]}' for Qwen-Image-2.1 "
+        f"(e.g. 2.1:merged+ckpt); 'all' = {','.join(CATALOGUE)}. Default per size: {defaults}; on a CPU "
         "without the compiled ones (their C++ build takes minutes each)",
     )
     parser.add_argument(
@@ -144,8 +159,17 @@ def add_cli(subparsers) -> None:
     parser.set_defaults(func=main)
 
 
-def shape_from_args(args) -> BenchShape:
-    shape = SHAPES[args.size]
+def families_from_args(args) -> tuple[str, ...]:
+    """The families whose default variants run, and that a variant name without a prefix stands for."""
+    family = getattr(args, "family", None)
+    if family is None:
+        return FAMILIES if args.size == "tiny" else (MMDIT,)
+    return FAMILIES if family == "all" else (family,)
+
+
+def shape_from_args(args, family: str = MMDIT) -> BenchShape:
+    """`family`'s shape at --size, with --layers, --text-tokens and --batch applied."""
+    shape = SHAPES_BY_FAMILY[family][args.size]
     changes = {}
     if args.layers is not None:
         changes["num_layers"] = args.layers
@@ -214,7 +238,11 @@ def _progress_lines(report: dict, device: torch.device, time_budget: float | Non
 
 def _variants(args, device: torch.device, timed: bool) -> list | None:
     # Names first (parse_variants): a typo in --variants should stop the run before anything is built.
-    variants = None if args.data_only else parse_variants(args.variants or DEFAULT_VARIANTS[args.size])
+    if args.variants is None:  # the defaults carry their prefixes: an MMDiT name stands for the MMDiT alone here
+        names, families = default_variants(args.size, families_from_args(args)), (MMDIT,)
+    else:  # a name without a prefix is the MMDiT's, as before 2.1, unless --family says otherwise
+        names, families = args.variants, (MMDIT,) if args.family is None else families_from_args(args)
+    variants = None if args.data_only else parse_variants(names, families)
     if args.variants is None and variants and device.type == "cpu" and timed:
         # Inductor's C++ build takes minutes per compiled variant on a 2-core CPU (281 s and 232 s measured, the
         # six other tiny variants 40 s together), which would turn the quick tiny check into ten minutes; and a
@@ -244,7 +272,7 @@ def main(args) -> int:
         report = {"schema": SCHEMA, "command": command, "variants": []}
     else:
         report = run_bench(
-            shape_from_args(args),
+            {family: shape_from_args(args, family) for family in FAMILIES},
             variants,
             device,
             _bench_dtype(args, device, timed),

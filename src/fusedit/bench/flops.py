@@ -24,11 +24,24 @@ The formula (multiply-add = 2 FLOPs; d = inner width; S = image + text tokens pe
 
 The LoRA term depends on the layout: three rank-r adapters on q, k, v cost 2 r (d + d) each, one on the merged
 projection 2 r (d + 3d).
+
+Qwen-Image-2.1 (`qwen21_step_flops`, single stream, h = mlp_ratio * d): every block Linear sees every token of the
+joint sequence (text, references, target; S = text + image tokens): q, k, v, out = 4 d^2 and the SwiGLU's gate, up,
+out = 3 d h, so 2 * (4 d^2 + 3 d h) * S per block (13 d^2 at mlp_ratio 3). The GEMMs are the same work in both
+layouts, in 5 projections standard (to_q, to_k, to_v, img_mlp.gate_layer, img_mlp.proj) and 2 merged (to_qkv,
+img_mlp.gate_up_proj). Attention as diffusers' exact `QwenImage21AttnProcessor` computes it: each prefix segment
+(a run of text tokens, or one reference image) attends to the keys up to its end, the target to all S keys, 4 * q *
+k * d each (the text runs' causal triangles are masked, not skipped). Outside the blocks: img_in (64 -> d) on the
+image tokens, txt_in (context -> d -> d) on the prompt's tokens including the image slots, proj_out (d -> 64) on all S
+tokens (2.1 returns every token; the loss reads the target's), and on B + 1 rows (the extra one is t = 0) the
+timestep MLP, the one shared modulation (d -> 4d) and norm_out (d -> d). Backward as above; the frozen input side is
+img_in, txt_in, the timestep MLP, the modulation, norm_out and block 0's q/k/v (its input is the frozen embedding;
+nothing in 2.1's output is discarded, so no block is skipped).
 """
 
 from __future__ import annotations
 
-from fusedit.bench.shapes import LATENT_CHANNELS, PATCH, BenchShape
+from fusedit.bench.shapes import LATENT_CHANNELS, PATCH, QWEN21, QWEN21_CHANNELS, BenchShape, qwen21_image_slots
 from fusedit.lora.targets import resolve_targets
 from fusedit.model.module_map import LAST_BLOCK_UNUSED, QKV_GROUPS, STANDARD_QKV
 
@@ -93,6 +106,8 @@ _QKV = _MERGED_ONLY | _STANDARD_ONLY
 
 def step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True) -> dict[str, float]:
     """FLOPs of one training step at `shape` (whole batch), by part; see the module docstring for the formula."""
+    if shape.family == QWEN21:
+        return qwen21_step_flops(shape, layout, lora)
     d, batch = shape.inner_dim, shape.batch
     rows = {"image": batch * shape.image_tokens, "text": batch * shape.text_tokens, "sample": batch}
     linears = _block_linears(d)
@@ -136,6 +151,91 @@ def step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True)
             # fusedit.lora.adapter leaves the last block's dead text-stream Linears without an adapter.
             lora_forward -= forward_one
             lora_backward -= 2 * forward_one
+    forward = base_forward + attention + lora_forward
+    backward = base_backward + 2 * attention + lora_backward
+    return {
+        "base_forward": float(base_forward),
+        "base_backward": float(base_backward),
+        "attention_forward": float(attention),
+        "lora_forward": float(lora_forward),
+        "forward": float(forward),
+        "backward": float(backward),
+        "step": float(forward + backward),
+    }
+
+
+def _qwen21_block_linears(d: int, hidden: int) -> dict[str, tuple[int, int]]:
+    """name -> (in, out) for every Linear in a 2.1 block, both layouts (LoRA target names, fusedit.lora.targets)."""
+    return {
+        "to_q": (d, d),
+        "to_k": (d, d),
+        "to_v": (d, d),
+        "to_qkv": (d, 3 * d),
+        "to_out.0": (d, d),
+        "img_mlp.gate_layer": (d, hidden),
+        "img_mlp.proj": (d, hidden),
+        "img_mlp.gate_up_proj": (d, 2 * hidden),
+        "img_mlp.out": (hidden, d),
+    }
+
+
+_QWEN21_STANDARD_ONLY = {"to_q", "to_k", "to_v", "img_mlp.gate_layer", "img_mlp.proj"}
+_QWEN21_MERGED_ONLY = {"to_qkv", "img_mlp.gate_up_proj"}
+_QWEN21_QKV = {"to_q", "to_k", "to_v", "to_qkv"}
+
+
+def qwen21_attention_flops(shape: BenchShape) -> int:
+    """Forward attention FLOPs of one 2.1 block, one sample: diffusers' exact per-segment prefill (module docstring)."""
+    slots = qwen21_image_slots(shape).tolist()
+    references = iter(shape.img_shapes[1:])  # img_shapes lists the target first; the prompt holds the references
+    lengths, index = [], 0
+    while index < len(slots):
+        if slots[index]:
+            frames, height, width = next(references)
+            lengths.append(frames * height * width)
+            index += frames * height * width // 4
+        else:
+            run = 1
+            while index + run < len(slots) and not slots[index + run]:
+                run += 1
+            lengths.append(run)
+            index += run
+    flops, end = 0, 0
+    for length in lengths:
+        end += length
+        flops += 4 * length * end * shape.inner_dim
+    return flops + 4 * shape.target_tokens * shape.tokens * shape.inner_dim
+
+
+def qwen21_step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True) -> dict[str, float]:
+    """FLOPs of one Qwen-Image-2.1 training step at `shape` (whole batch), by part (module docstring)."""
+    from fusedit.lora.targets import resolve_targets
+
+    d, batch, hidden = shape.inner_dim, shape.batch, shape.mlp_ratio * shape.inner_dim
+    rows = batch * shape.tokens
+    linears = _qwen21_block_linears(d, hidden)
+    skip = _QWEN21_MERGED_ONLY if layout == "standard" else _QWEN21_STANDARD_ONLY
+    block = sum(2 * i * o * rows for name, (i, o) in linears.items() if name not in skip)
+    first_qkv = 2 * d * 3 * d * rows  # block 0's q/k/v need no input gradient
+    prompt_rows = batch * (shape.text_tokens + shape.reference_slots)
+    inputs_side = 2 * (
+        QWEN21_CHANNELS * d * batch * shape.image_tokens  # img_in
+        + (shape.joint_attention_dim * d + d * d) * prompt_rows  # txt_in: in_layer, out_layer
+        + (256 * d + d * d + d * 4 * d + d * d) * (batch + 1)  # timestep MLP, modulation, norm_out (t = 0 row too)
+    )
+    proj_out = 2 * d * QWEN21_CHANNELS * rows
+    base_forward = shape.num_layers * block + inputs_side + proj_out
+    base_backward = shape.num_layers * block - first_qkv + proj_out
+    attention = shape.num_layers * batch * qwen21_attention_flops(shape)
+    lora_forward = lora_backward = 0
+    r = shape.lora_rank
+    for name in resolve_targets(shape.lora_targets, layout, family=QWEN21) if lora else []:
+        i, o = linears[name]
+        forward_one = 2 * r * (i + o) * rows
+        lora_forward += shape.num_layers * forward_one
+        lora_backward += shape.num_layers * 2 * forward_one
+        if name in _QWEN21_QKV:
+            lora_backward -= 2 * r * i * rows  # A's input gradient in block 0
     forward = base_forward + attention + lora_forward
     backward = base_backward + 2 * attention + lora_backward
     return {

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedit.model.attention import sdpa_backends
-from fusedit.model.module_map import QKV_GROUPS
+from fusedit.model.module_map import QKV_GROUPS, QWEN21_ATTENTION_GROUP, QWEN21_MLP, QWEN21_MLP_GROUP
 
 # Leaf GEMM ops (aten::linear / aten::matmul are wrappers that call these); the profiler names them aten::<op>, and
 # also counts the mkldnn/mkl CPU linear ops.
@@ -181,7 +181,19 @@ class _GemmCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _qwen21_projections(block: nn.Module) -> list[nn.Module]:
+    """A 2.1 block's projections that fusedit merges: to_qkv + img_mlp.gate_up_proj, or the five they replace."""
+    modules = []
+    for owner, groups in ((block.attn, QWEN21_ATTENTION_GROUP), (getattr(block, QWEN21_MLP), QWEN21_MLP_GROUP)):
+        for merged, parts in groups.items():
+            names = [merged] if hasattr(owner, merged) else list(parts)
+            modules += [getattr(owner, name) for name in names]
+    return modules
+
+
 def _qkv_projections(block: nn.Module) -> list[nn.Module]:
+    if not hasattr(block, "txt_mlp"):  # Qwen-Image-2.1's single-stream block
+        return _qwen21_projections(block)
     attn = block.attn
     names = [name for name in QKV_GROUPS if hasattr(attn, name)]
     if not names:
@@ -193,7 +205,9 @@ def count_qkv_matmuls(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     """GEMMs one block issues for its q/k/v projections (image + text stream), forward and backward.
 
     Runs the projections of block 0 by themselves on a few tokens: `base` counts the frozen projections' GEMMs
-    (6 standard, 2 merged), `lora` the adapters' (A and B per projection), `backward` the gradient GEMMs.
+    (6 standard, 2 merged), `lora` the adapters' (A and B per projection), `backward` the gradient GEMMs. For a
+    Qwen-Image-2.1 block, the projections fusedit merges there: q, k, v and the SwiGLU's gate and up (5 standard,
+    2 merged: to_qkv, img_mlp.gate_up_proj).
     """
     block = model.transformer_blocks[0]
     base = forward = backward = 0

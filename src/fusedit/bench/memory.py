@@ -18,20 +18,28 @@ which materialises the S x S attention matrix a GPU never holds). What this cann
   or fewer activations, so the eager figure is an upper bound).
 - `offload`: checkpoints offloaded to host memory live on the same fake device; not estimated.
 - `float8` GEMMs: the weights are the same float8 bytes as fp8 storage; estimated as fp8 storage.
+
+Qwen-Image-2.1's forward derives its token layout from the values of its image-slot mask (`repeat_interleave` by
+it, boolean indexing, `.tolist()` for RoPE positions and the attention segments), which fake tensors, having no
+values, cannot run. `RealMetadata` runs those for real: every op whose tensor arguments are all real (the slot mask
+the step passes, and what is computed from it) runs on real tensors, and a real boolean index into a fake tensor is
+turned into its real positions first. The heavy tensors (weights, activations) stay fake; the real ones are counted
+like the others (what the GPU would hold of them: masks, the S x 64 RoPE table).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, is_fake
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
 
-from fusedit.bench.shapes import BenchShape, make_inputs
+from fusedit.bench.shapes import QWEN21, BenchShape, make_inputs
 from fusedit.bench.variants import Variant, build_variant, make_step
 from fusedit.lora.adapter import lora_parameters
 from fusedit.step.conditioning import trim_prompt_padding
@@ -74,6 +82,57 @@ class LiveStorageBytes(TorchDispatchMode):
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
                 self._track(value)
+        return out
+
+
+# Ops that take a list of index tensors (a boolean one selects by its values: data-dependent for a fake tensor).
+_INDEX_OPS = {
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put.default,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+}
+
+
+def _positions(indices: list) -> list:
+    """An index list with each real boolean mask replaced by the integer positions it selects (one per dim)."""
+    out = []
+    for index in indices:
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool and not is_fake(index):
+            with _disable_current_modes():
+                out.extend(index.nonzero().unbind(1))
+        else:
+            out.append(index)
+    return out
+
+
+def _constant(value):
+    """A fake tensor that carries its value (a Python scalar wrapped by an op, e.g. `torch.where(mask, 4, 1)`) as
+    that real value; anything else as it is."""
+    if isinstance(value, FakeTensor) and value.constant is not None:
+        return value.constant
+    return value
+
+
+class RealMetadata(TorchDispatchMode):
+    """Under a FakeTensorMode: an op whose tensor arguments are all real (or scalars) runs for real (no mode below
+    sees it), as does an integer or boolean factory (`torch.ones(..., dtype=torch.bool)`, `torch.arange`); a real
+    boolean index into a fake tensor becomes integer positions; everything else goes on to the fake mode."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, torch.Tensor)]
+        fakes = [tensor for tensor in tensors if is_fake(tensor)]
+        if len(fakes) < len(tensors) and all(_constant(tensor) is not tensor for tensor in fakes):
+            args, kwargs = tree_map(_constant, (args, kwargs))
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        if func in _INDEX_OPS:
+            args = (args[0], _positions(args[1]), *args[2:])
+        out = func(*args, **kwargs)
+        if not tensors and isinstance(out, torch.Tensor) and not (out.is_floating_point() or out.is_complex()):
+            with _disable_current_modes():
+                return func(*args, **kwargs)
         return out
 
 
@@ -151,10 +210,14 @@ def estimate_step_memory(variant: Variant, shape: BenchShape, dtype: torch.dtype
             },
         )
         step = make_step(model, inputs, estimated, optimizer, objective, dtype, seed)
+        # 2.1's image-slot mask stays real (RealMetadata computes the token layout from it); resident all the same.
+        tensor_fields += ("image_slots",)
         tensor_inputs = [getattr(inputs, name) for name in tensor_fields if getattr(inputs, name) is not None]
         resident = [*model.parameters(), *model.buffers(), *attributes, *tensor_inputs]
         resident_bytes = _storage_bytes(resident)
-        with LiveStorageBytes(resident) as tracker:
+        # 2.1's token layout is computed for real under the tracker (which counts it); the MMDiT needs no values.
+        metadata = RealMetadata() if shape.family == QWEN21 else contextlib.nullcontext()
+        with metadata, LiveStorageBytes(resident) as tracker:
             step()  # creates the optimizer state
             step()
     return {

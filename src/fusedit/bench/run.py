@@ -1,4 +1,8 @@
-"""Run the variants side by side on one shape and report them (JSON + markdown)."""
+"""Run the variants side by side on one shape per model family and report them (JSON + markdown).
+
+A run may hold variants of both families (the MMDiT's and Qwen-Image-2.1's, `Variant.family`): each steps on its
+family's shape, all of them in the same interleaved rounds on a CPU, and each is compared with its own family's
+baseline (`baselines` in the report)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import platform
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -24,8 +28,8 @@ from fusedit.bench.measure import (
     time_steps_round_robin,
 )
 from fusedit.bench.memory import estimate_step_memory
-from fusedit.bench.shapes import BenchShape, make_inputs
-from fusedit.bench.variants import BASELINES, BENCH_PRECISIONS, Variant, build_variant, make_step
+from fusedit.bench.shapes import MMDIT, BenchShape, make_inputs
+from fusedit.bench.variants import BENCH_PRECISIONS, Variant, build_variant, family_baselines, make_step
 from fusedit.lora.adapter import lora_parameters
 from fusedit.model.attention import attention_backend
 from fusedit.step.objective import FlowMatchObjective
@@ -36,7 +40,7 @@ VARIANT_FIELDS = (
     "times_s", "samples_per_s", "tokens_per_s", "step_tflop", "tflops", "mfu", "peak_mem_gb", "peak_mem_kind",
     "matmul_calls", "matmul_calls_by_op", "qkv_matmuls_per_block", "sdpa_backend", "loss", "speedup_vs_standard",
     "speedup_vs_baseline", "wall_s", "est_peak_mem_gb", "memory_estimate", "spread", "speedup_range",
-    "speedup_unclear",
+    "speedup_unclear", "family",
 )  # fmt: skip
 # A variant whose slowest timed step took more than this many times its fastest was measured under changing load
 # (a shared CPU, clocks, another process): a ratio of two such medians says little.
@@ -147,7 +151,13 @@ def release_memory(device: torch.device) -> None:
 
 
 def _new_result(variant: Variant) -> dict:
-    return {"name": variant.name, "description": variant.description, "status": "ok", "reason": None}
+    return {
+        "name": variant.name,
+        "family": variant.family,
+        "description": variant.description,
+        "status": "ok",
+        "reason": None,
+    }
 
 
 def _add_memory_estimate(result: dict, variant: Variant, shape: BenchShape, dtype: torch.dtype, seed: int) -> None:
@@ -210,6 +220,7 @@ def _now() -> float:
 def _pending(variant: Variant) -> dict:
     return {
         "name": variant.name,
+        "family": variant.family,
         "description": variant.description,
         "status": "pending",
         "reason": "not run yet (the run is still going, or was stopped before this variant finished)",
@@ -228,13 +239,16 @@ def finalize_report(report: dict) -> dict:
     """(Re)compute the baseline and speedups over the variants present, and fill every field (null if unknown)."""
     results = report["variants"]
     ok = {r["name"]: r for r in results if r["status"] == "ok"}
-    baseline = next((name for name in BASELINES if name in ok), None)
-    report["baseline"] = baseline
+    families = list(dict.fromkeys(r.get("family") or MMDIT for r in results)) or [MMDIT]
+    baselines = {family: next((name for name in family_baselines(family) if name in ok), None) for family in families}
+    # `baseline`: the first family's (the MMDiT's when it ran), as in reports from before 2.1; `baselines`: each's.
+    report["baseline"] = baselines[families[0]]
+    report["baselines"] = baselines
     for result in results:
         fine = result["status"] == "ok"
-        result["speedup_vs_standard"] = (
-            ok["standard"]["step_s"] / result["step_s"] if fine and "standard" in ok else None
-        )
+        family = result.get("family") or MMDIT
+        baseline, standard = baselines[family], family_baselines(family)[0]
+        result["speedup_vs_standard"] = ok[standard]["step_s"] / result["step_s"] if fine and standard in ok else None
         result["speedup_vs_baseline"] = ok[baseline]["step_s"] / result["step_s"] if fine and baseline else None
         _speedup_uncertainty(result, ok.get(baseline) if fine and baseline else None)
         for field in VARIANT_FIELDS:
@@ -246,7 +260,7 @@ def finalize_report(report: dict) -> dict:
 class _Run:
     """What every variant of one `run_bench` call shares."""
 
-    shape: BenchShape
+    shapes: Mapping[str, BenchShape]  # family -> its shape
     device: torch.device
     dtype: torch.dtype
     warmup: int
@@ -258,9 +272,12 @@ class _Run:
     estimate_memory: bool
     on_progress: Callable[[dict], None] | None
 
+    def shape_of(self, variant: Variant) -> BenchShape:
+        return self.shapes[variant.family]
+
 
 def run_bench(
-    shape: BenchShape,
+    shape: BenchShape | Mapping[str, BenchShape],
     variants: list[Variant],
     device: torch.device | str,
     dtype: torch.dtype,
@@ -276,6 +293,9 @@ def run_bench(
     interleave: bool | None = None,
 ) -> dict:
     """Time every variant on the same shape, inputs and seed; returns the report dict (schema `fusedit.bench/1`).
+
+    `shape`: the shape of every variant, or family -> shape (fusedit.bench.shapes.FAMILIES) when the variants are of
+    more than one family; each variant steps on its family's (ValueError if it has none).
 
     `interleave` (default: on a CPU): hold every variant at once and time their steps round-robin
     (`_run_interleaved`), so that a machine's changing load falls on all of them alike; otherwise (a GPU, where at
@@ -293,10 +313,14 @@ def run_bench(
     if time_budget_s is not None and time_budget_s <= 0:
         raise ValueError(f"the time budget must be > 0, got {time_budget_s} s")
     interleaved = timed and (device.type == "cpu" if interleave is None else interleave)
+    shapes = dict(shape) if isinstance(shape, Mapping) else {shape.family: shape}
+    missing = sorted({variant.family for variant in variants} - set(shapes))
+    if missing:
+        raise ValueError(f"no benchmark shape for the variants of family {', '.join(missing)}")
     run = _Run(
-        shape, device, dtype, warmup, steps, seed, attention, _now(), time_budget_s, estimate_memory, on_progress
+        shapes, device, dtype, warmup, steps, seed, attention, _now(), time_budget_s, estimate_memory, on_progress
     )
-    report = _new_report(shape, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s)
+    report = _new_report(shapes, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s)
     report["settings"].update(
         timed=timed,
         memory_estimate=estimate_memory or not timed,
@@ -338,7 +362,7 @@ def _run_sequential(report: dict, variants: list[Variant], run: _Run, timed: boo
         if result is None:
             began = _now()
             result = run_variant(
-                variant, run.shape, run.device, run.dtype, run.warmup, run.steps, run.seed, run.attention,
+                variant, run.shape_of(variant), run.device, run.dtype, run.warmup, run.steps, run.seed, run.attention,
                 estimate_memory=run.estimate_memory, timed=timed,
             )  # fmt: skip
             if result["status"] != "skipped":  # a variant this device cannot run took no time to say so
@@ -361,7 +385,7 @@ class _Warm:
 
 def _warm_up(variant: Variant, run: _Run) -> _Warm:
     began = _now()
-    built = _build(variant, run.shape, run.device, run.dtype, run.seed)
+    built = _build(variant, run.shape_of(variant), run.device, run.dtype, run.seed)
     memory = PeakMemory(run.device)
     synchronize(run.device)
     memory.baseline()
@@ -392,7 +416,7 @@ def _run_interleaved(report: dict, variants: list[Variant], run: _Run) -> None:
                     _measured_fields(
                         w.built,
                         variants[index],
-                        run.shape,
+                        run.shape_of(variants[index]),
                         run.device,
                         run.dtype,
                         w.times + times[index],
@@ -417,7 +441,7 @@ def _warm_up_all(report: dict, variants: list[Variant], run: _Run) -> dict[int, 
     for index, variant in enumerate(variants):
         result = report["variants"][index]
         if run.estimate_memory:
-            _add_memory_estimate(result, variant, run.shape, run.dtype, run.seed)
+            _add_memory_estimate(result, variant, run.shape_of(variant), run.dtype, run.seed)
         reason = variant.unsupported(run.device)
         if reason is not None:
             result.update(status="skipped", reason=reason)
@@ -448,8 +472,12 @@ def _speedup_uncertainty(result: dict, base: dict | None) -> None:
     result["speedup_unclear"] = noisy or low <= 1.0 <= high
 
 
-def _new_report(shape, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s) -> dict:
-    """The report before any variant ran: every variant `pending`."""
+def _new_report(shapes, variants, device, dtype, warmup, steps, seed, attention, command, time_budget_s) -> dict:
+    """The report before any variant ran: every variant `pending`. `shape` / `flops` are the first family's (the
+    MMDiT's when it runs; the fields of reports from before 2.1), `shapes` / `flops_by_family` every family's."""
+    ran = list(dict.fromkeys(variant.family for variant in variants))
+    families = [family for family in shapes if family in ran] or list(shapes)
+    shape = shapes[families[0]]
     return {
         "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -471,6 +499,8 @@ def _new_report(shape, variants, device, dtype, warmup, steps, seed, attention, 
             "step": "fusedit.step.loss.EditLoss under the precision's autocast, as EditLoRAModule.training_step",
         },
         "flops": step_flops(shape, "merged_qkv"),
+        "shapes": {family: shapes[family].to_dict() for family in families},
+        "flops_by_family": {family: step_flops(shapes[family], "merged_qkv") for family in families},
         "baseline": None,
         "variants": [_pending(variant) for variant in variants],
     }
@@ -523,9 +553,15 @@ def _estimate_table(report: dict) -> list[str]:
     return lines
 
 
-def _shape_line(report: dict) -> str:
+def _shape_lines(report: dict) -> list[str]:
+    """One `_shape_line` per family in the run (reports from before 2.1 have `shape` only)."""
+    shapes = report.get("shapes") or {report["shape"].get("family", MMDIT): report["shape"]}
+    flops = report.get("flops_by_family") or {family: report["flops"] for family in shapes}
+    return [_shape_line(shape, report["settings"], flops[family]) for family, shape in shapes.items()]
+
+
+def _shape_line(shape: dict, settings: dict, flops: dict) -> str:
     """What was stepped: the shape, the LoRA, the precision config, the steps and the FLOPs of one step."""
-    shape, settings = report["shape"], report["settings"]
     steps = (
         f"{settings['warmup_steps']} warm-up + {settings['timed_steps']} timed steps; "
         if settings.get("timed", True)
@@ -535,22 +571,38 @@ def _shape_line(report: dict) -> str:
     dtype = settings["dtype"]
     if precision:
         dtype += f" (precision={precision['name']}: {precision['lora_dtype']} LoRA, {precision['lightning']})"
+    family = "Qwen-Image-2.1 " if shape.get("family", MMDIT) != MMDIT else ""
     return (
-        f"shape `{shape['name']}`: {shape['num_layers']} blocks, width {shape['inner_dim']}, "
+        f"{family}shape `{shape['name']}`: {shape['num_layers']} blocks, width {shape['inner_dim']}, "
         f"{shape['image_tokens']} image + {shape['text_tokens']} text tokens, batch {shape['batch']}, "
         f"LoRA r{shape['lora_rank']} on {shape['lora_targets']}; {dtype}, {steps}"
-        f"{report['flops']['step'] / 1e12:.4g} TFLOP/step (merged)"
+        f"{flops['step'] / 1e12:.4g} TFLOP/step (merged)"
     )
+
+
+def _baseline_header(report: dict) -> str:
+    baselines = [name for name in (report.get("baselines") or {}).values() if name]
+    if len(baselines) > 1:
+        return " / ".join(baselines)
+    return report.get("baseline") or "standard"
+
+
+def _projection_header(report: dict) -> str:
+    """What the GEMM-count column counts: q/k/v, and for 2.1 also the SwiGLU's gate/up (the merged projections)."""
+    families = {r.get("family") or MMDIT for r in report["variants"]}
+    if families == {MMDIT}:
+        return "QKV"
+    return "q/k/v (2.1: + gate/up)" if MMDIT in families else "q/k/v + gate/up"
 
 
 def _timed_table(report: dict) -> list[str]:
     """Rows of a timed report: one a variant, measured figures (and the predicted peak with --estimate-memory)."""
     estimated = report["settings"].get("memory_estimate", False)
     lines = [
-        f"| variant | step s (median) | min–max | vs {report.get('baseline') or 'standard'} | samples/s | tokens/s "
+        f"| variant | step s (median) | min–max | vs {_baseline_header(report)} | samples/s | tokens/s "
         "| TFLOP/s | MFU | peak mem GB "
         + ("| est. peak GB " if estimated else "")
-        + "| matmuls/step | QKV GEMMs/block (base+LoRA) | SDPA |"
+        + f"| matmuls/step | {_projection_header(report)} GEMMs/block (base+LoRA) | SDPA |"
     ]
     columns = 13 if estimated else 12
     lines.append("|" + "---|" * columns)
@@ -576,7 +628,12 @@ def _timed_table(report: dict) -> list[str]:
 
 def _variant_lines(report: dict) -> list[str]:
     """The shape line, notes on the baseline and on a partial run, then the timed or the estimate table."""
-    lines = [_shape_line(report)]
+    lines = _shape_lines(report)
+    if len(lines) > 1:
+        lines.append("")
+        lines.append(
+            "each `2.1:` variant is compared with the Qwen-Image-2.1 baseline of this run, the others with the MMDiT's"
+        )
     baseline = report.get("baseline")
     if baseline is not None and baseline != "standard":
         lines.append("")

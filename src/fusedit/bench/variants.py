@@ -11,6 +11,11 @@ A variant's name is its recipe: a layout followed by `+`-joined modifiers, e.g. 
                offload    the checkpointed blocks' saved inputs held in CPU memory (needs ckpt / ckptN)
                mask       the all-ones prompt mask is passed to the model instead of trimmed to None
 
+A Qwen-Image-2.1 variant carries the family prefix `2.1:` (`2.1:standard`, `2.1:merged+ckpt`): the same recipe on
+diffusers' `QwenImage21Transformer2DModel`, where `merged` merges q/k/v into `to_qkv` and the SwiGLU's gate/up into
+`img_mlp.gate_up_proj` (fusedit.model.merged_qwen21: 5 -> 2 projections per block) and `standard` is the unfused
+model. Its speedups are against the 2.1 baseline of the same run, never the MMDiT's.
+
 Modifiers may come in any order; the name is reported in the order above (`merged+ckpt+compile` is
 `merged+compile+ckpt`, `ckpt1` is `ckpt`). The model is built by the trainer's build stages (fusedit.step.build:
 load -> fuse -> fp8 -> LoRA -> activation checkpointing -> compile) in the trainer's precision config for the
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusedit.bench.shapes import BenchShape, build_random_transformer
+from fusedit.bench.shapes import FAMILIES, MMDIT, QWEN21, BenchShape, build_random_transformer
 from fusedit.devices import to_dtype
 from fusedit.errors import UserInputError
 from fusedit.model.fp8 import float8_compute_support
@@ -42,6 +47,8 @@ from fusedit.step.precision import PRESETS, Precision
 LAYOUTS = {"standard": "standard", "merged": "merged_qkv"}  # name token -> fusedit layout
 MODIFIERS = ("compile", "fp8", "float8", "ckpt", "ckptN", "offload", "mask")
 _CKPT = re.compile(r"ckpt(\d*)")
+# family -> the prefix of its variant names ("" for the MMDiT, so that every name from before 2.1 keeps its meaning)
+FAMILY_PREFIX = {MMDIT: "", QWEN21: "2.1:"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class Variant:
     offload: bool = False
     keep_mask: bool = False  # pass the all-ones prompt mask instead of trimming it to None
     description: str = ""
+    family: str = MMDIT  # fusedit.bench.shapes.FAMILIES: which transformer (and shape) the variant steps
 
     def unsupported(self, device: torch.device) -> str | None:
         """Why this variant cannot run on `device`, or None."""
@@ -75,11 +83,18 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _describe(layout: str, compile: bool, fp8: str, every: int, offload: bool, mask: bool) -> str:
+def _describe(layout: str, compile: bool, fp8: str, every: int, offload: bool, mask: bool, family: str = MMDIT) -> str:
+    merged = (
+        "merged q/k/v and SwiGLU gate/up + LoRA on the merged projections"
+        if family == QWEN21
+        else "merged QKV + LoRA on the merged projections"
+    )
     parts = [
-        "diffusers' unfused model + PEFT" if layout == "standard" else "merged QKV + LoRA on the merged projections",
+        "diffusers' unfused model + PEFT" if layout == "standard" else merged,
         "regional torch.compile of the block" if compile else "eager",
     ]
+    if family == QWEN21:
+        parts.insert(0, "Qwen-Image-2.1")
     if fp8 == "storage":
         parts.append("fp8 storage of the frozen base (bf16 GEMMs)")
     elif fp8 == "float8":
@@ -104,9 +119,38 @@ def _canonical_name(layout: str, compile: bool, fp8: str, every: int, offload: b
     return "+".join(canonical)
 
 
-def parse_variant(name: str) -> Variant:
-    """One variant from its name (see the module docstring); a ValueError names the bad token."""
-    tokens = [token.strip() for token in name.strip().split("+")]
+def variant_family(name: str) -> tuple[str, str]:
+    """(family, the name without its family prefix) of a variant name."""
+    name = name.strip()
+    for family, prefix in FAMILY_PREFIX.items():
+        if prefix and name.startswith(prefix):
+            return family, name.removeprefix(prefix)
+    return MMDIT, name
+
+
+def parse_variant(name: str, family: str | None = None) -> Variant:
+    """One variant from its name (see the module docstring); a ValueError names the bad token. `family`: the family
+    of a name without a prefix (default the MMDiT's)."""
+    prefixed, recipe = variant_family(name)
+    if prefixed == MMDIT and family is not None:
+        if family not in FAMILIES:
+            raise UserInputError(f"benchmark family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        prefixed = family
+    variant = _parse_recipe(recipe, name)
+    prefix = FAMILY_PREFIX[prefixed]
+    return dataclasses.replace(
+        variant,
+        name=prefix + variant.name,
+        family=prefixed,
+        description=_describe(
+            variant.name.split("+")[0], variant.compile, variant.fp8, variant.checkpoint_every, variant.offload,
+            variant.keep_mask, prefixed,
+        ),
+    )  # fmt: skip
+
+
+def _parse_recipe(recipe: str, name: str) -> Variant:
+    tokens = [token.strip() for token in recipe.strip().split("+")]
     if tokens[0] not in LAYOUTS:
         raise UserInputError(
             f"benchmark variant {name!r}: it must start with a layout, got {tokens[0]!r}; {_grammar()}"
@@ -207,21 +251,47 @@ DEFAULT_VARIANTS = {
     ),
 }
 
+# Qwen-Image-2.1's per size (names without the `2.1:` prefix): at `tiny` the two layouts side by side (about 8 s
+# more on a 2-core CPU); at `full` the checkpointed baseline first, then QKV + gate/up merging at equal recomputation,
+# then the headline stack, and the unfused pair last (most likely cut by a time budget).
+QWEN21_DEFAULT_VARIANTS = {
+    "tiny": ("standard", "merged"),
+    "full": ("standard+ckpt", "merged+ckpt", "merged+compile+ckpt", "standard", "merged"),
+}
+# family -> size -> the variants `fusedit bench --family F` runs without --variants
+FAMILY_DEFAULT_VARIANTS = {MMDIT: DEFAULT_VARIANTS, QWEN21: QWEN21_DEFAULT_VARIANTS}
+
 # The speedup column is against the first of these that ran: plain `standard` is what a user of the stock scripts
 # gets, `standard+ckpt` what they get when the model does not fit without checkpointing (the full shape, 80 GB).
+# Per family: a 2.1 variant is compared with `2.1:standard` (or `2.1:standard+ckpt`).
 BASELINES = ("standard", "standard+ckpt")
 
 
-def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[Variant]:
+def family_baselines(family: str) -> tuple[str, ...]:
+    return tuple(FAMILY_PREFIX[family] + name for name in BASELINES)
+
+
+def default_variants(size: str, families: tuple[str, ...] = (MMDIT,)) -> list[str]:
+    """The variant names `fusedit bench --size size` runs for `families` without --variants (prefixed)."""
+    return [FAMILY_PREFIX[family] + name for family in families for name in FAMILY_DEFAULT_VARIANTS[family][size]]
+
+
+def parse_variants(text: str | list[str] | tuple[str, ...], families: tuple[str, ...] = (MMDIT,)) -> list[Variant]:
     """Variants from a comma-separated string or a list of names; `all` expands to CATALOGUE; duplicates (also
-    spelled differently, e.g. `merged+ckpt+compile` and `merged+compile+ckpt`) run once."""
+    spelled differently, e.g. `merged+ckpt+compile` and `merged+compile+ckpt`) run once. A name without a family
+    prefix stands for that recipe in each of `families` (`--family`); `2.1:merged` is 2.1's whatever `families`."""
     names = [name.strip() for name in (text.split(",") if isinstance(text, str) else text) if name.strip()]
     if not names:
         raise UserInputError(f"no benchmark variant given; {_grammar()}, or 'all' (= {', '.join(CATALOGUE)})")
     variants = {}
     for name in names:
-        for variant in VARIANTS.values() if name == "all" else [parse_variant(name)]:
-            variants.setdefault(variant.name, variant)
+        family, recipe = variant_family(name)
+        wanted = families if family == MMDIT else (family,)
+        recipes = CATALOGUE if recipe == "all" else (recipe,)
+        for each in wanted:
+            for one in recipes:
+                variant = parse_variant(one, each)
+                variants.setdefault(variant.name, variant)
     return list(variants.values())
 
 

@@ -207,7 +207,8 @@ class CachedConditioner(nn.Module):
         super().__init__()
         import diffusers
 
-        from fusedit.cache.validation import CachedSampler
+        from fusedit.cache.validation import CachedSampler, Qwen21CachedSampler
+        from fusedit.families import QWEN_IMAGE_21
 
         path = Path(model_path) / "scheduler" / "scheduler_config.json"
         if not path.is_file():
@@ -220,7 +221,8 @@ class CachedConditioner(nn.Module):
         self._scheduler_config = dict(scheduler_cls.from_config(config).config)
         self.model_path = Path(model_path)
         # A plain object, not a submodule: Lightning must neither move nor count the VAE it loads on demand.
-        self.sampler = CachedSampler(model_path, scheduler_cls, self._scheduler_config, dtype)
+        sampler_cls = Qwen21CachedSampler if folder_family(Path(model_path)) == QWEN_IMAGE_21 else CachedSampler
+        self.sampler = sampler_cls(model_path, scheduler_cls, self._scheduler_config, dtype)
 
     @property
     def scheduler_config(self) -> dict:

@@ -17,6 +17,11 @@ and initial noise for a seed, via diffusers' own helpers), with the model call o
 training resolution (the pipeline would resize the edit image to its own condition size first). The input and
 target shown next to the result are the cached latents decoded, i.e. what training sees. No CFG (the negative
 prompt would need the text encoder; the live validation runs without one too).
+
+Qwen-Image-2.1 (`Qwen21CachedSampler`): generation is diffusers' `QwenImage21ModularPipeline` itself without its
+text-encoder and VAE-encoder blocks (`fusedit.inference.qwen21.encoded_pipeline`, the sampling home `infer.py` uses
+too), fed the cached prompt encoding, its Qwen3-VL image slots and the cached reference latents; it loads the 2.1
+VAE decoder only, as above.
 """
 
 from __future__ import annotations
@@ -119,6 +124,65 @@ class CachedSampler:
                     pictures = [self.decode(edit, shape)[0] for edit, shape in zip(edits, shapes[1:], strict=True)]
                     pictures += [self.decode(edited, shapes[0])[0], self.decode(inputs.target, shapes[0])[0]]
                 rows.append([*pictures, sample["prompt"]])
+        finally:
+            module.transformer.train(was_training)
+            vae.to("cpu")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return rows
+
+
+class Qwen21CachedSampler(CachedSampler):
+    """`CachedSampler` for Qwen-Image-2.1 cache rows (references first, target last, with `image_slots`): the 2.1
+    modular pipeline's denoise and decode blocks on the cached encodings (module docstring)."""
+
+    def _load_vae(self) -> nn.Module:
+        from diffusers import AutoencoderKLQwenImage21
+
+        if self._vae is None:
+            log.info(
+                "validation images: loading the VAE decoder of %s (kept on the CPU between rounds)", self.model_path
+            )
+            vae = AutoencoderKLQwenImage21.from_pretrained(self.model_path, subfolder="vae", torch_dtype=self.dtype)
+            vae.encoder, vae.quant_conv = nn.Module(), nn.Module()  # nothing is encoded; conv counts were taken
+            self._vae = vae.requires_grad_(False).eval()
+        return self._vae
+
+    @torch.no_grad()
+    def rows(self, module, samples: list[dict], num_inference_steps: int, seed: int) -> list[list]:
+        from fusedit.inference.qwen21 import decode, disable_progress_bars, encoded_pipeline, sample_encoded, unpack
+        from fusedit.step.token_weights import PIXELS_PER_TOKEN
+
+        if not samples:
+            return []
+        device = module.device
+        vae = self._load_vae().to(device)
+        was_training = module.transformer.training
+        module.transformer.eval()
+        rows = []
+        try:
+            for sample in samples:
+                inputs = cached_inputs([sample], device)
+                *references, (_, height, width) = inputs.img_shapes[0]
+                packed = inputs.condition.split([h * w for _, h, w in references], dim=1) if references else ()
+                latents = [unpack(p, h, w) for p, (_, h, w) in zip(packed, references, strict=True)]
+                pipe = encoded_pipeline(module.transformer, vae, self.scheduler_cls.from_config(self.scheduler_config))
+                disable_progress_bars(pipe)
+                with torch.autocast(device.type, enabled=False):
+                    edited = sample_encoded(
+                        pipe,
+                        inputs.prompt_embeds,
+                        inputs.image_slots,
+                        latents,
+                        height=height * PIXELS_PER_TOKEN,
+                        width=width * PIXELS_PER_TOKEN,
+                        num_inference_steps=num_inference_steps,
+                        seed=seed,
+                    )
+                    shown = [decode(vae, latent)[0] for latent in latents]
+                    target = decode(vae, unpack(inputs.target, height, width))[0]
+                rows.append([*(image.convert("RGB") for image in (*shown, edited, target)), sample["prompt"]])
         finally:
             module.transformer.train(was_training)
             vae.to("cpu")

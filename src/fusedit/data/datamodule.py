@@ -24,7 +24,7 @@ from fusedit.data.prompt_length import LONG_PROMPT_CHOICES, prompt_counter
 from fusedit.data.records import Record
 from fusedit.data.sources import DATA_FORMATS, DataSource, refuse_bad_source
 from fusedit.data.validation import ON_ERROR_CHOICES, Problem, Sample, raise_or_skip, validate_records
-from fusedit.families import TEXT_TO_IMAGE, folder_family
+from fusedit.families import folder_family, needs_edit_image
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,13 @@ class EditDataModule(LightningDataModule):
         self._consumed = {"epoch": None, "batches": 0}
 
     def read_records(self) -> list[Record]:
-        """The configured source's rows (`DataSource.records`), not yet validated. For a text-to-image model
-        (`model_path` is Qwen-Image) the edit_image column may be left out or empty (its rows then have no edit
-        image); a row that does name one is refused by validation."""
+        """The configured source's rows (`DataSource.records`), not yet validated. For a model that draws from text
+        alone (`model_path` is Qwen-Image or Qwen-Image-2.1: `fusedit.families.needs_edit_image` is False) the
+        edit_image column may be left out or empty (its rows then have no edit image); whether a row may name one
+        is validation's question."""
         model_path = self.hparams.model_path
-        return self.source.records(text_to_image=model_path is not None and folder_family(model_path) == TEXT_TO_IMAGE)
+        optional = model_path is not None and not needs_edit_image(folder_family(model_path))
+        return self.source.records(edit_image_optional=optional)
 
     def validate(self, records) -> list:
         """Check `records` with this module's settings (files, pixel limit, paths, on_error); the valid samples."""

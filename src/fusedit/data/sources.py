@@ -68,11 +68,12 @@ class DataSource:
         settings = {"split": hp.split, "extract_dir": hp.extract_dir, "allow_absolute_paths": hp.allow_absolute_paths}
         return cls("hf", location, base, True, columns, settings)
 
-    def records(self, text_to_image: bool = False) -> list[Record]:
-        """Every row, not yet validated; `MetadataError` for a source that cannot be read at all. `text_to_image`:
-        the edit_image column may be left out or empty (its rows then have no edit image)."""
+    def records(self, edit_image_optional: bool = False) -> list[Record]:
+        """Every row, not yet validated; `MetadataError` for a source that cannot be read at all.
+        `edit_image_optional` (a model that draws from text alone: Qwen-Image, Qwen-Image-2.1): the edit_image
+        column may be left out or empty (its rows then have no edit image)."""
         columns = self.columns
-        if text_to_image:
+        if edit_image_optional:
             columns = dataclasses.replace(columns, optional=columns.optional | {"edit_image"})
         if self.format == "metadata":
             records = read_records(self.location, columns)
@@ -84,6 +85,6 @@ class DataSource:
             from fusedit.data.hf import read_hf_records  # imports `datasets`, only for this format
 
             records = read_hf_records(self.location, columns, self.base_path, **self.settings)
-        if text_to_image:  # no column, or an empty cell (read as ("",)): no edit image
+        if edit_image_optional:  # no column, or an empty cell (read as ("",)): no edit image
             records = [r if any(r.edit_images or ()) else dataclasses.replace(r, edit_images=()) for r in records]
         return records

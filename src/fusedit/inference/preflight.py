@@ -396,13 +396,16 @@ def _folder_family(path) -> str | None:
         return None
 
 
+# diffusers' modular pipelines have no model / sequential CPU offload methods (their ComponentsManager does it
+# differently); group offload is applied per component (fusedit.inference.profiles).
+QWEN21_REFUSED_OFFLOADS = ("model", "sequential")
 QWEN21_PRESETS = ("fast", "balanced", "quality")  # their steps apply; their true_cfg_scale is the MMDiT's
 
 
 def check_family_options(cfg: DictConfig, family: str) -> None:
     """Options one family has and the other lacks, refused in one line each: for Qwen-Image-2.1 the Lightning
-    presets (lightx2v's LoRAs are the MMDiT's), prompt enhancement (written for Qwen2.5-VL's chat) and profiles
-    that offload or store fp8 (not wired to the modular pipeline); for the MMDiT `sampling.output_resolution`."""
+    presets (lightx2v's LoRAs are the MMDiT's), prompt enhancement (written for Qwen2.5-VL's chat) and model /
+    sequential CPU offload (the 24gb profile); for the MMDiT `sampling.output_resolution`."""
     sampling = cfg.get("sampling") or {}
     profile = cfg.profile
     if family != QWEN_IMAGE_21:
@@ -420,11 +423,11 @@ def check_family_options(cfg: DictConfig, family: str) -> None:
         )
     if cfg.get("enhance_prompt"):
         problems.append("enhance_prompt=true rewrites with Qwen2.5-VL's edit chat; it is not wired for Qwen-Image-2.1")
-    if profile.get("offload", "none") != "none" or profile.get("fp8_storage"):
+    if profile.get("offload", "none") in QWEN21_REFUSED_OFFLOADS:
         problems.append(
-            f"profile={profile.get('name')} (offload={profile.get('offload')}, fp8_storage="
-            f"{profile.get('fp8_storage')}) is not wired for Qwen-Image-2.1's modular pipeline yet: use "
-            "profile=high_vram or profile=cpu (offload=none, no fp8 storage)"
+            f"profile={profile.get('name')} (offload={profile.get('offload')}) is not wired for Qwen-Image-2.1's "
+            "modular pipeline (diffusers gives it no enable_model_cpu_offload / enable_sequential_cpu_offload): use "
+            "profile=12gb or 8gb (group offload), high_vram or cpu"
         )
     if problems:
         raise UserInputError("\n  ".join(problems))
@@ -474,7 +477,7 @@ def preflight(cfg: DictConfig) -> Plan:
     from fusedit.inference.profiles import check_profile, resolve_auto_profile  # torch, imported by detect already
 
     with open_dict(cfg):  # profile=auto: the detected GPU's profile from here on (infer() reads cfg.profile)
-        cfg.profile = resolve_auto_profile(cfg.profile)
+        cfg.profile = resolve_auto_profile(cfg.profile, family)
     problems.check(check_profile, cfg.profile)
     if family is not None:
         problems.check(check_family_options, cfg, family)

@@ -14,6 +14,7 @@ adapter layers to skip them), casting before offloading (the offload hooks move 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -33,14 +34,22 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return to_dtype(name, "profile.dtype")
 
 
-def auto_profile_name(gpu_gb: float | None) -> str:
-    """The profile `profile=auto` picks for a GPU of `gpu_gb` GB (None: no CUDA GPU -> cpu)."""
+# Qwen-Image-2.1's modular pipeline has no model CPU offload: the 24gb profile's GPUs get the next smaller profile
+# (group offload) for it (preflight.QWEN21_REFUSED_OFFLOADS).
+QWEN21_AUTO_INSTEAD = {"24gb": "12gb"}
+
+
+def auto_profile_name(gpu_gb: float | None, family: str | None = None) -> str:
+    """The profile `profile=auto` picks for a GPU of `gpu_gb` GB (None: no CUDA GPU -> cpu) and model `family`."""
     if gpu_gb is None:
         return "cpu"
-    return next(name for minimum, name in AUTO_PROFILES if gpu_gb >= minimum)
+    name = next(name for minimum, name in AUTO_PROFILES if gpu_gb >= minimum)
+    if family == "qwen-image-2.1":
+        return QWEN21_AUTO_INSTEAD.get(name, name)
+    return name
 
 
-def resolve_auto_profile(profile):
+def resolve_auto_profile(profile, family: str | None = None):
     """`profile` itself, or for `profile=auto` the profile file for the detected GPU (keys set next to `auto` on the
     command line, e.g. `profile.dtype=float32`, are kept on top; conf/profile/auto.yaml lists them as null)."""
     from omegaconf import OmegaConf
@@ -50,7 +59,7 @@ def resolve_auto_profile(profile):
     gpu_gb = None
     if torch.cuda.is_available():
         gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
-    chosen = OmegaConf.load(PROFILE_DIR / f"{auto_profile_name(gpu_gb)}.yaml")
+    chosen = OmegaConf.load(PROFILE_DIR / f"{auto_profile_name(gpu_gb, family)}.yaml")
     extra = {key: value for key, value in profile.items() if key != "name" and value is not None}
     return OmegaConf.merge(chosen, extra)
 
@@ -71,6 +80,22 @@ def check_profile(profile) -> tuple[str, torch.device]:
             f"profile.offload={offload} moves weights between the CPU and a GPU; it needs a GPU device"
         )
     return offload, device
+
+
+def _group_offload_modules(pipe, **kwargs) -> None:
+    """What `DiffusionPipeline.enable_group_offload` does, for a modular pipeline (Qwen-Image-2.1's), which has no
+    such method: each nn.Module component offloaded by its own `enable_group_offload` (diffusers models) or by
+    diffusers' `apply_group_offloading` (the transformers text encoder). The modular pipeline's execution device
+    then comes from the group hooks (`ModularPipeline._execution_device`)."""
+    from diffusers.hooks import apply_group_offloading
+
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if hasattr(component, "enable_group_offload"):
+            component.enable_group_offload(**kwargs)
+        else:
+            apply_group_offloading(module=component, **kwargs)
 
 
 def apply_profile(pipe, profile) -> dict:
@@ -99,7 +124,8 @@ def apply_profile(pipe, profile) -> dict:
     else:
         group = profile.get("group", {}) or {}
         offload_type = group.get("offload_type", "block_level")
-        pipe.enable_group_offload(
+        group_offload = getattr(pipe, "enable_group_offload", None) or functools.partial(_group_offload_modules, pipe)
+        group_offload(
             onload_device=device,
             offload_device=torch.device("cpu"),
             offload_type=offload_type,

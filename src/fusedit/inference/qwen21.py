@@ -11,6 +11,10 @@ in (merged or standard layout, with or without LoRA adapters) and fixes the few 
   modules already in memory (training's validation images: the trained transformer and the conditioner's VAE and
   Qwen3-VL, nothing loaded twice).
 - `sample(pipe, prompt, references, ...)`: one image, the one function both call.
+- `encoded_pipeline(transformer, vae, scheduler)` and `sample_encoded(pipe, prompt_embeds, image_slots,
+  references, ...)`: the same pipeline's denoise and decode blocks for a prompt and references already encoded
+  (training's validation images from the latent cache: no Qwen3-VL, no VAE encoder); `decode(vae, latents)` its
+  decode block alone (to show cached references and targets).
 
 Guidance: 2.1 is sampled without classifier-free guidance (diffusers' `QwenImage21Pipeline` defaults
 `true_cfg_scale` to 1.0: "Qwen-Image 2.1 is meant to be sampled without guidance"). A scale above 1 installs
@@ -113,3 +117,81 @@ def sample(
     if guidance_scale > 1 and negative_prompt is not None:  # without guidance diffusers warns that it ignores it
         kwargs["negative_prompt"] = negative_prompt
     return pipe(**kwargs, output="images")[0]  # one prompt, one image
+
+
+def encoded_pipeline(transformer: nn.Module, vae: nn.Module, scheduler):
+    """`QwenImage21ModularPipeline` of diffusers' `QwenImage21AutoBlocks` without its text-encoder and VAE-encoder
+    blocks: it takes `prompt_embeds`, `image_pad_mask` and `image_latents` as inputs (what those blocks would give)
+    and runs the same denoise loop and decoder. `vae` needs only its decoder."""
+    from diffusers.modular_pipelines import QwenImage21AutoBlocks
+
+    blocks = QwenImage21AutoBlocks()
+    for name in ("text_encoder", "vae_encoder"):
+        blocks.sub_blocks.pop(name)
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=transformer, vae=vae, scheduler=scheduler)
+    return pipe
+
+
+def unpack(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed latents [B, h*w, C] of a (1, h, w) token grid -> [B, C, 1, h, w], the inverse of diffusers' 2.1
+    `pack_latents` (a spatial flatten: 2.1 takes latents unpatched)."""
+    return packed.transpose(1, 2).reshape(packed.shape[0], packed.shape[2], 1, height, width)
+
+
+@torch.no_grad()
+def sample_encoded(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    image_slots: torch.Tensor,
+    references: Sequence[torch.Tensor] = (),
+    *,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    seed: int,
+    output_type: str = "pil",
+):
+    """One image from an encoded prompt with the `encoded_pipeline` `pipe`, as `sample` gives it from the prompt's
+    text and reference images of the same size (tests/test_qwen21_validation.py: equal images).
+
+    prompt_embeds: [1, L, D] (one unpadded prompt); image_slots: [1, L] bool, its Qwen3-VL image slots;
+    references: each reference's normalised latents [1, C, 1, h, w] (`unpack` of the packed cache rows), in prompt
+    order; height / width: the output in pixels. Noise from a CPU generator seeded with `seed`, as in `sample`.
+    Returns an RGBA PIL image (or what `output_type` asks)."""
+    kwargs = {
+        "prompt_embeds": prompt_embeds,
+        # diffusers' text-inputs step repeats the mask per image and drops it when nothing is padded: one prompt.
+        "prompt_embeds_mask": torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device),
+        "image_pad_mask": image_slots.bool(),
+        "height": int(height),
+        "width": int(width),
+        "num_inference_steps": int(num_inference_steps),
+        "generator": torch.Generator("cpu").manual_seed(int(seed)),
+        "output_type": output_type,
+    }
+    if references:
+        kwargs["image_latents"] = list(references)
+    return pipe(**kwargs, output="images")[0]
+
+
+@torch.no_grad()
+def decode(vae: nn.Module, latents: torch.Tensor) -> list[PIL.Image.Image]:
+    """Normalised latents [B, C, 1, h, w] -> RGBA PIL images, by diffusers' 2.1 decode block (latents_mean/std,
+    the VAE decoder, postprocessing), as the pipeline decodes its output."""
+    from diffusers.modular_pipelines.qwenimage21.decoders import QwenImage21DecodeStep
+
+    decoder = QwenImage21DecodeStep().init_pipeline()
+    decoder.update_components(vae=vae)
+    return decoder(latents=latents, output_type="pil", output="images")
+
+
+def disable_progress_bars(pipe) -> None:
+    """Turn off the denoise loop's tqdm bar of a 2.1 modular pipeline (training's validation rounds print none).
+    `ModularPipeline.set_progress_bar_config` reaches only its top-level blocks; the loop sits deeper."""
+    pending = list(pipe._blocks.sub_blocks.values())  # `pipe.blocks` is a copy; diffusers' own method reads _blocks
+    while pending:
+        block = pending.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        pending += list(getattr(block, "sub_blocks", {}).values())

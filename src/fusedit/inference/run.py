@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fusedit
-from fusedit.families import QWEN_IMAGE_21, TEXT_TO_IMAGE
+from fusedit.families import QWEN_IMAGE_21, needs_edit_image
 from fusedit.inference.enhance import enhance_prompt
 from fusedit.inference.inputs import Job, load_rgb
 from fusedit.inference.lora import load_loras
@@ -83,7 +83,8 @@ def _run_record(cfg: DictConfig, family: str, pipe, lora_records: list, profile_
 def _job_mode(job: Job, family: str) -> str:
     if job.images:
         return "edit"
-    return "text-to-image" if family == TEXT_TO_IMAGE else "text-to-image (edit model)"
+    # "(edit model)": an Edit checkpoint run through QwenImagePipeline; 2.1 draws from text in its own pipeline.
+    return "text-to-image (edit model)" if needs_edit_image(family) else "text-to-image"
 
 
 def _enhanced_prompt(cfg: DictConfig, job_pipe, job: Job, images: list, entry: dict) -> str:

@@ -24,8 +24,9 @@ def _targeted(module: str, target_modules: list[str]) -> bool:
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
-def read_init_lora(path: str | os.PathLike, rank: int, targets, layout: str) -> LoraWeights:
-    """The LoRA at `path` in `layout`, checked against `lora.rank` / `lora.targets`. Raises UserInputError (one line).
+def read_init_lora(path: str | os.PathLike, rank: int, targets, layout: str, family: str | None = None) -> LoraWeights:
+    """The LoRA at `path` in `layout`, checked against `lora.rank` / `lora.targets` (the target names of `family`,
+    as `resolve_targets` reads them: "qwen-image-2.1", or the MMDiT's). Raises UserInputError (one line).
 
     The file's most common rank, in the standard layout (how `lora.rank` is counted), must equal `rank`: the memory
     estimate and the run's record use it. Other per-module ranks and every module's scale are taken from the file.
@@ -42,7 +43,7 @@ def read_init_lora(path: str | os.PathLike, rank: int, targets, layout: str) -> 
             "from it"
         )
     converted = convert_lora_layout(weights, DIRECTION_TO[layout])
-    target_modules = resolve_targets(targets, layout)
+    target_modules = resolve_targets(targets, layout, family)
     untargeted = [m for m in converted.modules if not _targeted(m, target_modules)]
     if untargeted:
         raise UserInputError(

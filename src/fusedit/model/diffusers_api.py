@@ -8,9 +8,11 @@ answers here, installed by `fuse_qkv` and removed by `unfuse_qkv` (instance attr
   `QwenImageTransformer2DModel.from_pretrained` loads the directory, and `fusedit.load_transformer` reads it in
   either layout. The weight-format question (a config identical to a stock one over merged keys loads as garbage in
   stock diffusers) never arises.
-- `add_adapter` translates standard target names: a whole q/k/v group (`to_q`, `to_k`, `to_v`) becomes the merged
-  projection (`to_qkv`), as `fusedit.lora.targets` does for training. A partial group (`["to_q"]`) or a regex that
-  matches a q/k/v name is refused, naming the merged modules: PEFT would adapt a silent subset otherwise.
+- `add_adapter` translates standard target names: a whole merge group (`to_q`, `to_k`, `to_v`; Qwen-Image-2.1's
+  `img_mlp.gate_layer`, `img_mlp.proj`) becomes the merged projection (`to_qkv`; `img_mlp.gate_up_proj`), as
+  `fusedit.lora.targets` does for training. A partial group (`["to_q"]`) or a regex that matches a part's name is
+  refused, naming the merged modules: PEFT would adapt a silent subset otherwise. The groups are read from the
+  model's own merged modules, so one translation serves both families.
 - `load_lora_adapter` (also `pipe.load_lora_weights`) converts a standard-layout LoRA exactly to the merged layout
   (fusedit.convert), keeping every module's alpha / rank. diffusers alone would load only its non-q/k/v modules.
 - every attention module's `set_processor` (what `set_attn_processor` calls) refuses processors that are not
@@ -37,12 +39,12 @@ from collections.abc import Iterable
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel
 from torch import nn
 
-from fusedit.convert.layout import PART_TO_MERGED, proj_role, split_param_key
+from fusedit.convert.layout import PART_TO_MERGED, ProjRole, proj_role, split_param_key
 from fusedit.convert.lora_formats import module_from_kohya
 from fusedit.model.module_map import ATTENTION, QKV_GROUPS, QWEN21_MLP, QWEN21_MLP_GROUP
 
-# Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the attention modules get SET_PROCESSOR
-# and a MergedPart under each name of PART_TO_MERGED.
+# Instance attributes fuse_qkv sets on the model (and unfuse_qkv removes); the MMDiT's attention modules get
+# SET_PROCESSOR and a MergedPart under each part name of QKV_GROUPS.
 MODEL_OVERRIDES = ("save_pretrained", "add_adapter", "load_lora_adapter", "_tp_plan")
 SET_PROCESSOR = "set_processor"
 MERGED_NAMES_HELP = ", ".join(f"{merged} (= {' + '.join(parts)})" for merged, parts in QKV_GROUPS.items())
@@ -92,72 +94,105 @@ def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------ LoRA targets
-def _refuse_qkv_names(what: str, names: Iterable[str], remedy: str) -> None:
+def _merge_parts(standard_modules: Iterable[str]) -> dict[str, ProjRole]:
+    """Each part's leaf name (`to_q`, `gate_layer`, ...) -> the role of one module of it, from the standard module
+    paths of a merged model (`standard_module_names`): the model says which merge groups it has."""
+    parts: dict[str, ProjRole] = {}
+    for name in standard_modules:
+        role = proj_role(name)
+        if role is not None:
+            parts.setdefault(role.proj, role)
+    return parts
+
+
+def _merged_name(role: ProjRole) -> str:
+    # As a PEFT target: attention leaves stand alone (`to_qkv`); the 2.1 SwiGLU's keep `img_mlp.` (`proj` alone
+    # would not say which module it is).
+    return role.group if role.parent == ATTENTION else f"{role.parent}.{role.group}"
+
+
+def merged_names_help(standard_modules: Iterable[str]) -> str:
+    """`to_qkv (= to_q + to_k + to_v), ...`: the merged projections of the model whose standard module paths are
+    `standard_modules`, each with its parts (MERGED_NAMES_HELP for the MMDiT)."""
+    groups = {_merged_name(role): role for role in _merge_parts(standard_modules).values()}
+    return ", ".join(
+        f"{name} (= {' + '.join(name.replace(role.group, part) for part in role.parts)})"
+        for name, role in groups.items()
+    )
+
+
+def _refuse_qkv_names(what: str, names: Iterable[str], remedy: str, help_text: str = MERGED_NAMES_HELP) -> None:
     raise ValueError(
-        f"{what} names separate q/k/v projections {sorted(names)}, but this transformer is merged (fusedit.fuse_qkv): "
-        f"its projections are {MERGED_NAMES_HELP}. {remedy}"
+        f"{what} names separate projections {sorted(names)}, but this transformer is merged (fusedit.fuse_qkv): "
+        f"its projections are {help_text}. {remedy}"
     )
 
 
 def translate_target_modules(targets, standard_modules: Iterable[str]):
-    """PEFT `target_modules` for the merged model: whole q/k/v groups become the merged name; partial ones refused.
+    """PEFT `target_modules` for the merged model: whole merge groups become the merged name; partial ones refused.
 
-    `targets` is PEFT's list/set of suffixes (or a regex string, or None). A list entry names a q/k/v part when its
-    last component is one (`to_q`, `attn.to_q`, `transformer_blocks.0.attn.to_q`); the three parts with the same
-    leading path become one `to_qkv` entry. A regex cannot be translated: one that fully matches any of
-    `standard_modules` (the standard module paths of the model) is refused. Raises ValueError naming the merged
-    modules.
+    `targets` is PEFT's list/set of suffixes (or a regex string, or None); `standard_modules` the standard module
+    paths of the model (`standard_module_names`), which say what its merge groups are. A list entry names a part
+    when its last component is one (`to_q`, `attn.to_q`, `transformer_blocks.0.attn.to_q`; on Qwen-Image-2.1 also
+    `gate_layer` / `img_mlp.proj`); the parts of one group with the same leading path become one entry of the
+    merged name (`to_qkv`, `img_mlp.gate_up_proj`). A regex cannot be translated: one that fully matches any of
+    `standard_modules` is refused. Raises ValueError naming the merged modules.
     """
-    remedy = "Target the merged projection (all three parts) or call fusedit.model.unfuse_qkv first."
+    remedy = "Target the merged projection (all its parts) or call fusedit.model.unfuse_qkv first."
     if targets is None:
         return None
+    standard_modules = list(standard_modules)
+    help_text = merged_names_help(standard_modules)
     if isinstance(targets, str):
         matched = [name for name in standard_modules if re.fullmatch(targets, name)]
         if matched:
             _refuse_qkv_names(
-                f"target_modules regex {targets!r}", {name.rpartition(".")[2] for name in matched}, remedy
+                f"target_modules regex {targets!r}", {name.rpartition(".")[2] for name in matched}, remedy, help_text
             )
         return targets
+    parts = _merge_parts(standard_modules)
     groups: dict[tuple[str, str], set[str]] = {}
     translated = []
     for target in targets:
         head, _, leaf = target.rpartition(".")
-        if leaf in PART_TO_MERGED:
-            merged = PART_TO_MERGED[leaf][0]
-            groups.setdefault((head, merged), set()).add(leaf)
-            name = f"{head}.{merged}" if head else merged
-            if name not in translated:
-                translated.append(name)
-        else:
+        role = parts.get(leaf)
+        if role is None:
             translated.append(target)
+            continue
+        groups.setdefault((head, role.group), set()).add(leaf)
+        name = f"{head}.{role.group}" if head else role.group
+        if name not in translated:
+            translated.append(name)
     partial = {
         f"{head}.{part}" if head else part
-        for (head, merged), parts in groups.items()
-        if len(parts) < len(QKV_GROUPS[merged])
-        for part in parts
+        for (head, group), found in groups.items()
+        if len(found) < len(parts[next(iter(found))].parts)
+        for part in found
     }
     if partial:
-        _refuse_qkv_names("target_modules", partial, remedy)
+        _refuse_qkv_names("target_modules", partial, remedy, help_text)
     return type(targets)(translated) if isinstance(targets, set) else translated
 
 
 def _check_patterns(config, standard_modules: list[str]) -> None:
-    # rank_pattern / alpha_pattern / exclude_modules naming a q/k/v part would silently not apply to to_qkv.
+    # rank_pattern / alpha_pattern / exclude_modules naming a part would silently not apply to the merged module.
+    parts, help_text = _merge_parts(standard_modules), merged_names_help(standard_modules)
     for field in ("rank_pattern", "alpha_pattern"):
-        named = [key for key in getattr(config, field, None) or {} if key.rpartition(".")[2] in PART_TO_MERGED]
+        named = [key for key in getattr(config, field, None) or {} if key.rpartition(".")[2] in parts]
         if named:
-            _refuse_qkv_names(f"LoraConfig.{field}", named, "Key the pattern by the merged name.")
+            _refuse_qkv_names(f"LoraConfig.{field}", named, "Key the pattern by the merged name.", help_text)
     excluded = getattr(config, "exclude_modules", None)
     if isinstance(excluded, str):
         hits = [name for name in standard_modules if re.fullmatch(excluded, name)]
     else:
-        hits = [name for name in excluded or () if name.rpartition(".")[2] in PART_TO_MERGED]
+        hits = [name for name in excluded or () if name.rpartition(".")[2] in parts]
     if hits:
-        _refuse_qkv_names("LoraConfig.exclude_modules", hits, "Exclude the merged projection instead.")
+        _refuse_qkv_names("LoraConfig.exclude_modules", hits, "Exclude the merged projection instead.", help_text)
 
 
 def standard_module_names(model: nn.Module) -> list[str]:
-    """The q/k/v module paths the standard model would have where this merged model has `to_qkv`/`add_qkv_proj`."""
+    """The module paths the standard model would have where this merged model has a merged projection
+    (`to_qkv` / `add_qkv_proj`; 2.1's `img_mlp.gate_up_proj`)."""
     names = []
     for name, _ in model.named_modules():
         role = proj_role(name)
@@ -231,9 +266,11 @@ def _load_lora_adapter(model: nn.Module, source, prefix: str | None = "transform
     standard = standard_qkv_lora_modules(state_dict)
     if not standard:
         return load(model, source, prefix=prefix, hotswap=hotswap, **kwargs)
-    what = "this LoRA"
+    what, help_text = "this LoRA", merged_names_help(standard_module_names(model))
     if kwargs.get("network_alphas"):
-        _refuse_qkv_names(what, standard, "It comes with network_alphas; load it with fusedit.inference.load_loras.")
+        _refuse_qkv_names(
+            what, standard, "It comes with network_alphas; load it with fusedit.inference.load_loras.", help_text
+        )
     try:
         weights = lora_from_state_dict(state_dict, adapter_config=metadata or None, what="LoRA")
         converted_state_dict, config = peft_adapter(convert_lora_layout(weights, TO_MERGED))
@@ -241,7 +278,8 @@ def _load_lora_adapter(model: nn.Module, source, prefix: str | None = "transform
     except ValueError as error:
         problem = str(error)
     if problem is not None:
-        _refuse_qkv_names(what, standard, f"It cannot be converted to the merged layout ({problem}); unfuse_qkv first.")
+        remedy = f"It cannot be converted to the merged layout ({problem}); unfuse_qkv first."
+        _refuse_qkv_names(what, standard, remedy, help_text)
     rest = {name: value for name, value in kwargs.items() if name not in (*_FETCH_KWARGS, "metadata")}
     return load(model, converted_state_dict, prefix=None, hotswap=hotswap, metadata=config, **rest)
 
@@ -282,15 +320,16 @@ def merged_tp_plan(class_plan: dict | None) -> dict | None:
 
 # ------------------------------------------------------------------------------------- PEFT's own injection
 class MergedPart(nn.Module):
-    """Stands under a q/k/v name (`to_q`, ...) of a merged attention module, which has no such layer of its own.
+    """Stands under a part's name (`to_q`, ...; 2.1's `img_mlp.gate_layer`) in a module whose merged projection
+    replaced it.
 
     PEFT's `inject_adapter_in_model` / `get_peft_model` match `target_modules` against module names without asking
     the model: a standard name given there would match nothing on a merged model and PEFT would adapt the other
     targets only (`["to_q", "to_k", "to_v", "to_out.0"]` -> `to_out.0` alone), or say merely "not found". With this
     module in place PEFT matches the name, cannot adapt it (no parameters: not a layer type any PEFT tuner knows)
     and raises `ValueError("Target module <this repr> is not supported ...")`; the repr says what to target. It is
-    registered first in its attention module, so PEFT meets it before that block's other projections. No
-    parameters or buffers: the state dict, the forward and every size are as without it.
+    registered first in its parent module, so PEFT meets it before that module's other projections. No parameters
+    or buffers: the state dict, the forward and every size are as without it.
     """
 
     def __init__(self, part: str, merged: str):
@@ -300,53 +339,75 @@ class MergedPart(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.part} is merged into {self.merged} (fusedit.fuse_qkv): target {self.merged}, or use "
-            "transformer.add_adapter (it translates whole q/k/v groups), or call fusedit.model.unfuse_qkv first"
+            "transformer.add_adapter (it translates whole merge groups), or call fusedit.model.unfuse_qkv first"
         )
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError(f"attn.{self.part} is no layer of a merged transformer: {self.extra_repr()}")
+        raise RuntimeError(f"{self.part} is no layer of a merged transformer: {self.extra_repr()}")
 
 
-def _add_merged_parts(attn: nn.Module) -> None:
-    # First in attn._modules: PEFT walks named_modules() in order and adapts as it goes.
-    others = [(name, module) for name, module in attn._modules.items() if name not in PART_TO_MERGED]
-    attn._modules.clear()
-    for part, (merged, _) in PART_TO_MERGED.items():
-        attn._modules[part] = MergedPart(part, merged)
-    attn._modules.update(others)
+def add_merged_parts(module: nn.Module, groups: dict[str, tuple[str, ...]]) -> None:
+    """Register a `MergedPart` in `module` under every part name of `groups` (merged name -> its parts, as
+    fusedit.model.module_map gives them), first in `module._modules`: PEFT walks named_modules() in order and
+    adapts as it goes. Idempotent."""
+    names = {part: merged for merged, parts in groups.items() for part in parts}
+    others = [(name, child) for name, child in module._modules.items() if name not in names]
+    module._modules.clear()
+    for part, merged in names.items():
+        module._modules[part] = MergedPart(part, merged)
+    module._modules.update(others)
+
+
+def remove_merged_parts(module: nn.Module) -> None:
+    """Take every `MergedPart` out of `module` (its direct children)."""
+    for name in [name for name, child in module._modules.items() if isinstance(child, MergedPart)]:
+        del module._modules[name]
 
 
 # --------------------------------------------------------------------------------------------------- install
-def install_merged_api(model: nn.Module, attention: list[nn.Module], merged_processor: type) -> None:
-    """Give the merged `model` the instance-level answers above (idempotent). `attention`: its attention modules;
-    `merged_processor`: the processor class they must keep (both from fusedit.model.merged_qkv, which calls this;
-    passed in so that this module does not import it back)."""
+def install_model_api(model: nn.Module) -> None:
+    """The model-level answers both families share: `save_pretrained`, `add_adapter`, `load_lora_adapter`."""
     model.save_pretrained = functools.partial(_save_pretrained, model)
     model.add_adapter = functools.partial(_add_adapter, model)
     model.load_lora_adapter = functools.partial(_load_lora_adapter, model)
+
+
+def uninstall_model_api(model: nn.Module) -> None:
+    """Remove every instance override of MODEL_OVERRIDES: the class's own methods and plan apply again."""
+    for name in MODEL_OVERRIDES:
+        model.__dict__.pop(name, None)
+
+
+def install_merged_api(model: nn.Module, attention: list[nn.Module], merged_processor: type) -> None:
+    """Give the merged MMDiT `model` the instance-level answers above (idempotent). `attention`: its attention
+    modules; `merged_processor`: the processor class they must keep (both from fusedit.model.merged_qkv, which calls
+    this; passed in so that this module does not import it back)."""
+    install_model_api(model)
     model._tp_plan = merged_tp_plan(type(model)._tp_plan)
     for attn in attention:
         setattr(attn, SET_PROCESSOR, functools.partial(_set_processor, attn, merged_processor))
-        _add_merged_parts(attn)
+        add_merged_parts(attn, QKV_GROUPS)
 
 
 def uninstall_merged_api(model: nn.Module, attention: list[nn.Module]) -> None:
     """Remove what `install_merged_api` set: the class's own methods and plan apply again."""
-    for name in MODEL_OVERRIDES:
-        model.__dict__.pop(name, None)
+    uninstall_model_api(model)
     for attn in attention:
         attn.__dict__.pop(SET_PROCESSOR, None)
-        for part in PART_TO_MERGED:
-            if isinstance(attn._modules.get(part), MergedPart):
-                del attn._modules[part]
+        remove_merged_parts(attn)
 
 
 __all__ = [
     "MergedPart",
+    "add_merged_parts",
     "install_merged_api",
+    "install_model_api",
+    "merged_names_help",
     "merged_tp_plan",
+    "remove_merged_parts",
     "standard_state_dict_hook",
     "translate_adapter_config",
     "translate_target_modules",
     "uninstall_merged_api",
+    "uninstall_model_api",
 ]

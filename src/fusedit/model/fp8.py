@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedit.model.module_map import ENTRY_EXIT_LAYERS
+from fusedit.model.module_map import ENTRY_EXIT_LAYERS, QWEN21_ENTRY_EXIT_LAYERS, QWEN21_TRANSFORMER_CLASS
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -139,17 +139,37 @@ def swap_frozen_linears(
     return module
 
 
+def high_precision_layers(module: nn.Module) -> tuple[str, ...]:
+    """The top-level layers of `module` that fp8 keeps in the compute dtype: everything outside the blocks.
+
+    The MMDiT rule (module_map.ENTRY_EXIT_LAYERS: `img_in`, `txt_in`, `time_text_embed`, `norm_out`, `proj_out`) is
+    the one musubi-tuner applies to Qwen-Image: only Linears inside `transformer_blocks` are quantized
+    (`FP8_OPTIMIZATION_TARGET_KEYS` in src/musubi_tuner/qwen_image/qwen_image_model.py). The entry and exit layers
+    hold a negligible share of the weights; an entry layer's error reaches every block, an exit layer's the output.
+
+    Qwen-Image-2.1 (module_map.QWEN21_ENTRY_EXIT_LAYERS) also keeps its one shared `modulation` Linear (dim -> 4 dim,
+    about 1% of the weights in diffusers' default 2.1 config). The MMDiT's per-block `img_mod` / `txt_mod` Linears
+    are quantized with their block (musubi-tuner does too) and each one's error stays in its block; 2.1 computes
+    every block's scales and gates from this one matrix (`hidden * (1 + scale)`, `gate.tanh() * branch`), so its
+    error would enter every block, twice. 2.1's blocks hold only attention and SwiGLU Linears, quantized as the
+    MMDiT's are. Any module that is not a 2.1 transformer (a block, a test model) gets the MMDiT's list.
+    """
+    is_qwen21 = any(cls.__name__ == QWEN21_TRANSFORMER_CLASS for cls in type(module).__mro__)
+    return QWEN21_ENTRY_EXIT_LAYERS if is_qwen21 else ENTRY_EXIT_LAYERS
+
+
 def apply_fp8_storage(
     module: nn.Module,
     granularity: str = "row",
     compute_dtype: torch.dtype = torch.bfloat16,
-    skip: tuple[str, ...] = ENTRY_EXIT_LAYERS,
+    skip: tuple[str, ...] | None = None,
 ) -> nn.Module:
     """Replace the plain Linears inside the transformer blocks with fp8-storage ones, in place.
 
-    The small entry/exit layers (`skip`) stay in full precision: they hold a negligible share of the weights
-    and the largest share of the quantization error.
+    `skip` (module-path prefixes) stays in full precision; None: `high_precision_layers(module)`, the layers outside
+    the blocks of either family.
     """
+    skip = high_precision_layers(module) if skip is None else skip
     return swap_frozen_linears(
         module, lambda linear: Fp8StorageLinear(linear, granularity, compute_dtype), skip, "fp8 storage"
     )
@@ -245,10 +265,11 @@ class Float8ComputeLinear(FrozenFp8Linear):
 def apply_float8_compute(
     module: nn.Module,
     compute_dtype: torch.dtype = torch.bfloat16,
-    skip: tuple[str, ...] = ENTRY_EXIT_LAYERS,
+    skip: tuple[str, ...] | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Replace the frozen Linears inside the transformer blocks with `Float8ComputeLinear`, in place.
+    """Replace the frozen Linears inside the transformer blocks with `Float8ComputeLinear`, in place (`skip`: as
+    for `apply_fp8_storage`).
 
     A build stage in the `fp8` slot (before LoRA): it also stores the weights in fp8, so it replaces fp8 storage
     rather than stacking on it (an Fp8StorageLinear is accepted and re-scaled per tensor). Refused off sm89+
@@ -260,6 +281,7 @@ def apply_float8_compute(
     supported, reason = float8_compute_support(device)
     if not supported:
         raise RuntimeError(f"apply_float8_compute: {reason}. Use fp8 storage (apply_fp8_storage) instead.")
+    skip = high_precision_layers(module) if skip is None else skip
     return swap_frozen_linears(
         module,
         lambda linear: Float8ComputeLinear(linear, compute_dtype),

@@ -10,15 +10,18 @@ every block in place:
   vLLM / transformers use for a fused SwiGLU), in `MergedSwiGLUFeedForward`, which keeps diffusers' `img_mlp.out`
   Linear and its activation.
 
-`unfuse_projections` slices the merged weights back into diffusers' Linears, bit for bit. While merged, two of the
-model's diffusers entry points answer for the standard names (fusedit.model.diffusers_api, as for the MMDiT):
-`save_pretrained` writes diffusers' standard layout (split exactly), so stock
-`QwenImage21Transformer2DModel.from_pretrained` and `QwenImage21Pipeline` read what it saves; `load_lora_adapter`
-(what `pipe.load_lora_weights` calls) converts a standard-layout LoRA exactly to the merged layout first, every
-module's strength kept. Each attention module's `set_processor` (what `set_attn_processor` calls) takes diffusers'
-2.1 processors and installs their merged counterparts (`set_attn_processor(QwenImage21FlexAttnProcessor())` as
-diffusers' docs show for a compiled model); other processors are refused. Not installed for 2.1: the add_adapter
-name translation (use fusedit.lora.targets for names).
+`unfuse_projections` slices the merged weights back into diffusers' Linears, bit for bit. While merged, the
+model's diffusers and PEFT entry points answer for the standard names (fusedit.model.diffusers_api, the same code
+as for the MMDiT): `save_pretrained` writes diffusers' standard layout (split exactly), so stock
+`QwenImage21Transformer2DModel.from_pretrained` and `QwenImage21Pipeline` read what it saves; `add_adapter`
+translates whole groups of standard target names (`to_q`, `to_k`, `to_v` -> `to_qkv`; `gate_layer`, `proj` ->
+`img_mlp.gate_up_proj`) and refuses partial ones; `load_lora_adapter` (what `pipe.load_lora_weights` calls)
+converts a standard-layout LoRA exactly to the merged layout first, every module's strength kept; PEFT's own
+`inject_adapter_in_model` / `get_peft_model` given a standard name meet a parameterless `MergedPart` there and
+raise, naming the merged module. Each attention module's `set_processor` (what `set_attn_processor` calls) takes
+diffusers' 2.1 processors and installs their merged counterparts (`set_attn_processor(QwenImage21FlexAttnProcessor())`
+as diffusers' docs show for a compiled model); other processors are refused. Not installed for 2.1: a
+tensor-parallel plan for the merged projections.
 
 No fork: the merged processors subclass diffusers' two 2.1 processors (the exact per-segment SDPA prefill and the
 flex block-causal one) and call diffusers' own `__call__`, handing it an attention view whose `to_q/to_k/to_v`
@@ -40,7 +43,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 )
 from torch import nn
 
-from fusedit.model.diffusers_api import _load_lora_adapter, _save_pretrained
+from fusedit.model.diffusers_api import add_merged_parts, install_model_api, remove_merged_parts, uninstall_model_api
 from fusedit.model.linear_merge import (
     carry_casting_hook,
     checked_casting_hook,
@@ -189,9 +192,10 @@ def fuse_projections(transformer: nn.Module) -> nn.Module:
         attn.set_processor = functools.partial(_set_merged_processor, attn, index)
         gate_up = carry_casting_hook(mlp_hook, merge_linears([getattr(mlp, name) for name in MLP_PARTS]))
         block.img_mlp = MergedSwiGLUFeedForward(gate_up, mlp.out, mlp.activation_fn)
+        add_merged_parts(attn, QWEN21_ATTENTION_GROUP)
+        add_merged_parts(block.img_mlp, QWEN21_MLP_GROUP)
     invalidate_hook_caches(transformer)
-    transformer.save_pretrained = functools.partial(_save_pretrained, transformer)
-    transformer.load_lora_adapter = functools.partial(_load_lora_adapter, transformer)
+    install_model_api(transformer)
     return transformer
 
 
@@ -211,6 +215,7 @@ def unfuse_projections(transformer: nn.Module) -> nn.Module:
         todo.append((block, attn_hook, mlp_hook, processor))
     for block, attn_hook, mlp_hook, processor in todo:
         attn, merged_mlp = block.attn, block.img_mlp
+        remove_merged_parts(attn)
         for name, linear in zip(ATTN_PARTS, split_linear(getattr(attn, ATTN_MERGED), len(ATTN_PARTS)), strict=True):
             setattr(attn, name, carry_casting_hook(attn_hook, linear))
         delattr(attn, ATTN_MERGED)
@@ -230,8 +235,7 @@ def unfuse_projections(transformer: nn.Module) -> nn.Module:
         mlp.activation_fn = merged_mlp.activation_fn
         block.img_mlp = mlp
     invalidate_hook_caches(transformer)
-    for name in ("save_pretrained", "load_lora_adapter"):
-        transformer.__dict__.pop(name, None)  # the class's own again
+    uninstall_model_api(transformer)  # the class's own save_pretrained, add_adapter, load_lora_adapter again
     return transformer
 
 

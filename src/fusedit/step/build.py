@@ -100,12 +100,13 @@ def lora(model: nn.Module, **lora_kwargs) -> nn.Module:
     (fusedit.lora.adapter.lora_inputs_follow_autocast)."""
     _enter_stage(model, "lora")
     lora_kwargs["dtype"] = to_dtype(lora_kwargs.get("dtype", torch.float32))
-    if lora_kwargs.get("init_from") is not None:  # a path: read (and checked) in the model's layout
-        from fusedit.lora.adapter import model_layout
+    if lora_kwargs.get("init_from") is not None:  # a path: read (and checked) in the model's layout and names
+        from fusedit.lora.adapter import model_layout, target_family
         from fusedit.lora.init_from import read_init_lora
 
+        targets = lora_kwargs.get("targets", "attn_mlp")
         lora_kwargs["init_from"] = read_init_lora(
-            lora_kwargs["init_from"], lora_kwargs["rank"], lora_kwargs.get("targets", "attn_mlp"), model_layout(model)
+            lora_kwargs["init_from"], lora_kwargs["rank"], targets, model_layout(model), target_family(model)
         )
     model = add_lora(model, **lora_kwargs)
     lora_inputs_follow_autocast(model)

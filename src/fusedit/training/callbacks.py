@@ -175,8 +175,9 @@ class ValidationImages(Callback):
     The samples are the user's own `samples` (each `{edit_image: path or [paths], prompt: str, image: optional
     target path}`, checked before the model loads by `fusedit.training.validate_config`), else the first
     `num_samples` held-out (else training) samples. Generation is diffusers' own QwenImageEdit(Plus)Pipeline (or
-    QwenImagePipeline, from the prompt alone, for a text-to-image model) with the training transformer plugged in
-    (few steps, no CFG), so what is logged is what a user of the LoRA gets.
+    QwenImagePipeline, from the prompt alone, for a text-to-image model; QwenImage21ModularPipeline for
+    Qwen-Image-2.1, `generate_qwen21`) with the training transformer plugged in (few steps, no CFG), so what is
+    logged is what a user of the LoRA gets.
     Training from the cache, the conditioner generates from the cached encodings with the VAE decoder alone
     (fusedit.cache.validation).
 
@@ -249,6 +250,8 @@ class ValidationImages(Callback):
         if hasattr(conditioner, "validation_rows"):  # training from the cache: no text encoder (fusedit.cache)
             rows = conditioner.validation_rows(pl_module, self._samples(trainer), self.num_inference_steps, self.seed)
             return [ValidationRow(list(row[:-3]), row[-3], row[-2], row[-1]) for row in rows]
+        if isinstance(conditioner, Qwen21Conditioner):
+            return self.generate_qwen21(trainer, pl_module)
         source = conditioner.pipeline
         components = {"processor": source.processor} if not conditioner.text_to_image else {}
         pipeline = type(source)(
@@ -287,16 +290,50 @@ class ValidationImages(Callback):
             pl_module.transformer.train(was_training)
         return rows
 
+    @torch.no_grad()
+    def generate_qwen21(self, trainer: Trainer, pl_module: LightningModule) -> list[ValidationRow]:
+        """Qwen-Image-2.1: diffusers' `QwenImage21ModularPipeline` around the trained transformer and the
+        conditioner's VAE and Qwen3-VL (`fusedit.inference.qwen21.sample`, what `infer.py` runs). The output takes
+        the target's size; the references are resized by the pipeline to the target's area (`output_resolution`),
+        or without a target to the first reference's area, so that a dataset row is sampled at its training size."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.image_processor import VaeImageProcessor
+
+        from fusedit.inference.qwen21 import disable_progress_bars, pipeline_from_components, sample
+
+        conditioner = pl_module.conditioner
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(conditioner.scheduler_config)
+        pipe = pipeline_from_components(
+            pl_module.transformer, conditioner.vae, conditioner.text_encoder, conditioner.processor, scheduler
+        )
+        disable_progress_bars(pipe)
+        samples = self.user_rows() if self.user_samples else self.dataset_rows(trainer, VaeImageProcessor().postprocess)
+        rows = []
+        was_training = pl_module.transformer.training
+        pl_module.transformer.eval()
+        try:
+            for edits, target, prompt in samples:
+                sized = target if target is not None else (edits[0] if edits else None)
+                size = {"height": target.height, "width": target.width} if target is not None else {}
+                with torch.autocast(pl_module.device.type, enabled=False):
+                    edited = sample(
+                        pipe,
+                        prompt,
+                        edits,
+                        num_inference_steps=self.num_inference_steps,
+                        seed=self.seed,
+                        guidance_scale=self.true_cfg_scale,
+                        output_resolution=round((sized.width * sized.height) ** 0.5) if sized else None,
+                        **size,
+                    )
+                rows.append(ValidationRow(edits, edited.convert("RGB"), target, prompt))
+        finally:
+            pl_module.transformer.train(was_training)
+        return rows
+
     @rank_zero_only
     def log_images(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
-        if isinstance(pl_module.conditioner, Qwen21Conditioner):
-            # Qwen-Image-2.1 (fusedit.step.conditioning_qwen21): its sampling runs through diffusers' modular
-            # pipeline, which this callback does not drive yet; training goes on without the images.
-            if not getattr(self, "_warned_no_pipeline", False):
-                log.warning("validation images: not yet for %s; skipped", type(pl_module.conditioner).__name__)
-                self._warned_no_pipeline = True
-            return
         with user_weights(pl_module):  # the EMA when averaging is on, a schedule-free optimizer's x
             rows = self.generate(trainer, pl_module)
         if rows:

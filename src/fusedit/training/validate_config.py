@@ -16,7 +16,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fusedit.errors import UserInputError
-from fusedit.families import EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21, TEXT_TO_IMAGE
+from fusedit.families import (
+    EDIT,
+    EDIT_2509,
+    EDIT_2511,
+    QWEN_IMAGE_21,
+    TEXT_TO_IMAGE,
+    is_edit_family,
+    needs_edit_image,
+)
 from fusedit.regular_files import not_regular_reason
 from fusedit.step.config import typed_configs
 
@@ -32,6 +40,9 @@ def _number(cfg: DictConfig, key: str):
 
 # The families training runs (fusedit.families).
 TRAINED_FAMILIES = (TEXT_TO_IMAGE, EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE_21)
+# The model's family could not be told (no file checks, or an unreadable folder): either family's LoRA target names
+# pass.
+_UNKNOWN = "unknown"
 
 
 def _check_model(path: str, problems: list[str]) -> None:
@@ -98,13 +109,14 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
             problems.append(f"{where}.prompt must be a non-empty text")
         edit = sample.get("edit_image")
         paths = [edit] if isinstance(edit, str) else list(edit) if OmegaConf.is_list(edit) else None
-        if family == TEXT_TO_IMAGE and edit is not None:
+        if family is not None and not is_edit_family(family) and edit is not None:
             problems.append(
                 f"{where}.edit_image: model.path is Qwen-Image (text-to-image), which takes no input image; "
                 "give {prompt: ..., image: optional target}"
             )
             continue
-        needs_edit = family not in (TEXT_TO_IMAGE, None)
+        # Qwen-Image-2.1 takes a sample with or without references (edit_image).
+        needs_edit = family is not None and needs_edit_image(family)
         if (edit is None and needs_edit) or (edit is not None and not paths):
             problems.append(f"{where}.edit_image must be an image path or a list of them, got {edit!r}")
             continue
@@ -163,13 +175,13 @@ def _adapter_type_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _lokr_split_problems(cfg: DictConfig) -> list[str]:
+def _lokr_split_problems(cfg: DictConfig, family: str | None) -> list[str]:
     """lora.type=lokr on the merged to_qkv / add_qkv_proj: refused from the transformer's config.json, before the
     model loads, when the update would not split exactly into q/k/v (fusedit.lora.lycoris). Imports PEFT (and
     torch), so it runs last and for LoKr only; Qwen-Image-2.1 is checked when the adapter is added."""
     if OmegaConf.select(cfg, "lora.type") != "lokr" or OmegaConf.select(cfg, "model.layout") != "merged_qkv":
         return []
-    if _model_family(cfg) == QWEN_IMAGE_21:
+    if family == QWEN_IMAGE_21:
         return []
     path = OmegaConf.select(cfg, "model.path")
     try:
@@ -192,7 +204,8 @@ def _lokr_split_problems(cfg: DictConfig) -> list[str]:
     return []
 
 
-def _lora_problems(cfg: DictConfig) -> list[str]:
+def _lora_problems(cfg: DictConfig, family: str) -> list[str]:
+    """lora.*: `family` (fusedit.families, or _UNKNOWN) says which transformer's target names apply."""
     problems = []
     rank = OmegaConf.select(cfg, "lora.rank")
     rank_bad = not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
@@ -221,14 +234,28 @@ def _lora_problems(cfg: DictConfig) -> list[str]:
     except ValueError as error:
         problems.append(str(error))
     problems += _adapter_type_problems(cfg)
-    try:
-        from fusedit.lora.targets import resolve_targets
-
-        targets = OmegaConf.select(cfg, "lora.targets")
-        resolve_targets(OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets, cfg.model.layout)
-    except ValueError as error:
-        problems.append(f"lora.targets: {error}")
+    problem = _targets_problem(cfg, family)
+    if problem:
+        problems.append(problem)
     return problems
+
+
+def _targets_problem(cfg: DictConfig, family: str) -> str | None:
+    """`lora.targets` checked against the names of `family`'s transformer (fusedit.lora.targets.resolve_targets:
+    Qwen-Image-2.1's own Linears, or the MMDiT's), so a 2.1 name on the MMDiT, an MMDiT name on 2.1 or a misspelt
+    one is refused before anything loads."""
+    from fusedit.lora.targets import resolve_targets
+
+    targets = OmegaConf.select(cfg, "lora.targets")
+    targets = OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets
+    errors = []
+    for candidate in (TEXT_TO_IMAGE, QWEN_IMAGE_21) if family == _UNKNOWN else (family,):
+        try:
+            resolve_targets(targets, cfg.model.layout, candidate)
+            return None
+        except ValueError as error:
+            errors.append(error)
+    return f"lora.targets: {errors[0]}"
 
 
 def _optimizer_problems(cfg: DictConfig) -> list[str]:
@@ -325,7 +352,7 @@ def _data_source_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
+def _path_problems(cfg: DictConfig, earlier: list[str], family: str | None = None) -> list[str]:
     """model.path, data.metadata, ckpt_path and lora.init_from (not read when `earlier` problems name lora.*)."""
     problems: list[str] = []
     model_path = OmegaConf.select(cfg, "model.path")
@@ -352,6 +379,7 @@ def _path_problems(cfg: DictConfig, earlier: list[str]) -> list[str]:
                 rank,
                 OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets,
                 cfg.model.layout,
+                family,
             )
         except ValueError as error:
             problems.append(str(error) if str(error).startswith("lora.init_from") else f"lora.init_from: {error}")
@@ -405,7 +433,9 @@ def _logger_problems(cfg: DictConfig) -> list[str]:
 def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     """Raise ConfigError listing every problem of `cfg`. `check_paths`: also look at this machine's files and devices
     (model.path, data.metadata, ckpt_path, lora.init_from; a CUDA GPU for a GPU trainer profile)."""
-    problems = _lora_problems(cfg)
+    # The family from model.path's JSON files (no weights): which transformer's LoRA target names apply.
+    family = _model_family(cfg) if check_paths or OmegaConf.select(cfg, "model.path") is None else _UNKNOWN
+    problems = _lora_problems(cfg, family or _UNKNOWN)
     try:  # the one-field checks of the typed configs (fusedit.step.config), before anything is built
         typed_configs(cfg)
     except (ValueError, TypeError) as error:
@@ -414,7 +444,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
     problems += _data_source_problems(cfg)
     problems += _logger_problems(cfg)
     if check_paths:
-        problems += _path_problems(cfg, problems)
+        problems += _path_problems(cfg, problems, family)
     _check_validation_samples(cfg, check_paths, problems)
     if OmegaConf.select(cfg, "objective.mask_from_edit") and check_paths and _model_family(cfg) == TEXT_TO_IMAGE:
         problems.append(
@@ -427,7 +457,7 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
             "encoder is not streamed. Set cache.offload=false"
         )
     if check_paths and not problems:
-        problems += _lokr_split_problems(cfg)
+        problems += _lokr_split_problems(cfg, family)
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
