@@ -22,7 +22,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fusedit.convert import TO_STANDARD, LoraModule, LoraWeights, convert_lora_layout, write_lora
+from fusedit.convert import LoraModule, LoraWeights, write_lora
 from fusedit.convert.layout import LAYOUTS
 from fusedit.lora.choices import LYCORIS_TYPES, changes_base, check_init, check_type, lycoris_problems
 from fusedit.lora.targets import QWEN21_FAMILY, resolve_targets
@@ -197,6 +197,8 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
     update to the original W is s * (B @ A - B0 @ A0) = s * [B | -B0] @ [A ; A0]: a LoRA of rank 2r with the same
     scale (PEFT's own PiSSA-to-LoRA conversion, `path_initial_model_for_weight_conversion`). Applied to the stock
     model it gives exactly the trained model's weights.
+
+    A DoRA adapter (`lora.type=dora`) gives each module its magnitude vector m [out_features] too.
     """
     initial = getattr(transformer, "_fusedit_initial_factors", None) or {}
     modules: dict[str, LoraModule] = {}
@@ -208,28 +210,23 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
             if name in initial:
                 A0, B0 = initial[name]
                 A, B = torch.cat([A, A0.to(A)]), torch.cat([B, -B0.to(B)], dim=1)
-            modules[name] = LoraModule(A, B, scale * A.shape[0])
+            magnitude = (
+                module.lora_magnitude_vector["default"].weight.detach() if module.use_dora.get("default") else None
+            )
+            modules[name] = LoraModule(A, B, scale * A.shape[0], magnitude)
     if not modules:
         raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
     return LoraWeights(modules, format="diffusers", metadata={key: str(value) for key, value in metadata.items()})
-
-
-def dora_magnitudes(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """Module -> DoRA magnitude vector m [out_features] (empty without DoRA)."""
-    return {
-        name: module.lora_magnitude_vector["default"].weight.detach()
-        for name, module in transformer.named_modules()
-        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_magnitude_vector", {})
-    }
 
 
 def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "standard", **metadata: str) -> Path:
     """Write the adapter to `path` (atomically) as a diffusers LoRA in `layout`; `metadata` is stored with it.
 
     Conversion between the layouts is fusedit.convert's (exact: a merged to_qkv LoRA becomes q/k/v LoRAs sharing
-    A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata). A DoRA adapter adds
-    each module's magnitude vector (`export_dora`). A LoKr / LoHa adapter is written with ComfyUI's keys, standard
-    layout only (fusedit.lora.lycoris.export_lycoris).
+    A with B split by rows, and a DoRA magnitude split by rows), and so is the file format (diffusers keys +
+    LoraConfig metadata; DoRA adds `transformer.<module>.lora_magnitude_vector` and `use_dora`, which diffusers'
+    `load_lora_weights` rebuilds). A LoKr / LoHa adapter is written with ComfyUI's keys, standard layout only
+    (fusedit.lora.lycoris.export_lycoris).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
@@ -239,50 +236,7 @@ def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "
         if layout != "standard":
             raise ValueError("a LoKr / LoHa adapter is exported in the standard layout only (ComfyUI's keys)")
         return export_lycoris(transformer, path, **metadata)
-    magnitudes = dora_magnitudes(transformer)
-    if magnitudes:
-        return export_dora(lora_weights(transformer, **metadata), magnitudes, path, layout)
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)
-
-
-def export_dora(weights: LoraWeights, magnitudes: dict[str, torch.Tensor], path, layout: str = "standard") -> Path:
-    """A DoRA adapter as diffusers writes one: the LoRA's keys plus `transformer.<module>.lora_magnitude_vector`
-    and `use_dora: true` in its LoraConfig metadata, which diffusers' `load_lora_weights` rebuilds.
-
-    DoRA's weight is m * (W + s B A) / ||W + s B A||, the norm taken per output row. The rows of the merged to_qkv
-    are the rows of q, k and v, so on the merged layout m splits into q/k/v magnitudes by rows exactly as B does:
-    the standard-layout file is exact. Only the standard layout is written: fusedit's own LoRA reader (inference,
-    conversion) does not read DoRA, and stock diffusers needs the standard layout.
-    """
-    import json
-
-    from fusedit.convert.lora_formats import DIFFUSERS_METADATA_KEY, lora_to_state_dict
-    from fusedit.io import save_safetensors_atomic
-    from fusedit.model.module_map import QKV_GROUPS, QWEN21_MLP_GROUP
-
-    if layout != "standard":
-        raise ValueError("a DoRA adapter is exported in the standard layout only (callbacks.lora_export.layout)")
-    if weights.layout != "standard":
-        weights = convert_lora_layout(weights, TO_STANDARD)
-    groups = {**QKV_GROUPS, **QWEN21_MLP_GROUP}  # merged leaf -> its parts, in row order
-    split: dict[str, torch.Tensor] = {}
-    for module, magnitude in magnitudes.items():
-        prefix, _, leaf = module.rpartition(".")
-        if leaf in groups:  # rows of the stacked parts, in concatenation order, as many as each part's B has
-            parts = [f"{prefix}.{part}" for part in groups[leaf]]
-            sizes = [weights.modules[part].B.shape[0] for part in parts]
-            for part, rows in zip(parts, magnitude.split(sizes), strict=True):
-                split[part] = rows.clone()
-        else:
-            split[module] = magnitude
-    tensors, metadata = lora_to_state_dict(weights, "diffusers")
-    for module, magnitude in split.items():
-        tensors[f"transformer.{module}.lora_magnitude_vector"] = magnitude.contiguous()
-    config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-    config["transformer.use_dora"] = True  # diffusers keys its LoraConfig fields by component
-    metadata[DIFFUSERS_METADATA_KEY] = json.dumps(config)
-    save_safetensors_atomic(tensors, path, metadata)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -167,11 +167,6 @@ def _adapter_type_problems(cfg: DictConfig) -> list[str]:
         )
     if OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
         problems.append("lora.type=dora reads the frozen weight for its row norms: use precision=bf16 or fp32, not fp8")
-    if export is not None and (export.get("layout", "standard") != "standard" or export.get("merged_copy")):
-        problems.append(
-            "lora.type=dora is exported in the standard layout only: callbacks.lora_export.layout=standard "
-            "and merged_copy=false"
-        )
     return problems
 
 
