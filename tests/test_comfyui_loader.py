@@ -23,7 +23,7 @@ import torch
 
 from fusedit.convert import read_lora, write_lora
 from fusedit.convert.lora_formats import FORMATS
-from fusedit.lora import export_lora
+from fusedit.lora import add_lora, export_lora
 from tests.convert_utils import tiny_transformer
 from tests.lora_clients import per_module_lora, trained_adapter
 
@@ -155,3 +155,89 @@ def test_the_check_sees_a_wrong_strength_and_a_partial_load(comfyui, caplog):
     merged_copy = export_lora(merged, comfyui[2] / "merged-layout.safetensors", layout="merged_qkv")
     with pytest.raises(AssertionError, match="did not load part"):
         comfyui_patched_deltas(comfyui, merged_copy, caplog)
+
+
+def test_dora_is_refused_for_comfyui_whose_dora_scale_is_not_doras_norm(comfyui, caplog):
+    """A DoRA LoRA (lora.type=dora) is not written as comfyui/kohya, and this is why, measured on ComfyUI itself:
+    fusedit's DoRA file (diffusers keys) leaves its `lora_magnitude_vector` keys unloaded, and the same adapter in
+    ComfyUI's own key (`dora_scale` [out, 1] beside the factors) is patched to m / ||W|| * (W + s B A), the *base*
+    weight's row norm, where DoRA's weight (PEFT, diffusers, fusedit) is m / ||W + s B A|| * (W + s B A). Should
+    ComfyUI ever divide by the adapted weight's norm, the last check fails and the comfyui format can hold DoRA."""
+    from safetensors.torch import save_file
+
+    from fusedit.errors import UserInputError
+
+    model = tiny_transformer(seed=3)
+    add_lora(model, rank=4, alpha=8.0, targets="attn", type="dora")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # factors and magnitudes away from their start, as training moves them
+        for name, parameter in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.5 * torch.rand(parameter.shape, generator=generator))
+    loras = comfyui[2]
+    exported = export_lora(model, loras / "dora.safetensors")
+    with pytest.raises(UserInputError, match="a DoRA LoRA cannot be written as comfyui: ComfyUI's dora_scale"):
+        write_lora(read_lora(exported), loras / "dora-comfyui.safetensors", "comfyui")
+    with pytest.raises(AssertionError, match="did not load part"):
+        comfyui_patched_deltas(comfyui, exported, caplog)
+
+    lora = read_lora(exported)
+    tensors = {}
+    for module, mod in lora.modules.items():
+        tensors[f"diffusion_model.{module}.lora_A.weight"] = mod.A.contiguous()
+        tensors[f"diffusion_model.{module}.lora_B.weight"] = mod.B.contiguous()
+        tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(mod.alpha)
+        tensors[f"diffusion_model.{module}.dora_scale"] = mod.magnitude.reshape(-1, 1).contiguous()
+    by_hand = loras / "dora-scale-by-hand.safetensors"
+    save_file(tensors, str(by_hand))
+    deltas = comfyui_patched_deltas(comfyui, by_hand, caplog)
+    base = {key: value.double() for key, value in comfyui[1].model.diffusion_model.state_dict().items()}
+    worst_dora = 0.0
+    for module, mod in lora.modules.items():
+        W = base[f"{module}.weight"]
+        adapted = W + mod.delta().double()
+        magnitude = mod.magnitude.double().reshape(-1, 1)
+        comfy_rule = magnitude / W.norm(dim=1, keepdim=True) * adapted
+        dora = magnitude / adapted.norm(dim=1, keepdim=True) * adapted
+        patched = W + deltas[f"{module}.weight"]
+        torch.testing.assert_close(patched, comfy_rule, rtol=1e-5, atol=1e-6)
+        worst_dora = max(worst_dora, ((patched - dora).abs().max() / dora.abs().max()).item())
+    print(f"ComfyUI dora_scale vs DoRA: max relative difference {worst_dora:.3g}")
+    assert worst_dora > 1e-2
+
+
+# to_qkv of the loader's tiny model is [96, 32]: decompose_factor 6 gives LoKr's w1 6 rows (a multiple of 3); rank 8
+# keeps some factors full (ComfyUI applies those unscaled: fusedit folds the scale into w1 there)
+LYCORIS_CASES = {
+    "lokr-merged": (True, dict(type="lokr", rank=2, alpha=3.0, decompose_factor=6)),
+    "lokr-merged-full": (True, dict(type="lokr", rank=8, alpha=3.0, decompose_factor=6)),
+    "loha-merged": (True, dict(type="loha", rank=2, alpha=3.0)),
+    "lokr-standard": (False, dict(type="lokr", rank=2, alpha=3.0)),
+    "loha-standard": (False, dict(type="loha", rank=2, alpha=3.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(LYCORIS_CASES))
+def test_lokr_and_loha_exports_load_at_the_trained_strength_in_comfyui(comfyui, caplog, case):
+    """lora.type=lokr|loha: ComfyUI's LoKr / LoHa adapters patch each q/k/v weight with the row block of the trained
+    merged update (PEFT's get_delta_weight), at the trained scale times the node's strength."""
+    from fusedit.lora.adapter import lora_parameters
+    from fusedit.model.merged_qkv import fuse_qkv
+    from tests.test_lora_lycoris import trained_deltas
+
+    merged, spec = LYCORIS_CASES[case]
+    model = tiny_transformer(seed=3)
+    if merged:
+        fuse_qkv(model)
+    add_lora(model, targets="attn_mlp", **spec)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every factor away from its start, as training moves them
+        for _, parameter in sorted(lora_parameters(model).items()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    expected = trained_deltas(model)
+    path = export_lora(model, comfyui[2] / f"{case}.safetensors")
+    for strength in (1.0, 0.5):
+        deltas = comfyui_patched_deltas(comfyui, path, caplog, strength)
+        assert_patched_as_trained(deltas, expected, strength, f"{case} at strength {strength}")

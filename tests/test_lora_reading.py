@@ -88,7 +88,10 @@ def test_the_old_self_contradicting_message_is_gone(tmp_path):
     [
         ({"diffusion_model.transformer_blocks.0.attn.to_q.diff": torch.zeros(D, D)}, r"full-weight delta"),
         ({"diffusion_model.transformer_blocks.0.attn.to_q.diff_b": torch.zeros(D)}, r"bias delta"),
-        ({"diffusion_model.transformer_blocks.0.attn.to_q.dora_scale": torch.zeros(1, D)}, r"DoRA magnitude"),
+        (
+            {"diffusion_model.transformer_blocks.0.attn.to_q.dora_scale": torch.zeros(1, D)},
+            r"ComfyUI/LyCORIS DoRA scale",
+        ),
         ({"diffusion_model.transformer_blocks.0.attn.to_q.hada_w1_a": torch.zeros(2, D)}, r"LyCORIS"),
     ],
     ids=["diff", "diff_b", "dora", "loha"],

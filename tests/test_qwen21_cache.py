@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fusedit.cache import CachedConditioner, CachedEditDataModule
+from fusedit.cache import CachedConditioner, CachedEditDataModule, LatentCache, encoder_fingerprint
 from fusedit.data import EditDataModule
 from fusedit.step.build import build_transformer
 from fusedit.step.conditioning_qwen21 import Qwen21Conditioner
@@ -89,10 +89,13 @@ def test_the_qwen21_cache_re_encodes_a_changed_row_or_encoder(tmp_path, tiny_qwe
     Image.new("RGB", (32, 32), (10, 200, 30)).save(data.parent / "e3.png")  # same name, new content
     second = cached(data, tmp_path / "cache", model)
     assert (second.stats["encoded"], second.stats["cached"]) == (1, 2) and second.cache.dir == first.cache.dir
-    config = model / "processor" / "processor_config.json"  # the Qwen3-VL processor: another prompt encoding
+    # Another Qwen3-VL processor config (another prompt encoding) or size: another fingerprint, another directory.
+    before = LatentCache(tmp_path / "cache", encoder_fingerprint(model, "float32", 1024 * 1024, None)).dir
+    assert before == first.cache.dir
+    assert LatentCache(tmp_path / "cache", encoder_fingerprint(model, "float32", 512 * 512, None)).dir != before
+    config = model / "processor" / "processor_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "fusedit_test": 1}))
-    third = cached(data, tmp_path / "cache", model)
-    assert third.stats["encoded"] == 3 and third.cache.dir != first.cache.dir
+    assert LatentCache(tmp_path / "cache", encoder_fingerprint(model, "float32", 1024 * 1024, None)).dir != before
 
 
 def test_config_checks_take_the_qwen21_cache_and_refuse_its_offload(tmp_path, tiny_qwen21_path, data):

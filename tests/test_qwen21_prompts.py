@@ -75,3 +75,29 @@ def test_qwen21_long_prompt_truncate_fits_it_with_a_warning(tmp_path, tiny_qwen2
     length = Qwen21PromptCounter(tiny_qwen21_path).count(sample.prompt, [(64, 64)])
     assert 8187 - 2 <= length <= 8187 and set(sample.prompt) <= {"y", " "}
     assert "row 2: prompt of" in caplog.text and "truncated to" in caplog.text
+
+
+def test_qwen21_prompts_are_judged_for_rows_to_encode_and_rows_already_cached(tmp_path, tiny_qwen21_path, capsys):
+    """`fusedit cache` refuses an overlong 2.1 prompt before loading; `truncate` caches it shortened (the embedding
+    has the counted text tokens plus the reference's slots); once cached, `raise` still refuses the row."""
+    from fusedit.cache import CachedEditDataModule
+    from fusedit.cli import main
+
+    metadata = _rows(tmp_path, ["y " * QWEN21_ROPE_POSITIONS])
+    cache_dir = tmp_path / "cache"
+    args = ["cache", f"model.path={tiny_qwen21_path}", f"data.metadata={metadata}", f"cache.dir={cache_dir}"]
+    assert main([*args, f"paths.root_dir={tmp_path}"]) == 2
+    assert "row 2, column 'prompt': prompt is " in capsys.readouterr().err
+    assert not cache_dir.exists()  # refused before anything was encoded
+
+    def module(**kwargs):
+        return CachedEditDataModule(cache_dir=cache_dir, model_path=tiny_qwen21_path, metadata=metadata, **kwargs)
+
+    truncated = module(long_prompt="truncate")
+    truncated.setup()
+    (row,) = truncated.train_dataset.rows
+    cached = truncated.cache.read(row.key)
+    text = cached["prompt"].shape[0] - int(cached["image_slots"].sum())
+    assert text == Qwen21PromptCounter(tiny_qwen21_path).count(row.prompt, [(64, 64)]) <= 8187
+    with pytest.raises(DataValidationError, match=r"row 2, column 'prompt': prompt is \d+ text tokens"):
+        module().setup()

@@ -54,3 +54,23 @@ def test_cached_qwen21_validation_samples_what_the_pipeline_samples(tmp_path, ti
     base = sample(pipe, prompt, [Image.open(tmp_path / "e.png")], num_inference_steps=2, seed=0, height=32,
                   width=64, output_resolution=round((64 * 32) ** 0.5))  # fmt: skip
     assert np.abs(np.asarray(base.convert("RGB"), dtype=float) - np.asarray(edited, dtype=float)).max() > 1
+
+
+def test_live_qwen21_validation_of_a_users_sample_takes_its_reference_size(tmp_path, tiny_qwen21_path):
+    """A user's validation sample (an edit image, no target) is sampled at its reference's area and aspect."""
+    from fusedit.step.conditioning_qwen21 import Qwen21Conditioner
+    from fusedit.training.callbacks import ValidationImages
+
+    Image.new("RGB", (64, 32), "blue").save(tmp_path / "cat.png")
+    callback = ValidationImages(
+        tmp_path / "samples", samples=[{"edit_image": "cat.png", "prompt": "make it red"}], base_path=tmp_path,
+        num_inference_steps=2,
+    )  # fmt: skip
+    transformer = build_transformer(tiny_qwen21_path, ModelConfig(), LoraSpec("attn", rank=4), Precision())
+    module = SimpleNamespace(
+        device=torch.device("cpu"),
+        transformer=transformer,
+        conditioner=Qwen21Conditioner.from_pretrained(tiny_qwen21_path),
+    )
+    (row,) = callback.generate(None, module)
+    assert row.target is None and row.prompt == "make it red" and row.inputs[0].size == row.edited.size == (64, 32)

@@ -154,6 +154,7 @@ def _detect_lora(path: Path, specs: dict, metadata: dict, adapter_config: dict |
     report = {
         "kind": "lora",
         "path": str(path),
+        "adapter_type": lora.adapter_type,  # "dora": PEFT's DoRA, a magnitude vector per module beside A and B
         "format": lora.format,
         "key_style": f"{parsed.prefix or '(no prefix)'} {parsed.style}",
         "layout": layout or "any (no q/k/v modules)",

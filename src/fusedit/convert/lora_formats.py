@@ -13,7 +13,11 @@ Formats (how a module `transformer_blocks.0.attn.to_q` is spelled, and where its
 
 Reading also takes every other prefix and factor style ComfyUI's Qwen-Image loader accepts (`KEY_STYLES`).
 
-Everywhere the effective update is `B @ A * alpha / rank` (PEFT's scale). `read_lora` resolves each module's alpha
+Everywhere the effective update is `B @ A * alpha / rank` (PEFT's scale). A DoRA LoRA (PEFT's `use_dora`, fusedit's
+`lora.type=dora`) also carries a magnitude vector m per module, `<module>.lora_magnitude_vector` [out_features] as
+PEFT and diffusers name it, and its weight is m * (W + s B A) / ||W + s B A|| (norm per output row): it is read in
+the diffusers / peft formats and written only there, since the other formats' loaders cannot apply it
+(`DORA_FORMATS`; docs/conversion.md, "DoRA"). `read_lora` resolves each module's alpha
 once. `write_lora` stores the scale so that diffusers' `load_lora_weights` and ComfyUI (which reads only `.alpha`
 tensors, never metadata) both apply it: `.alpha` tensors in comfyui/kohya, folded into lora_B with alpha = rank in
 diffusers/peft/diffsynth (`fold_scales`); always also as JSON in the `fusedit_lora` metadata key. See
@@ -86,6 +90,8 @@ class LoraModule:
     A: torch.Tensor  # [rank, in_features]
     B: torch.Tensor  # [out_features, rank]
     alpha: float
+    # DoRA's magnitude m [out_features] (the adapted weight's target row norms), None for a plain LoRA
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -115,13 +121,18 @@ class LoraWeights:
     def layout(self) -> str | None:
         return layout_of_modules(self.modules, "LoRA")
 
+    @property
+    def adapter_type(self) -> str:
+        """ "dora" when its modules carry DoRA magnitudes (all of them: `lora_from_state_dict`), else "lora"."""
+        return "dora" if any(mod.magnitude is not None for mod in self.modules.values()) else "lora"
+
 
 # ---------------------------------------------------------------------------------------------------- reading keys
 @dataclass
 class ParsedKeys:
     format: str
     prefix: str
-    # module -> {"A": key, "B": key, "alpha": key (optional)}
+    # module -> {"A": key, "B": key, "alpha": key (optional), "magnitude": key (DoRA)}
     modules: dict[str, dict[str, str]]
     style: str = "lora_A/lora_B"  # the factor key style, as found (reported by detect)
 
@@ -138,6 +149,7 @@ _FACTOR_SUFFIXES = (
     (".lora_A", ".lora_B", "lora_A/lora_B (no .weight)"),
 )
 _ALPHA_SUFFIX = ".alpha"
+_MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # PEFT's / diffusers' DoRA magnitude (fusedit's lora.type=dora export)
 # Keys ComfyUI applies that are not low-rank factors: full-weight / bias deltas and LoRA variants fusedit does not
 # implement. Refused by name: reading only the factors would apply part of the file silently.
 _PATCH_SUFFIXES = {
@@ -146,11 +158,14 @@ _PATCH_SUFFIXES = {
     ".set_weight": "weight replacement",
     ".w_norm": "norm weight",
     ".b_norm": "norm bias",
-    ".dora_scale": "DoRA magnitude",
-    ".lora_magnitude_vector": "DoRA magnitude",  # PEFT's / diffusers' name (fusedit's lora.type=dora export)
+    # ComfyUI's / LyCORIS's DoRA: an output-row dora_scale is divided by the base weight's row norm, a [1, in] one
+    # by the adapted weight's column norms; neither is PEFT's DoRA (`.lora_magnitude_vector`, read below).
+    ".dora_scale": "ComfyUI/LyCORIS DoRA scale",
     ".lora_mid.weight": "LoCon mid factor",
     ".reshape_weight": "reshape instruction",
 }
+# LyCORIS adapters (fusedit's lora.type=lokr|loha export writes these keys): a file of only these is named by type.
+_LYCORIS_MARKERS = {".lokr_": "LoKr", ".hada_": "LoHa"}
 _PATCH_RE = re.compile(r"\.(hada_|lokr_|oft_|boft_|a1\.weight|a2\.weight|b1\.weight|b2\.weight)")
 # Module prefixes ComfyUI's Qwen-Image key map accepts (comfy/lora.py model_lora_keys_unet), with the format a
 # file using them is reported as (and written back in by default). `lora_unet_` / `lycoris_` flatten the module
@@ -159,7 +174,8 @@ _FLAT_PREFIXES = {"lora_unet_": "kohya", "lycoris_": "kohya"}
 _DOTTED_PREFIXES = {"transformer.": "diffusers", "diffusion_model.": "comfyui", "base_model.model.": "peft"}
 KEY_STYLES = (
     "module prefixes transformer. / diffusion_model. / base_model.model. / none / lora_unet_ / lycoris_; "
-    "factors " + ", ".join(style for _, _, style in _FACTOR_SUFFIXES) + "; optional .alpha"
+    "factors " + ", ".join(style for _, _, style in _FACTOR_SUFFIXES) + "; optional .alpha; DoRA's "
+    ".lora_magnitude_vector"
 )
 
 
@@ -186,7 +202,8 @@ def classify_keys(keys, what: str = "state dict") -> str:
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
-    """`key` -> (path before the suffix, role "A"/"B"/"alpha", style), or None for a key that is none of those."""
+    """`key` -> (path before the suffix, role "A"/"B"/"alpha"/"magnitude", style), or None for a key that is none
+    of those."""
     for a_suffix, b_suffix, style in _FACTOR_SUFFIXES:
         if key.endswith(a_suffix):
             return key[: -len(a_suffix)], "A", style
@@ -194,6 +211,8 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
             return key[: -len(b_suffix)], "B", style
     if key.endswith(_ALPHA_SUFFIX):
         return key[: -len(_ALPHA_SUFFIX)], "alpha", ""
+    if key.endswith(_MAGNITUDE_SUFFIX):
+        return key[: -len(_MAGNITUDE_SUFFIX)], "magnitude", ""
     return None
 
 
@@ -219,6 +238,27 @@ def _format_of(prefix: str, style: str) -> str:
     return "peft" if style.startswith("lora_A") else "comfyui"
 
 
+def lycoris_type(keys: Iterable[str]) -> str | None:
+    """ "LoKr" / "LoHa" for a file of only that adapter's keys (and `.alpha`), as fusedit's lora.type=lokr|loha
+    export and LyCORIS write them; else None."""
+    keys = list(keys)
+    found = {name for key in keys for marker, name in _LYCORIS_MARKERS.items() if marker in key}
+    only = all(key.endswith(_ALPHA_SUFFIX) or any(marker in key for marker in _LYCORIS_MARKERS) for key in keys)
+    return found.pop() if len(found) == 1 and only else None
+
+
+def check_not_lycoris(keys: Iterable[str], what: str) -> None:
+    """UserInputError (one line, naming the adapter type) for a LoKr / LoHa file: fusedit applies LoRA factors only."""
+    keys = list(keys)
+    adapter = lycoris_type(keys)
+    if adapter:
+        factors = [key for key in keys if not key.endswith(_ALPHA_SUFFIX)]
+        raise UserInputError(
+            f"{what}: is a {adapter} adapter ({examples(factors, 2)}), not a LoRA: fusedit's inference and "
+            "conversion apply lora_A/lora_B (lora_down/lora_up) pairs only. Load it in ComfyUI (LoraLoaderModelOnly)"
+        )
+
+
 def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     """Recognise the format of LoRA keys and group them per module, from the names alone.
 
@@ -230,6 +270,7 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     keys = list(keys)
     if not keys:
         raise UserInputError(f"{what}: no tensors")
+    check_not_lycoris(keys, what)
     patches = [k for k in keys if k.endswith(tuple(_PATCH_SUFFIXES)) or _PATCH_RE.search(k)]
     if patches:
         kinds = sorted({next((v for s, v in _PATCH_SUFFIXES.items() if k.endswith(s)), "LyCORIS") for k in patches})
@@ -252,7 +293,7 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
         if module is None:
             not_qwen.append(key)
             continue
-        if role == "alpha":  # an alpha key fits any factor style with the same prefix
+        if role in ("alpha", "magnitude"):  # fits any factor style with the same prefix
             alpha_prefixes[key] = prefix
         else:
             styles[(prefix, style)].append(key)
@@ -267,14 +308,21 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
         )
         raise UserInputError(f"{what}: mixed LoRA key formats: {found}")
     if not styles:
-        raise UserInputError(f"{what}: only .alpha keys, no LoRA weights: {examples(keys)}")
+        raise UserInputError(f"{what}: only .alpha / magnitude keys, no LoRA weights: {examples(keys)}")
     (prefix, style), _ = next(iter(styles.items()))
     incomplete = [f"{module} has {sorted(roles)}" for module, roles in modules.items() if not {"A", "B"} <= set(roles)]
     if incomplete:
         raise UserInputError(f"{what}: modules without both LoRA factors: {examples(incomplete)}")
     stray = [key for key, p in alpha_prefixes.items() if p != prefix]
     if stray:
-        raise UserInputError(f"{what}: .alpha keys with a prefix other than {prefix!r}: {examples(stray)}")
+        raise UserInputError(f"{what}: .alpha / magnitude keys with a prefix other than {prefix!r}: {examples(stray)}")
+    dora = [module for module, roles in modules.items() if "magnitude" in roles]
+    if dora and len(dora) != len(modules):
+        plain = [module for module in modules if module not in dora]
+        raise UserInputError(
+            f"{what}: DoRA magnitudes ({_MAGNITUDE_SUFFIX}) on {len(dora)} modules but not on {examples(plain, 3)}; "
+            "a DoRA LoRA has one per module"
+        )
     layout_of_modules(modules, what)
     return ParsedKeys(_format_of(prefix, style), prefix, dict(modules), style)
 
@@ -402,6 +450,9 @@ def lora_from_state_dict(
                 problems.append(f"{roles['alpha']}: alpha must be a scalar, has shape {list(alpha.shape)}")
                 continue
             alpha_values[module] = alpha.item()
+        if "magnitude" in roles and tuple(tensors[roles["magnitude"]].shape) != (B.shape[0],):
+            shape = list(tensors[roles["magnitude"]].shape)
+            problems.append(f"{roles['magnitude']} {shape}: a DoRA magnitude has lora_B's {B.shape[0]} output rows")
     if problems:
         raise UserInputError(f"{what}: shape mismatches:\n  " + "\n  ".join(problems))
     # The one place every LoRA read passes (training init, inference, conversion, detect): NaN/inf weights would
@@ -416,7 +467,8 @@ def lora_from_state_dict(
         raise UserInputError(f"{what}: non-finite (NaN/inf) values in {len(nonfinite)} tensors: {examples(nonfinite)}")
     alphas = resolve_alphas(ranks, alpha_values, metadata, adapter_config, what)
     for module, roles in parsed.modules.items():
-        modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module])
+        magnitude = tensors[roles["magnitude"]] if "magnitude" in roles else None
+        modules[module] = LoraModule(tensors[roles["A"]], tensors[roles["B"]], alphas[module], magnitude)
     weights = LoraWeights(
         modules, parsed.format, metadata, parsed.prefix, _fusedit_metadata_field(metadata, "qkv_split")
     )
@@ -470,7 +522,7 @@ def peft_config_dict(lora: LoraWeights) -> dict:
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != lora_alpha},
         "target_modules": sorted(lora.modules),
-        "use_dora": False,
+        "use_dora": lora.adapter_type == "dora",
         "lora_bias": False,
     }
 
@@ -486,6 +538,8 @@ def peft_adapter(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict]:
     for module, mod in weights.modules.items():
         state_dict[f"{module}.lora_A.weight"] = mod.A
         state_dict[f"{module}.lora_B.weight"] = mod.B
+        if mod.magnitude is not None:
+            state_dict[f"{module}{_MAGNITUDE_SUFFIX}"] = mod.magnitude
     config = peft_config_dict(weights)  # the fields a LoRA file's metadata carries too
     # PEFT matches pattern keys as regular expressions: a module path's dots must match only dots.
     for pattern in ("rank_pattern", "alpha_pattern"):
@@ -498,6 +552,7 @@ def fusedit_metadata(lora: LoraWeights, folded_scales: Mapping[str, float] | Non
     config = peft_config_dict(lora)
     return {
         "layout": lora.layout,
+        "adapter_type": lora.adapter_type,
         "rank": config["r"],
         "alpha": config["lora_alpha"],
         "ranks": {m: mod.rank for m, mod in lora.modules.items()},
@@ -524,7 +579,9 @@ def fold_scales(lora: LoraWeights) -> tuple[LoraWeights, dict[str, float]]:
     """
     folded = {m: mod.scale for m, mod in lora.modules.items() if mod.scale != 1.0}
     modules = {
-        m: mod if m not in folded else LoraModule(mod.A, (mod.B.float() * mod.scale).to(mod.B.dtype), float(mod.rank))
+        m: mod
+        if m not in folded
+        else LoraModule(mod.A, (mod.B.float() * mod.scale).to(mod.B.dtype), float(mod.rank), mod.magnitude)
         for m, mod in lora.modules.items()
     }
     qkv_split = {
@@ -546,7 +603,9 @@ def _unfold_scales(lora: LoraWeights, folded: Mapping[str, float]) -> LoraWeight
     if not exact:
         return lora
     modules = {
-        m: mod if m not in exact else LoraModule(mod.A, (mod.B.float() / exact[m]).to(mod.B.dtype), exact[m] * mod.rank)
+        m: mod
+        if m not in exact
+        else LoraModule(mod.A, (mod.B.float() / exact[m]).to(mod.B.dtype), exact[m] * mod.rank, mod.magnitude)
         for m, mod in lora.modules.items()
     }
     qkv_split = {
@@ -564,6 +623,17 @@ ALPHA_TENSOR_FORMATS = ("comfyui", "kohya")
 FOLDED_FORMATS = ("diffusers", "peft", "diffsynth")
 # Formats whose readers know only diffusers' module names: a merged-layout LoRA is written split (exactly).
 STANDARD_ONLY_FORMATS = ("comfyui", "kohya")
+# Formats that hold a DoRA LoRA: PEFT's `lora_magnitude_vector` with `use_dora` in the LoraConfig metadata, which
+# diffusers' load_lora_weights and PEFT rebuild. ComfyUI's `dora_scale` (read by ComfyUI for comfyui and kohya keys)
+# divides an output-row scale by the *base* weight's row norm, not by the adapted weight's as DoRA does
+# (comfy/weight_adapter/base.py weight_decompose, d9dc02a7; tests/test_comfyui_loader.py measures it), so no
+# magnitude written there gives the trained weight; DiffSynth applies B·A alone.
+DORA_FORMATS = ("diffusers", "peft")
+DORA_REFUSALS = {
+    "comfyui": "ComfyUI's dora_scale divides by the base weight's row norm, not the adapted weight's as DoRA does",
+    "kohya": "its readers (ComfyUI, kohya tools) apply dora_scale, which is not DoRA's row norm of the adapted weight",
+    "diffsynth": "DiffSynth applies lora_B @ lora_A alone, without a magnitude",
+}
 
 
 def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -580,6 +650,11 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
             f"a {fmt} LoRA cannot be written in the merged_qkv layout: its loaders (ComfyUI, kohya tools) know only "
             "the standard to_q/to_k/to_v names and would skip the merged modules; write it standard (the split is "
             "exact) or choose the diffusers/peft format"
+        )
+    if lora.adapter_type == "dora" and fmt not in DORA_FORMATS:
+        raise UserInputError(
+            f"a DoRA LoRA cannot be written as {fmt}: {DORA_REFUSALS[fmt]}; write it as "
+            f"{' or '.join(DORA_FORMATS)} (diffusers' load_lora_weights and fusedit's infer.py load those)"
         )
     folded: dict[str, float] = {}
     if fmt in FOLDED_FORMATS:
@@ -598,6 +673,8 @@ def lora_to_state_dict(lora: LoraWeights, format: str | None = None) -> tuple[di
         adapter = ".default" if fmt == "diffsynth" else ""
         tensors[f"{prefix}{module}.lora_A{adapter}.weight"] = mod.A
         tensors[f"{prefix}{module}.lora_B{adapter}.weight"] = mod.B
+        if mod.magnitude is not None:
+            tensors[f"{prefix}{module}{_MAGNITUDE_SUFFIX}"] = mod.magnitude.contiguous()
         if fmt == "comfyui":
             tensors[f"{prefix}{module}.alpha"] = _alpha_tensor(mod.alpha)
     metadata = {k: v for k, v in lora.metadata.items() if k not in (DIFFUSERS_METADATA_KEY, FUSEDIT_METADATA_KEY)}

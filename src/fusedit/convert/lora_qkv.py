@@ -15,6 +15,12 @@ restores the original ranks, factors and alphas instead of three rank-3r LoRAs (
 by a ratio that is not a power of two: it keeps its folded B with the merged scale, the same product).
 
 Qwen-Image-2.1's `img_mlp.gate_up_proj` (= `gate_layer` + `proj`) converts the same way with two blocks.
+
+DoRA (a magnitude vector m per module, its weight m * (W + s B A) / ||W + s B A|| with the norm per output row):
+the rows of the merged weight are the rows of q, k and v and the conversion keeps every row's s B A, so m splits
+into the parts' magnitudes by rows and concatenates back, exactly. This is the one place that split happens
+(training's DoRA export goes through it). Merging needs every part's magnitude: a part the DoRA LoRA does not
+target would need its base weight's row norms, which a LoRA file does not hold, so that merge is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, 
         )
     out = rows // count
     parts = [f"{role.attn_prefix}{part}" for part in role.parts]
+    # DoRA: each part's magnitude is its rows of the merged one (module docstring); cloned, as B's rows are
+    magnitudes = [None] * count if mod.magnitude is None else [m.clone() for m in mod.magnitude.split(out)]
     if record is not None and len(record["ranks"]) == count and sum(record["ranks"]) == mod.rank:
         offsets = [sum(record["ranks"][:i]) for i in range(count)]
         mask = torch.ones_like(mod.B, dtype=torch.bool)
@@ -71,11 +79,11 @@ def _split_module(name: str, mod: LoraModule, record: dict | None) -> dict[str, 
                     B_i, alpha = (B_i.float() / factor).to(B_i.dtype), record["alphas"][i]
                 else:
                     alpha = mod.scale * r_i  # keep the folded B: its scale is the merged one
-                result[parts[i]] = LoraModule(A_i, B_i, float(alpha))
+                result[parts[i]] = LoraModule(A_i, B_i, float(alpha), magnitudes[i])
             return result
     # clones: the parts must not share storage (safetensors refuses to save shared tensors)
     return {
-        part: LoraModule(mod.A.clone(), mod.B[i * out : (i + 1) * out].clone(), mod.alpha)
+        part: LoraModule(mod.A.clone(), mod.B[i * out : (i + 1) * out].clone(), mod.alpha, magnitudes[i])
         for i, part in enumerate(parts)
     }
 
@@ -94,12 +102,23 @@ def _merge_group(parts: dict[int, tuple[str, LoraModule]], count: int) -> tuple[
         raise UserInputError(f"LoRA q/k/v modules differ in in/out features or dtype, cannot merge: {described}")
     first = next(iter(mods.values()))
     out, in_features = first.B.shape[0], first.A.shape[1]
+    magnitude = None
+    if any(m.magnitude is not None for m in mods.values()):
+        if len(mods) != count:
+            names = ", ".join(name for name, _ in parts.values())
+            raise UserInputError(
+                f"DoRA LoRA on {names} only: merging it into one projection needs a magnitude for every part, and "
+                "an untargeted part's (its base weight's row norms) is not in a LoRA file; load it on the "
+                "standard layout (model.layout=standard) or train it on all of them"
+            )
+        magnitude = torch.cat([mods[i].magnitude for i in range(count)])  # rows in the merged weight's order
     if (
         len(mods) == count
         and len({(m.rank, m.alpha) for m in mods.values()}) == 1
         and all(torch.equal(mods[0].A, mods[i].A) for i in range(1, count))
     ):
-        return LoraModule(mods[0].A, torch.cat([mods[i].B for i in range(count)], dim=0), mods[0].alpha), None
+        B = torch.cat([mods[i].B for i in range(count)], dim=0)
+        return LoraModule(mods[0].A, B, mods[0].alpha, magnitude), None
 
     ranks = [mods[i].rank if i in mods else 0 for i in range(count)]
     total = sum(ranks)
@@ -124,7 +143,7 @@ def _merge_group(parts: dict[int, tuple[str, LoraModule]], count: int) -> tuple[
         "alphas": [mods[i].alpha if i in mods else None for i in range(count)],
         "factors": factors,
     }
-    return LoraModule(A, B, float(alpha)), record
+    return LoraModule(A, B, float(alpha), magnitude), record
 
 
 def convert_lora_layout(lora: LoraWeights, direction: str) -> LoraWeights:

@@ -71,6 +71,7 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
                 "path": str(path),
                 "name": name,
                 "format": weights.format,
+                "adapter_type": weights.adapter_type,  # "dora": magnitudes applied too (docs/conversion.md)
                 "layout": source_layout,
                 "applied_layout": target_layout,
                 "modules": len(converted.modules),

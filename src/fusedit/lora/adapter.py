@@ -22,13 +22,9 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fusedit.convert import TO_STANDARD, LoraModule, LoraWeights, convert_lora_layout, write_lora
+from fusedit.convert import LoraModule, LoraWeights, write_lora
 from fusedit.convert.layout import LAYOUTS
-from fusedit.lora.choices import (
-    changes_base,
-    check_init,
-    check_type,
-)
+from fusedit.lora.choices import LYCORIS_TYPES, changes_base, check_init, check_type, lycoris_problems
 from fusedit.lora.targets import QWEN21_FAMILY, resolve_targets
 from fusedit.model.merged_qkv import is_merged
 from fusedit.model.merged_qwen21 import is_qwen21
@@ -44,8 +40,18 @@ def target_family(transformer: nn.Module) -> str | None:
     return QWEN21_FAMILY if is_qwen21(transformer) else None
 
 
+# Parameter names of PEFT's adapters: LoRA/DoRA (`lora_A`, `lora_B`, `lora_magnitude_vector`), LoKr (`lokr_w1`...),
+# LoHa (`hada_w1_a`...).
+ADAPTER_PARAMETER_MARKERS = ("lora_", "lokr_", "hada_")
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_PARAMETER_MARKERS)
+
+
 def has_lora(transformer: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in transformer.named_parameters())
+    """Whether `transformer` carries a PEFT adapter (LoRA, DoRA, LoKr or LoHa)."""
+    return any(is_adapter_parameter(name) for name, _ in transformer.named_parameters())
 
 
 def unused_modules(transformer: nn.Module, targets: list[str]) -> list[str]:
@@ -66,17 +72,27 @@ def add_lora(
     dtype: torch.dtype | None = torch.float32,
     init_from: LoraWeights | None = None,
     type: str = "lora",  # noqa: A002 - the config key's name (lora.type)
+    decompose_factor: int = -1,
 ) -> nn.Module:
     """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place.
 
+    `type` lokr / loha: PEFT's LoKr / LoHa instead (fusedit.lora.lycoris; `decompose_factor` is LoKrConfig's), and
+    a LoKr whose merged to_qkv update would not split exactly into q/k/v factors is refused (ValueError).
     `init_from`: a LoRA in the model's layout (fusedit.lora.init_from.read_init_lora): its modules get its own
     ranks and scales and start from its factors; the other targeted modules start as `init` says.
     """
     _check_arguments(rank, alpha, dropout, init, type, init_from)
+    problems = lycoris_problems(type, init, init_from, dropout, use_rslora, "none", ())
+    if problems:
+        raise ValueError(problems[0])
+    if type != "lokr" and int(decompose_factor) != -1:
+        raise ValueError(f"lora.decompose_factor is LoKr's (lora.type=lokr), got it with lora.type={type}")
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
     target_modules = resolve_targets(targets, model_layout(transformer), target_family(transformer))
+    if type in LYCORIS_TYPES:
+        return _add_lycoris(transformer, type, rank, alpha, targets, target_modules, dtype, decompose_factor)
     rank_pattern, alpha_pattern = {}, {}
     if init_from is not None:
         # PEFT's scaling is alpha / r (alpha / sqrt(r) with rsLoRA): choose each module's alpha so that it equals
@@ -115,6 +131,29 @@ def add_lora(
     return transformer
 
 
+def _add_lycoris(transformer, adapter_type, rank, alpha, targets, target_modules, dtype, decompose_factor):
+    from fusedit.lora.lycoris import check_exact_split, lycoris_config
+
+    config = lycoris_config(
+        adapter_type,
+        rank,
+        alpha if alpha is not None else rank,
+        target_modules,
+        unused_modules(transformer, target_modules) or None,
+        decompose_factor,
+    )
+    transformer.add_adapter(config)
+    if not has_lora(transformer):
+        raise ValueError(f"lora.targets {targets!r} matched no Linear of the transformer")
+    for name, parameter in transformer.named_parameters():
+        if is_adapter_parameter(name):
+            if dtype is not None:
+                parameter.data = parameter.data.to(dtype)
+            parameter.requires_grad_(True)
+    check_exact_split(transformer)
+    return transformer
+
+
 def _check_arguments(rank, alpha, dropout, init: str, adapter_type: str, init_from) -> None:
     if int(rank) < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
@@ -144,8 +183,8 @@ def _copy_factors(transformer: nn.Module, weights: LoraWeights) -> None:
 
 
 def lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
-    """Name -> parameter for every LoRA weight (the trainable set)."""
-    return {name: parameter for name, parameter in transformer.named_parameters() if "lora_" in name}
+    """Name -> parameter for every adapter weight (the trainable set; LoKr / LoHa factors included)."""
+    return {name: parameter for name, parameter in transformer.named_parameters() if is_adapter_parameter(name)}
 
 
 def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
@@ -158,6 +197,8 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
     update to the original W is s * (B @ A - B0 @ A0) = s * [B | -B0] @ [A ; A0]: a LoRA of rank 2r with the same
     scale (PEFT's own PiSSA-to-LoRA conversion, `path_initial_model_for_weight_conversion`). Applied to the stock
     model it gives exactly the trained model's weights.
+
+    A DoRA adapter (`lora.type=dora`) gives each module its magnitude vector m [out_features] too.
     """
     initial = getattr(transformer, "_fusedit_initial_factors", None) or {}
     modules: dict[str, LoraModule] = {}
@@ -169,74 +210,33 @@ def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
             if name in initial:
                 A0, B0 = initial[name]
                 A, B = torch.cat([A, A0.to(A)]), torch.cat([B, -B0.to(B)], dim=1)
-            modules[name] = LoraModule(A, B, scale * A.shape[0])
+            magnitude = (
+                module.lora_magnitude_vector["default"].weight.detach() if module.use_dora.get("default") else None
+            )
+            modules[name] = LoraModule(A, B, scale * A.shape[0], magnitude)
     if not modules:
         raise ValueError("the transformer has no LoRA adapter (call add_lora first)")
     return LoraWeights(modules, format="diffusers", metadata={key: str(value) for key, value in metadata.items()})
-
-
-def dora_magnitudes(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """Module -> DoRA magnitude vector m [out_features] (empty without DoRA)."""
-    return {
-        name: module.lora_magnitude_vector["default"].weight.detach()
-        for name, module in transformer.named_modules()
-        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_magnitude_vector", {})
-    }
 
 
 def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "standard", **metadata: str) -> Path:
     """Write the adapter to `path` (atomically) as a diffusers LoRA in `layout`; `metadata` is stored with it.
 
     Conversion between the layouts is fusedit.convert's (exact: a merged to_qkv LoRA becomes q/k/v LoRAs sharing
-    A with B split by rows), and so is the file format (diffusers keys + LoraConfig metadata). A DoRA adapter adds
-    each module's magnitude vector (`export_dora`).
+    A with B split by rows, and a DoRA magnitude split by rows), and so is the file format (diffusers keys +
+    LoraConfig metadata; DoRA adds `transformer.<module>.lora_magnitude_vector` and `use_dora`, which diffusers'
+    `load_lora_weights` rebuilds). A LoKr / LoHa adapter is written with ComfyUI's keys, standard layout only
+    (fusedit.lora.lycoris.export_lycoris).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
-    magnitudes = dora_magnitudes(transformer)
-    if magnitudes:
-        return export_dora(lora_weights(transformer, **metadata), magnitudes, path, layout)
+    from fusedit.lora.lycoris import export_lycoris, lycoris_layers
+
+    if lycoris_layers(transformer):
+        if layout != "standard":
+            raise ValueError("a LoKr / LoHa adapter is exported in the standard layout only (ComfyUI's keys)")
+        return export_lycoris(transformer, path, **metadata)
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)
-
-
-def export_dora(weights: LoraWeights, magnitudes: dict[str, torch.Tensor], path, layout: str = "standard") -> Path:
-    """A DoRA adapter as diffusers writes one: the LoRA's keys plus `transformer.<module>.lora_magnitude_vector`
-    and `use_dora: true` in its LoraConfig metadata, which diffusers' `load_lora_weights` rebuilds.
-
-    DoRA's weight is m * (W + s B A) / ||W + s B A||, the norm taken per output row. The rows of the merged to_qkv
-    are the rows of q, k and v, so on the merged layout m splits into q/k/v magnitudes by rows exactly as B does:
-    the standard-layout file is exact. Only the standard layout is written: fusedit's own LoRA reader (inference,
-    conversion) does not read DoRA, and stock diffusers needs the standard layout.
-    """
-    import json
-
-    from fusedit.convert.lora_formats import DIFFUSERS_METADATA_KEY, lora_to_state_dict
-    from fusedit.io import save_safetensors_atomic
-    from fusedit.model.module_map import QKV_GROUPS, QWEN21_MLP_GROUP
-
-    if layout != "standard":
-        raise ValueError("a DoRA adapter is exported in the standard layout only (callbacks.lora_export.layout)")
-    if weights.layout != "standard":
-        weights = convert_lora_layout(weights, TO_STANDARD)
-    groups = {**QKV_GROUPS, **QWEN21_MLP_GROUP}  # merged leaf -> its parts, in row order
-    split: dict[str, torch.Tensor] = {}
-    for module, magnitude in magnitudes.items():
-        prefix, _, leaf = module.rpartition(".")
-        if leaf in groups:  # rows of the stacked parts, in concatenation order, as many as each part's B has
-            parts = [f"{prefix}.{part}" for part in groups[leaf]]
-            sizes = [weights.modules[part].B.shape[0] for part in parts]
-            for part, rows in zip(parts, magnitude.split(sizes), strict=True):
-                split[part] = rows.clone()
-        else:
-            split[module] = magnitude
-    tensors, metadata = lora_to_state_dict(weights, "diffusers")
-    for module, magnitude in split.items():
-        tensors[f"transformer.{module}.lora_magnitude_vector"] = magnitude.contiguous()
-    config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-    config["transformer.use_dora"] = True  # diffusers keys its LoraConfig fields by component
-    metadata[DIFFUSERS_METADATA_KEY] = json.dumps(config)
-    save_safetensors_atomic(tensors, path, metadata)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

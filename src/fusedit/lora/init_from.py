@@ -35,6 +35,11 @@ def read_init_lora(path: str | os.PathLike, rank: int, targets, layout: str, fam
     if not path.exists():
         raise UserInputError(f"lora.init_from={path} does not exist")
     weights = read_lora(path)
+    if weights.adapter_type == "dora":  # its factors alone are not the adapter it holds
+        raise UserInputError(
+            f"lora.init_from={path} is a DoRA LoRA: a LoRA run would start from its factors without the magnitudes, "
+            "and lora.type=dora starts its magnitudes from the base weight; continue it with ckpt_path instead"
+        )
     standard = convert_lora_layout(weights, DIRECTION_TO["standard"])
     file_rank = collections.Counter(mod.rank for mod in standard.modules.values()).most_common(1)[0][0]
     if file_rank != rank:
