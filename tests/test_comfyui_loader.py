@@ -206,3 +206,38 @@ def test_dora_is_refused_for_comfyui_whose_dora_scale_is_not_doras_norm(comfyui,
         worst_dora = max(worst_dora, ((patched - dora).abs().max() / dora.abs().max()).item())
     print(f"ComfyUI dora_scale vs DoRA: max relative difference {worst_dora:.3g}")
     assert worst_dora > 1e-2
+
+
+# to_qkv of the loader's tiny model is [96, 32]: decompose_factor 6 gives LoKr's w1 6 rows (a multiple of 3); rank 8
+# keeps some factors full (ComfyUI applies those unscaled: fusedit folds the scale into w1 there)
+LYCORIS_CASES = {
+    "lokr-merged": (True, dict(type="lokr", rank=2, alpha=3.0, decompose_factor=6)),
+    "lokr-merged-full": (True, dict(type="lokr", rank=8, alpha=3.0, decompose_factor=6)),
+    "loha-merged": (True, dict(type="loha", rank=2, alpha=3.0)),
+    "lokr-standard": (False, dict(type="lokr", rank=2, alpha=3.0)),
+    "loha-standard": (False, dict(type="loha", rank=2, alpha=3.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(LYCORIS_CASES))
+def test_lokr_and_loha_exports_load_at_the_trained_strength_in_comfyui(comfyui, caplog, case):
+    """lora.type=lokr|loha: ComfyUI's LoKr / LoHa adapters patch each q/k/v weight with the row block of the trained
+    merged update (PEFT's get_delta_weight), at the trained scale times the node's strength."""
+    from fusedit.lora.adapter import lora_parameters
+    from fusedit.model.merged_qkv import fuse_qkv
+    from tests.test_lora_lycoris import trained_deltas
+
+    merged, spec = LYCORIS_CASES[case]
+    model = tiny_transformer(seed=3)
+    if merged:
+        fuse_qkv(model)
+    add_lora(model, targets="attn_mlp", **spec)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every factor away from its start, as training moves them
+        for _, parameter in sorted(lora_parameters(model).items()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    expected = trained_deltas(model)
+    path = export_lora(model, comfyui[2] / f"{case}.safetensors")
+    for strength in (1.0, 0.5):
+        deltas = comfyui_patched_deltas(comfyui, path, caplog, strength)
+        assert_patched_as_trained(deltas, expected, strength, f"{case} at strength {strength}")

@@ -1,7 +1,7 @@
 """lora.type=dora (PEFT's use_dora): trained on either QKV layout, exported with the magnitude vector split by rows
 (exact: DoRA's norm is per output row); stock diffusers and fusedit's own loader (infer.py) apply it with the trained
 output on either layout and at another strength as diffusers does; `fusedit convert` keeps it exactly in the formats
-that hold it and refuses the others; LoKr / LoHa and the combinations DoRA cannot run are refused before loading."""
+that hold it and refuses the others; the combinations DoRA, LoKr and LoHa cannot run are refused before loading."""
 
 from __future__ import annotations
 
@@ -101,8 +101,14 @@ def test_a_dora_file_converts_exactly_where_the_format_holds_it_and_is_refused_e
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["lora.type=lokr"], "Kronecker factors are not low-rank factors"),
-        (["lora.type=loha"], "Hadamard factors are not low-rank factors"),
+        (["lora.type=lokr", "lora.init=pissa"], "lora.type=lokr starts from PEFT's own initialisation"),
+        (["lora.type=loha", "lora.dropout=0.1"], "lora.type=loha has no input dropout"),
+        (["lora.type=loha", "lora.use_rslora=true"], "set lora.use_rslora=false"),
+        (["lora.type=lokr", "precision=fp8"], "lora.type=lokr needs an nn.Linear base"),
+        (["lora.type=loha", "callbacks.lora_export.merged_copy=true"], "loha is exported in the standard layout only"),
+        (["lora.type=lokr", "callbacks.lora_export.layout=merged_qkv"], "lokr is exported in the standard layout"),
+        (["lora.decompose_factor=4"], "lora.decompose_factor is LoKr's"),
+        (["lora.type=lokr", "lora.decompose_factor=0"], "lora.decompose_factor must be -1 or an integer >= 1"),
         (["lora.type=vera"], "lora.type must be one of"),
         (["lora.type=dora", "precision=fp8"], "not fp8"),
         (["lora.type=dora", "lora.init=pissa"], "not with lora.init=pissa/olora"),

@@ -202,6 +202,8 @@ def test_the_trainer_base_is_not_offered_as_a_choice():
         ["callbacks=ema", "callbacks.ema.decay=0.99", "optim=prodigy", "lora.type=dora", "model=standard"],
         ["optim=adafactor", "lora.init=pissa_niter_4", "precision=bf16", "lora=attn"],
         ["optim=schedulefree", "lora.init=olora", "lora.use_rslora=true", "trainer=ddp"],
+        ["callbacks=ema", "lora.type=lokr", "lora.decompose_factor=48", "optim=prodigy", "lora=full"],
+        ["lora.type=loha", "model=standard", "precision=bf16", "trainer=ddp", "lora.rank=8"],
     ],
 )
 def test_optimizers_ema_and_adapter_options_compose_with_the_other_groups(overrides):
@@ -211,4 +213,4 @@ def test_optimizers_ema_and_adapter_options_compose_with_the_other_groups(overri
     cfg = compose_train(overrides)
     validate_train_config(cfg, check_paths=False)  # a valid combination: nothing refused
     _, lora, _ = typed_configs(cfg)
-    assert (lora.type, lora.init) == (cfg.lora.type, cfg.lora.init)
+    assert (lora.type, lora.init, lora.decompose_factor) == (cfg.lora.type, cfg.lora.init, cfg.lora.decompose_factor)

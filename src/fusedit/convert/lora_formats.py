@@ -164,6 +164,8 @@ _PATCH_SUFFIXES = {
     ".lora_mid.weight": "LoCon mid factor",
     ".reshape_weight": "reshape instruction",
 }
+# LyCORIS adapters (fusedit's lora.type=lokr|loha export writes these keys): a file of only these is named by type.
+_LYCORIS_MARKERS = {".lokr_": "LoKr", ".hada_": "LoHa"}
 _PATCH_RE = re.compile(r"\.(hada_|lokr_|oft_|boft_|a1\.weight|a2\.weight|b1\.weight|b2\.weight)")
 # Module prefixes ComfyUI's Qwen-Image key map accepts (comfy/lora.py model_lora_keys_unet), with the format a
 # file using them is reported as (and written back in by default). `lora_unet_` / `lycoris_` flatten the module
@@ -236,6 +238,27 @@ def _format_of(prefix: str, style: str) -> str:
     return "peft" if style.startswith("lora_A") else "comfyui"
 
 
+def lycoris_type(keys: Iterable[str]) -> str | None:
+    """ "LoKr" / "LoHa" for a file of only that adapter's keys (and `.alpha`), as fusedit's lora.type=lokr|loha
+    export and LyCORIS write them; else None."""
+    keys = list(keys)
+    found = {name for key in keys for marker, name in _LYCORIS_MARKERS.items() if marker in key}
+    only = all(key.endswith(_ALPHA_SUFFIX) or any(marker in key for marker in _LYCORIS_MARKERS) for key in keys)
+    return found.pop() if len(found) == 1 and only else None
+
+
+def check_not_lycoris(keys: Iterable[str], what: str) -> None:
+    """UserInputError (one line, naming the adapter type) for a LoKr / LoHa file: fusedit applies LoRA factors only."""
+    keys = list(keys)
+    adapter = lycoris_type(keys)
+    if adapter:
+        factors = [key for key in keys if not key.endswith(_ALPHA_SUFFIX)]
+        raise UserInputError(
+            f"{what}: is a {adapter} adapter ({examples(factors, 2)}), not a LoRA: fusedit's inference and "
+            "conversion apply lora_A/lora_B (lora_down/lora_up) pairs only. Load it in ComfyUI (LoraLoaderModelOnly)"
+        )
+
+
 def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     """Recognise the format of LoRA keys and group them per module, from the names alone.
 
@@ -247,6 +270,7 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     keys = list(keys)
     if not keys:
         raise UserInputError(f"{what}: no tensors")
+    check_not_lycoris(keys, what)
     patches = [k for k in keys if k.endswith(tuple(_PATCH_SUFFIXES)) or _PATCH_RE.search(k)]
     if patches:
         kinds = sorted({next((v for s, v in _PATCH_SUFFIXES.items() if k.endswith(s)), "LyCORIS") for k in patches})

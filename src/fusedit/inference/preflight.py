@@ -120,11 +120,14 @@ def lora_file(spec: LoraSpec) -> Path:
     try:
         # The numpy reader parses and checks the header (tensor offsets against the file size) without torch.
         with safe_open(str(path), framework="numpy") as handle:
-            empty = not list(handle.keys())
+            keys = list(handle.keys())
     except Exception as error:  # safetensors' SafetensorError derives from Exception only
         raise UserInputError(f"{spec.key}={path} is not a readable safetensors file: {error}") from None
-    if empty:
+    if not keys:
         raise UserInputError(f"{spec.key}={path} holds no tensors")
+    from fusedit.convert.lora_formats import check_not_lycoris
+
+    check_not_lycoris(keys, f"{spec.key}={path}")  # a LoKr / LoHa file, named before the model loads
     return path
 
 

@@ -24,11 +24,7 @@ from torch import nn
 
 from fusedit.convert import LoraModule, LoraWeights, write_lora
 from fusedit.convert.layout import LAYOUTS
-from fusedit.lora.choices import (
-    changes_base,
-    check_init,
-    check_type,
-)
+from fusedit.lora.choices import LYCORIS_TYPES, changes_base, check_init, check_type, lycoris_problems
 from fusedit.lora.targets import QWEN21_FAMILY, resolve_targets
 from fusedit.model.merged_qkv import is_merged
 from fusedit.model.merged_qwen21 import is_qwen21
@@ -44,8 +40,18 @@ def target_family(transformer: nn.Module) -> str | None:
     return QWEN21_FAMILY if is_qwen21(transformer) else None
 
 
+# Parameter names of PEFT's adapters: LoRA/DoRA (`lora_A`, `lora_B`, `lora_magnitude_vector`), LoKr (`lokr_w1`...),
+# LoHa (`hada_w1_a`...).
+ADAPTER_PARAMETER_MARKERS = ("lora_", "lokr_", "hada_")
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_PARAMETER_MARKERS)
+
+
 def has_lora(transformer: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in transformer.named_parameters())
+    """Whether `transformer` carries a PEFT adapter (LoRA, DoRA, LoKr or LoHa)."""
+    return any(is_adapter_parameter(name) for name, _ in transformer.named_parameters())
 
 
 def unused_modules(transformer: nn.Module, targets: list[str]) -> list[str]:
@@ -66,17 +72,27 @@ def add_lora(
     dtype: torch.dtype | None = torch.float32,
     init_from: LoraWeights | None = None,
     type: str = "lora",  # noqa: A002 - the config key's name (lora.type)
+    decompose_factor: int = -1,
 ) -> nn.Module:
     """Freeze `transformer` and add one LoRA adapter on `targets` (translated to the model's layout). In place.
 
+    `type` lokr / loha: PEFT's LoKr / LoHa instead (fusedit.lora.lycoris; `decompose_factor` is LoKrConfig's), and
+    a LoKr whose merged to_qkv update would not split exactly into q/k/v factors is refused (ValueError).
     `init_from`: a LoRA in the model's layout (fusedit.lora.init_from.read_init_lora): its modules get its own
     ranks and scales and start from its factors; the other targeted modules start as `init` says.
     """
     _check_arguments(rank, alpha, dropout, init, type, init_from)
+    problems = lycoris_problems(type, init, init_from, dropout, use_rslora, "none", ())
+    if problems:
+        raise ValueError(problems[0])
+    if type != "lokr" and int(decompose_factor) != -1:
+        raise ValueError(f"lora.decompose_factor is LoKr's (lora.type=lokr), got it with lora.type={type}")
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
     target_modules = resolve_targets(targets, model_layout(transformer), target_family(transformer))
+    if type in LYCORIS_TYPES:
+        return _add_lycoris(transformer, type, rank, alpha, targets, target_modules, dtype, decompose_factor)
     rank_pattern, alpha_pattern = {}, {}
     if init_from is not None:
         # PEFT's scaling is alpha / r (alpha / sqrt(r) with rsLoRA): choose each module's alpha so that it equals
@@ -115,6 +131,29 @@ def add_lora(
     return transformer
 
 
+def _add_lycoris(transformer, adapter_type, rank, alpha, targets, target_modules, dtype, decompose_factor):
+    from fusedit.lora.lycoris import check_exact_split, lycoris_config
+
+    config = lycoris_config(
+        adapter_type,
+        rank,
+        alpha if alpha is not None else rank,
+        target_modules,
+        unused_modules(transformer, target_modules) or None,
+        decompose_factor,
+    )
+    transformer.add_adapter(config)
+    if not has_lora(transformer):
+        raise ValueError(f"lora.targets {targets!r} matched no Linear of the transformer")
+    for name, parameter in transformer.named_parameters():
+        if is_adapter_parameter(name):
+            if dtype is not None:
+                parameter.data = parameter.data.to(dtype)
+            parameter.requires_grad_(True)
+    check_exact_split(transformer)
+    return transformer
+
+
 def _check_arguments(rank, alpha, dropout, init: str, adapter_type: str, init_from) -> None:
     if int(rank) < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
@@ -144,8 +183,8 @@ def _copy_factors(transformer: nn.Module, weights: LoraWeights) -> None:
 
 
 def lora_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
-    """Name -> parameter for every LoRA weight (the trainable set)."""
-    return {name: parameter for name, parameter in transformer.named_parameters() if "lora_" in name}
+    """Name -> parameter for every adapter weight (the trainable set; LoKr / LoHa factors included)."""
+    return {name: parameter for name, parameter in transformer.named_parameters() if is_adapter_parameter(name)}
 
 
 def lora_weights(transformer: nn.Module, **metadata: str) -> LoraWeights:
@@ -186,10 +225,17 @@ def export_lora(transformer: nn.Module, path: str | os.PathLike, layout: str = "
     Conversion between the layouts is fusedit.convert's (exact: a merged to_qkv LoRA becomes q/k/v LoRAs sharing
     A with B split by rows, and a DoRA magnitude split by rows), and so is the file format (diffusers keys +
     LoraConfig metadata; DoRA adds `transformer.<module>.lora_magnitude_vector` and `use_dora`, which diffusers'
-    `load_lora_weights` rebuilds).
+    `load_lora_weights` rebuilds). A LoKr / LoHa adapter is written with ComfyUI's keys, standard layout only
+    (fusedit.lora.lycoris.export_lycoris).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA export layout must be one of {LAYOUTS}, got {layout!r}")
+    from fusedit.lora.lycoris import export_lycoris, lycoris_layers
+
+    if lycoris_layers(transformer):
+        if layout != "standard":
+            raise ValueError("a LoKr / LoHa adapter is exported in the standard layout only (ComfyUI's keys)")
+        return export_lycoris(transformer, path, **metadata)
     return write_lora(lora_weights(transformer, **metadata), path, format="diffusers", layout=layout)
 
 

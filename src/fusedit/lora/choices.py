@@ -12,26 +12,44 @@ INIT_CHOICES = ("default", "gaussian", "pissa", "olora")  # and PEFT's "pissa_ni
 BASE_CHANGING_INITS = ("pissa", "olora")
 
 
-# lora.type: PEFT's LoRA and DoRA (LoraConfig(use_dora=True)). LoKr and LoHa are refused (UNSUPPORTED_TYPES): fusedit
-# writes adapters as diffusers LoRA files, and their Kronecker / Hadamard factors are no B @ A; on the merged to_qkv
-# they factorise the stacked [3d, d] matrix as a whole, which does not split into per-q/k/v factors at all.
-TYPES = ("lora", "dora")
-UNSUPPORTED_TYPES = {
-    "lokr": "a LoKr's Kronecker factors",
-    "loha": "a LoHa's Hadamard factors",
-}
+# lora.type: PEFT's LoRA, DoRA (LoraConfig(use_dora=True)), LoKr (LoKrConfig) and LoHa (LoHaConfig). LoKr and LoHa
+# (the LyCORIS adapters, fusedit.lora.lycoris) are no B @ A: they are exported as the ComfyUI/LyCORIS keys
+# (`lokr_w1`, `hada_w1_a`, ...) in the standard layout, which fusedit's own LoRA reader does not apply.
+TYPES = ("lora", "dora", "lokr", "loha")
+LYCORIS_TYPES = ("lokr", "loha")
 
 
 def check_type(adapter_type: str) -> None:
-    """ValueError naming why for a `lora.type` fusedit cannot train and export."""
-    if adapter_type in UNSUPPORTED_TYPES:
-        raise ValueError(
-            f"lora.type={adapter_type} is not supported: fusedit exports diffusers LoRA files (lora_A / lora_B), and "
-            f"{UNSUPPORTED_TYPES[adapter_type]} are not low-rank factors (on the merged to_qkv they factorise the "
-            "stacked q/k/v matrix, which does not split per projection); use lora.type=lora or dora"
-        )
+    """ValueError unless `adapter_type` is one of TYPES."""
     if adapter_type not in TYPES:
         raise ValueError(f"lora.type must be one of {TYPES}, got {adapter_type!r}")
+
+
+def lycoris_problems(adapter_type: str, init, init_from, dropout, use_rslora, fp8: str, export_layouts) -> list[str]:
+    """What a LoKr / LoHa adapter cannot be combined with (one message each; empty for other types).
+
+    PEFT's LoKr/LoHa have their own initialisation (no PiSSA/OLoRA/gaussian, no LoRA file to start from), no input
+    dropout and no rsLoRA scale; fp8 storage is not wrapped by PEFT's LyCORIS layers; their export is the standard
+    layout only (ComfyUI knows no merged to_qkv).
+    """
+    if adapter_type not in LYCORIS_TYPES:
+        return []
+    name = f"lora.type={adapter_type}"
+    problems = []
+    if init not in (None, "default") or init_from:
+        problems.append(f"{name} starts from PEFT's own initialisation: set lora.init=default and lora.init_from=null")
+    if dropout:
+        problems.append(f"{name} has no input dropout (PEFT's LoKr/LoHa): set lora.dropout=0")
+    if use_rslora:
+        problems.append(f"{name} scales by alpha / rank only: set lora.use_rslora=false")
+    if fp8 not in (None, "none"):
+        problems.append(f"{name} needs an nn.Linear base (PEFT): use precision=bf16 or fp32, not fp8")
+    if any(layout not in (None, "standard") for layout in export_layouts):
+        problems.append(
+            f"{name} is exported in the standard layout only (ComfyUI's keys): callbacks.lora_export.layout=standard "
+            "and merged_copy=false"
+        )
+    return problems
 
 
 def check_init(init: str) -> None:

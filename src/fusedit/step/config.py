@@ -72,7 +72,8 @@ class LoraSpec:
     dropout: lora_dropout. init: `default` (A kaiming, B zero), `gaussian`, or PEFT's `pissa` / `pissa_niter_<k>` /
     `olora` (which move the base weight's principal part into the adapter; fusedit.lora.adapter exports the
     difference). init_from: a LoRA file to start from (fusedit.lora.init_from: read and checked against rank and
-    targets by the lora stage). type: `lora` or `dora` (PEFT's use_dora; fusedit.lora.choices.check_type).
+    targets by the lora stage). type: `lora`, `dora` (PEFT's use_dora), `lokr` or `loha` (PEFT's LoKrConfig /
+    LoHaConfig, fusedit.lora.lycoris). decompose_factor: LoKrConfig's (-1: w1's row count near sqrt(out_features)).
     """
 
     targets: str | list[str] = field(default="attn_mlp")
@@ -83,6 +84,7 @@ class LoraSpec:
     use_rslora: bool = False
     init_from: str | None = None
     type: str = "lora"
+    decompose_factor: int = -1
 
 
 def typed_configs(cfg) -> tuple[ModelConfig, LoraSpec, Precision]:

@@ -9,6 +9,7 @@ problem; `python train.py` prints it as a single error without a traceback (see 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -134,16 +135,31 @@ def _check_validation_samples(cfg: DictConfig, check_paths: bool, problems: list
 
 
 def _adapter_type_problems(cfg: DictConfig) -> list[str]:
-    """`lora.type` (fusedit.lora.choices.check_type) and what DoRA cannot be combined with."""
-    from fusedit.lora.choices import changes_base, check_type
+    """`lora.type` (fusedit.lora.choices.check_type) and what DoRA, LoKr and LoHa cannot be combined with."""
+    from fusedit.lora.choices import changes_base, check_type, lycoris_problems
 
     adapter_type = OmegaConf.select(cfg, "lora.type", default="lora")
     try:
         check_type(adapter_type)
     except ValueError as error:
         return [str(error)]
+    export = OmegaConf.select(cfg, "callbacks.lora_export", default=None)
+    factor = OmegaConf.select(cfg, "lora.decompose_factor", default=-1)
+    if not isinstance(factor, int) or isinstance(factor, bool) or not (factor == -1 or factor >= 1):
+        return [f"lora.decompose_factor must be -1 or an integer >= 1, got {factor!r}"]
+    if factor != -1 and adapter_type != "lokr":
+        return [f"lora.decompose_factor is LoKr's: set lora.type=lokr or leave it at -1 (lora.type={adapter_type})"]
     if adapter_type != "dora":
-        return []
+        layouts = () if export is None else (export.get("layout", "standard"), export.get("merged_copy") and "merged")
+        return lycoris_problems(
+            adapter_type,
+            OmegaConf.select(cfg, "lora.init"),
+            OmegaConf.select(cfg, "lora.init_from"),
+            _number(cfg, "lora.dropout"),
+            OmegaConf.select(cfg, "lora.use_rslora"),
+            OmegaConf.select(cfg, "precision.fp8", default="none"),
+            [layout for layout in layouts if layout],
+        )
     problems = []
     if changes_base(OmegaConf.select(cfg, "lora.init")) or OmegaConf.select(cfg, "lora.init_from"):
         problems.append(
@@ -152,6 +168,35 @@ def _adapter_type_problems(cfg: DictConfig) -> list[str]:
     if OmegaConf.select(cfg, "precision.fp8", default="none") != "none":
         problems.append("lora.type=dora reads the frozen weight for its row norms: use precision=bf16 or fp32, not fp8")
     return problems
+
+
+def _lokr_split_problems(cfg: DictConfig, family: str | None) -> list[str]:
+    """lora.type=lokr on the merged to_qkv / add_qkv_proj: refused from the transformer's config.json, before the
+    model loads, when the update would not split exactly into q/k/v (fusedit.lora.lycoris). Imports PEFT (and
+    torch), so it runs last and for LoKr only; Qwen-Image-2.1 is checked when the adapter is added."""
+    if OmegaConf.select(cfg, "lora.type") != "lokr" or OmegaConf.select(cfg, "model.layout") != "merged_qkv":
+        return []
+    if family == QWEN_IMAGE_21:
+        return []
+    path = OmegaConf.select(cfg, "model.path")
+    try:
+        config = json.loads((Path(str(path)).expanduser() / "transformer" / "config.json").read_text())
+        inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no readable MMDiT config (model.path null: the demo; 2.1): checked when the adapter is added
+    from fusedit.lora.lycoris import split_refusal, w1_rows
+    from fusedit.lora.targets import resolve_targets
+    from fusedit.model.module_map import QKV_GROUPS
+
+    targets = OmegaConf.select(cfg, "lora.targets")
+    targets = OmegaConf.to_object(targets) if OmegaConf.is_config(targets) else targets
+    factor = OmegaConf.select(cfg, "lora.decompose_factor", default=-1)
+    rows = w1_rows(3 * inner, factor)
+    for leaf in (name for name in resolve_targets(targets, "merged_qkv") if name in QKV_GROUPS):
+        refusal = split_refusal(f"attn.{leaf}", 3 * inner, QKV_GROUPS[leaf], rows)
+        if refusal:
+            return [refusal]
+    return []
 
 
 def _lora_problems(cfg: DictConfig, family: str) -> list[str]:
@@ -406,6 +451,8 @@ def validate_train_config(cfg: DictConfig, check_paths: bool = True) -> None:
             "cache.offload=true streams the MMDiT text encoder's layers while encoding; Qwen-Image-2.1's Qwen3-VL "
             "encoder is not streamed. Set cache.offload=false"
         )
+    if check_paths and not problems:
+        problems += _lokr_split_problems(cfg, family)
     if check_paths and not problems:
         # Last, and only for a GPU trainer: torch takes seconds to import, and a typo must be reported at once.
         _check_accelerator(cfg, problems)
