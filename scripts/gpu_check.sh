@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# A lent GPU in one command: the environment, the GPU tests, the training profiles' fit check and the full-shape
-# benchmark, all logged in OUTDIR.
+# A lent GPU in one command: the environment, the GPU tests, Qwen-Image-2.1's full-shape bench, the training
+# profiles' fit check and the full-shape benchmark, all logged in OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [extra `fusedit bench` arguments, e.g. --variants standard+ckpt,merged+compile+ckpt]
 #
-# Leaves eight files in OUTDIR (a device run brings back at most eight): gpu-check.log (environment and summary),
-# gpu-tests.log, gpu-fit.log, gpu-fit.json, gpu-fit.md (`python -m fusedit.bench.fit`: each trainer profile's plan
-# stepped at the full shape under its card's memory cap, measured against the planner's prediction), bench-full.log,
-# bench-full.json and bench-full.md. Both reports are rewritten after every profile / variant, so a run stopped at
-# its limit keeps the numbers it had.
+# Leaves eight files in OUTDIR (a device run brings back at most eight): gpu-check.log (environment, the GPU tests'
+# output, the 2.1 bench's log and table, the summary), bench21-full.json (`fusedit bench --size full --family
+# qwen-image-2.1`: 2.1:standard+ckpt vs 2.1:merged+ckpt), gpu-fit.log, gpu-fit.json, gpu-fit.md (`python -m
+# fusedit.bench.fit`: each trainer profile's plan stepped at the full shape under its card's memory cap, measured
+# against the planner's prediction), bench-full.log, bench-full.json and bench-full.md. The reports are rewritten
+# after every profile / variant, so a run stopped at its limit keeps the numbers it had.
 #
 # Time: the whole script ends inside GPU_CHECK_SECONDS (default 540, i.e. a 10-minute command limit less a minute
-# for installing the wheels): the tests get at most 120 s, the fit check at most GPU_FIT_SECONDS (default 300; its
-# --time-budget ends 30 s early and it starts no profile expected to end past it), the bench the rest (when at
-# least 100 s are left), as a --time-budget that ends a minute early with a hard `timeout` behind it.
+# for installing the wheels): the tests get at most 120 s, the 2.1 bench at most GPU_BENCH21_SECONDS (default 90:
+# two checkpointed variants of 1 warm-up + 3 timed steps at ~321 TFLOP each, expected well inside a minute on an
+# H100/H200; GPU_BENCH21=0 skips it), the fit check at most GPU_FIT_SECONDS (default 240; its --time-budget ends 30 s
+# early and it starts no profile expected to end past it), the bench the rest (when at least 100 s are left), as a
+# --time-budget that ends a minute early with a hard `timeout` behind it.
 # GPU_FIT=0 skips the fit check; GPU_FIT_ARGS adds arguments to it (e.g. "--profiles 12gb,16gb --pcie-gbps 50").
 #
 # Python: $PYTHON, else `python`, else `python3`. This checkout's src/ goes first on PYTHONPATH, so it works with the
@@ -116,11 +119,27 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
   say "== GPU tests: $py -m pytest -q -m gpu tests (at most 120 s)"
   run_logged 120 "$out/gpu-tests.log" "$py" -m pytest -q -p no:cacheprovider -m gpu tests
   tests_rc=$?
+  # Into gpu-check.log: a device run brings back eight files at most.
+  cat "$out/gpu-tests.log" >>"$log" && rm -f "$out/gpu-tests.log"
+fi
+
+bench21_rc=skipped
+if [ "${GPU_BENCH21:-1}" != 0 ]; then
+  bench21_seconds=${GPU_BENCH21_SECONDS:-90}
+  bench21_min=$(awk -v s=$((bench21_seconds - 30)) 'BEGIN { printf "%.2f", (s > 6 ? s : 6) / 60 }')
+  # shellcheck disable=SC2206  # GPU_BENCH21_ARGS is a list of words on purpose
+  bench21=(-m fusedit.bench --size full --family qwen-image-2.1 --variants 2.1:standard+ckpt,2.1:merged+ckpt
+    --warmup 1 --steps 3 --time-budget "$bench21_min" --json "$out/bench21-full.json"
+    --markdown "$out/bench21-full.md" ${GPU_BENCH21_ARGS:-})
+  say "== Qwen-Image-2.1 bench (hard stop after ${bench21_seconds} s): $py ${bench21[*]}"
+  run_logged "$bench21_seconds" "$out/bench21-full.log" "$py" "${bench21[@]}"
+  bench21_rc=$?
+  cat "$out/bench21-full.log" >>"$log" && rm -f "$out/bench21-full.log"
 fi
 
 fit_rc=skipped
 if [ "${GPU_FIT:-1}" != 0 ]; then
-  fit_seconds=${GPU_FIT_SECONDS:-300}
+  fit_seconds=${GPU_FIT_SECONDS:-240}
   ((fit_seconds > total - SECONDS - 30)) && fit_seconds=$((total - SECONDS - 30))
   # shellcheck disable=SC2206  # GPU_FIT_ARGS is a list of words on purpose
   fit=(-m fusedit.bench.fit --time-budget $((fit_seconds - 30)) --json "$out/gpu-fit.json" --markdown "$out/gpu-fit.md"
@@ -158,6 +177,15 @@ skipped) say "fit check: skipped (GPU_FIT=0)" ;;
 *) say "fit check: exit $fit_rc (a profile ran out of memory, failed or was skipped: gpu-fit.md)" && status=1 ;;
 esac
 [ -s "$out/gpu-fit.md" ] && tee -a "$log" <"$out/gpu-fit.md"
+case $bench21_rc in
+skipped) say "2.1 bench: skipped (GPU_BENCH21=0)" ;;
+0) say "2.1 bench: done" ;;
+124 | 137) say "2.1 bench: stopped by the hard time limit; bench21-full.json holds the variants finished before" && status=1 ;;
+*) say "2.1 bench: exit $bench21_rc (a variant failed or the bench broke: gpu-check.log, bench21-full.json)" && status=1 ;;
+esac
+if [ -s "$out/bench21-full.md" ]; then
+  tee -a "$log" <"$out/bench21-full.md" && rm -f "$out/bench21-full.md"
+fi
 case $bench_rc in
 0) say "bench: done" ;;
 notstarted) say "bench: not started (too little time left)" && status=1 ;;

@@ -619,13 +619,20 @@ def test_gpu_check_script_runs_the_fit_check_and_the_bench_and_leaves_its_logs(t
         out, "--size", "tiny", "--layers", "1", "--text-tokens", "8", "--variants", "standard,merged",
         "--warmup", "0", "--steps", "1", "--threads", "1", GPU_TESTS="0", GPU_CHECK_ALLOW_CPU="1",
         GPU_FIT_ARGS="--size tiny --profiles 12gb --warmup 0 --steps 1", GPU_FIT_SECONDS="600",
-        GPU_CHECK_SECONDS="1000",
+        GPU_BENCH21_ARGS="--size tiny --layers 1 --text-tokens 8 --warmup 0 --steps 1 --threads 1",
+        GPU_BENCH21_SECONDS="300", GPU_CHECK_SECONDS="1300",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    # At most eight files (what a device run brings back): the 2.1 bench's log and table go into gpu-check.log.
     assert sorted(p.name for p in out.iterdir()) == [
-        "bench-full.json", "bench-full.log", "bench-full.md", "gpu-check.log", "gpu-fit.json", "gpu-fit.log",
-        "gpu-fit.md",
+        "bench-full.json", "bench-full.log", "bench-full.md", "bench21-full.json", "gpu-check.log", "gpu-fit.json",
+        "gpu-fit.log", "gpu-fit.md",
     ]  # fmt: skip
+    bench21 = json.loads((out / "bench21-full.json").read_text())
+    assert [(v["name"], v["status"]) for v in bench21["variants"]] == [
+        ("2.1:standard+ckpt", "ok"),
+        ("2.1:merged+ckpt", "ok"),
+    ]
     report = json.loads((out / "bench-full.json").read_text())
     assert report["complete"] and [v["status"] for v in report["variants"]] == ["ok", "ok"]
     assert report["time_budget_s"] > 1.5 * 60  # what the fit check left of the 1000 s, less a minute's margin
@@ -639,6 +646,7 @@ def test_gpu_check_script_runs_the_fit_check_and_the_bench_and_leaves_its_logs(t
     assert streamed["measured"]["step_s"] > 0 and streamed["predicted"]["encode_phase"]["mode"] == "offload"
     summary = (out / "gpu-check.log").read_text()
     assert "fit check: done" in summary and "bench: done" in summary and "| 12gb |" in summary
+    assert "2.1 bench: done" in summary and "| 2.1:merged+ckpt |" in summary
 
 
 def test_data_pipeline_throughput_on_synthetic_jpegs():

@@ -236,3 +236,27 @@ def test_the_ema_copy_of_the_lora_is_predicted_as_torch_holds_it():
 
     assert config_plan(full_cfg(["callbacks=ema"])).ema and not config_plan(full_cfg([])).ema
     assert "EMA" in choose(facts, estimates, 80, optim="adamw", ema=True).plan.describe()
+
+
+def test_a_qwen21_gpu_run_is_planned_from_its_own_shapes_and_refused_when_it_will_not_fit(
+    tmp_path, tiny_qwen21_path, monkeypatch
+):
+    """2.1's planner facts come from its own config (context_in_dim, SwiGLU, Qwen3-VL + 64-channel VAE headers), its
+    step is predicted on the 2.1 model (refs + target tokens), and a run that will not fit is refused before loading."""
+    import fusedit.plan.config as plan_config
+    import fusedit.training.train as train_module
+    import fusedit.training.validate_config as validate_config
+    from fusedit.data import make_sample_dataset
+    from tests.training_utils import train_cfg
+
+    metadata = make_sample_dataset(tmp_path / "data", n=2, size=64)
+    cfg = train_cfg(tmp_path, tiny_qwen21_path, metadata, ["trainer=a100", "plan.gpu_gb=0.0001"])
+    facts = plan_config.config_facts(cfg, estimates=Estimates())
+    assert facts.shape.family == "qwen-image-2.1" and facts.shape.mlp_ratio == 3
+    assert facts.shape.reference_slots == facts.shape.image_tokens // 2 // 4  # one 64x64 reference beside the target
+    assert facts.encoder_parameters > facts.vae_parameters > 0 and facts.lora_parameters > 0
+    monkeypatch.setattr(plan_config, "_gpu_run", lambda cfg: True)  # as on a GPU machine
+    monkeypatch.setattr(validate_config, "_check_accelerator", lambda cfg, problems: None)
+    monkeypatch.setattr(train_module, "build_module", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(UserInputError, match=r"predicted to need .* GB of GPU memory"):
+        train_module.train(cfg)

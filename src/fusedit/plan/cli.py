@@ -27,7 +27,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
     # The prediction reads the model's configs and the data's image headers: the demo ones unless --size full.
     cfg = compose_train_config(args.overrides, fill_demo=args.size != "full")
-    report = plan_report(cfg, args.size, args.gpu_gb, args.pcie_gbps)
+    report = plan_report(cfg, args.size, args.gpu_gb, args.pcie_gbps, family=args.family)
     parts = ", ".join(f"{name} {value:.2f}" for name, value in report["parts_gb"].items())
     print(
         f"plan: {report['plan_description']}\n"
@@ -60,6 +60,14 @@ def add_cli(subparsers) -> None:
         default=None,
         help="full: the real Qwen-Image-Edit shapes (60 blocks, Qwen2.5-VL-7B, VAE) at 1024x1024 + one 1024x1024 "
         "edit image, built on the meta device (no files); default: model.path's configs and the data's largest bucket",
+    )
+    parser.add_argument(
+        "--family",
+        choices=["qwen-image", "qwen-image-2.1"],
+        default=None,
+        help="with --size full: plan Qwen-Image-Edit's shapes (qwen-image) or Qwen-Image-2.1's (32 blocks of 4096, "
+        "Qwen3-VL-8B, 64-channel VAE; 1024x1024 target + one 1024x1024 reference). Default: model.path's family "
+        "when it is a pipeline folder, else qwen-image. Without --size full the family is model.path's",
     )
     parser.add_argument(
         "--gpu-gb", type=float, default=None, help="plan for a card of this many GB (default: detected)"

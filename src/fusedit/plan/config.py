@@ -17,7 +17,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fusedit.errors import UserInputError
 from fusedit.plan.choose import MARGIN, Choice, TrainPlan, choose, evaluate, fits
-from fusedit.plan.predict import FULL, Estimates, ModelFacts, model_facts, pipeline_shape, training_shape
+from fusedit.plan.predict import (
+    FULL,
+    FULL_BY_FAMILY,
+    Estimates,
+    ModelFacts,
+    model_facts,
+    pipeline_shape,
+    training_shape,
+)
 from fusedit.step.precision import PRESETS, Precision
 from fusedit.train_config import CONF_DIR
 
@@ -70,13 +78,32 @@ def _targets(cfg: DictConfig):
     return tuple(OmegaConf.to_object(targets)) if OmegaConf.is_config(targets) else str(targets)
 
 
-def config_facts(cfg: DictConfig, size: str | None = None, estimates: Estimates | None = None) -> ModelFacts:
-    """Model facts for `cfg`: `size="full"`: Qwen-Image-Edit's real shapes at 1024x1024 + one 1024x1024 edit image,
-    no files; else the pipeline at `model.path` (configs and safetensors headers) at the data's largest bucket."""
+def _full_family(cfg: DictConfig, family: str | None) -> str:
+    """The family `--size full` plans for: `family` if given, else model.path's when it is a pipeline folder."""
+    if family is not None:
+        return family
+    from pathlib import Path
+
+    from fusedit.families import QWEN_IMAGE_21, folder_family
+
+    path = cfg.model.get("path")
+    if path and (Path(str(path)) / "model_index.json").is_file() and folder_family(str(path)) == QWEN_IMAGE_21:
+        return QWEN_IMAGE_21
+    return FULL.family
+
+
+def config_facts(
+    cfg: DictConfig, size: str | None = None, estimates: Estimates | None = None, family: str | None = None
+) -> ModelFacts:
+    """Model facts for `cfg`: `size="full"`: the real shapes at 1024x1024 + one 1024x1024 edit image, no files, of
+    Qwen-Image-Edit or, with `family="qwen-image-2.1"` (or a 2.1 model.path), Qwen-Image-2.1 (32 blocks of 4096,
+    Qwen3-VL-8B, its 64-channel VAE); else the pipeline at `model.path` (configs and safetensors headers, either
+    family) at the data's largest bucket."""
     layout = cfg.model.layout
     batch = int(cfg.data.batch_size)
     if size == "full":
-        shape = training_shape(FULL, FULL.target_size, FULL.edit_sizes, batch, int(cfg.lora.rank), _targets(cfg))
+        full = FULL_BY_FAMILY[_full_family(cfg, family)]
+        shape = training_shape(full, full.target_size, full.edit_sizes, batch, int(cfg.lora.rank), _targets(cfg))
         return model_facts(shape, layout, None, estimates)
     target, edits = _largest_bucket(cfg)
     base = pipeline_shape(cfg.model.path, FULL)

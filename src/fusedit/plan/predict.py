@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from fusedit.bench.shapes import PIXELS_PER_TOKEN, SHAPES, BenchShape
+from fusedit.bench.shapes import MMDIT, PIXELS_PER_TOKEN, QWEN21, QWEN21_SHAPES, SHAPES, BenchShape
 from fusedit.errors import UserInputError
 from fusedit.optim import STATE_BYTES_PER_PARAMETER
 
@@ -205,6 +205,48 @@ QWEN25_VL_7B = {
 }
 
 
+# Qwen-Image-2.1's text encoder at full size, for `--size full` without files: Qwen3-VL-8B (its hidden size 4096 is
+# 2.1's context_in_dim), config values as published for Qwen/Qwen3-VL-8B-Instruct (not read from a file here).
+QWEN3_VL_8B = {
+    "text_config": {
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "depth": 27,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "out_hidden_size": 4096,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+    "tie_word_embeddings": False,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def full_qwen21_encoder_counts() -> list[int]:
+    """[all, VAE, largest text-encoder leaf] parameters of Qwen3-VL-8B (QWEN3_VL_8B) + 2.1's VAE (diffusers'
+    default AutoencoderKLQwenImage21 config, 64 latent channels), built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLQwenImage21
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    with init_empty_weights():
+        text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**QWEN3_VL_8B))
+        vae = AutoencoderKLQwenImage21()
+    return encoder_counts(text_encoder, vae)
+
+
 @functools.lru_cache(maxsize=1)
 def full_encoder_counts() -> list[int]:
     """[all, VAE, largest text-encoder leaf] parameters of Qwen2.5-VL-7B + Qwen-Image's VAE (diffusers' default
@@ -245,8 +287,23 @@ def _header_counts(directory: Path) -> tuple[int, int]:
 
 
 def pipeline_shape(model_path: str | os.PathLike, base: BenchShape) -> BenchShape:
-    """`base` with the transformer dimensions of the pipeline at `model_path` (transformer/config.json)."""
+    """`base` with the transformer dimensions of the pipeline at `model_path` (transformer/config.json). A
+    Qwen-Image-2.1 transformer (`_class_name` QwenImage21Transformer2DModel) gives a 2.1 shape (family, its
+    context_in_dim and mlp_ratio; `base`'s sizes, text tokens, batch and LoRA kept)."""
+    from fusedit.model.module_map import QWEN21_TRANSFORMER_CLASS
+
     config = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
+    if config.get("_class_name") == QWEN21_TRANSFORMER_CLASS:
+        return base.replace(
+            name=Path(model_path).name,
+            family=QWEN21,
+            num_layers=config["num_layers"],
+            num_attention_heads=config["num_attention_heads"],
+            attention_head_dim=config["attention_head_dim"],
+            joint_attention_dim=config["context_in_dim"],
+            mlp_ratio=config.get("mlp_ratio", 3),
+            axes_dims_rope=tuple(config["axes_dims_rope"]),
+        )
     return base.replace(
         name=Path(model_path).name,
         num_layers=config["num_layers"],
@@ -264,8 +321,10 @@ def model_facts(
     encoders built on the meta device when `model_path` is None (kept in `estimates`, a ~30 s build)."""
     block_bytes, other_bytes, lora = transformer_facts(shape, layout)
     if model_path is None:
-        key = json.dumps([_ESTIMATE_VERSION, "full encoder counts", QWEN25_VL_7B], sort_keys=True)
-        encoders, vae, leaf = estimates.get(key, full_encoder_counts) if estimates else full_encoder_counts()
+        qwen21 = shape.family == QWEN21
+        config, counts = (QWEN3_VL_8B, full_qwen21_encoder_counts) if qwen21 else (QWEN25_VL_7B, full_encoder_counts)
+        key = json.dumps([_ESTIMATE_VERSION, "full encoder counts", config], sort_keys=True)
+        encoders, vae, leaf = estimates.get(key, counts) if estimates else counts()
     else:
         (text, leaf), (vae, _) = (_header_counts(Path(model_path) / part) for part in ("text_encoder", "vae"))
         encoders = text + vae
@@ -277,6 +336,9 @@ def _estimate_key(shape: BenchShape, layout: str, every: int, depth: int, run_dt
     import diffusers
 
     fields = dataclasses.asdict(shape.replace(num_layers=depth, name=""))
+    if shape.family == MMDIT:  # the MMDiT's keys as before 2.1 came in: kept estimates stay valid
+        fields.pop("family")
+        fields.pop("mlp_ratio")
     key = [_ESTIMATE_VERSION, torch.__version__, diffusers.__version__, layout, every, fields]
     # bf16 keys stay as they were before fp32 was planned, so that kept estimates stay valid.
     return json.dumps(key if run_dtype == "bf16" else [*key, run_dtype], sort_keys=True)
@@ -379,8 +441,10 @@ def training_shape(
 ) -> BenchShape:
     """`base` at the data's largest bucket (sizes in pixels, multiples of 16) and the run's batch and LoRA."""
 
+    step = 2 * PIXELS_PER_TOKEN if base.family == QWEN21 else PIXELS_PER_TOKEN  # 2.1: whole 2x2-token slots
+
     def snap(size):
-        return tuple(max(PIXELS_PER_TOKEN, (side // PIXELS_PER_TOKEN) * PIXELS_PER_TOKEN) for side in size)
+        return tuple(max(step, (side // step) * step) for side in size)
 
     return base.replace(
         target_size=snap(target_size),
@@ -392,3 +456,5 @@ def training_shape(
 
 
 FULL = SHAPES["full"]
+FULL21 = QWEN21_SHAPES["full"]
+FULL_BY_FAMILY = {MMDIT: FULL, QWEN21: FULL21}

@@ -17,16 +17,17 @@ def plan_report(
     gpu_gb: float | None,
     pcie_gbps: float = DEFAULT_PCIE_GBPS,
     estimates: Estimates | None = None,
+    family: str | None = None,
 ) -> dict:
     """The `fusedit plan` JSON: the chosen plan (trainer=auto) or the config's own, predicted for `gpu_gb`; the
     transfer floor at `pcie_gbps` GB/s host->GPU (fusedit.plan.predict.PCIE_GBPS). `estimates`: default the
-    config's `plan.estimates` file."""
+    config's `plan.estimates` file. `family`: which model `size="full"` plans for (fusedit.plan.config.config_facts)."""
     gpu_gb = gpu_gb or cfg.get("plan", {}).get("gpu_gb") or detected_gpu_gb()
     if gpu_gb is None:
         raise UserInputError("no CUDA GPU detected: pass --gpu-gb N to plan for a card of N GB")
     if estimates is None:
         estimates = Estimates(cfg.plan.get("estimates") if cfg.get("plan") else None)
-    facts = config_facts(cfg, size=size, estimates=estimates)
+    facts = config_facts(cfg, size=size, estimates=estimates, family=family)
     auto = bool(cfg.get("plan", {}).get("auto", False))
     plan = config_plan(cfg)
     choice = (

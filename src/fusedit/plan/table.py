@@ -2,6 +2,7 @@
 compares them).
 
     python -m fusedit.plan.table [ESTIMATES_JSON]   # prints the markdown table (full shape; ~2 min without a cache)
+    python -m fusedit.plan.table --family qwen-image-2.1 [ESTIMATES_JSON]   # the same at Qwen-Image-2.1's full shape
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from fusedit.plan.predict import DEFAULT_PCIE_GBPS, Estimates
 PROFILE_CARDS = {"a100": 80, "h100": 80, "rtx4090": 24, "16gb": 16, "12gb": 12}
 
 
-def profiles_table(estimates: Estimates, pcie_gbps: float = DEFAULT_PCIE_GBPS) -> str:
-    """Markdown: each GPU profile's plan predicted at the full shape on its card (fusedit.plan.plan_report)."""
+def profiles_table(estimates: Estimates, pcie_gbps: float = DEFAULT_PCIE_GBPS, family: str | None = None) -> str:
+    """Markdown: each GPU profile's plan predicted at the full shape on its card (fusedit.plan.plan_report), of
+    Qwen-Image-Edit or (`family="qwen-image-2.1"`) Qwen-Image-2.1."""
     from fusedit.plan.report import plan_report
     from fusedit.train_config import compose_train_config
 
@@ -26,7 +28,7 @@ def profiles_table(estimates: Estimates, pcie_gbps: float = DEFAULT_PCIE_GBPS) -
     ]
     for profile, card_gb in PROFILE_CARDS.items():
         cfg = compose_train_config([f"trainer={profile}"], fill_demo=False)
-        report = plan_report(cfg, "full", card_gb, pcie_gbps, estimates)
+        report = plan_report(cfg, "full", card_gb, pcie_gbps, estimates, family=family)
         parts = " + ".join(f"{value:.2f}" for value in report["parts_gb"].values())
         encode = report["encode_phase"]
         encoding = (
@@ -44,8 +46,10 @@ def profiles_table(estimates: Estimates, pcie_gbps: float = DEFAULT_PCIE_GBPS) -
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fusedit.plan.table", description=__doc__.splitlines()[0])
     parser.add_argument("estimates", nargs="?", default=None, help="the planner's estimate cache (JSON) to reuse")
+    parser.add_argument("--family", choices=["qwen-image", "qwen-image-2.1"], default=None, help="default qwen-image")
     return parser
 
 
 if __name__ == "__main__":
-    print(profiles_table(Estimates(build_parser().parse_args().estimates)), end="")
+    arguments = build_parser().parse_args()
+    print(profiles_table(Estimates(arguments.estimates), family=arguments.family), end="")
