@@ -6,6 +6,7 @@ the adapter type."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -207,7 +208,7 @@ def test_detect_names_the_type_convert_refuses_and_infer_asks_for_fuse(tmp_path,
 def exported(tmp_path, model_path, layout: str, spec: dict, seed: int):
     torch.manual_seed(seed)
     trained = build_transformer(model_path, ModelConfig(layout=layout), LoraSpec("attn_mlp", **spec), Precision())
-    _randomise(trained, seed=seed, std=0.3)
+    _randomise(trained, seed=seed, std=0.6)  # large enough to change the tiny pipeline's 8-bit image clearly
     return export_lora(trained, tmp_path / f"{spec['type']}-{layout}.safetensors")
 
 
@@ -297,3 +298,57 @@ def test_load_loras_fuses_lokr_and_loha_at_their_strength_on_both_layouts(tiny_e
 def weight_of(model, name: str) -> torch.Tensor:
     layer = model.get_submodule(name)
     return getattr(layer, "base_layer", layer).weight.detach()
+
+
+@pytest.mark.parametrize(("kind", "layout", "scale"), [("lokr", "merged_qkv", 1.0), ("loha", "standard", 0.5)])
+def test_infer_image_with_a_lokr_or_loha_is_the_stock_image_with_the_update_added(
+    tiny_t2i_path, adapter_files, tmp_path, kind, layout, scale
+):
+    from diffusers import QwenImagePipeline
+
+    from fusedit.inference.preflight import preflight
+    from fusedit.inference.run import infer
+    from tests.test_inference import cfg_for, diffusers_pixels, pixels
+
+    path = adapter_files[0][kind]
+    common = [f"model.path={tiny_t2i_path}", "prompt=a red cube", "sampling.true_cfg_scale=3.5", f"model={layout}"]
+    common += [f"lora.path={path}", f"lora.scale={scale}"]
+    # Without lora.fuse: one line from the preflight, before the pipeline loads.
+    with pytest.raises(UserInputError, match=rf"^lora.path=.*{kind}-.*is a {NAMES[kind]} adapter.*lora.fuse=true"):
+        preflight(cfg_for(*common, f"output={tmp_path / 'refused.png'}"))
+    record = infer(cfg_for(*common, "lora.fuse=true", f"output={tmp_path / 'o.png'}"))
+    assert record["loras"][0]["adapter_type"] == kind and record["loras"][0]["scale"] == scale
+
+    stock = QwenImagePipeline.from_pretrained(str(tiny_t2i_path), dtype=torch.float32)
+    stock.set_progress_bar_config(disable=True)
+    base = diffusers_pixels(stock, prompt="a red cube")
+    with torch.no_grad():
+        for module, delta in file_deltas(path, scale).items():
+            weight = stock.transformer.get_submodule(module).weight
+            weight.copy_((weight.double() + delta).float())
+    reference = diffusers_pixels(stock, prompt="a red cube")
+    assert np.abs(reference - base).max() > 20  # the adapter changes the image ...
+    assert np.abs(pixels(tmp_path / "o.png") - reference).max() <= 1  # ... as W + scale x dW does (8-bit rounding)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_qwen21_adapter_trained_merged_is_fused_back_onto_its_merged_modules(tmp_path, tiny_qwen21_path, kind):
+    """Qwen-Image-2.1 (same infer path): a LoKr / LoHa trained on the merged to_qkv and gate_up_proj, exported in
+    the standard layout, fused onto the merged model puts exactly the trained update into each merged weight."""
+    from fusedit.inference.lora import load_loras
+    from fusedit.inference.preflight import LoraSpec as InferLora
+    from fusedit.model import load_transformer
+
+    spec = dict(type=kind, rank=2, alpha=3, **({"decompose_factor": 6} if kind == "lokr" else {}))
+    trained = build_transformer(tiny_qwen21_path, ModelConfig(), LoraSpec("attn_mlp", **spec), Precision())
+    _randomise(trained, seed=3, std=0.3)
+    path = export_lora(trained, tmp_path / f"{kind}.safetensors")
+    stock = load_transformer(tiny_qwen21_path, "merged_qkv", dtype=torch.float32)
+    fused = load_transformer(tiny_qwen21_path, "merged_qkv", dtype=torch.float32)
+    load_loras(fused, [InferLora(str(path), 0.5)], fuse=True)
+    layers = lycoris_layers(trained)
+    assert any(name.endswith("gate_up_proj") for name in layers) and any(name.endswith("to_qkv") for name in layers)
+    for name, layer in layers.items():
+        expected = 0.5 * layer.get_delta_weight("default")
+        got = weight_of(fused, name) - weight_of(stock, name)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
