@@ -24,7 +24,8 @@ The same holds for any merged group (Qwen-Image-2.1's gate_up_proj splits in 2).
 keys for these adapters (`diffusion_model.<module>.lokr_w1` / `.hada_w1_a` ..., and `.alpha`), which ComfyUI's
 Qwen-Image loader applies (LyCORIS' names); the strength goes into the `.alpha` tensor as ComfyUI reads it
 (alpha / rank of a low-rank factor), or into w1 for a LoKr without a low-rank factor (ComfyUI applies those
-unscaled, as LyCORIS does).
+unscaled, as LyCORIS does). `read_lycoris` reads such a file back with that rule (`comfyui_scale`): infer.py
+applies it from there (fusedit.inference.lora), and the export tests decode with it.
 """
 
 from __future__ import annotations
