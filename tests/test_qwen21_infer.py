@@ -228,3 +228,25 @@ def test_a_transformer_or_option_of_the_other_family_is_refused(tiny_qwen21_path
     cfg = cfg_for(tiny_t2i_path, "prompt=x", out)
     with pytest.raises(UserInputError, match=r"^sampling.output_resolution is Qwen-Image-2.1's"):
         preflight(cfg)
+
+
+def test_diffusers_notices_about_its_own_api_are_not_printed_on_every_run():
+    # Each 2.1 run and validation round builds a guider: diffusers warned "Guiders are currently an experimental
+    # feature ..." every time (fusedit.inference.qwen21 drops that one message, nothing else).
+    import logging
+
+    from diffusers import ClassifierFreeGuidance
+
+    import fusedit.inference.qwen21  # noqa: F401 (installs the filter)
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.guiders.guider_utils")
+    logger.addHandler(handler)
+    try:
+        ClassifierFreeGuidance(guidance_scale=2.0)
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage() for record in records] == ["another warning"]

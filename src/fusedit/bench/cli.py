@@ -183,9 +183,10 @@ def shape_from_args(args, family: str = MMDIT) -> BenchShape:
 def _refuse_untimeable(args, device: torch.device, timed: bool) -> None:
     """Stop at once what would run for hours or with a bad thread count, before anything is built."""
     if args.size == "full" and device.type == "cpu" and args.layers is None and timed and not args.data_only:
-        # 60 blocks x 3072 wide in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
+        # 60 blocks x 3072 wide (or 2.1's 32 x 4096) in fp32 is ~80 GB of weights and minutes per step on a CPU: say so at once.
         raise UserInputError(
-            "--size full is the real 20B shape and needs a GPU to time; on CPU use --size tiny, a partial model with "
+            "--size full is the real model's shape (Qwen-Image's 20B, Qwen-Image-2.1's 32 blocks of 4096) and needs a "
+            "GPU to time; on CPU use --size tiny, a partial model with "
             "--layers N, or --estimate-only for its predicted peak memory"
         )
     if args.threads is not None and args.threads < 1:

@@ -151,6 +151,12 @@ def step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool = True)
             # fusedit.lora.adapter leaves the last block's dead text-stream Linears without an adapter.
             lora_forward -= forward_one
             lora_backward -= 2 * forward_one
+    return _step_totals(base_forward, base_backward, attention, lora_forward, lora_backward)
+
+
+def _step_totals(base_forward: int, base_backward: int, attention: int, lora_forward: int, lora_backward: int):
+    """The per-step FLOP dict `step_flops` and `qwen21_step_flops` report, attention's backward counted as twice
+    its forward in both."""
     forward = base_forward + attention + lora_forward
     backward = base_backward + 2 * attention + lora_backward
     return {
@@ -236,14 +242,4 @@ def qwen21_step_flops(shape: BenchShape, layout: str = "merged_qkv", lora: bool 
         lora_backward += shape.num_layers * 2 * forward_one
         if name in _QWEN21_QKV:
             lora_backward -= 2 * r * i * rows  # A's input gradient in block 0
-    forward = base_forward + attention + lora_forward
-    backward = base_backward + 2 * attention + lora_backward
-    return {
-        "base_forward": float(base_forward),
-        "base_backward": float(base_backward),
-        "attention_forward": float(attention),
-        "lora_forward": float(lora_forward),
-        "forward": float(forward),
-        "backward": float(backward),
-        "step": float(forward + backward),
-    }
+    return _step_totals(base_forward, base_backward, attention, lora_forward, lora_backward)

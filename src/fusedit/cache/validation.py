@@ -26,6 +26,7 @@ VAE decoder only, as above.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -109,11 +110,8 @@ class CachedSampler:
         if not samples:
             return []
         device = module.device
-        vae = self._load_vae().to(device)
-        was_training = module.transformer.training
-        module.transformer.eval()
         rows = []
-        try:
+        with self._round(module):
             for sample in samples:
                 inputs = cached_inputs([sample], device)
                 scheduler = self.scheduler_cls.from_config(self.scheduler_config)
@@ -124,13 +122,24 @@ class CachedSampler:
                     pictures = [self.decode(edit, shape)[0] for edit, shape in zip(edits, shapes[1:], strict=True)]
                     pictures += [self.decode(edited, shapes[0])[0], self.decode(inputs.target, shapes[0])[0]]
                 rows.append([*pictures, sample["prompt"]])
+        return rows
+
+    @contextlib.contextmanager
+    def _round(self, module):
+        """One validation round: yields the VAE on `module`'s device with the transformer in eval mode; puts the
+        transformer's mode back and the VAE on the CPU after (it stays loaded between rounds)."""
+        device = module.device
+        vae = self._load_vae().to(device)
+        was_training = module.transformer.training
+        module.transformer.eval()
+        try:
+            yield vae
         finally:
             module.transformer.train(was_training)
             vae.to("cpu")
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        return rows
 
 
 class Qwen21CachedSampler(CachedSampler):
@@ -157,11 +166,8 @@ class Qwen21CachedSampler(CachedSampler):
         if not samples:
             return []
         device = module.device
-        vae = self._load_vae().to(device)
-        was_training = module.transformer.training
-        module.transformer.eval()
         rows = []
-        try:
+        with self._round(module) as vae:
             for sample in samples:
                 inputs = cached_inputs([sample], device)
                 *references, (_, height, width) = inputs.img_shapes[0]
@@ -183,10 +189,4 @@ class Qwen21CachedSampler(CachedSampler):
                     shown = [decode(vae, latent)[0] for latent in latents]
                     target = decode(vae, unpack(inputs.target, height, width))[0]
                 rows.append([*(image.convert("RGB") for image in (*shown, edited, target)), sample["prompt"]])
-        finally:
-            module.transformer.train(was_training)
-            vae.to("cpu")
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         return rows

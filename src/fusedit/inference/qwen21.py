@@ -23,12 +23,33 @@ diffusers' `ClassifierFreeGuidance` with it, and the negative prompt is then enc
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
 import PIL.Image
 import torch
 from torch import nn
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of `prefixes` (diffusers' own notices that a user cannot act on)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# Every 2.1 run builds diffusers' guider and components this way, so each run and each validation round printed these
+# warnings about diffusers' own API ("Guiders are currently an experimental feature ...", "Component was not created
+# using `ComponentSpec` ..."); nothing in them is the user's to change. Only these two messages are dropped.
+logging.getLogger("diffusers.guiders.guider_utils").addFilter(_DropMessages("Guiders are currently an experimental"))
+logging.getLogger("diffusers.modular_pipelines.modular_pipeline_utils").addFilter(
+    _DropMessages("Component was not created using `ComponentSpec`")
+)
 
 # The pipeline's own default side (QwenImage21ModularPipeline's `output_resolution`): references are resized to
 # about this side squared in their aspect, and the output takes the last reference's aspect (or is square).
