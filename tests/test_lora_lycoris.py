@@ -6,6 +6,7 @@ the adapter type."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +15,7 @@ from fusedit.cli import main as fusedit_main
 from fusedit.convert import read_lora
 from fusedit.errors import UserInputError
 from fusedit.lora.adapter import export_lora
-from fusedit.lora.lycoris import MERGED_GROUPS, exact_factor, lycoris_layers, w1_rows
+from fusedit.lora.lycoris import MERGED_GROUPS, exact_factor, lycoris_delta, lycoris_layers, read_lycoris, w1_rows
 from fusedit.step.build import build_transformer, load
 from fusedit.step.config import LoraSpec, ModelConfig
 from fusedit.step.precision import Precision
@@ -24,29 +25,15 @@ from tests.test_lora import _inputs, _randomise
 from tests.test_optim import fit, lora_state
 from tests.training_utils import compose_train
 
-PREFIX = "diffusion_model."
 NAMES = {"lokr": "LoKr", "loha": "LoHa"}
 
 
-def file_deltas(path) -> dict[str, torch.Tensor]:
-    """Module -> the weight update ComfyUI's LoKr / LoHa adapters apply at strength 1 (their scale rule: alpha over
-    the rank of a low-rank factor, 1 without one), in fp64."""
-    tensors = {key: value.double() for key, value in load_file(str(path)).items()}
-    modules = {key.removeprefix(PREFIX).rpartition(".")[0] for key in tensors}
-    deltas = {}
-    for module in modules:
-        f = {key.rpartition(".")[2]: value for key, value in tensors.items() if key.startswith(f"{PREFIX}{module}.")}
-        alpha = f.get("alpha")
-        if "hada_w1_a" in f:
-            scale = 1.0 if alpha is None else float(alpha) / f["hada_w1_b"].shape[0]
-            deltas[module] = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) * scale
-            continue
-        w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
-        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
-        dim = f["lokr_w2_b"].shape[0] if "lokr_w2_b" in f else f["lokr_w1_b"].shape[0] if "lokr_w1_b" in f else None
-        scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
-        deltas[module] = torch.kron(w1, w2) * scale
-    return deltas
+def file_deltas(path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Module -> the weight update ComfyUI's LoKr / LoHa adapters apply at strength `scale` (their scale rule: alpha
+    over the rank of a low-rank factor, 1 without one; fusedit.lora.lycoris.read_lycoris, the rule infer.py applies
+    too, checked against ComfyUI's own loader in tests/test_comfyui_loader.py), in fp64."""
+    modules = read_lycoris(load_file(str(path)), str(path))
+    return {m: lycoris_delta(f, scale * s, torch.float64) for m, (f, s) in modules.items()}
 
 
 def trained_deltas(model) -> dict[str, torch.Tensor]:
@@ -197,19 +184,180 @@ def test_loha_training_moves_every_factor(tiny_edit_path, conditioner, batch):
     assert all(update.any() for update in adapter_updates(module))  # the gradient reached w2b
 
 
-def test_detect_convert_and_infer_name_the_adapter_type(tmp_path, tiny_edit_path, capsys):
+def test_detect_names_the_type_convert_refuses_and_infer_asks_for_fuse(tmp_path, tiny_edit_path, capsys):
+    import json
+
     from fusedit.inference.preflight import LoraSpec as InferLora
-    from fusedit.inference.preflight import lora_file
+    from fusedit.inference.preflight import lora_file, lycoris_file_type, lycoris_needs_fuse
 
     trained = build_transformer(tiny_edit_path, ModelConfig(), LoraSpec("attn", rank=2, type="loha"), Precision())
     path = export_lora(trained, tmp_path / "loha.safetensors")
-    for command in (
-        ["detect", str(path)],
-        ["convert", "--input", str(path), "--output", str(tmp_path / "o.safetensors")],
-    ):
-        assert fusedit_main(command) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and "is a LoHa adapter" in lines[0] and "ComfyUI" in lines[0], lines
-    # infer.py's preflight reads the header only, before the pipeline loads
-    with pytest.raises(UserInputError, match=r"^lora.path=.*loha.safetensors: is a LoHa adapter"):
-        lora_file(InferLora(str(path)))
+    assert fusedit_main(["detect", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "lora" and report["adapter_type"] == "loha" and report["layout"] == "standard"
+    assert "attn.to_q" in report["target_modules"] and report["scales"] == [1.0]  # alpha / r = 2 / 2
+    assert fusedit_main(["convert", "--input", str(path), "--output", str(tmp_path / "o.safetensors")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is a LoHa adapter" in lines[0] and "lora.fuse=true" in lines[0], lines
+    # infer.py's preflight reads the header only, before the pipeline loads: the file is fine, fuse is asked for
+    assert lora_file(InferLora(str(path))) == path and lycoris_file_type(path) == "LoHa"
+    assert lycoris_needs_fuse("lora.path", path).endswith("set lora.fuse=true (its strength is then fixed for the run)")
+
+
+# ------------------------------------------------------------------------------------------- applied by infer.py
+def exported(tmp_path, model_path, layout: str, spec: dict, seed: int):
+    torch.manual_seed(seed)
+    trained = build_transformer(model_path, ModelConfig(layout=layout), LoraSpec("attn_mlp", **spec), Precision())
+    _randomise(trained, seed=seed, std=0.6)  # large enough to change the tiny pipeline's 8-bit image clearly
+    return export_lora(trained, tmp_path / f"{spec['type']}-{layout}.safetensors")
+
+
+def patched(model_path, updates) -> torch.nn.Module:
+    """The stock standard-layout transformer with W + delta added for every (file, scale) of `updates` (fp64 sum;
+    the merged layout computes what the standard one does, tests/test_merged_qkv.py)."""
+    from fusedit.model import load_transformer
+
+    stock = load_transformer(model_path, "standard", dtype=torch.float32)
+    with torch.no_grad():
+        for path, scale in updates:
+            for module, delta in file_deltas(path, scale).items():
+                weight = stock.get_submodule(module).weight
+                weight.copy_((weight.double() + delta).float())
+    return stock
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tiny_edit_path, tmp_path_factory):
+    """A LoKr trained on the merged layout, a LoHa trained on the standard one (both exported as training does),
+    a plain LoRA, and the reference outputs: the stock model with W + scale x the file's update, per (file, scale)."""
+    from tests.test_inference import random_lora
+
+    tmp_path = tmp_path_factory.mktemp("lycoris")
+    files = {
+        "lokr": exported(tmp_path, tiny_edit_path, "merged_qkv", dict(type="lokr", rank=2, alpha=3, decompose_factor=6), 1),
+        "loha": exported(tmp_path, tiny_edit_path, "standard", dict(type="loha", rank=2, alpha=3), 2),
+    }  # fmt: skip
+    from fusedit.model import load_transformer
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    files["lora"] = random_lora(load_transformer(tiny_edit_path, "standard", torch.float32), tmp_path, targets, 2, 2.0)
+    with torch.no_grad():
+        expected = {
+            (kind, scale): patched(tiny_edit_path, [(files[kind], scale)])(**_inputs())[0]
+            for kind in ("lokr", "loha")
+            for scale in (1.0, 0.5)
+        }
+    return files, expected
+
+
+@pytest.mark.parametrize("layout", ["merged_qkv", "standard"])
+def test_load_loras_fuses_lokr_and_loha_at_their_strength_on_both_layouts(tiny_edit_path, adapter_files, layout):
+    from fusedit.inference.lora import load_loras
+    from fusedit.inference.preflight import LoraSpec as InferLora
+    from fusedit.model import load_transformer
+
+    files, expected = adapter_files
+    stock = load_transformer(tiny_edit_path, layout, dtype=torch.float32)
+    with torch.no_grad():
+        base = stock(**_inputs())[0]
+    fused = {}
+    for (kind, scale), output in expected.items():
+        model = load_transformer(tiny_edit_path, layout, dtype=torch.float32)
+        with pytest.raises(UserInputError, match=r"adapter, which infer.py applies as a dense weight update only"):
+            load_loras(model, [InferLora(str(files[kind]), scale)])
+        records = load_loras(model, [InferLora(str(files[kind]), scale)], fuse=True)
+        assert records[0]["adapter_type"] == kind and records[0]["applied_layout"] == layout
+        with torch.no_grad():
+            actual = model(**_inputs())[0]
+        assert relative_error(actual, output) <= 1e-4, (kind, scale)
+        assert relative_error(output, base) > 1e-2  # the adapter matters ...
+        if scale == 0.5:  # ... and strength 0.5 is half the weight update, not the full one
+            assert relative_error(actual, expected[kind, 1.0]) > 1e-3
+        fused[kind, scale] = model
+
+    # A LoRA and a LoKr in one list (fused): the LoKr adds the same update to the weights as alone.
+    both = load_transformer(tiny_edit_path, layout, dtype=torch.float32)
+    load_loras(both, [InferLora(str(files["lora"]), 0.7), InferLora(str(files["lokr"]), 0.5)], fuse=True)
+    lora_only = load_transformer(tiny_edit_path, layout, dtype=torch.float32)
+    load_loras(lora_only, [InferLora(str(files["lora"]), 0.7)], fuse=True)
+    changed = 0
+    for name, module in stock.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            lokr_update = weight_of(fused["lokr", 0.5], name) - module.weight.detach()
+            torch.testing.assert_close(
+                weight_of(both, name) - weight_of(lora_only, name), lokr_update, rtol=0, atol=1e-6
+            )
+            changed += bool(lokr_update.any())
+    assert changed >= 2
+
+
+def weight_of(model, name: str) -> torch.Tensor:
+    layer = model.get_submodule(name)
+    return getattr(layer, "base_layer", layer).weight.detach()
+
+
+@pytest.fixture(scope="module")
+def stock_pipeline(tiny_t2i_path):
+    """diffusers' own QwenImagePipeline on the tiny text-to-image folder (fp32)."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_t2i_path), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(("kind", "layout", "scale"), [("lokr", "merged_qkv", 1.0), ("loha", "standard", 0.5)])
+def test_infer_image_with_a_lokr_or_loha_is_the_stock_image_with_the_update_added(
+    tiny_t2i_path, adapter_files, stock_pipeline, tmp_path, kind, layout, scale
+):
+    from fusedit.inference.preflight import preflight
+    from fusedit.inference.run import infer
+    from tests.test_inference import cfg_for, diffusers_pixels, pixels
+
+    path = adapter_files[0][kind]
+    common = [f"model.path={tiny_t2i_path}", "prompt=a red cube", "sampling.true_cfg_scale=3.5", f"model={layout}"]
+    common += [f"lora.path={path}", f"lora.scale={scale}"]
+    if kind == "lokr":  # without lora.fuse: one line from the preflight, before the pipeline loads
+        with pytest.raises(UserInputError, match=r"^lora.path=.*lokr-.*is a LoKr adapter.*set lora.fuse=true"):
+            preflight(cfg_for(*common, f"output={tmp_path / 'refused.png'}"))
+    record = infer(cfg_for(*common, "lora.fuse=true", f"output={tmp_path / 'o.png'}"))
+    assert record["loras"][0]["adapter_type"] == kind and record["loras"][0]["scale"] == scale
+
+    stock = stock_pipeline
+    base = diffusers_pixels(stock, prompt="a red cube")
+    original = {name: value.clone() for name, value in stock.transformer.state_dict().items()}
+    with torch.no_grad():
+        for module, delta in file_deltas(path, scale).items():
+            weight = stock.transformer.get_submodule(module).weight
+            weight.copy_((weight.double() + delta).float())
+    reference = diffusers_pixels(stock, prompt="a red cube")
+    stock.transformer.load_state_dict(original)
+    assert np.abs(reference - base).max() > 20  # the adapter changes the image ...
+    assert np.abs(pixels(tmp_path / "o.png") - reference).max() <= 1  # ... as W + scale x dW does (8-bit rounding)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_qwen21_adapter_trained_merged_is_fused_back_onto_its_merged_modules(tmp_path, tiny_qwen21_path, kind):
+    """Qwen-Image-2.1 (same infer path): a LoKr / LoHa trained on the merged to_qkv and gate_up_proj, exported in
+    the standard layout, fused onto the merged model puts exactly the trained update into each merged weight."""
+    from fusedit.inference.lora import load_loras
+    from fusedit.inference.preflight import LoraSpec as InferLora
+    from fusedit.model import load_transformer
+
+    spec = dict(type=kind, rank=2, alpha=3, **({"decompose_factor": 6} if kind == "lokr" else {}))
+    trained = build_transformer(tiny_qwen21_path, ModelConfig(), LoraSpec("attn_mlp", **spec), Precision())
+    _randomise(trained, seed=3, std=0.3)
+    path = export_lora(trained, tmp_path / f"{kind}.safetensors")
+    stock = load_transformer(tiny_qwen21_path, "merged_qkv", dtype=torch.float32)
+    fused = load_transformer(tiny_qwen21_path, "merged_qkv", dtype=torch.float32)
+    load_loras(fused, [InferLora(str(path), 0.5)], fuse=True)
+    layers = lycoris_layers(trained)
+    assert any(name.endswith("gate_up_proj") for name in layers) and any(name.endswith("to_qkv") for name in layers)
+    for name, layer in layers.items():
+        expected = 0.5 * layer.get_delta_weight("default")
+        got = weight_of(fused, name) - weight_of(stock, name)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)

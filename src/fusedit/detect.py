@@ -21,6 +21,7 @@ from fusedit.convert.lora_formats import (
     FUSEDIT_METADATA_KEY,
     classify_keys,
     lora_from_state_dict,
+    lycoris_type,
     module_leaf,
     parse_lora_keys,
 )
@@ -174,6 +175,29 @@ def _detect_lora(path: Path, specs: dict, metadata: dict, adapter_config: dict |
     return report
 
 
+def _detect_lycoris(path: Path, specs: dict, adapter: str) -> dict:
+    """A LoKr / LoHa file (ComfyUI's / LyCORIS' keys, as lora.type=lokr|loha exports): read whole through the
+    reader infer.py applies it with, so a module missing a factor is refused here too."""
+    from fusedit.lora.lycoris import MERGED_GROUPS, read_lycoris
+
+    modules = read_lycoris(load_safetensors(path)[0], str(path))
+    merged = any(module_leaf(m).rpartition(".")[2] in MERGED_GROUPS for m in modules)
+    blocks = sorted({index for name in modules if (index := block_index(name + ".")) is not None})
+    return {
+        "kind": "lora",
+        "path": str(path),
+        "adapter_type": adapter.lower(),  # applied by infer.py with lora.fuse=true (docs/inference.md)
+        "format": "comfyui",
+        "key_style": "diffusion_model. " + ("lokr_w1 / lokr_w2" if adapter == "LoKr" else "hada_w1_a / hada_w2_a"),
+        "layout": "merged_qkv" if merged else "standard",
+        "scales": sorted({scale for _, scale in modules.values()}),  # ComfyUI's alpha rule, at strength 1
+        "target_modules": sorted({module_leaf(m) for m in modules}),
+        "num_modules": len(modules),
+        "blocks": blocks,
+        **_dtype_summary(specs),
+    }
+
+
 def detect(path: str | os.PathLike) -> dict:
     """Describe the checkpoint at `path` (see module docstring). Raises ValueError for anything not Qwen-Image."""
     path = Path(path)
@@ -198,6 +222,9 @@ def detect(path: str | os.PathLike) -> dict:
     if path.suffix != ".safetensors":
         raise UserInputError(f"{path}: not a .safetensors file, a pipeline folder or a transformer folder")
     specs, metadata = _header_specs(path)
+    adapter = lycoris_type(specs)
+    if adapter:
+        return _detect_lycoris(path, specs, adapter)
     if classify_keys(specs, str(path)) == "lora":
         return _detect_lora(path, specs, metadata, None)
     return _detect_model_file(path, specs)

@@ -248,14 +248,16 @@ def lycoris_type(keys: Iterable[str]) -> str | None:
 
 
 def check_not_lycoris(keys: Iterable[str], what: str) -> None:
-    """UserInputError (one line, naming the adapter type) for a LoKr / LoHa file: fusedit applies LoRA factors only."""
+    """UserInputError (one line, naming the adapter type) for a LoKr / LoHa file: the LoRA reader (convert, diffusers'
+    API) takes LoRA factors only; infer.py applies these files itself (fusedit.inference.lora, lora.fuse=true)."""
     keys = list(keys)
     adapter = lycoris_type(keys)
     if adapter:
         factors = [key for key in keys if not key.endswith(_ALPHA_SUFFIX)]
         raise UserInputError(
-            f"{what}: is a {adapter} adapter ({examples(factors, 2)}), not a LoRA: fusedit's inference and "
-            "conversion apply lora_A/lora_B (lora_down/lora_up) pairs only. Load it in ComfyUI (LoraLoaderModelOnly)"
+            f"{what}: is a {adapter} adapter ({examples(factors, 2)}), not a LoRA: fusedit's conversion reads "
+            "lora_A/lora_B (lora_down/lora_up) pairs only. Apply it with infer.py lora.fuse=true, or in ComfyUI "
+            "(LoraLoaderModelOnly)"
         )
 
 

@@ -125,10 +125,25 @@ def lora_file(spec: LoraSpec) -> Path:
         raise UserInputError(f"{spec.key}={path} is not a readable safetensors file: {error}") from None
     if not keys:
         raise UserInputError(f"{spec.key}={path} holds no tensors")
-    from fusedit.convert.lora_formats import check_not_lycoris
-
-    check_not_lycoris(keys, f"{spec.key}={path}")  # a LoKr / LoHa file, named before the model loads
     return path
+
+
+def lycoris_file_type(path) -> str | None:
+    """ "LoKr" / "LoHa" for a safetensors file of only that adapter's keys (header read only, no torch), else None."""
+    from safetensors import safe_open
+
+    from fusedit.convert.lora_formats import lycoris_type
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return lycoris_type(handle.keys())
+
+
+def lycoris_needs_fuse(key: str, path) -> str:
+    """The one-line refusal of a LoKr / LoHa file without lora.fuse=true (fusedit.inference.lora says why)."""
+    return (
+        f"{key}={path} is a {lycoris_file_type(path)} adapter, which infer.py applies as a dense weight update only: "
+        "set lora.fuse=true (its strength is then fixed for the run)"
+    )
 
 
 def _detect(path: Path, key: str) -> dict:
@@ -452,6 +467,12 @@ def preflight(cfg: DictConfig) -> Plan:
     is_21 = model_ok and _folder_family(cfg.model.path) == QWEN_IMAGE_21
     specs = problems.check(lora_specs, cfg.lora, cfg.loras, None if is_21 else cfg.get("sampling")) or []
     lora_files = [problems.check(lora_file, spec) for spec in specs]
+    fuse = bool((cfg.get("lora") or {}).get("fuse", False))
+    problems.errors.extend(
+        UserInputError(lycoris_needs_fuse(spec.key, file))
+        for spec, file in zip(specs, lora_files, strict=True)
+        if file is not None and not fuse and lycoris_file_type(file)
+    )
     transformer = _select(cfg, "model.transformer")
     if transformer is not None and not Path(str(transformer)).expanduser().exists():
         problems.errors.append(UserFileNotFoundError(f"model.transformer={transformer} does not exist"))

@@ -14,7 +14,8 @@ BASE_CHANGING_INITS = ("pissa", "olora")
 
 # lora.type: PEFT's LoRA, DoRA (LoraConfig(use_dora=True)), LoKr (LoKrConfig) and LoHa (LoHaConfig). LoKr and LoHa
 # (the LyCORIS adapters, fusedit.lora.lycoris) are no B @ A: they are exported as the ComfyUI/LyCORIS keys
-# (`lokr_w1`, `hada_w1_a`, ...) in the standard layout, which fusedit's own LoRA reader does not apply.
+# (`lokr_w1`, `hada_w1_a`, ...) in the standard layout, which the LoRA reader does not take and infer.py applies as a
+# dense update (fusedit.inference.lora, lora.fuse=true).
 TYPES = ("lora", "dora", "lokr", "loha")
 LYCORIS_TYPES = ("lokr", "loha")
 

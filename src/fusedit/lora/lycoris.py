@@ -24,7 +24,8 @@ The same holds for any merged group (Qwen-Image-2.1's gate_up_proj splits in 2).
 keys for these adapters (`diffusion_model.<module>.lokr_w1` / `.hada_w1_a` ..., and `.alpha`), which ComfyUI's
 Qwen-Image loader applies (LyCORIS' names); the strength goes into the `.alpha` tensor as ComfyUI reads it
 (alpha / rank of a low-rank factor), or into w1 for a LoKr without a low-rank factor (ComfyUI applies those
-unscaled, as LyCORIS does).
+unscaled, as LyCORIS does). `read_lycoris` reads such a file back with that rule (`comfyui_scale`): infer.py
+applies it from there (fusedit.inference.lora), and the export tests decode with it.
 """
 
 from __future__ import annotations
@@ -130,9 +131,10 @@ def _split_factors(factors: dict[str, torch.Tensor], parts: int) -> list[dict[st
     return [{**factors, key: block} for block in factors[key].chunk(parts)]
 
 
-def lycoris_delta(factors: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-    """The fp32 weight update of one module's LoKr / LoHa factors at scale `scale` (PEFT's formula)."""
-    f = {key: value.float() for key, value in factors.items()}
+def lycoris_delta(factors: dict[str, torch.Tensor], scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight update [out, in] (`dtype`, fp32 by default) of one module's LoKr / LoHa factors at scale `scale`
+    (PEFT's formula, the same as LyCORIS' and ComfyUI's)."""
+    f = {key: value.to(dtype) for key, value in factors.items()}
     if "hada_w1_a" in f:
         return (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) * scale
     w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
@@ -188,3 +190,48 @@ def export_lycoris(transformer: nn.Module, path: str | os.PathLike, **metadata: 
     meta.update(format="pt", fusedit_adapter=json.dumps(info, sort_keys=True))
     save_safetensors_atomic(tensors, path, meta)
     return Path(path)
+
+
+FILE_PREFIX = "diffusion_model."  # ComfyUI's module prefix, as export_lycoris writes it
+# The factor sets of one Linear: LoHa, and LoKr with each of w1, w2 full or low-rank.
+COMPLETE_FACTOR_SETS = [
+    set(LOHA_FACTORS),
+    *(
+        {*w1, *w2}
+        for w1 in (("lokr_w1",), ("lokr_w1_a", "lokr_w1_b"))
+        for w2 in (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))
+    ),
+]
+
+
+def comfyui_scale(factors: dict[str, torch.Tensor], alpha: float | None) -> float:
+    """The scale ComfyUI (and LyCORIS) applies to a module's LoKr / LoHa update at strength 1: alpha over the rank
+    of a low-rank factor (LoHa: hada_w1_b's rows; LoKr: lokr_w2_b's rows, else lokr_w1_b's), and 1 without an
+    alpha or (LoKr) without a low-rank factor. export_lycoris writes its files for this rule."""
+    if "hada_w1_b" in factors:
+        rank = factors["hada_w1_b"].shape[0]
+    else:
+        low_rank = factors.get("lokr_w2_b", factors.get("lokr_w1_b"))
+        rank = None if low_rank is None else low_rank.shape[0]
+    return 1.0 if alpha is None or rank is None else float(alpha) / rank
+
+
+def read_lycoris(tensors: dict[str, torch.Tensor], what: str) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
+    """A LoKr / LoHa file's tensors (ComfyUI's / LyCORIS' keys, `[diffusion_model.]<module>.<factor>` and
+    `.alpha`) -> module -> (factors, comfyui_scale). Raises UserInputError (one line, naming `what` and the module)
+    for a module missing a factor or mixing LoKr and LoHa keys."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, factor = key.removeprefix(FILE_PREFIX).rpartition(".")
+        grouped.setdefault(module, {})[factor] = value
+    modules = {}
+    for module, found in sorted(grouped.items()):
+        alpha = found.pop("alpha", None)
+        if set(found) not in COMPLETE_FACTOR_SETS:
+            raise UserInputError(
+                f"{what}: module {module} has the LoKr / LoHa factors {sorted(found)}, which are no complete LoHa "
+                "(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b) or LoKr (lokr_w1 or lokr_w1_a/_b, lokr_w2 or "
+                "lokr_w2_a/_b) of a Linear"
+            )
+        modules[module] = (found, comfyui_scale(found, None if alpha is None else float(alpha)))
+    return modules
