@@ -134,7 +134,7 @@ def test_a_lora_loads_at_the_strength_it_states_times_the_scale(sampler, lora, t
 
 
 def test_infer_edits_with_several_references_and_generates_from_text(tiny_qwen21_path, references, lora, sampler,
-                                                                      tmp_path):  # fmt: skip
+                                                                      tmp_path, capfd):  # fmt: skip
     """infer() on a CSV (a two-reference edit row, a text-only row), with the 12gb profile's switches on the CPU
     (group offload of every component, fp8 weight storage, VAE tiling/slicing)."""
     from fusedit.inference.run import infer
@@ -147,7 +147,10 @@ def test_infer_edits_with_several_references_and_generates_from_text(tiny_qwen21
     cfg = cfg_for(tiny_qwen21_path, f"input={table}", "csv.allow_absolute_paths=true", f"output={tmp_path / 'out'}",
                   f"lora.path={file}", "lora.scale=0.8", "profile=12gb", "profile.device=cpu",
                   "profile.dtype=float32")  # fmt: skip
+    capfd.readouterr()
     record = infer(cfg)
+    bars = capfd.readouterr().err
+    assert "[1/2] row0002" in bars and "[2/2] row0003" in bars, bars[-500:]  # the loop's bar, labelled per job
     assert record["profile"] | {"device": "cpu"} == {**record["profile"], "offload": "group", "fp8_storage": True}
     assert record["pipeline"] == "QwenImage21ModularPipeline" and record["layout"] == "merged_qkv"
     assert record["loras"][0]["scale"] == 0.8 and record["loras"][0]["format"] == "comfyui"

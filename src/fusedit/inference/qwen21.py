@@ -207,12 +207,17 @@ def decode(vae: nn.Module, latents: torch.Tensor) -> list[PIL.Image.Image]:
     return decoder(latents=latents, output_type="pil", output="images")
 
 
-def disable_progress_bars(pipe) -> None:
-    """Turn off the denoise loop's tqdm bar of a 2.1 modular pipeline (training's validation rounds print none).
-    `ModularPipeline.set_progress_bar_config` reaches only its top-level blocks; the loop sits deeper."""
+def set_progress_bar_config(pipe, **kwargs) -> None:
+    """`tqdm` options (`desc=...`, `disable=True`) for every block of a 2.1 modular pipeline, the denoise loop's
+    included: `ModularPipeline.set_progress_bar_config` reaches only its top-level blocks; the loop sits deeper."""
     pending = list(pipe._blocks.sub_blocks.values())  # `pipe.blocks` is a copy; diffusers' own method reads _blocks
     while pending:
         block = pending.pop()
         if hasattr(block, "set_progress_bar_config"):
-            block.set_progress_bar_config(disable=True)
+            block.set_progress_bar_config(**kwargs)
         pending += list(getattr(block, "sub_blocks", {}).values())
+
+
+def disable_progress_bars(pipe) -> None:
+    """Turn off the denoise loop's tqdm bar of a 2.1 modular pipeline (training's validation rounds print none)."""
+    set_progress_bar_config(pipe, disable=True)

@@ -121,7 +121,7 @@ def _run_job(cfg: DictConfig, plan: Plan, job_pipe, index: int, job: Job, multi_
     }
     prompt = _enhanced_prompt(cfg, job_pipe, job, images, entry) if cfg.enhance_prompt else job.prompt
     seed = int(cfg.sampling.seed) + index
-    job_pipe.set_progress_bar_config(desc=f"[{index + 1}/{len(plan.jobs)}] {job.name}")
+    _label_progress_bar(plan.family, job_pipe, f"[{index + 1}/{len(plan.jobs)}] {job.name}")
     output = _generate(cfg, plan.family, job_pipe, prompt, images, multi_image, seed)
 
     image_path = plan.paths.image(job)
@@ -133,6 +133,16 @@ def _run_job(cfg: DictConfig, plan: Plan, job_pipe, index: int, job: Job, multi_
         entry["comparison_sheet"] = str(sheet_path)
     entry["seconds"] = round(time.perf_counter() - started, 3)
     return entry
+
+
+def _label_progress_bar(family: str, pipe, label: str) -> None:
+    """The denoise bar labelled `[i/n] name`; a 2.1 modular pipeline's loop sits below its top-level blocks."""
+    if family == QWEN_IMAGE_21:
+        from fusedit.inference.qwen21 import set_progress_bar_config
+
+        set_progress_bar_config(pipe, desc=label)
+    else:
+        pipe.set_progress_bar_config(desc=label)
 
 
 def infer(cfg: DictConfig, plan: Plan | None = None) -> dict:
