@@ -150,13 +150,18 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="SDPA backend preference")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON (atomically)")
     parser.add_argument("--markdown", dest="markdown_path", default=None, help="write the markdown table too")
+    _add_data_options(parser)
+    parser.set_defaults(func=main)
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The data pipeline's measurement (images/s through fusedit's DataLoader), beside or instead of the steps."""
     parser.add_argument("--data", action="store_true", help="also measure the data pipeline (images/s)")
     parser.add_argument("--data-only", action="store_true", help="measure only the data pipeline")
     parser.add_argument("--data-metadata", default=None, help="dataset CSV/JSONL (default: synthetic JPEGs)")
     parser.add_argument("--data-samples", type=int, default=32, help="synthetic dataset size")
     parser.add_argument("--data-image-size", type=int, default=1328, help="synthetic image side in pixels")
     parser.add_argument("--data-workers", type=_workers, default=(0, 2), help="loader worker counts, e.g. 0,2,4")
-    parser.set_defaults(func=main)
 
 
 def families_from_args(args) -> tuple[str, ...]:

@@ -133,36 +133,44 @@ def encode_into_cache(
     for batch in loader:
         batch["image"] = batch["image"].to(device)
         batch["edit_images"] = [slot.to(device) for slot in batch["edit_images"]]
-        inputs = conditioner(batch)
-        empty = conditioner.encode_prompts([""] * len(batch["row"]), batch["edit_images"]) if empty_prompts else None
-        # Qwen-Image-2.1 (image_slots set) lists the references first and the target last; the MMDiT the reverse.
-        qwen21 = inputs.image_slots is not None
-        shapes = inputs.img_shapes[0]
-        target_shape, edit_shapes = (shapes[-1], shapes[:-1]) if qwen21 else (shapes[0], shapes[1:])
-        conditions = inputs.condition.split([h * w for _, h, w in edit_shapes], dim=1) if edit_shapes else ()
-        for i, row in enumerate(batch["row"]):
-            prompt = unpadded(inputs.prompt_embeds, inputs.prompt_mask, i).cpu()
-            tensors = {
-                "target": inputs.target[i].cpu(),
-                "edits": [condition[i].cpu() for condition in conditions],
-                "prompt": prompt,
-            }
-            if inputs.token_weights is not None and samples_by_row[row].mask is not None:
-                tensors["mask"] = inputs.token_weights[i].cpu()
-            if empty is not None:
-                tensors["empty_prompt"] = unpadded(*empty[:2], i).cpu()
-            if qwen21:
-                tensors["image_slots"] = inputs.image_slots[i, : len(prompt)].cpu()
-                if empty is not None:
-                    tensors["empty_image_slots"] = empty[2][i, : len(tensors["empty_prompt"])].cpu()
-            info = {"row": row, "target_shape": target_shape, "edit_shapes": edit_shapes}
-            pending.append((keys[row], tensors, info))
+        pending += _cache_entries(conditioner, batch, keys, samples_by_row, empty_prompts)
         if shard_bytes_of(pending) >= shard_bytes:
             cache.add(pending)
             pending = []
     if pending:
         cache.add(pending)
     return len(samples)
+
+
+def _cache_entries(
+    conditioner: nn.Module, batch: dict, keys: dict[int, str], samples_by_row: dict, empty_prompts: bool
+):
+    """(key, tensors, info) for each row of one encoded batch, every tensor on the CPU (`encode_into_cache`)."""
+    inputs = conditioner(batch)
+    empty = conditioner.encode_prompts([""] * len(batch["row"]), batch["edit_images"]) if empty_prompts else None
+    # Qwen-Image-2.1 (image_slots set) lists the references first and the target last; the MMDiT the reverse.
+    qwen21 = inputs.image_slots is not None
+    shapes = inputs.img_shapes[0]
+    target_shape, edit_shapes = (shapes[-1], shapes[:-1]) if qwen21 else (shapes[0], shapes[1:])
+    conditions = inputs.condition.split([h * w for _, h, w in edit_shapes], dim=1) if edit_shapes else ()
+    entries = []
+    for i, row in enumerate(batch["row"]):
+        prompt = unpadded(inputs.prompt_embeds, inputs.prompt_mask, i).cpu()
+        tensors = {
+            "target": inputs.target[i].cpu(),
+            "edits": [condition[i].cpu() for condition in conditions],
+            "prompt": prompt,
+        }
+        if inputs.token_weights is not None and samples_by_row[row].mask is not None:
+            tensors["mask"] = inputs.token_weights[i].cpu()
+        if empty is not None:
+            tensors["empty_prompt"] = unpadded(*empty[:2], i).cpu()
+        if qwen21:
+            tensors["image_slots"] = inputs.image_slots[i, : len(prompt)].cpu()
+            if empty is not None:
+                tensors["empty_image_slots"] = empty[2][i, : len(tensors["empty_prompt"])].cpu()
+        entries.append((keys[row], tensors, {"row": row, "target_shape": target_shape, "edit_shapes": edit_shapes}))
+    return entries
 
 
 class CachedEditDataset(Dataset):
@@ -315,7 +323,7 @@ class CachedEditDataModule(EditDataModule):
         return self.cache
 
     def _load_conditioner(self, device: torch.device) -> nn.Module:
-        from fusedit.training.train import conditioner_class
+        from fusedit.step.conditioners import conditioner_class
 
         cls = conditioner_class(self.model_path)  # the class live training uses (EditConditioner, Qwen21Conditioner)
         if self.build_offload and device.type == "cuda" and not hasattr(cls, "offload_text_encoder"):

@@ -273,14 +273,7 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
     if not keys:
         raise UserInputError(f"{what}: no tensors")
     check_not_lycoris(keys, what)
-    patches = [k for k in keys if k.endswith(tuple(_PATCH_SUFFIXES)) or _PATCH_RE.search(k)]
-    if patches:
-        kinds = sorted({next((v for s, v in _PATCH_SUFFIXES.items() if k.endswith(s)), "LyCORIS") for k in patches})
-        raise UserInputError(
-            f"{what}: holds {len(patches)} tensors that are not LoRA factors ({', '.join(kinds)}): "
-            f"{examples(patches, 3)}; fusedit applies only low-rank lora_A/lora_B (lora_down/lora_up) pairs. "
-            "Apply this file in ComfyUI, or save a copy without those keys if the LoRA part alone is what you want"
-        )
+    _refuse_patches(keys, what)
     styles: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     modules: dict[str, dict[str, str]] = collections.defaultdict(dict)
     alpha_prefixes: dict[str, str] = {}
@@ -327,6 +320,18 @@ def parse_lora_keys(keys: Iterable[str], what: str = "LoRA") -> ParsedKeys:
         )
     layout_of_modules(modules, what)
     return ParsedKeys(_format_of(prefix, style), prefix, dict(modules), style)
+
+
+def _refuse_patches(keys: list[str], what: str) -> None:
+    """Raise UserInputError for tensors that patch weights other than as low-rank factors (`.diff`, ...)."""
+    patches = [k for k in keys if k.endswith(tuple(_PATCH_SUFFIXES)) or _PATCH_RE.search(k)]
+    if patches:
+        kinds = sorted({next((v for s, v in _PATCH_SUFFIXES.items() if k.endswith(s)), "LyCORIS") for k in patches})
+        raise UserInputError(
+            f"{what}: holds {len(patches)} tensors that are not LoRA factors ({', '.join(kinds)}): "
+            f"{examples(patches, 3)}; fusedit applies only low-rank lora_A/lora_B (lora_down/lora_up) pairs. "
+            "Apply this file in ComfyUI, or save a copy without those keys if the LoRA part alone is what you want"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- alpha values

@@ -63,47 +63,51 @@ def load_loras(transformer: nn.Module, specs: list[LoraSpec], fuse: bool = False
             raise UserInputError(lycoris_needs_fuse(spec.key, path))
         records.append(_fuse_lycoris(transformer, spec, path, target_layout, _adapter_name(spec, taken)))
     for spec, path in loras:
-        weights = read_lora(path)
-        source_layout = weights.layout
-        converted = convert_lora_layout(weights, direction)
-        state_dict, config = peft_adapter(converted)
-        missing = [m for m in converted.modules if not _has_module(transformer, m)]
-        if missing:
-            raise UserInputError(
-                f"LoRA {path} targets modules the {target_layout} transformer does not have: "
-                f"{examples(missing, sort=False)} — is it a LoRA for a different model?"
-            )
-        mismatched = _shape_mismatches(transformer, converted)
-        if mismatched:
-            raise UserInputError(
-                f"LoRA {path} does not fit the {target_layout} transformer (another hidden size?): "
-                + examples(mismatched, sort=False)
-            )
         name = _adapter_name(spec, taken)
-        transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=config)
+        records.append(_attach_lora(transformer, spec, path, target_layout, direction, name))
         names.append(name)
-        scales = sorted({m.scale for m in converted.modules.values()})
-        records.append(
-            {
-                "path": str(path),
-                "name": name,
-                "format": weights.format,
-                "adapter_type": weights.adapter_type,  # "dora": magnitudes applied too (docs/conversion.md)
-                "layout": source_layout,
-                "applied_layout": target_layout,
-                "modules": len(converted.modules),
-                "rank": config["r"],
-                "alpha": config["lora_alpha"],
-                "alpha_over_rank": scales if len(scales) > 1 else scales[0],
-                "scale": spec.scale,
-            }
-        )
     if not names:
         return records
     transformer.set_adapters(names, weights=[spec.scale for spec, _ in loras])
     if fuse:
         transformer.fuse_lora(adapter_names=names)
     return records
+
+
+def _attach_lora(transformer: nn.Module, spec: LoraSpec, path: Path, target_layout: str, direction, name: str) -> dict:
+    """Load the LoRA file at `path` into `transformer` as PEFT adapter `name`, converted exactly to `target_layout`;
+    its run record. Raises UserInputError when its modules are missing from the model or do not fit it."""
+    weights = read_lora(path)
+    source_layout = weights.layout
+    converted = convert_lora_layout(weights, direction)
+    state_dict, config = peft_adapter(converted)
+    missing = [m for m in converted.modules if not _has_module(transformer, m)]
+    if missing:
+        raise UserInputError(
+            f"LoRA {path} targets modules the {target_layout} transformer does not have: "
+            f"{examples(missing, sort=False)} — is it a LoRA for a different model?"
+        )
+    mismatched = _shape_mismatches(transformer, converted)
+    if mismatched:
+        raise UserInputError(
+            f"LoRA {path} does not fit the {target_layout} transformer (another hidden size?): "
+            + examples(mismatched, sort=False)
+        )
+    transformer.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=config)
+    scales = sorted({m.scale for m in converted.modules.values()})
+    return {
+        "path": str(path),
+        "name": name,
+        "format": weights.format,
+        "adapter_type": weights.adapter_type,  # "dora": magnitudes applied too (docs/conversion.md)
+        "layout": source_layout,
+        "applied_layout": target_layout,
+        "modules": len(converted.modules),
+        "rank": config["r"],
+        "alpha": config["lora_alpha"],
+        "alpha_over_rank": scales if len(scales) > 1 else scales[0],
+        "scale": spec.scale,
+    }
 
 
 def _fuse_lycoris(transformer: nn.Module, spec: LoraSpec, path: Path, target_layout: str, name: str) -> dict:

@@ -82,11 +82,7 @@ def add_lora(
     ranks and scales and start from its factors; the other targeted modules start as `init` says.
     """
     _check_arguments(rank, alpha, dropout, init, type, init_from)
-    problems = lycoris_problems(type, init, init_from, dropout, use_rslora, "none", ())
-    if problems:
-        raise ValueError(problems[0])
-    if type != "lokr" and int(decompose_factor) != -1:
-        raise ValueError(f"lora.decompose_factor is LoKr's (lora.type=lokr), got it with lora.type={type}")
+    _check_adapter_type(type, init, init_from, dropout, use_rslora, decompose_factor)
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA layers; add_lora applies once")
     transformer.requires_grad_(False)
@@ -123,12 +119,27 @@ def add_lora(
     if init_from is not None:
         _copy_factors(transformer, init_from)
     if changes_base(init):  # the start s * B0 @ A0 was taken out of the base weight: kept for the export
-        transformer._fusedit_initial_factors = {
-            name: (module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone())
-            for name, module in transformer.named_modules()
-            if isinstance(module, LoraLayer) and "default" in module.lora_A
-        }
+        _keep_initial_factors(transformer)
     return transformer
+
+
+def _check_adapter_type(adapter_type, init, init_from, dropout, use_rslora, decompose_factor) -> None:
+    """Raise ValueError for a combination `lora.type` does not take (fusedit.lora.choices' rules)."""
+    problems = lycoris_problems(adapter_type, init, init_from, dropout, use_rslora, "none", ())
+    if problems:
+        raise ValueError(problems[0])
+    if adapter_type != "lokr" and int(decompose_factor) != -1:
+        raise ValueError(f"lora.decompose_factor is LoKr's (lora.type=lokr), got it with lora.type={adapter_type}")
+
+
+def _keep_initial_factors(transformer: nn.Module) -> None:
+    """Record each adapter's starting (A0, B0) on the transformer: PiSSA / OLoRA took s * B0 @ A0 out of the base
+    weight, and the export adds it back (so the stock model plus the exported LoRA equals the trained model)."""
+    transformer._fusedit_initial_factors = {
+        name: (module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone())
+        for name, module in transformer.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.lora_A
+    }
 
 
 def _add_lycoris(transformer, adapter_type, rank, alpha, targets, target_modules, dtype, decompose_factor):

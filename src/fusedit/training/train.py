@@ -33,7 +33,7 @@ from fusedit.errors import UserInputError
 from fusedit.io import write_json_atomic, write_text_atomic
 from fusedit.plan.config import resolve_training_plan
 from fusedit.step.build import build_transformer
-from fusedit.step.conditioning import EditConditioner
+from fusedit.step.conditioners import conditioner_class
 from fusedit.step.config import typed_configs
 from fusedit.training.callbacks import LoRAExport
 from fusedit.training.checkpoint import (
@@ -230,18 +230,6 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def conditioner_class(model_path: Path) -> type[nn.Module]:
-    """The frozen encoders' class for the pipeline at `model_path`: Qwen21Conditioner for Qwen-Image-2.1 (Qwen3-VL,
-    references in the text stream), EditConditioner for the MMDiT pipelines."""
-    from fusedit.families import QWEN_IMAGE_21, folder_family
-
-    if folder_family(Path(model_path)) == QWEN_IMAGE_21:
-        from fusedit.step.conditioning_qwen21 import Qwen21Conditioner
-
-        return Qwen21Conditioner
-    return EditConditioner
-
-
 def build_module(cfg: DictConfig, model_path: Path, conditioner: nn.Module | None = None) -> EditLoRAModule:
     """Transformer (ordered transforms), frozen conditioner (unless given), objective and optimizer -> the module."""
     model, lora_spec, precision = typed_configs(cfg)
