@@ -34,15 +34,16 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoHaConfig, LoKrConfig
-from peft.tuners.lokr.layer import factorization
-from peft.tuners.lycoris_utils import LycorisLayer
 from torch import nn
 
 from fusedit.errors import UserInputError
 from fusedit.model.module_map import QKV_GROUPS, QWEN21_MLP_GROUP
+
+if TYPE_CHECKING:  # PEFT is imported where an adapter is built or walked: detect and config validation read files
+    from peft.tuners.lycoris_utils import LycorisLayer  # and shapes only, and PEFT's import takes seconds
 
 MERGED_GROUPS = {**QKV_GROUPS, **QWEN21_MLP_GROUP}  # merged leaf -> its parts, in row order
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -52,6 +53,8 @@ ADAPTER = "default"
 
 def lycoris_config(adapter_type: str, rank: int, alpha: float, target_modules, exclude_modules, decompose_factor=-1):
     """PEFT's LoKrConfig / LoHaConfig for `lora.type` lokr / loha (default initialisation: the update starts at 0)."""
+    from peft import LoHaConfig, LoKrConfig
+
     common = dict(r=int(rank), alpha=float(alpha), target_modules=target_modules, exclude_modules=exclude_modules)
     if adapter_type == "lokr":
         return LoKrConfig(**common, decompose_factor=int(decompose_factor))
@@ -62,6 +65,8 @@ def lycoris_config(adapter_type: str, rank: int, alpha: float, target_modules, e
 
 def lycoris_layers(transformer: nn.Module) -> dict[str, LycorisLayer]:
     """Module name -> PEFT LoKr / LoHa layer (empty for a LoRA/DoRA model)."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
     return {
         name: module
         for name, module in transformer.named_modules()
@@ -104,6 +109,8 @@ def split_refusal(module: str, out_features: int, parts: tuple[str, ...], rows: 
 
 def w1_rows(out_features: int, decompose_factor: int = -1) -> int:
     """The row count PEFT's LoKr gives w1 on a Linear with `out_features` outputs (its own `factorization`)."""
+    from peft.tuners.lokr.layer import factorization
+
     return factorization(out_features, int(decompose_factor))[0]
 
 
